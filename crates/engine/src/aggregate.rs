@@ -1,0 +1,243 @@
+//! The content aggregator: a pure fold of a log prefix into the response so far.
+//!
+//! It is used for three things that must agree byte for byte: the `resume=true`
+//! snapshot (`{aggregatedContent, runSteps}`), `final.responseMessage.content`, and the
+//! partial answer saved on abort. Because it is a pure function of the events, every
+//! replica that holds the same prefix computes the same snapshot.
+//!
+//! Content parts are placed by their step's `index`. A `retry` event's
+//! `discardStepIds` removes those steps and their parts, so text streamed by a failed
+//! attempt never appears twice in the answer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{
+    ContentPart, Created, EventBody, FinalStatus, RunStep, StepDetails, ToolCall,
+};
+use crate::usage::{UsageRecord, UsageTotals};
+
+/// The fold's state. Apply events in seq order with [`Aggregate::apply`].
+#[derive(Clone, Debug, Default)]
+pub struct Aggregate {
+    created: Option<Created>,
+    run_steps: Vec<RunStep>,
+    /// One slot per live step: (step id, index, part). `None` until the step's first
+    /// delta says whether it is text or reasoning.
+    parts: Vec<(String, u32, Option<ContentPart>)>,
+    usage: Vec<UsageRecord>,
+    /// Seq of the last event folded in, `None` before any.
+    last_seq: Option<u64>,
+    terminal: Option<TerminalKind>,
+}
+
+/// How a log ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminalKind {
+    Complete,
+    Aborted,
+    Error,
+}
+
+/// The snapshot sent in a `sync` frame's `resumeState` (SPEC §3).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeState {
+    pub run_steps: Vec<RunStep>,
+    pub aggregated_content: Vec<ContentPart>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_message: Option<crate::event::Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// `running` while no terminal event was folded in.
+    pub status: String,
+}
+
+impl Aggregate {
+    /// Folds one event in. Events must come in seq order; the fold ignores nothing
+    /// that changes the answer and is cheap for the common case (a delta to the last
+    /// step).
+    pub fn apply(&mut self, seq: u64, body: &EventBody) {
+        self.last_seq = Some(seq);
+        match body {
+            EventBody::Created(c) => self.created = Some(c.clone()),
+            EventBody::RunStep(step) => {
+                let part = match &step.step_details {
+                    StepDetails::ToolCalls { tool_calls } => Some(ContentPart::ToolCall {
+                        tool_call: tool_calls.first().cloned().unwrap_or_default(),
+                    }),
+                    StepDetails::MessageCreation { .. } => None,
+                };
+                self.parts.push((step.id.clone(), step.index, part));
+                self.run_steps.push(step.clone());
+            }
+            EventBody::MessageDelta(d) => {
+                if let Some(slot) = self.slot(&d.id) {
+                    for c in &d.delta.content {
+                        if let ContentPart::Text { text } = c {
+                            match slot {
+                                Some(ContentPart::Text { text: t }) => t.push_str(text),
+                                _ => *slot = Some(ContentPart::Text { text: text.clone() }),
+                            }
+                        }
+                    }
+                }
+            }
+            EventBody::ReasoningDelta(d) => {
+                if let Some(slot) = self.slot(&d.id) {
+                    for c in &d.delta.content {
+                        if let ContentPart::Think { think } = c {
+                            match slot {
+                                Some(ContentPart::Think { think: t }) => t.push_str(think),
+                                _ => *slot = Some(ContentPart::Think { think: think.clone() }),
+                            }
+                        }
+                    }
+                }
+            }
+            EventBody::RunStepDelta(d) => {
+                if let Some(slot) = self.slot(&d.id) {
+                    let Some(call) = tool_call_of(slot) else {
+                        return;
+                    };
+                    for chunk in &d.delta.tool_calls {
+                        if let Some(id) = &chunk.id {
+                            call.id.clone_from(id);
+                        }
+                        if let Some(name) = &chunk.name {
+                            call.name.clone_from(name);
+                        }
+                        call.args.push_str(&chunk.args);
+                    }
+                }
+            }
+            EventBody::RunStepCompleted(c) => {
+                if let Some(slot) = self.slot(&c.result.id) {
+                    *slot = Some(ContentPart::ToolCall {
+                        tool_call: c.result.tool_call.clone(),
+                    });
+                }
+            }
+            EventBody::Retry(r) => {
+                if !r.discard_step_ids.is_empty() {
+                    self.parts.retain(|(id, _, _)| !r.discard_step_ids.contains(id));
+                    self.run_steps.retain(|s| !r.discard_step_ids.contains(&s.id));
+                }
+            }
+            EventBody::Usage(u) => self.usage.push(u.clone()),
+            EventBody::Final(f) => {
+                self.terminal = Some(match f.status {
+                    FinalStatus::Complete => TerminalKind::Complete,
+                    FinalStatus::Aborted => TerminalKind::Aborted,
+                })
+            }
+            EventBody::Error(_) => self.terminal = Some(TerminalKind::Error),
+        }
+    }
+
+    fn slot(&mut self, step_id: &str) -> Option<&mut Option<ContentPart>> {
+        self.parts
+            .iter_mut()
+            .rev()
+            .find(|(id, _, _)| id == step_id)
+            .map(|(_, _, p)| p)
+    }
+
+    /// The response's content parts, ordered by step index.
+    pub fn content(&self) -> Vec<ContentPart> {
+        let mut parts: Vec<(u32, &ContentPart)> = self
+            .parts
+            .iter()
+            .filter_map(|(_, i, p)| p.as_ref().map(|p| (*i, p)))
+            .collect();
+        parts.sort_by_key(|(i, _)| *i);
+        parts.into_iter().map(|(_, p)| p.clone()).collect()
+    }
+
+    /// The answer's plain text: every text part, concatenated.
+    pub fn text(&self) -> String {
+        text_of(&self.content())
+    }
+
+    /// The live run steps.
+    pub fn run_steps(&self) -> &[RunStep] {
+        &self.run_steps
+    }
+
+    /// The `created` event's data, once folded in.
+    pub fn created(&self) -> Option<&Created> {
+        self.created.as_ref()
+    }
+
+    /// Usage records folded in so far, in order.
+    pub fn usage(&self) -> &[UsageRecord] {
+        &self.usage
+    }
+
+    /// Sum of the usage records.
+    pub fn usage_totals(&self) -> UsageTotals {
+        let mut t = UsageTotals::default();
+        for u in &self.usage {
+            t.add(u);
+        }
+        t
+    }
+
+    /// Seq of the last event folded in.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// How the log ended, if it did.
+    pub fn terminal(&self) -> Option<TerminalKind> {
+        self.terminal
+    }
+
+    /// The `resumeState` of a `sync` frame.
+    pub fn resume_state(&self) -> ResumeState {
+        let created = self.created.as_ref();
+        ResumeState {
+            run_steps: self.run_steps.clone(),
+            aggregated_content: self.content(),
+            user_message: created.map(|c| c.user_message.clone()),
+            response_message_id: created.map(|c| c.response_message_id.clone()),
+            conversation_id: created.map(|c| c.conversation_id.clone()),
+            sender: created.map(|c| c.sender.clone()),
+            status: match self.terminal {
+                None => "running",
+                Some(TerminalKind::Complete) => "complete",
+                Some(TerminalKind::Aborted) => "aborted",
+                Some(TerminalKind::Error) => "error",
+            }
+            .to_string(),
+        }
+    }
+}
+
+/// The slot's tool call, turning the slot into one if it is not yet.
+fn tool_call_of(slot: &mut Option<ContentPart>) -> Option<&mut ToolCall> {
+    if !matches!(slot, Some(ContentPart::ToolCall { .. })) {
+        *slot = Some(ContentPart::ToolCall {
+            tool_call: ToolCall::default(),
+        });
+    }
+    match slot {
+        Some(ContentPart::ToolCall { tool_call }) => Some(tool_call),
+        _ => None,
+    }
+}
+
+/// Concatenates the text parts of `content`.
+pub fn text_of(content: &[ContentPart]) -> String {
+    let mut s = String::new();
+    for p in content {
+        if let ContentPart::Text { text } = p {
+            s.push_str(text);
+        }
+    }
+    s
+}

@@ -1,0 +1,44 @@
+//! genstream's job engine.
+//!
+//! A *job* is one generation: one user message in, one assistant response out. Its
+//! output is an append-only *event log* (SPEC §2) whose events carry a `seq` 0, 1, 2, …
+//! with no holes. Every event is serialized once, into the bytes of its SSE frame, and
+//! those bytes are shared by every subscriber; a subscriber is nothing but a cursor into
+//! the log plus a wake-up handle, so a slow reader costs only its socket.
+//!
+//! The engine knows nothing of HTTP or SQL. It talks to the outside through three traits:
+//! - [`store::JobStore`]: job metadata and the event logs (memory now, Redis later);
+//! - [`persist::Persistence`]: conversations and messages (SQLite, PostgreSQL);
+//! - [`provider::Provider`]: an upstream model (demo, OpenAI, Anthropic).
+//!
+//! [`manager::JobManager`] ties them together: it starts jobs, runs them in tracked
+//! background tasks, aborts them, reaps stalled ones and shuts down gracefully.
+
+pub mod aggregate;
+pub mod error;
+pub mod event;
+pub mod log;
+pub mod manager;
+pub mod persist;
+pub mod provider;
+pub mod store;
+pub mod usage;
+
+pub use error::EngineError;
+
+/// A fresh time-ordered id (UUIDv7) as a string, used for stream, conversation and
+/// message ids.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Now as an RFC 3339 UTC timestamp with millisecond precision, the format of every
+/// `createdAt` on the wire and in the database.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,988 @@
+//! The job manager: starts jobs, runs each in a tracked background task, aborts them,
+//! reaps stalled ones, drops expired logs and shuts down gracefully (SPEC §4, §5).
+//!
+//! One task per job is the *single writer* of that job's log and response message, so
+//! there is never a race between two writers of the same message (LESSONS: "Stop wrote
+//! the partial message twice"). Abort, the stall reaper and shutdown do not write: they
+//! set an [`EndReason`] and cancel the job's token; the job task saves the partial
+//! answer and then appends the terminal event, and the abort route answers only once
+//! that terminal event is in the log — which is after the message was saved.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::EngineError;
+use crate::aggregate::{Aggregate, ResumeState, text_of};
+use crate::event::{
+    ConversationRef, Created, Delta, DeltaContent, ErrorEvent, EventBody, Final, FinalStatus,
+    Message, MessageCreation, RunStep, RunStepDelta, StepDetails, StepType, ToolCall,
+    ToolCallChunk, ToolCallsDelta,
+};
+use crate::log::{AppendError, EventLog};
+use crate::persist::{Conversation, Persistence};
+use crate::provider::{
+    ChatMessage, ModelRequest, Provider, ProviderError, ProviderEvent, Role,
+};
+use crate::store::{JobMeta, JobStatus, JobStore};
+use crate::usage::{UsageRecord, UsageTotals};
+use crate::{new_id, now_rfc3339};
+
+/// Timing and capacity settings of the manager.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// How long a finished log stays readable. Default 1 h.
+    pub retention: Duration,
+    /// A running job with no appended event for this long ends with `stalled`.
+    /// Default 10 min.
+    pub stall_timeout: Duration,
+    /// Live (running) jobs this replica accepts; more → `server_busy`. Default 1,000.
+    pub max_live_jobs: usize,
+    /// How often the reaper looks for stalled and expired jobs. Default 5 s.
+    pub reap_interval: Duration,
+    /// How long an abort waits for the owner to end the job. Default 10 s.
+    pub abort_wait: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            retention: Duration::from_secs(3600),
+            stall_timeout: Duration::from_secs(600),
+            max_live_jobs: 1000,
+            reap_interval: Duration::from_secs(5),
+            abort_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A model clients can select.
+#[derive(Clone)]
+pub struct ModelEntry {
+    /// The name clients send as `model`; also the response's `sender`.
+    pub name: String,
+    pub provider: Arc<dyn Provider>,
+}
+
+/// Why a job was stopped from outside its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// `POST /api/chat/abort`.
+    Abort,
+    /// The stall reaper.
+    Stalled,
+    /// Graceful shutdown ran out of grace.
+    Shutdown,
+}
+
+/// The body of `POST /api/chat`, validated.
+#[derive(Clone, Debug, Default)]
+pub struct StartRequest {
+    pub user_id: String,
+    pub text: String,
+    /// `None` or `"new"` starts a conversation.
+    pub conversation_id: Option<String>,
+    /// `None` continues from the conversation's latest message.
+    pub parent_message_id: Option<String>,
+    pub model: Option<String>,
+    pub system_prompt: Option<String>,
+    pub tools: Vec<String>,
+}
+
+/// The answer to a started chat.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub stream_id: String,
+    pub conversation_id: String,
+    pub user_message_id: String,
+    pub response_message_id: String,
+}
+
+/// The answer to an abort: the partial answer as saved and the usage collected.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AbortOutcome {
+    pub stream_id: String,
+    pub response_message: Message,
+    pub usage: UsageTotals,
+}
+
+struct LiveJob {
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<EndReason>>>,
+    last_progress: Arc<Mutex<Instant>>,
+}
+
+struct Inner {
+    store: Arc<dyn JobStore>,
+    db: Arc<dyn Persistence>,
+    models: Vec<ModelEntry>,
+    config: ManagerConfig,
+    tracker: TaskTracker,
+    live: Mutex<HashMap<String, LiveJob>>,
+    accepting: AtomicBool,
+    /// Stops the background reaper.
+    stop: CancellationToken,
+}
+
+/// Runs generation jobs. Cheap to clone.
+#[derive(Clone)]
+pub struct JobManager {
+    inner: Arc<Inner>,
+}
+
+impl JobManager {
+    /// A manager over `store` and `db` serving `models` (the first is the default).
+    /// Call [`JobManager::spawn_reaper`] once to start the stall and retention reaper.
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        db: Arc<dyn Persistence>,
+        models: Vec<ModelEntry>,
+        config: ManagerConfig,
+    ) -> Self {
+        JobManager {
+            inner: Arc::new(Inner {
+                store,
+                db,
+                models,
+                config,
+                tracker: TaskTracker::new(),
+                live: Mutex::new(HashMap::new()),
+                accepting: AtomicBool::new(true),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The job store.
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.inner.store
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Arc<dyn Persistence> {
+        &self.inner.db
+    }
+
+    /// The configured models, default first.
+    pub fn models(&self) -> &[ModelEntry] {
+        &self.inner.models
+    }
+
+    /// Number of jobs running on this replica.
+    pub fn live_jobs(&self) -> usize {
+        self.inner.live.lock().len()
+    }
+
+    /// Starts a job: validates, reserves the conversation, saves the user message,
+    /// appends `created` (seq 0) and spawns the generation — in that order, so the
+    /// user message exists before anything can refer to it.
+    ///
+    /// Errors: `BadRequest` (text, model, parentMessageId), `NotFound`/`Forbidden` for
+    /// the conversation, `ConversationBusy`, `ServerBusy`, `ShuttingDown`, and store or
+    /// database failures.
+    pub async fn start(&self, req: StartRequest) -> Result<Started, EngineError> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        if req.text.trim().is_empty() {
+            return Err(EngineError::bad_request("text", "must not be empty"));
+        }
+        let model = match &req.model {
+            None => inner.models.first(),
+            Some(name) => inner.models.iter().find(|m| &m.name == name),
+        }
+        .cloned()
+        .ok_or_else(|| {
+            EngineError::bad_request(
+                "model",
+                format!(
+                    "unknown model {:?}; known: {}",
+                    req.model.as_deref().unwrap_or(""),
+                    inner
+                        .models
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+
+        // The conversation: new, or the caller's own.
+        let existing = match req.conversation_id.as_deref() {
+            None | Some("new") | Some("") => None,
+            Some(id) => match inner.db.get_conversation(id).await? {
+                None => return Err(EngineError::NotFound(format!("conversation {id}"))),
+                Some(c) if c.user_id != req.user_id => {
+                    return Err(EngineError::Forbidden(format!("conversation {id}")));
+                }
+                Some(c) => Some(c),
+            },
+        };
+        let conversation_id = existing
+            .as_ref()
+            .map_or_else(new_id, |c| c.conversation_id.clone());
+        let history = match &existing {
+            Some(_) => inner.db.list_messages(&conversation_id).await?,
+            None => Vec::new(),
+        };
+        let parent_message_id = match &req.parent_message_id {
+            Some(p) if !p.is_empty() => {
+                if !history.iter().any(|m| &m.message_id == p) {
+                    return Err(EngineError::bad_request(
+                        "parentMessageId",
+                        format!("no message {p} in this conversation"),
+                    ));
+                }
+                Some(p.clone())
+            }
+            _ => history.last().map(|m| m.message_id.clone()),
+        };
+
+        let stream_id = new_id();
+        let created_at = now_rfc3339();
+        let user_message = Message {
+            message_id: new_id(),
+            conversation_id: conversation_id.clone(),
+            parent_message_id: parent_message_id.clone(),
+            sender: "User".into(),
+            text: req.text.clone(),
+            content: Vec::new(),
+            is_created_by_user: true,
+            model: None,
+            unfinished: false,
+            error: false,
+            created_at: created_at.clone(),
+        };
+        let meta = JobMeta {
+            stream_id: stream_id.clone(),
+            user_id: req.user_id.clone(),
+            conversation_id: conversation_id.clone(),
+            user_message_id: user_message.message_id.clone(),
+            response_message_id: new_id(),
+            model: model.name.clone(),
+            status: JobStatus::Running,
+            created_at: created_at.clone(),
+        };
+
+        // Reserve a live slot first (never evicting a running job), then the
+        // conversation; undo the slot if the conversation is busy.
+        let live = LiveJob {
+            cancel: CancellationToken::new(),
+            reason: Arc::new(Mutex::new(None)),
+            last_progress: Arc::new(Mutex::new(Instant::now())),
+        };
+        let (cancel, reason, last_progress) = (
+            live.cancel.clone(),
+            live.reason.clone(),
+            live.last_progress.clone(),
+        );
+        {
+            let mut map = inner.live.lock();
+            if map.len() >= inner.config.max_live_jobs {
+                return Err(EngineError::ServerBusy(inner.config.max_live_jobs));
+            }
+            map.insert(stream_id.clone(), live);
+        }
+        if let Err(e) = inner.store.create_job(&meta).await {
+            inner.live.lock().remove(&stream_id);
+            return Err(e);
+        }
+
+        let title = match &existing {
+            Some(c) => c.title.clone(),
+            None => title_of(&req.text),
+        };
+        let saved = async {
+            inner
+                .db
+                .save_conversation(&Conversation {
+                    conversation_id: conversation_id.clone(),
+                    user_id: req.user_id.clone(),
+                    title: title.clone(),
+                    created_at: created_at.clone(),
+                    updated_at: created_at.clone(),
+                })
+                .await?;
+            inner.db.save_message(&user_message).await
+        }
+        .await;
+        let created = EventBody::Created(Created {
+            stream_id: stream_id.clone(),
+            conversation_id: conversation_id.clone(),
+            user_message: user_message.clone(),
+            response_message_id: meta.response_message_id.clone(),
+            model: model.name.clone(),
+            sender: model.name.clone(),
+            created_at: created_at.clone(),
+        });
+        let appended = match saved {
+            Ok(()) => inner.store.append(&stream_id, &created).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = appended.and_then(|r| {
+            r.map(|_| ())
+                .map_err(|e| EngineError::Internal(format!("append created: {e}")))
+        }) {
+            // Leave no job stuck `running`: end the log so the conversation is free.
+            let _ = inner
+                .store
+                .append(
+                    &stream_id,
+                    &EventBody::Error(ErrorEvent {
+                        code: "internal".into(),
+                        message: e.to_string(),
+                        response_message: None,
+                    }),
+                )
+                .await;
+            inner.live.lock().remove(&stream_id);
+            return Err(e);
+        }
+
+        let mut messages = history_to(&history, parent_message_id.as_deref());
+        messages.push(ChatMessage {
+            role: Role::User,
+            text: req.text.clone(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        });
+        let started = Started {
+            stream_id: stream_id.clone(),
+            conversation_id: conversation_id.clone(),
+            user_message_id: meta.user_message_id.clone(),
+            response_message_id: meta.response_message_id.clone(),
+        };
+        let mut aggregate = Aggregate::default();
+        aggregate.apply(0, &created);
+        let job = JobRun {
+            manager: self.clone(),
+            meta,
+            title,
+            model,
+            request: ModelRequest {
+                model: String::new(),
+                system_prompt: req.system_prompt.clone(),
+                messages,
+                tools: Vec::new(),
+                call_index: 0,
+            },
+            cancel,
+            reason,
+            last_progress,
+            aggregate,
+            next_step: 0,
+            current: None,
+            tool_steps: HashMap::new(),
+        };
+        inner.tracker.spawn(job.run());
+        Ok(started)
+    }
+
+    /// The job with this stream id, if the caller may read it.
+    ///
+    /// Errors: `NotFound` (unknown or expired), `Forbidden` (another user's).
+    pub async fn job_for(
+        &self,
+        user_id: &str,
+        stream_id: &str,
+    ) -> Result<(JobMeta, Arc<EventLog>), EngineError> {
+        let not_found = || EngineError::NotFound(format!("stream {stream_id}"));
+        let meta = self
+            .inner
+            .store
+            .get_job(stream_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if meta.user_id != user_id {
+            return Err(EngineError::Forbidden(format!("stream {stream_id}")));
+        }
+        let log = self
+            .inner
+            .store
+            .open_log(stream_id)
+            .await?
+            .ok_or_else(not_found)?;
+        Ok((meta, log))
+    }
+
+    /// The caller's running jobs.
+    pub async fn active(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
+        self.inner.store.running_jobs(user_id).await
+    }
+
+    /// The conversation's latest job and its snapshot, if one is still in the store.
+    ///
+    /// Errors: `Forbidden` for another user's conversation.
+    pub async fn status(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+    ) -> Result<Option<(JobMeta, ResumeState)>, EngineError> {
+        let Some(meta) = self.inner.store.latest_job(conversation_id).await? else {
+            return Ok(None);
+        };
+        if meta.user_id != user_id {
+            return Err(EngineError::Forbidden(format!(
+                "conversation {conversation_id}"
+            )));
+        }
+        let Some(log) = self.inner.store.open_log(&meta.stream_id).await? else {
+            return Ok(None);
+        };
+        let (_, state) = log.snapshot();
+        Ok(Some((meta, state)))
+    }
+
+    /// Aborts the conversation's running (or latest) job; see [`JobManager::abort`].
+    pub async fn abort_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+    ) -> Result<AbortOutcome, EngineError> {
+        let meta = self
+            .inner
+            .store
+            .latest_job(conversation_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("job of conversation {conversation_id}")))?;
+        self.abort(user_id, &meta.stream_id).await
+    }
+
+    /// Stops a job and returns its partial answer, once saved (SPEC §4).
+    ///
+    /// Idempotent: aborting an aborted job returns the same answer again.
+    /// Errors: `NotFound`, `Forbidden`, `JobFinished` (completed or failed).
+    pub async fn abort(&self, user_id: &str, stream_id: &str) -> Result<AbortOutcome, EngineError> {
+        let (_meta, log) = self.job_for(user_id, stream_id).await?;
+        if log.terminal().is_none() {
+            if let Some(live) = self.inner.live.lock().get(stream_id) {
+                live.reason.lock().get_or_insert(EndReason::Abort);
+                live.cancel.cancel();
+            }
+            // Wait for the owner to save the partial answer and end the log.
+            let mut rx = log.watch();
+            let waited = tokio::time::timeout(self.inner.config.abort_wait, async {
+                loop {
+                    rx.borrow_and_update();
+                    if log.terminal().is_some() {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if waited.is_err() {
+                return Err(EngineError::Internal(format!(
+                    "job {stream_id} did not stop within {:?}",
+                    self.inner.config.abort_wait
+                )));
+            }
+        }
+        match log.terminal_event().map(|e| e.body) {
+            Some(EventBody::Final(f)) if f.status == FinalStatus::Aborted => Ok(AbortOutcome {
+                stream_id: stream_id.to_string(),
+                response_message: f.response_message,
+                usage: f.usage,
+            }),
+            Some(_) => Err(EngineError::JobFinished(stream_id.to_string())),
+            None => Err(EngineError::Internal(format!("job {stream_id} has no end"))),
+        }
+    }
+
+    /// Starts the background reaper: every `reap_interval` it ends stalled jobs and
+    /// drops logs past retention. Runs until [`JobManager::shutdown`].
+    pub fn spawn_reaper(&self) {
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(this.inner.config.reap_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = this.inner.stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                this.reap_stalled();
+                if let Err(e) = this.inner.store.remove_expired(this.inner.config.retention).await {
+                    tracing::warn!(error = %e, "retention sweep failed");
+                }
+            }
+        });
+    }
+
+    /// Ends every local job with no progress for `stall_timeout`. Returns how many.
+    pub fn reap_stalled(&self) -> usize {
+        let limit = self.inner.config.stall_timeout;
+        let mut n = 0;
+        for (id, live) in self.inner.live.lock().iter() {
+            if live.last_progress.lock().elapsed() >= limit && !live.cancel.is_cancelled() {
+                tracing::warn!(stream_id = %id, "job stalled; ending it");
+                live.reason.lock().get_or_insert(EndReason::Stalled);
+                live.cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Stops accepting jobs; new chats get `ShuttingDown` from now on.
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Graceful shutdown (SPEC §5): stop accepting, let running jobs finish within
+    /// `grace`, then abort the rest (partial answers saved, terminal events appended)
+    /// and wait for them to end.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop_accepting();
+        self.inner.stop.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            let live: Vec<String> = {
+                let map = self.inner.live.lock();
+                for l in map.values() {
+                    l.reason.lock().get_or_insert(EndReason::Shutdown);
+                    l.cancel.cancel();
+                }
+                map.keys().cloned().collect()
+            };
+            tracing::info!(jobs = live.len(), "grace period over; aborting running jobs");
+            self.inner.tracker.wait().await;
+        }
+    }
+
+    /// Resolves when every job task (and the reaper) has ended; for tests.
+    pub async fn wait_idle(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        self.inner.tracker.reopen();
+    }
+}
+
+/// The first 50 characters of the first message, on one line.
+pub fn title_of(text: &str) -> String {
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    one_line.chars().take(50).collect()
+}
+
+/// The path from the root to `parent`, as upstream history.
+fn history_to(all: &[Message], parent: Option<&str>) -> Vec<ChatMessage> {
+    let by_id: HashMap<&str, &Message> = all.iter().map(|m| (m.message_id.as_str(), m)).collect();
+    let mut chain = Vec::new();
+    let mut cur = parent;
+    while let Some(id) = cur {
+        let Some(m) = by_id.get(id) else { break };
+        chain.push(*m);
+        cur = m.parent_message_id.as_deref();
+        if chain.len() > all.len() {
+            break; // a cycle can only come from a corrupt database; do not spin
+        }
+    }
+    chain.reverse();
+    let mut out = Vec::new();
+    for m in chain {
+        if m.is_created_by_user {
+            out.push(ChatMessage {
+                role: Role::User,
+                text: m.text.clone(),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
+            });
+        } else {
+            let tool_calls: Vec<ToolCall> = m
+                .content
+                .iter()
+                .filter_map(|p| match p {
+                    crate::event::ContentPart::ToolCall { tool_call } => Some(tool_call.clone()),
+                    _ => None,
+                })
+                .collect();
+            out.push(ChatMessage {
+                role: Role::Assistant,
+                text: m.text.clone(),
+                tool_calls,
+                tool_call_id: None,
+            });
+        }
+    }
+    out
+}
+
+/// How one job's task ended.
+enum Outcome {
+    Complete,
+    Stopped(EndReason),
+    Failed(ProviderError),
+    LogFull,
+    /// Someone else ended the log (a reaper on another replica); nothing to write.
+    Ended,
+    Internal(String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Text,
+    Think,
+}
+
+/// The state of one running job, owned by its task.
+struct JobRun {
+    manager: JobManager,
+    meta: JobMeta,
+    title: String,
+    model: ModelEntry,
+    request: ModelRequest,
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<EndReason>>>,
+    last_progress: Arc<Mutex<Instant>>,
+    /// The fold of what this task appended: the answer so far.
+    aggregate: Aggregate,
+    next_step: u32,
+    current: Option<(String, PartKind)>,
+    /// Tool call index → step id, for the current model call.
+    tool_steps: HashMap<u32, String>,
+}
+
+impl JobRun {
+    async fn run(mut self) {
+        let outcome = self.generate().await;
+        let stream_id = self.meta.stream_id.clone();
+        if let Err(e) = self.finish(outcome).await {
+            // The database failed while saving the answer: still end the log, so no
+            // job is left `running` and every subscriber gets a terminal event.
+            tracing::error!(stream_id = %stream_id, error = %e, "could not save the answer");
+            let end = EventBody::Error(ErrorEvent {
+                code: "internal".into(),
+                message: format!("could not save the answer: {e}"),
+                response_message: None,
+            });
+            let _ = self.manager.inner.store.append(&stream_id, &end).await;
+        }
+        self.manager.inner.live.lock().remove(&stream_id);
+    }
+
+    fn stop_reason(&self) -> EndReason {
+        self.reason.lock().unwrap_or(EndReason::Abort)
+    }
+
+    async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
+        match self
+            .manager
+            .inner
+            .store
+            .append(&self.meta.stream_id, &body)
+            .await
+        {
+            Ok(Ok(frame)) => {
+                self.aggregate.apply(frame.seq, &body);
+                *self.last_progress.lock() = Instant::now();
+                Ok(())
+            }
+            Ok(Err(AppendError::Full)) => Err(Outcome::LogFull),
+            Ok(Err(AppendError::Ended)) => Err(Outcome::Ended),
+            Err(e) => Err(Outcome::Internal(e.to_string())),
+        }
+    }
+
+    /// Runs the model call(s) until the answer is complete or something stops it.
+    async fn generate(&mut self) -> Outcome {
+        let mut request = self.request.clone();
+        request.model = self.model.name.clone();
+        request.call_index = 0;
+        let provider = self.model.provider.clone();
+        let cancel = self.cancel.clone();
+        let stream = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Outcome::Stopped(self.stop_reason()),
+            s = provider.stream(request, cancel.child_token()) => s,
+        };
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let mut usage: Option<UsageRecord> = None;
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    self.record_usage(usage.take()).await.ok();
+                    return Outcome::Stopped(self.stop_reason());
+                }
+                item = stream.next() => item,
+            };
+            let event = match item {
+                None => break,
+                Some(Err(e)) => {
+                    self.record_usage(usage.take()).await.ok();
+                    return Outcome::Failed(e);
+                }
+                Some(Ok(ev)) => ev,
+            };
+            let step = match event {
+                ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await,
+                ProviderEvent::Reasoning(t) => self.delta(PartKind::Think, t).await,
+                ProviderEvent::ToolCall {
+                    index,
+                    id,
+                    name,
+                    args,
+                } => self.tool_delta(index, id, name, args).await,
+                ProviderEvent::Usage(u) => {
+                    usage = Some(u);
+                    Ok(())
+                }
+                ProviderEvent::Finish(_) => Ok(()),
+            };
+            if let Err(o) = step {
+                return o;
+            }
+        }
+        match self.record_usage(usage).await {
+            Ok(()) => Outcome::Complete,
+            Err(o) => o,
+        }
+    }
+
+    /// Appends the call's usage record, or an estimate if the upstream gave none.
+    async fn record_usage(&mut self, usage: Option<UsageRecord>) -> Result<(), Outcome> {
+        let mut record = usage.unwrap_or_else(|| self.estimate_usage());
+        record.call_index = self.request.call_index;
+        if record.model.is_empty() {
+            record.model = self.model.name.clone();
+        }
+        if record.provider.is_empty() {
+            record.provider = self.model.provider.kind().to_string();
+        }
+        self.emit(EventBody::Usage(record)).await
+    }
+
+    /// A rough count (4 characters a token) for calls cut off before the upstream
+    /// reported usage; marked `estimated`.
+    fn estimate_usage(&self) -> UsageRecord {
+        let input: usize = self.request.messages.iter().map(|m| m.text.chars().count()).sum();
+        let output = self.aggregate.text().chars().count();
+        UsageRecord {
+            input_tokens: input.div_ceil(4) as u64,
+            output_tokens: output.div_ceil(4) as u64,
+            estimated: true,
+            ..UsageRecord::default()
+        }
+    }
+
+    fn new_step_id(&mut self) -> (String, u32) {
+        let index = self.next_step;
+        self.next_step += 1;
+        (format!("step_{index}"), index)
+    }
+
+    fn run_id(&self) -> String {
+        format!("{}:{}", self.meta.stream_id, self.request.call_index)
+    }
+
+    async fn delta(&mut self, kind: PartKind, text: String) -> Result<(), Outcome> {
+        let step_id = match &self.current {
+            Some((id, k)) if *k == kind => id.clone(),
+            _ => {
+                let (id, index) = self.new_step_id();
+                let step = EventBody::RunStep(RunStep {
+                    id: id.clone(),
+                    run_id: self.run_id(),
+                    index,
+                    step_type: StepType::MessageCreation,
+                    step_details: StepDetails::MessageCreation {
+                        message_creation: MessageCreation {
+                            message_id: self.meta.response_message_id.clone(),
+                        },
+                    },
+                });
+                self.emit(step).await?;
+                self.current = Some((id.clone(), kind));
+                id
+            }
+        };
+        let part = match kind {
+            PartKind::Text => crate::event::ContentPart::Text { text },
+            PartKind::Think => crate::event::ContentPart::Think { think: text },
+        };
+        let delta = Delta {
+            id: step_id,
+            delta: DeltaContent {
+                content: vec![part],
+            },
+        };
+        self.emit(match kind {
+            PartKind::Text => EventBody::MessageDelta(delta),
+            PartKind::Think => EventBody::ReasoningDelta(delta),
+        })
+        .await
+    }
+
+    async fn tool_delta(
+        &mut self,
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        args: String,
+    ) -> Result<(), Outcome> {
+        let step_id = match self.tool_steps.get(&index) {
+            Some(s) => s.clone(),
+            None => {
+                let (step_id, step_index) = self.new_step_id();
+                let step = EventBody::RunStep(RunStep {
+                    id: step_id.clone(),
+                    run_id: self.run_id(),
+                    index: step_index,
+                    step_type: StepType::ToolCalls,
+                    step_details: StepDetails::ToolCalls {
+                        tool_calls: vec![ToolCall {
+                            id: id.clone().unwrap_or_default(),
+                            name: name.clone().unwrap_or_default(),
+                            args: String::new(),
+                            output: None,
+                        }],
+                    },
+                });
+                self.emit(step).await?;
+                self.current = None;
+                self.tool_steps.insert(index, step_id.clone());
+                step_id
+            }
+        };
+        self.emit(EventBody::RunStepDelta(RunStepDelta {
+            id: step_id,
+            delta: ToolCallsDelta {
+                kind: StepType::ToolCalls,
+                tool_calls: vec![ToolCallChunk {
+                    id,
+                    name,
+                    args,
+                    index,
+                }],
+            },
+        }))
+        .await
+    }
+
+    fn response_message(&self, unfinished: bool, error: bool) -> Message {
+        let content = self.aggregate.content();
+        Message {
+            message_id: self.meta.response_message_id.clone(),
+            conversation_id: self.meta.conversation_id.clone(),
+            parent_message_id: Some(self.meta.user_message_id.clone()),
+            sender: self.model.name.clone(),
+            text: text_of(&content),
+            content,
+            is_created_by_user: false,
+            model: Some(self.model.name.clone()),
+            unfinished,
+            error,
+            created_at: now_rfc3339(),
+        }
+    }
+
+    /// Saves the response (complete or partial) and then appends the terminal event:
+    /// the order SPEC §4 requires.
+    async fn finish(&mut self, outcome: Outcome) -> Result<(), EngineError> {
+        let terminal = match outcome {
+            Outcome::Ended => return Ok(()),
+            Outcome::Complete => {
+                let msg = self.response_message(false, false);
+                self.save(&msg).await?;
+                EventBody::Final(Final {
+                    status: FinalStatus::Complete,
+                    response_message: msg,
+                    conversation: self.conversation_ref(),
+                    usage: self.aggregate.usage_totals(),
+                    reason: None,
+                })
+            }
+            Outcome::Stopped(EndReason::Abort) | Outcome::Stopped(EndReason::Shutdown) => {
+                let reason = match self.stop_reason() {
+                    EndReason::Shutdown => "shutdown",
+                    _ => "aborted",
+                };
+                let msg = self.response_message(true, false);
+                self.save(&msg).await?;
+                EventBody::Final(Final {
+                    status: FinalStatus::Aborted,
+                    response_message: msg,
+                    conversation: self.conversation_ref(),
+                    usage: self.aggregate.usage_totals(),
+                    reason: Some(reason.into()),
+                })
+            }
+            Outcome::Stopped(EndReason::Stalled) => {
+                let limit = self.manager.inner.config.stall_timeout;
+                self.error_end("stalled", format!("no progress for {} s", limit.as_secs()))
+                    .await?
+            }
+            Outcome::Failed(e) => self.error_end("upstream_error", e.message).await?,
+            Outcome::LogFull => {
+                self.error_end(
+                    "log_full",
+                    "the answer exceeded the server's per-job event log cap".into(),
+                )
+                .await?
+            }
+            Outcome::Internal(m) => self.error_end("internal", m).await?,
+        };
+        match self
+            .manager
+            .inner
+            .store
+            .append(&self.meta.stream_id, &terminal)
+            .await?
+        {
+            Ok(_) | Err(AppendError::Ended) => Ok(()),
+            Err(AppendError::Full) => Err(EngineError::Internal(
+                "terminal event refused as full".into(),
+            )),
+        }
+    }
+
+    async fn error_end(&mut self, code: &str, message: String) -> Result<EventBody, EngineError> {
+        let msg = self.response_message(true, true);
+        self.save(&msg).await?;
+        Ok(EventBody::Error(ErrorEvent {
+            code: code.into(),
+            message,
+            response_message: Some(msg),
+        }))
+    }
+
+    async fn save(&self, msg: &Message) -> Result<(), EngineError> {
+        let db = &self.manager.inner.db;
+        db.save_message(msg).await?;
+        db.save_conversation(&Conversation {
+            conversation_id: self.meta.conversation_id.clone(),
+            user_id: self.meta.user_id.clone(),
+            title: self.title.clone(),
+            created_at: msg.created_at.clone(),
+            updated_at: msg.created_at.clone(),
+        })
+        .await
+    }
+
+    fn conversation_ref(&self) -> ConversationRef {
+        ConversationRef {
+            conversation_id: self.meta.conversation_id.clone(),
+            title: self.title.clone(),
+        }
+    }
+}

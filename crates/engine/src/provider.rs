@@ -1,0 +1,147 @@
+//! The upstream model interface (SPEC §6).
+//!
+//! A provider turns one [`ModelRequest`] into a stream of [`ProviderEvent`]s: text and
+//! reasoning deltas, tool-call fragments keyed by index (OpenAI and Anthropic both
+//! stream them so), one usage report, and the finish reason. The engine turns those
+//! into log events; providers know nothing of seqs, steps or subscribers.
+//!
+//! One call of [`Provider::stream`] is one attempt. Retries (issue 3/4) wrap it in one
+//! place, so that no provider retries on its own.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::ToolCall;
+use crate::usage::UsageRecord;
+
+/// Who said a history message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One message of the history sent upstream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    /// The text (for `Tool`, the tool's output).
+    pub text: String,
+    /// For `Assistant`: the tool calls it made (with their outputs, which become the
+    /// following `Tool` messages upstream).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For `Tool`: the id of the call this answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool the model may call: name, description, JSON Schema of its arguments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+}
+
+/// One model call.
+#[derive(Clone, Debug, Default)]
+pub struct ModelRequest {
+    /// The configured model name (what clients select).
+    pub model: String,
+    pub system_prompt: Option<String>,
+    /// Oldest first; the last one is the new user message (or tool results).
+    pub messages: Vec<ChatMessage>,
+    pub tools: Vec<ToolSpec>,
+    /// Index of this call within the job (0 for the first).
+    pub call_index: u32,
+}
+
+/// What a provider streams.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProviderEvent {
+    /// Answer text.
+    Text(String),
+    /// Reasoning / thinking text.
+    Reasoning(String),
+    /// A fragment of tool call `index`; `id` and `name` may come in any fragment.
+    ToolCall {
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        args: String,
+    },
+    /// The call's token usage (last report wins if several come).
+    Usage(UsageRecord),
+    /// The upstream's finish reason (`stop`, `length`, `tool_calls`, `end_turn`…).
+    Finish(String),
+}
+
+/// The stream of one attempt.
+pub type ProviderStream = BoxStream<'static, Result<ProviderEvent, ProviderError>>;
+
+/// Kinds of upstream failure, which decide retryability (issue 3/4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderErrorKind {
+    /// The upstream answered with a non-success HTTP status.
+    Http,
+    /// Could not connect.
+    Connect,
+    /// Connect, first-byte or idle-gap timeout.
+    Timeout,
+    /// The stream ended without its terminator.
+    Truncated,
+    /// A chunk that is not what the protocol says.
+    Malformed,
+    /// An error reported inside the stream (`{"error": …}`, `event: error`).
+    Upstream,
+    /// Configuration (missing API key, unknown model…).
+    Config,
+}
+
+/// An upstream failure, with what the upstream said.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub kind: ProviderErrorKind,
+    /// HTTP status, when there was one.
+    pub status: Option<u16>,
+    /// Human-readable, quoting the upstream's own message where it gave one.
+    pub message: String,
+    /// The upstream's `Retry-After` / `retry-after-ms`, parsed.
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    /// An error of `kind` with `message` and nothing else.
+    pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            kind,
+            status: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// An upstream model API.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's kind as shown in `GET /api/models` (`demo`, `openai`, …).
+    fn kind(&self) -> &str;
+
+    /// Starts one attempt. `cancel` fires on abort; a provider should stop promptly
+    /// (dropping the returned stream also stops it).
+    async fn stream(
+        &self,
+        request: ModelRequest,
+        cancel: CancellationToken,
+    ) -> Result<ProviderStream, ProviderError>;
+}

@@ -1,0 +1,225 @@
+//! The job store: job metadata and event logs, behind a trait with an in-memory
+//! implementation here and a Redis one in `genstream-redis` (issue 2/4).
+//!
+//! The store is where the rules that must hold across replicas are made atomic:
+//! at most one running job per conversation ([`JobStore::create_job`]), exactly one
+//! terminal event per log ([`JobStore::append`]), and the job's status following its
+//! terminal event in the same step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::EngineError;
+use crate::aggregate::TerminalKind;
+use crate::event::{EventBody, Frame};
+use crate::log::{AppendError, EventLog, LogLimits};
+
+/// Lifecycle of a job (SPEC §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Running,
+    Complete,
+    Aborted,
+    Error,
+}
+
+impl From<TerminalKind> for JobStatus {
+    fn from(k: TerminalKind) -> Self {
+        match k {
+            TerminalKind::Complete => JobStatus::Complete,
+            TerminalKind::Aborted => JobStatus::Aborted,
+            TerminalKind::Error => JobStatus::Error,
+        }
+    }
+}
+
+/// A job's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobMeta {
+    pub stream_id: String,
+    pub user_id: String,
+    pub conversation_id: String,
+    pub user_message_id: String,
+    pub response_message_id: String,
+    pub model: String,
+    pub status: JobStatus,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// Storage of job metadata and event logs.
+///
+/// Errors: [`EngineError::Store`] when the backing service fails.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Registers a new running job with an empty log.
+    ///
+    /// Errors: [`EngineError::ConversationBusy`] if the conversation already has a
+    /// running job; the check and the insert are one atomic step.
+    async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError>;
+
+    /// The job's metadata, `None` if unknown or past retention.
+    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError>;
+
+    /// The conversation's most recent job still in the store.
+    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError>;
+
+    /// The user's running jobs, oldest first.
+    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError>;
+
+    /// Appends an event with the next seq. A terminal event also sets the job's status
+    /// and frees its conversation, in the same atomic step.
+    ///
+    /// Errors: `Ok(Err(AppendError::Ended))` once the log has its terminal event,
+    /// `Ok(Err(AppendError::Full))` past the cap; `Err` when the store fails.
+    async fn append(
+        &self,
+        stream_id: &str,
+        body: &EventBody,
+    ) -> Result<Result<Frame, AppendError>, EngineError>;
+
+    /// The log that this replica's subscribers read (the log itself in memory, a
+    /// local mirror in Redis mode); `None` if the job is unknown or expired.
+    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError>;
+
+    /// Drops finished jobs whose terminal event is older than `retention`; returns how
+    /// many went.
+    async fn remove_expired(&self, retention: Duration) -> Result<usize, EngineError>;
+
+    /// Succeeds when the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), EngineError>;
+}
+
+/// The single-process job store: every log lives in this process's memory.
+pub struct MemoryStore {
+    limits: LogLimits,
+    inner: Mutex<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    jobs: HashMap<String, (JobMeta, Arc<EventLog>)>,
+    /// conversation id → its latest job's stream id.
+    latest: HashMap<String, String>,
+}
+
+impl MemoryStore {
+    /// An empty store whose logs have the given caps.
+    pub fn new(limits: LogLimits) -> Self {
+        MemoryStore {
+            limits,
+            inner: Mutex::new(MemInner::default()),
+        }
+    }
+
+    /// Number of jobs held (running and retained).
+    pub fn len(&self) -> usize {
+        self.inner.lock().jobs.len()
+    }
+
+    /// True when no job is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl JobStore for MemoryStore {
+    async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
+        let mut g = self.inner.lock();
+        if let Some(prev) = g.latest.get(&meta.conversation_id) {
+            if g.jobs
+                .get(prev)
+                .is_some_and(|(m, _)| m.status == JobStatus::Running)
+            {
+                return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
+            }
+        }
+        g.latest
+            .insert(meta.conversation_id.clone(), meta.stream_id.clone());
+        g.jobs.insert(
+            meta.stream_id.clone(),
+            (meta.clone(), Arc::new(EventLog::new(self.limits))),
+        );
+        Ok(())
+    }
+
+    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError> {
+        Ok(self.inner.lock().jobs.get(stream_id).map(|(m, _)| m.clone()))
+    }
+
+    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError> {
+        let g = self.inner.lock();
+        Ok(g.latest
+            .get(conversation_id)
+            .and_then(|id| g.jobs.get(id))
+            .map(|(m, _)| m.clone()))
+    }
+
+    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
+        let g = self.inner.lock();
+        let mut v: Vec<JobMeta> = g
+            .jobs
+            .values()
+            .filter(|(m, _)| m.user_id == user_id && m.status == JobStatus::Running)
+            .map(|(m, _)| m.clone())
+            .collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(v)
+    }
+
+    async fn append(
+        &self,
+        stream_id: &str,
+        body: &EventBody,
+    ) -> Result<Result<Frame, AppendError>, EngineError> {
+        let log = {
+            let g = self.inner.lock();
+            match g.jobs.get(stream_id) {
+                Some((_, log)) => log.clone(),
+                None => return Err(EngineError::NotFound(format!("job {stream_id}"))),
+            }
+        };
+        let result = log.append(body);
+        if let Ok(frame) = &result {
+            if frame.terminal {
+                if let Some(kind) = log.terminal() {
+                    if let Some((meta, _)) = self.inner.lock().jobs.get_mut(stream_id) {
+                        meta.status = kind.into();
+                    }
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError> {
+        Ok(self
+            .inner
+            .lock()
+            .jobs
+            .get(stream_id)
+            .map(|(_, l)| l.clone()))
+    }
+
+    async fn remove_expired(&self, retention: Duration) -> Result<usize, EngineError> {
+        let mut g = self.inner.lock();
+        let before = g.jobs.len();
+        g.jobs
+            .retain(|_, (_, log)| log.finished_for().is_none_or(|d| d < retention));
+        let MemInner { jobs, latest } = &mut *g;
+        latest.retain(|_, id| jobs.contains_key(id));
+        Ok(before - g.jobs.len())
+    }
+
+    async fn ping(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+}

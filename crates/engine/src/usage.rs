@@ -1,0 +1,62 @@
+//! Normalized usage records (SPEC §7).
+//!
+//! Providers report tokens in two shapes: OpenAI's, whose `prompt_tokens` already
+//! include cached tokens, and Anthropic's, whose `input_tokens` do not. A
+//! [`UsageRecord`] keeps the raw counts plus `inputIncludesCache`, so billing can tell
+//! the two apart without knowing the provider.
+
+use serde::{Deserialize, Serialize};
+
+/// One model call's usage, as appended in a `usage` event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRecord {
+    /// Index of the model call within the job (0 for the first call).
+    #[serde(default)]
+    pub call_index: u32,
+    pub model: String,
+    pub provider: String,
+    /// Input (prompt) tokens, as the provider counts them.
+    pub input_tokens: u64,
+    /// Output (completion) tokens, including reasoning tokens.
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    /// Reasoning tokens (a subset of `output_tokens`).
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// True when `input_tokens` already counts the cache tokens (OpenAI), false when
+    /// they are additive (Anthropic).
+    #[serde(default)]
+    pub input_includes_cache: bool,
+    /// True when the upstream gave no usage and the counts are an estimate.
+    #[serde(default)]
+    pub estimated: bool,
+}
+
+/// Sums over all usage records of a job, in `final.usage` and the abort answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// Number of model calls summed.
+    pub calls: u32,
+}
+
+impl UsageTotals {
+    /// Adds one record.
+    pub fn add(&mut self, r: &UsageRecord) {
+        self.input_tokens += r.input_tokens;
+        self.output_tokens += r.output_tokens;
+        self.cache_write_tokens += r.cache_write_tokens;
+        self.cache_read_tokens += r.cache_read_tokens;
+        self.reasoning_tokens += r.reasoning_tokens;
+        self.calls += 1;
+    }
+}
