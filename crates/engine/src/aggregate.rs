@@ -11,9 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{
-    ContentPart, Created, EventBody, FinalStatus, RunStep, StepDetails, ToolCall,
-};
+use crate::event::{ContentPart, Created, EventBody, FinalStatus, RunStep, StepDetails, ToolCall};
 use crate::usage::{UsageRecord, UsageTotals};
 
 /// The fold's state. Apply events in seq order with [`Aggregate::apply`].
@@ -93,7 +91,11 @@ impl Aggregate {
                         if let ContentPart::Think { think } = c {
                             match slot {
                                 Some(ContentPart::Think { think: t }) => t.push_str(think),
-                                _ => *slot = Some(ContentPart::Think { think: think.clone() }),
+                                _ => {
+                                    *slot = Some(ContentPart::Think {
+                                        think: think.clone(),
+                                    })
+                                }
                             }
                         }
                     }
@@ -124,8 +126,10 @@ impl Aggregate {
             }
             EventBody::Retry(r) => {
                 if !r.discard_step_ids.is_empty() {
-                    self.parts.retain(|(id, _, _)| !r.discard_step_ids.contains(id));
-                    self.run_steps.retain(|s| !r.discard_step_ids.contains(&s.id));
+                    self.parts
+                        .retain(|(id, _, _)| !r.discard_step_ids.contains(id));
+                    self.run_steps
+                        .retain(|s| !r.discard_step_ids.contains(&s.id));
                 }
             }
             EventBody::Usage(u) => self.usage.push(u.clone()),
@@ -240,4 +244,145 @@ pub fn text_of(content: &[ContentPart]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::*;
+    use proptest::prelude::*;
+
+    fn step(id: &str, index: u32, t: StepType) -> EventBody {
+        EventBody::RunStep(RunStep {
+            id: id.into(),
+            run_id: "r".into(),
+            index,
+            step_type: t,
+            step_details: match t {
+                StepType::MessageCreation => StepDetails::MessageCreation {
+                    message_creation: MessageCreation {
+                        message_id: "m".into(),
+                    },
+                },
+                StepType::ToolCalls => StepDetails::ToolCalls {
+                    tool_calls: vec![ToolCall {
+                        id: "call_1".into(),
+                        name: "calc".into(),
+                        ..Default::default()
+                    }],
+                },
+            },
+        })
+    }
+    fn text(id: &str, t: &str) -> EventBody {
+        EventBody::MessageDelta(Delta {
+            id: id.into(),
+            delta: DeltaContent {
+                content: vec![ContentPart::Text { text: t.into() }],
+            },
+        })
+    }
+    fn think(id: &str, t: &str) -> EventBody {
+        EventBody::ReasoningDelta(Delta {
+            id: id.into(),
+            delta: DeltaContent {
+                content: vec![ContentPart::Think { think: t.into() }],
+            },
+        })
+    }
+
+    fn fold(events: &[EventBody]) -> Aggregate {
+        let mut a = Aggregate::default();
+        for (i, e) in events.iter().enumerate() {
+            a.apply(i as u64, e);
+        }
+        a
+    }
+
+    #[test]
+    fn parts_by_index_with_reasoning_text_and_tool_call() {
+        let a = fold(&[
+            step("s0", 0, StepType::MessageCreation),
+            think("s0", "hmm "),
+            think("s0", "ok"),
+            step("s1", 1, StepType::MessageCreation),
+            text("s1", "Hel"),
+            text("s1", "lo"),
+            step("s2", 2, StepType::ToolCalls),
+            EventBody::RunStepDelta(RunStepDelta {
+                id: "s2".into(),
+                delta: ToolCallsDelta {
+                    kind: StepType::ToolCalls,
+                    tool_calls: vec![ToolCallChunk {
+                        id: None,
+                        name: None,
+                        args: "{\"a\":".into(),
+                        index: 0,
+                    }],
+                },
+            }),
+            EventBody::RunStepDelta(RunStepDelta {
+                id: "s2".into(),
+                delta: ToolCallsDelta {
+                    kind: StepType::ToolCalls,
+                    tool_calls: vec![ToolCallChunk {
+                        id: None,
+                        name: None,
+                        args: "1}".into(),
+                        index: 0,
+                    }],
+                },
+            }),
+        ]);
+        assert_eq!(
+            a.content(),
+            vec![
+                ContentPart::Think {
+                    think: "hmm ok".into()
+                },
+                ContentPart::Text {
+                    text: "Hello".into()
+                },
+                ContentPart::ToolCall {
+                    tool_call: ToolCall {
+                        id: "call_1".into(),
+                        name: "calc".into(),
+                        args: "{\"a\":1}".into(),
+                        output: None
+                    }
+                },
+            ]
+        );
+        assert_eq!(a.text(), "Hello");
+        assert_eq!(a.run_steps().len(), 3);
+    }
+
+    #[test]
+    fn retry_discards_the_failed_attempts_steps() {
+        let a = fold(&[
+            step("s0", 0, StepType::MessageCreation),
+            text("s0", "partial dup"),
+            EventBody::Retry(Retry {
+                attempt: 1,
+                max_attempts: 3,
+                delay_ms: 1000,
+                error: "x".into(),
+                discard_step_ids: vec!["s0".into()],
+            }),
+            step("s1", 0, StepType::MessageCreation),
+            text("s1", "the whole answer"),
+        ]);
+        assert_eq!(a.text(), "the whole answer");
+        assert_eq!(a.run_steps().len(), 1);
+    }
+
+    proptest! {
+        /// However the text is split into deltas, the fold is the concatenation.
+        #[test]
+        fn fold_is_concatenation(chunks in proptest::collection::vec(".{0,8}", 0..40)) {
+            let mut events = vec![step("s", 0, StepType::MessageCreation)];
+            events.extend(chunks.iter().map(|c| text("s", c)));
+            prop_assert_eq!(fold(&events).text(), chunks.concat());
+        }
+    }
 }

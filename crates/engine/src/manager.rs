@@ -29,9 +29,7 @@ use crate::event::{
 };
 use crate::log::{AppendError, EventLog};
 use crate::persist::{Conversation, Persistence};
-use crate::provider::{
-    ChatMessage, ModelRequest, Provider, ProviderError, ProviderEvent, Role,
-};
+use crate::provider::{ChatMessage, ModelRequest, Provider, ProviderError, ProviderEvent, Role};
 use crate::store::{JobMeta, JobStatus, JobStore};
 use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
@@ -456,7 +454,9 @@ impl JobManager {
             .store
             .latest_job(conversation_id)
             .await?
-            .ok_or_else(|| EngineError::NotFound(format!("job of conversation {conversation_id}")))?;
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("job of conversation {conversation_id}"))
+            })?;
         self.abort(user_id, &meta.stream_id).await
     }
 
@@ -516,7 +516,12 @@ impl JobManager {
                     _ = tick.tick() => {}
                 }
                 this.reap_stalled();
-                if let Err(e) = this.inner.store.remove_expired(this.inner.config.retention).await {
+                if let Err(e) = this
+                    .inner
+                    .store
+                    .remove_expired(this.inner.config.retention)
+                    .await
+                {
                     tracing::warn!(error = %e, "retention sweep failed");
                 }
             }
@@ -562,7 +567,10 @@ impl JobManager {
                 }
                 map.keys().cloned().collect()
             };
-            tracing::info!(jobs = live.len(), "grace period over; aborting running jobs");
+            tracing::info!(
+                jobs = live.len(),
+                "grace period over; aborting running jobs"
+            );
             self.inner.tracker.wait().await;
         }
     }
@@ -775,7 +783,12 @@ impl JobRun {
     /// A rough count (4 characters a token) for calls cut off before the upstream
     /// reported usage; marked `estimated`.
     fn estimate_usage(&self) -> UsageRecord {
-        let input: usize = self.request.messages.iter().map(|m| m.text.chars().count()).sum();
+        let input: usize = self
+            .request
+            .messages
+            .iter()
+            .map(|m| m.text.chars().count())
+            .sum();
         let output = self.aggregate.text().chars().count();
         UsageRecord {
             input_tokens: input.div_ceil(4) as u64,

@@ -152,7 +152,12 @@ impl JobStore for MemoryStore {
     }
 
     async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError> {
-        Ok(self.inner.lock().jobs.get(stream_id).map(|(m, _)| m.clone()))
+        Ok(self
+            .inner
+            .lock()
+            .jobs
+            .get(stream_id)
+            .map(|(m, _)| m.clone()))
     }
 
     async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError> {

@@ -1,0 +1,539 @@
+//! Job manager behaviour against a scripted provider and the in-memory store and
+//! persistence: completion, abort ordering, stall reaper, log cap, busy rules,
+//! graceful shutdown, retention. Timing tests run on paused tokio time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use genstream_engine::EngineError;
+use genstream_engine::event::{EventBody, FinalStatus};
+use genstream_engine::log::{EventLog, LogLimits};
+use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, StartRequest};
+use genstream_engine::persist::{MemoryPersistence, Persistence};
+use genstream_engine::provider::{
+    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
+};
+use genstream_engine::store::{JobStatus, JobStore, MemoryStore};
+use genstream_engine::usage::UsageRecord;
+use tokio_util::sync::CancellationToken;
+
+/// What the scripted provider does after its tokens.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    Finish,
+    Hang,
+    Fail,
+}
+
+struct Script {
+    tokens: usize,
+    delay: Duration,
+    then: Then,
+    fail_before: bool,
+}
+
+#[async_trait]
+impl Provider for Script {
+    fn kind(&self) -> &str {
+        "script"
+    }
+    async fn stream(
+        &self,
+        _req: ModelRequest,
+        _cancel: CancellationToken,
+    ) -> Result<ProviderStream, ProviderError> {
+        if self.fail_before {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Http,
+                "upstream said no",
+            ));
+        }
+        let (tokens, delay, then) = (self.tokens, self.delay, self.then);
+        let s = futures::stream::unfold(0usize, move |i| async move {
+            if i < tokens {
+                tokio::time::sleep(delay).await;
+                return Some((Ok(ProviderEvent::Text(format!("t{i} "))), i + 1));
+            }
+            match then {
+                Then::Finish if i == tokens => Some((
+                    Ok(ProviderEvent::Usage(UsageRecord {
+                        input_tokens: 7,
+                        output_tokens: tokens as u64,
+                        ..Default::default()
+                    })),
+                    i + 1,
+                )),
+                Then::Finish => None,
+                Then::Hang => {
+                    futures::future::pending::<()>().await;
+                    None
+                }
+                Then::Fail if i == tokens => Some((
+                    Err(ProviderError::new(
+                        ProviderErrorKind::Upstream,
+                        "boom mid-stream",
+                    )),
+                    i + 1,
+                )),
+                Then::Fail => None,
+            }
+        });
+        Ok(s.boxed())
+    }
+}
+
+struct Harness {
+    manager: JobManager,
+    db: Arc<MemoryPersistence>,
+}
+
+fn harness(limits: LogLimits, config: ManagerConfig) -> Harness {
+    let db = Arc::new(MemoryPersistence::default());
+    let store: Arc<dyn JobStore> = Arc::new(MemoryStore::new(limits));
+    let model = |name: &str, p: Script| ModelEntry {
+        name: name.into(),
+        provider: Arc::new(p),
+    };
+    let ms = Duration::from_millis(10);
+    let models = vec![
+        model(
+            "fast",
+            Script {
+                tokens: 5,
+                delay: ms,
+                then: Then::Finish,
+                fail_before: false,
+            },
+        ),
+        model(
+            "slow",
+            Script {
+                tokens: 1000,
+                delay: ms * 10,
+                then: Then::Finish,
+                fail_before: false,
+            },
+        ),
+        model(
+            "hang",
+            Script {
+                tokens: 3,
+                delay: ms,
+                then: Then::Hang,
+                fail_before: false,
+            },
+        ),
+        model(
+            "fail_mid",
+            Script {
+                tokens: 3,
+                delay: ms,
+                then: Then::Fail,
+                fail_before: false,
+            },
+        ),
+        model(
+            "fail_before",
+            Script {
+                tokens: 0,
+                delay: ms,
+                then: Then::Finish,
+                fail_before: true,
+            },
+        ),
+    ];
+    let manager = JobManager::new(store, db.clone() as Arc<dyn Persistence>, models, config);
+    Harness { manager, db }
+}
+
+fn req(model: &str) -> StartRequest {
+    StartRequest {
+        user_id: "alice".into(),
+        text: "hello there".into(),
+        model: Some(model.into()),
+        ..Default::default()
+    }
+}
+
+async fn log_of(h: &Harness, stream_id: &str) -> Arc<EventLog> {
+    h.manager.job_for("alice", stream_id).await.unwrap().1
+}
+
+async fn wait_end(log: &EventLog) -> EventBody {
+    let mut rx = log.watch();
+    loop {
+        rx.borrow_and_update();
+        if let Some(e) = log.terminal_event() {
+            return e.body;
+        }
+        rx.changed().await.unwrap();
+    }
+}
+
+fn events(log: &EventLog) -> Vec<genstream_engine::event::Event> {
+    log.read_after(None, usize::MAX)
+        .frames
+        .iter()
+        .map(|f| serde_json::from_slice(f.data_json()).unwrap())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn completes_and_persists_before_final() {
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let started = h.manager.start(req("fast")).await.unwrap();
+    // The user message is saved before start returns.
+    let user =
+        h.db.get_message(&started.user_message_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(user.text, "hello there");
+    let log = log_of(&h, &started.stream_id).await;
+    let end = wait_end(&log).await;
+    let EventBody::Final(f) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(f.status, FinalStatus::Complete);
+    assert_eq!(f.response_message.text, "t0 t1 t2 t3 t4 ");
+    assert_eq!(f.usage.output_tokens, 5);
+    assert_eq!(f.conversation.title, "hello there");
+    let saved =
+        h.db.get_message(&started.response_message_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(saved, f.response_message);
+    assert!(!saved.unfinished);
+    let evs = events(&log);
+    assert!(matches!(evs[0].body, EventBody::Created(_)));
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e.seq, i as u64);
+    }
+    assert_eq!(evs.iter().filter(|e| e.body.is_terminal()).count(), 1);
+    assert!(matches!(evs[evs.len() - 2].body, EventBody::Usage(_)));
+    let meta = h
+        .manager
+        .store()
+        .get_job(&started.stream_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta.status, JobStatus::Complete);
+    h.manager.wait_idle().await;
+    assert_eq!(h.manager.live_jobs(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_saves_partial_before_answering_and_is_idempotent() {
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let started = h.manager.start(req("slow")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let out = h.manager.abort("alice", &started.stream_id).await.unwrap();
+    // Saved before the answer: read it right away.
+    let saved =
+        h.db.get_message(&started.response_message_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(saved.unfinished);
+    assert_eq!(saved, out.response_message);
+    assert!(
+        out.response_message.text.starts_with("t0 t1 "),
+        "{}",
+        out.response_message.text
+    );
+    assert!(
+        out.usage.output_tokens > 0,
+        "estimated usage for the cut-off call"
+    );
+    // Repeat: same answer.
+    let again = h.manager.abort("alice", &started.stream_id).await.unwrap();
+    assert_eq!(again.response_message, out.response_message);
+    assert_eq!(again.usage, out.usage);
+    // Another user: 403; unknown: 404.
+    assert!(matches!(
+        h.manager.abort("bob", &started.stream_id).await,
+        Err(EngineError::Forbidden(_))
+    ));
+    assert!(matches!(
+        h.manager.abort("alice", "nope").await,
+        Err(EngineError::NotFound(_))
+    ));
+    // A follow-up on the aborted response succeeds at once.
+    let follow = h
+        .manager
+        .start(StartRequest {
+            conversation_id: Some(started.conversation_id.clone()),
+            parent_message_id: Some(started.response_message_id.clone()),
+            ..req("fast")
+        })
+        .await
+        .unwrap();
+    let log = log_of(&h, &follow.stream_id).await;
+    assert!(matches!(wait_end(&log).await, EventBody::Final(_)));
+    // Abort of a completed job: 409.
+    assert!(matches!(
+        h.manager.abort("alice", &follow.stream_id).await,
+        Err(EngineError::JobFinished(_))
+    ));
+    let evs = events(&*log_of(&h, &started.stream_id).await);
+    assert_eq!(evs.iter().filter(|e| e.body.is_terminal()).count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stalled_job_is_reaped_with_partial_saved() {
+    let config = ManagerConfig {
+        stall_timeout: Duration::from_secs(600),
+        reap_interval: Duration::from_secs(5),
+        ..ManagerConfig::default()
+    };
+    let h = harness(LogLimits::default(), config);
+    h.manager.spawn_reaper();
+    let started = h.manager.start(req("hang")).await.unwrap();
+    let log = log_of(&h, &started.stream_id).await;
+    tokio::time::sleep(Duration::from_secs(599)).await;
+    assert!(log.terminal().is_none(), "not before the stall timeout");
+    let end = tokio::time::timeout(Duration::from_secs(10), wait_end(&log))
+        .await
+        .unwrap();
+    let EventBody::Error(e) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(e.code, "stalled");
+    let partial = e.response_message.unwrap();
+    assert_eq!(partial.text, "t0 t1 t2 ");
+    let saved =
+        h.db.get_message(&started.response_message_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(saved.unfinished && saved.error);
+}
+
+#[tokio::test(start_paused = true)]
+async fn log_cap_ends_the_job_with_log_full() {
+    let limits = LogLimits {
+        max_events: 20,
+        max_bytes: 1 << 20,
+    };
+    let h = harness(limits, ManagerConfig::default());
+    let started = h.manager.start(req("slow")).await.unwrap();
+    let log = log_of(&h, &started.stream_id).await;
+    let end = wait_end(&log).await;
+    let EventBody::Error(e) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(e.code, "log_full");
+    assert!(e.response_message.is_some());
+    assert_eq!(log.len(), 21, "20 events and the terminal one");
+    // Byte cap too.
+    let limits = LogLimits {
+        max_events: 10_000,
+        max_bytes: 4096,
+    };
+    let h = harness(limits, ManagerConfig::default());
+    let started = h.manager.start(req("slow")).await.unwrap();
+    let log = log_of(&h, &started.stream_id).await;
+    let EventBody::Error(e) = wait_end(&log).await else {
+        panic!()
+    };
+    assert_eq!(e.code, "log_full");
+    assert!(log.bytes() < 4096 + 4096, "bounded: {}", log.bytes());
+}
+
+#[tokio::test(start_paused = true)]
+async fn conversation_busy_and_server_busy() {
+    let h = harness(
+        LogLimits::default(),
+        ManagerConfig {
+            max_live_jobs: 2,
+            ..Default::default()
+        },
+    );
+    let a = h.manager.start(req("slow")).await.unwrap();
+    let busy = h
+        .manager
+        .start(StartRequest {
+            conversation_id: Some(a.conversation_id.clone()),
+            ..req("fast")
+        })
+        .await;
+    assert!(
+        matches!(busy, Err(EngineError::ConversationBusy(_))),
+        "{busy:?}"
+    );
+    let _b = h.manager.start(req("slow")).await.unwrap();
+    let full = h.manager.start(req("fast")).await;
+    assert!(matches!(full, Err(EngineError::ServerBusy(2))), "{full:?}");
+    // Running jobs were not evicted.
+    assert_eq!(h.manager.live_jobs(), 2);
+    // Another user's conversation: 403.
+    let other = h
+        .manager
+        .start(StartRequest {
+            user_id: "bob".into(),
+            conversation_id: Some(a.conversation_id.clone()),
+            ..req("fast")
+        })
+        .await;
+    assert!(matches!(other, Err(EngineError::Forbidden(_))));
+    // Bad input.
+    assert!(matches!(
+        h.manager
+            .start(StartRequest {
+                text: "  ".into(),
+                ..req("fast")
+            })
+            .await,
+        Err(EngineError::BadRequest { .. })
+    ));
+    assert!(matches!(
+        h.manager.start(req("no-such-model")).await,
+        Err(EngineError::BadRequest { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_failures_end_with_error_and_partial() {
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let s = h.manager.start(req("fail_before")).await.unwrap();
+    let EventBody::Error(e) = wait_end(&*log_of(&h, &s.stream_id).await).await else {
+        panic!()
+    };
+    assert_eq!(e.code, "upstream_error");
+    assert!(e.message.contains("upstream said no"));
+    let s = h.manager.start(req("fail_mid")).await.unwrap();
+    let EventBody::Error(e) = wait_end(&*log_of(&h, &s.stream_id).await).await else {
+        panic!()
+    };
+    assert_eq!(e.code, "upstream_error");
+    assert_eq!(e.response_message.unwrap().text, "t0 t1 t2 ");
+    let saved =
+        h.db.get_message(&s.response_message_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(saved.error);
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_aborts_after_grace_and_saves_partials() {
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let fast = h.manager.start(req("fast")).await.unwrap();
+    let slow = h.manager.start(req("slow")).await.unwrap();
+    let hang = h.manager.start(req("hang")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.manager.shutdown(Duration::from_secs(2)).await;
+    assert!(matches!(
+        h.manager.start(req("fast")).await,
+        Err(EngineError::ShuttingDown)
+    ));
+    assert_eq!(h.manager.live_jobs(), 0);
+    let EventBody::Final(f) = log_of(&h, &fast.stream_id)
+        .await
+        .terminal_event()
+        .unwrap()
+        .body
+    else {
+        panic!()
+    };
+    assert_eq!(f.status, FinalStatus::Complete, "finished within grace");
+    for id in [&slow, &hang] {
+        let log = log_of(&h, &id.stream_id).await;
+        let EventBody::Final(f) = log.terminal_event().unwrap().body else {
+            panic!()
+        };
+        assert_eq!(f.status, FinalStatus::Aborted);
+        assert_eq!(f.reason.as_deref(), Some("shutdown"));
+        let saved =
+            h.db.get_message(&id.response_message_id)
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(saved.unfinished);
+        let meta = h
+            .manager
+            .store()
+            .get_job(&id.stream_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(meta.status, JobStatus::Running);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn finished_logs_expire_after_retention() {
+    let config = ManagerConfig {
+        retention: Duration::from_secs(3600),
+        reap_interval: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let h = harness(LogLimits::default(), config);
+    h.manager.spawn_reaper();
+    let s = h.manager.start(req("fast")).await.unwrap();
+    wait_end(&*log_of(&h, &s.stream_id).await).await;
+    tokio::time::sleep(Duration::from_secs(3500)).await;
+    assert!(h.manager.job_for("alice", &s.stream_id).await.is_ok());
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(matches!(
+        h.manager.job_for("alice", &s.stream_id).await,
+        Err(EngineError::NotFound(_))
+    ));
+    // The persisted conversation is still there.
+    assert_eq!(
+        h.db.list_messages(&s.conversation_id).await.unwrap().len(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifty_subscribers_before_during_after_see_identical_logs() {
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let s = h.manager.start(req("fast")).await.unwrap();
+    let log = log_of(&h, &s.stream_id).await;
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            // Join at staggered times: some before the first token, some mid-way,
+            // some after the end.
+            tokio::time::sleep(Duration::from_millis(i * 2)).await;
+            let mut rx = log.watch();
+            let mut cursor = None;
+            let mut got: Vec<bytes::Bytes> = Vec::new();
+            loop {
+                rx.borrow_and_update();
+                let batch = log.read_after(cursor, 3);
+                for f in &batch.frames {
+                    cursor = Some(f.seq);
+                    got.push(f.bytes.clone());
+                }
+                if batch.ended {
+                    return got;
+                }
+                if batch.frames.is_empty() {
+                    rx.changed().await.unwrap();
+                }
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    let reference: Vec<bytes::Bytes> = log
+        .read_after(None, usize::MAX)
+        .frames
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    for got in &all {
+        assert_eq!(got, &reference);
+        // Shared, not copied: the very same allocation as the log's.
+        assert_eq!(got[1].as_ptr(), reference[1].as_ptr());
+    }
+}
