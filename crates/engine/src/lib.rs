@@ -32,13 +32,19 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// Now as an RFC 3339 UTC timestamp with millisecond precision, the format of every
-/// `createdAt` on the wire and in the database.
+/// Now as an RFC 3339 UTC timestamp with exactly three fractional digits
+/// (`2026-11-21T12:45:00.000Z`), the format of every `createdAt` on the wire and in the
+/// database. The fixed width matters: timestamps are ordered as text.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let now = now
-        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
-        .unwrap_or(now);
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    )
 }

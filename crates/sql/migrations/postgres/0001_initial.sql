@@ -1,0 +1,70 @@
+-- genstream's schema, PostgreSQL dialect. Keep in step with ../sqlite/0001_initial.sql.
+--
+-- Timestamps are RFC 3339 TEXT exactly as the engine gives them (not timestamptz),
+-- so they round-trip byte for byte. Ids and timestamps use COLLATE "C" so ORDER BY
+-- compares bytes, as SQLite and the in-memory implementation do, whatever the
+-- database's locale. `content` and `context` are JSON text written by serde_json
+-- (TEXT rather than JSONB, so the stored bytes are exactly what was written).
+
+CREATE TABLE conversations (
+    conversation_id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    user_id         TEXT COLLATE "C" NOT NULL,
+    title           TEXT NOT NULL,
+    created_at      TEXT COLLATE "C" NOT NULL,
+    updated_at      TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX conversations_user_updated ON conversations (user_id, updated_at);
+
+CREATE TABLE messages (
+    message_id         TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    conversation_id    TEXT COLLATE "C" NOT NULL,
+    parent_message_id  TEXT COLLATE "C",
+    -- The conversation's owner, copied when the message is saved (for billing and
+    -- per-user queries); NULL if the conversation row did not exist yet.
+    user_id            TEXT COLLATE "C",
+    sender             TEXT NOT NULL,
+    text               TEXT NOT NULL,
+    content            TEXT NOT NULL DEFAULT '[]',
+    is_created_by_user BOOLEAN NOT NULL,
+    model              TEXT,
+    unfinished         BOOLEAN NOT NULL DEFAULT FALSE,
+    error              BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at         TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX messages_conversation_created ON messages (conversation_id, created_at);
+
+CREATE TABLE secrets (
+    name  TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- Billing ledger (SPEC §7): one row per job, model call and token type. The UNIQUE
+-- key is what makes "every usage record is spent exactly once" hold across aborts,
+-- errors and replicas: a second insert of the same record conflicts.
+CREATE TABLE transactions (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id         TEXT COLLATE "C" NOT NULL,
+    conversation_id TEXT COLLATE "C",
+    stream_id       TEXT COLLATE "C" NOT NULL,
+    message_id      TEXT COLLATE "C",
+    call_index      INTEGER NOT NULL,
+    -- 'input', 'output', 'cache_write', 'cache_read'
+    token_type      TEXT NOT NULL,
+    tokens          BIGINT NOT NULL,
+    -- USD per 1M tokens, which is also credits per token (1 credit = 1e-6 USD).
+    rate            DOUBLE PRECISION NOT NULL,
+    -- Signed: spending is negative.
+    credits         DOUBLE PRECISION NOT NULL,
+    estimated       BOOLEAN NOT NULL DEFAULT FALSE,
+    -- Why the record was spent ('complete', 'aborted', 'error', ...), free-form.
+    context         TEXT NOT NULL DEFAULT '',
+    created_at      TEXT COLLATE "C" NOT NULL,
+    UNIQUE (stream_id, call_index, token_type)
+);
+CREATE INDEX transactions_user_created ON transactions (user_id, created_at);
+
+CREATE TABLE balances (
+    user_id    TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    credits    DOUBLE PRECISION NOT NULL DEFAULT 0,
+    updated_at TEXT COLLATE "C" NOT NULL
+);
