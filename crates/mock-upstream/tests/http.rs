@@ -1,0 +1,155 @@
+//! The mock over real sockets: the library's `spawn` and the binary's first line.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// POSTs `body` to `http://{addr}/v1/chat/completions` over HTTP/1.1 with
+/// `Connection: close` and returns the raw response (head and body, chunked framing
+/// left in; each SSE frame is written as one chunk, so frames stay whole).
+async fn post(addr: &str, body: &Value) -> String {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer sk-x\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn records_requests_and_scripts_answers() {
+    let mock = genstream_mock_upstream::spawn().await;
+    assert!(mock.base_url().starts_with("http://127.0.0.1:"));
+    assert!(mock.base_url().ends_with("/v1"));
+    let addr = mock.addr().to_string();
+
+    let r = post(&addr, &json!({"model": "status:429", "messages": []})).await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{r}");
+    assert!(r.contains("mock upstream says 429"), "{r}");
+
+    let r = post(&addr, &json!({"model": "status:400"})).await;
+    assert!(
+        r.starts_with("HTTP/1.1 400") && !r.to_ascii_lowercase().contains("retry-after"),
+        "{r}"
+    );
+
+    let r = post(
+        &addr,
+        &json!({"model": "fixture:openai/chat-text-usage.sse"}),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("content-type: text/event-stream"), "{r}");
+    assert!(
+        r.contains("\"content\":\" unable\"") && r.contains("data: [DONE]\n\n"),
+        "{r}"
+    );
+
+    let r = post(
+        &addr,
+        &json!({"model": "fixture:openai-compatible/deepseek-reasoning-content.chunks.jsonl"}),
+    )
+    .await;
+    assert!(
+        r.contains("data: {\"id\":\"cac7192e") && r.contains("data: [DONE]\n\n"),
+        "{r}"
+    );
+
+    let r = post(&addr, &json!({"model": "truncated"})).await;
+    assert!(
+        r.contains("\"content\":\"stream \"")
+            && !r.contains("[DONE]")
+            && !r.contains("\"finish_reason\":\"stop\""),
+        "{r}"
+    );
+
+    let r = post(&addr, &json!({"model": "malformed"})).await;
+    assert!(r.contains("data: {not json\n\n"), "{r}");
+
+    let r = post(&addr, &json!({"model": "fixture:nope.sse"})).await;
+    assert!(
+        r.starts_with("HTTP/1.1 404") && r.contains("no fixture"),
+        "{r}"
+    );
+    let r = post(&addr, &json!({"model": "gpt-4o"})).await;
+    assert!(
+        r.starts_with("HTTP/1.1 404") && r.contains("does not exist"),
+        "{r}"
+    );
+
+    let recorded = mock.recorded();
+    assert_eq!(recorded.len(), 8);
+    assert_eq!(recorded[0].path, "/v1/chat/completions");
+    assert_eq!(
+        recorded[0].headers.get("authorization").map(String::as_str),
+        Some("Bearer sk-x")
+    );
+    assert_eq!(mock.requests()[1], json!({"model": "status:400"}));
+}
+
+#[tokio::test]
+async fn delay_between_frames() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let start = std::time::Instant::now();
+    let r = post(
+        &mock.addr().to_string(),
+        &json!({"model": "echo?delay_ms=30", "messages": [
+        {"role": "user", "content": "one two three"}]}),
+    )
+    .await;
+    // 7 frames: role, 3 words, finish, usage, [DONE] → 6 gaps.
+    assert!(
+        start.elapsed() >= Duration::from_millis(180),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(r.contains("\"content\":\" three\""), "{r}");
+}
+
+#[tokio::test]
+async fn binary_prints_its_address_first() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_genstream-mock-upstream"))
+        .args(["--bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .expect(&line);
+    let addr = url.strip_suffix("/v1").expect(url);
+    let r = post(
+        addr,
+        &json!({"model": "echo", "messages": [{"role": "user", "content": "hi there"}]}),
+    )
+    .await;
+    assert!(
+        r.contains("\"content\":\"hi\"") && r.contains("data: [DONE]"),
+        "{r}"
+    );
+    child.kill().await.unwrap();
+}

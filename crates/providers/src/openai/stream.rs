@@ -1,0 +1,789 @@
+//! Parsing a Chat Completions event stream into provider events.
+//!
+//! The wire (OpenAI API reference, "The chat completion chunk object"; "Streaming"):
+//! SSE frames whose `data:` is one `chat.completion.chunk` JSON object, ending with
+//! `data: [DONE]`. With `stream_options.include_usage` a last chunk carries `usage` and
+//! `choices: []`. OpenAI-compatible servers add their own fields, and the types here are
+//! hand-written to be lenient about them: every field is optional, unknown fields are
+//! ignored, `finish_reason` may be null, empty or absent, `choices` may be empty (see
+//! the recorded streams in the mock upstream's `fixtures/`).
+//!
+//! They are strict about what would lose data silently: a `data:` that is not JSON is a
+//! `Malformed` error, never skipped; a top-level `"error"` in a chunk (OpenRouter) or an
+//! `event: error` frame (Groq) is an `Upstream` error; a stream that ends with neither
+//! `[DONE]` nor a `finish_reason` is `Truncated`.
+//!
+//! Mapping: `delta.reasoning_content` (DeepSeek, xAI) or `delta.reasoning` (OpenRouter,
+//! Groq) → `Reasoning`; `delta.content` and `delta.refusal` → `Text`;
+//! `delta.tool_calls[]` → `ToolCall` fragments keyed by `index`; `usage` → `Usage`; the
+//! first non-empty `finish_reason` → one `Finish`, emitted last (after `[DONE]` or at
+//! the end of the body), so that usage sent after it still comes first. Only choice 0 is
+//! read (genstream never asks for `n > 1`).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream};
+use genstream_engine::usage::UsageRecord;
+use serde::Deserialize;
+use serde_json::Value;
+use sse_stream::{Sse, SseStream};
+use tokio_util::sync::CancellationToken;
+
+use super::http::{error_chain, error_message, truncate};
+
+type Item = Result<ProviderEvent, ProviderError>;
+
+/// How much of a bad `data:` line an error quotes.
+const SNIPPET_CHARS: usize = 200;
+
+/// One `chat.completion.chunk`, leniently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Chunk {
+    choices: Option<Vec<Choice>>,
+    usage: Option<Usage>,
+    /// OpenRouter reports failures inside a 200 stream this way.
+    error: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Choice {
+    index: Option<u32>,
+    delta: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+/// The text fields are kept as JSON values: some servers send content as an array of
+/// parts, or reasoning as an object, and that must not fail the stream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Delta {
+    content: Option<Value>,
+    reasoning_content: Option<Value>,
+    reasoning: Option<Value>,
+    refusal: Option<Value>,
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ToolCallDelta {
+    index: Option<u32>,
+    id: Option<String>,
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FunctionDelta {
+    name: Option<String>,
+    /// A JSON text fragment; a few servers send a whole object instead.
+    arguments: Option<Value>,
+}
+
+/// `usage` of OpenAI and the compatible servers (SPEC §7).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptTokensDetails>,
+    completion_tokens_details: Option<CompletionTokensDetails>,
+    input_token_details: Option<InputTokenDetails>,
+    /// DeepSeek's name for cache hits (it also sends `prompt_tokens_details`).
+    prompt_cache_hit_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PromptTokensDetails {
+    cached_tokens: Option<u64>,
+    cache_creation_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CompletionTokensDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct InputTokenDetails {
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
+}
+
+/// The text of a delta field: a string, or the `text` of an array of parts.
+fn text_of(value: Option<&Value>) -> Option<String> {
+    let text = match value? {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        Value::Object(o) => o.get("text").and_then(Value::as_str)?.to_owned(),
+        _ => return None,
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+/// Turns SSE frames of one Chat Completions stream into provider events.
+#[derive(Debug)]
+pub(crate) struct ChunkParser {
+    provider: String,
+    model: String,
+    call_index: u32,
+    finish: Option<String>,
+    done: bool,
+}
+
+impl ChunkParser {
+    /// A parser for a stream from provider `provider` (its config name, for messages),
+    /// reporting usage for configured model `model`, call `call_index`.
+    pub(crate) fn new(provider: &str, model: &str, call_index: u32) -> Self {
+        ChunkParser {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            call_index,
+            finish: None,
+            done: false,
+        }
+    }
+
+    /// True once `[DONE]` was seen.
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The items one frame yields; an `Err` is the last item of the stream.
+    pub(crate) fn on_frame(&mut self, sse: &Sse) -> Vec<Item> {
+        match sse.event.as_deref() {
+            None | Some("" | "message") => {}
+            Some("error") => {
+                let data = sse.data.as_deref().unwrap_or_default();
+                let detail = serde_json::from_str::<Value>(data)
+                    .ok()
+                    .and_then(|v| error_message(&v))
+                    .unwrap_or_else(|| truncate(data.trim(), SNIPPET_CHARS));
+                return vec![Err(self.upstream_error(&detail))];
+            }
+            // Chat Completions sends no other event types; a client listens to
+            // messages only (WHATWG HTML, "Server-sent events", dispatch by type).
+            Some(_) => return Vec::new(),
+        }
+        let Some(data) = sse.data.as_deref().map(str::trim) else {
+            return Vec::new(); // `id:` / `retry:` alone
+        };
+        if data.is_empty() {
+            return Vec::new(); // an empty keep-alive frame
+        }
+        if data == "[DONE]" {
+            self.done = true;
+            return self.finish_event().into_iter().map(Ok).collect();
+        }
+        let chunk: Chunk = match serde_json::from_str(data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return vec![Err(ProviderError::new(
+                    ProviderErrorKind::Malformed,
+                    format!(
+                        "{}: upstream sent a chunk that is not valid ({e}): {}",
+                        self.provider,
+                        truncate(data, SNIPPET_CHARS)
+                    ),
+                ))];
+            }
+        };
+        self.on_chunk(chunk)
+    }
+
+    /// The items for the end of the body (without `[DONE]`): the finish if a reason
+    /// came, else a `Truncated` error.
+    pub(crate) fn on_end(&mut self) -> Vec<Item> {
+        if self.done {
+            return Vec::new();
+        }
+        match self.finish_event() {
+            Some(finish) => vec![Ok(finish)],
+            None => vec![Err(ProviderError::new(
+                ProviderErrorKind::Truncated,
+                format!(
+                    "{}: upstream stream ended without [DONE] or a finish_reason",
+                    self.provider
+                ),
+            ))],
+        }
+    }
+
+    fn on_chunk(&mut self, chunk: Chunk) -> Vec<Item> {
+        let mut out = Vec::new();
+        if let Some(error) = chunk.error {
+            // Usage sent with the error was still spent.
+            if let Some(usage) = chunk.usage {
+                out.push(Ok(ProviderEvent::Usage(self.usage_record(usage))));
+            }
+            let detail = error_message(&error).unwrap_or_else(|| error.to_string());
+            out.push(Err(self.upstream_error(&detail)));
+            return out;
+        }
+        for choice in chunk.choices.unwrap_or_default() {
+            if choice.index.unwrap_or(0) != 0 {
+                continue;
+            }
+            if let Some(delta) = choice.delta {
+                // DeepSeek sends `reasoning_content`, OpenRouter and Groq `reasoning`;
+                // a server sending both means the same text twice.
+                let reasoning = text_of(delta.reasoning_content.as_ref())
+                    .or_else(|| text_of(delta.reasoning.as_ref()));
+                if let Some(reasoning) = reasoning {
+                    out.push(Ok(ProviderEvent::Reasoning(reasoning)));
+                }
+                if let Some(text) = text_of(delta.content.as_ref()) {
+                    out.push(Ok(ProviderEvent::Text(text)));
+                }
+                if let Some(refusal) = text_of(delta.refusal.as_ref()) {
+                    out.push(Ok(ProviderEvent::Text(refusal)));
+                }
+                for (position, call) in delta.tool_calls.unwrap_or_default().into_iter().enumerate()
+                {
+                    let (name, args) = match call.function {
+                        Some(f) => (f.name, f.arguments),
+                        None => (None, None),
+                    };
+                    let args = match args {
+                        Some(Value::String(s)) => s,
+                        None | Some(Value::Null) => String::new(),
+                        Some(other) => other.to_string(),
+                    };
+                    let id = call.id.filter(|s| !s.is_empty());
+                    let name = name.filter(|s| !s.is_empty());
+                    if id.is_none() && name.is_none() && args.is_empty() {
+                        continue;
+                    }
+                    out.push(Ok(ProviderEvent::ToolCall {
+                        index: call.index.unwrap_or(position as u32),
+                        id,
+                        name,
+                        args,
+                    }));
+                }
+            }
+            if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty())
+                && self.finish.is_none()
+            {
+                self.finish = Some(reason);
+            }
+        }
+        if let Some(usage) = chunk.usage {
+            out.push(Ok(ProviderEvent::Usage(self.usage_record(usage))));
+        }
+        out
+    }
+
+    fn finish_event(&mut self) -> Option<ProviderEvent> {
+        self.finish.take().map(ProviderEvent::Finish)
+    }
+
+    fn upstream_error(&self, detail: &str) -> ProviderError {
+        ProviderError::new(
+            ProviderErrorKind::Upstream,
+            format!("{}: upstream reported an error: {detail}", self.provider),
+        )
+    }
+
+    fn usage_record(&self, usage: Usage) -> UsageRecord {
+        let prompt = usage.prompt_tokens_details.unwrap_or_default();
+        let input = usage.input_token_details.unwrap_or_default();
+        let completion = usage.completion_tokens_details.unwrap_or_default();
+        UsageRecord {
+            call_index: self.call_index,
+            model: self.model.clone(),
+            provider: "openai".to_owned(),
+            input_tokens: usage.prompt_tokens.unwrap_or(0),
+            output_tokens: usage.completion_tokens.unwrap_or(0),
+            cache_write_tokens: prompt
+                .cache_creation_tokens
+                .or(input.cache_creation)
+                .unwrap_or(0),
+            cache_read_tokens: prompt
+                .cached_tokens
+                .or(input.cache_read)
+                .or(usage.prompt_cache_hit_tokens)
+                .unwrap_or(0),
+            reasoning_tokens: completion.reasoning_tokens.unwrap_or(0),
+            input_includes_cache: true,
+            estimated: false,
+        }
+    }
+}
+
+/// The state of [`event_stream`].
+struct Run<S> {
+    frames: Option<Pin<Box<S>>>,
+    parser: ChunkParser,
+    pending: VecDeque<Item>,
+    cancel: CancellationToken,
+}
+
+/// The provider stream over an HTTP body: SSE frames parsed by `sse-stream`, chunks by
+/// `parser`. It ends after `[DONE]`, after the first error, at the end of the body, or
+/// as soon as `cancel` fires (then without further items); dropping it closes the body.
+pub(crate) fn event_stream<B, E>(
+    body: B,
+    parser: ChunkParser,
+    cancel: CancellationToken,
+) -> ProviderStream
+where
+    B: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let run = Run {
+        frames: Some(Box::pin(SseStream::from_bytes_stream(body))),
+        parser,
+        pending: VecDeque::new(),
+        cancel,
+    };
+    futures::stream::unfold(run, |mut run| async move {
+        loop {
+            if let Some(item) = run.pending.pop_front() {
+                if item.is_err() {
+                    run.pending.clear();
+                    run.frames = None;
+                }
+                return Some((item, run));
+            }
+            let frames = run.frames.as_mut()?;
+            let next = tokio::select! {
+                biased;
+                () = run.cancel.cancelled() => return None,
+                next = frames.next() => next,
+            };
+            match next {
+                Some(Ok(sse)) => {
+                    let items = run.parser.on_frame(&sse);
+                    run.pending.extend(items);
+                    if run.parser.is_done() {
+                        run.frames = None; // close the body now, not when dropped
+                    }
+                }
+                Some(Err(e)) => {
+                    run.pending
+                        .push_back(Err(frame_error(&run.parser.provider, e)));
+                    run.frames = None;
+                }
+                None => {
+                    let items = run.parser.on_end();
+                    run.pending.extend(items);
+                    run.frames = None;
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// The error for a body that broke off or could not be read as SSE.
+fn frame_error(provider: &str, error: sse_stream::Error) -> ProviderError {
+    match error {
+        sse_stream::Error::Body(e) => {
+            let timeout = e
+                .downcast_ref::<reqwest::Error>()
+                .is_some_and(reqwest::Error::is_timeout);
+            let kind = if timeout {
+                ProviderErrorKind::Timeout
+            } else {
+                ProviderErrorKind::Truncated
+            };
+            ProviderError::new(
+                kind,
+                format!(
+                    "{provider}: upstream body broke off: {}",
+                    error_chain(e.as_ref())
+                ),
+            )
+        }
+        other => ProviderError::new(
+            ProviderErrorKind::Malformed,
+            format!("{provider}: upstream sent invalid SSE: {other}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use genstream_mock_upstream::{fixture, fixture_paths};
+    use std::collections::BTreeMap;
+
+    /// Replays `text` through [`event_stream`], in chunks of `split` bytes (to exercise
+    /// frames cut across reads).
+    async fn replay(text: &str, split: usize) -> Vec<Item> {
+        let bytes: Vec<Result<Bytes, std::io::Error>> = text
+            .as_bytes()
+            .chunks(split)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let parser = ChunkParser::new("test", "configured-model", 3);
+        event_stream(
+            futures::stream::iter(bytes),
+            parser,
+            CancellationToken::new(),
+        )
+        .collect()
+        .await
+    }
+
+    /// A fixture as the mock upstream serves it.
+    fn wire(path: &str) -> String {
+        let text = fixture(path).unwrap();
+        if path.ends_with(".jsonl") {
+            let mut out: String = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!("data: {l}\n\n"))
+                .collect();
+            out.push_str("data: [DONE]\n\n");
+            out
+        } else {
+            text.to_owned()
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct Summary {
+        text: String,
+        reasoning: String,
+        tools: BTreeMap<u32, (String, String, String)>,
+        usage: Option<UsageRecord>,
+        finish: Option<String>,
+        error: Option<ProviderError>,
+        order: String,
+    }
+
+    fn summarize(items: Vec<Item>) -> Summary {
+        let mut s = Summary::default();
+        for item in items {
+            assert!(s.error.is_none(), "an item after an error");
+            assert!(s.finish.is_none(), "an item after finish");
+            match item {
+                Ok(ProviderEvent::Text(t)) => {
+                    s.text.push_str(&t);
+                    s.order.push('t');
+                }
+                Ok(ProviderEvent::Reasoning(t)) => {
+                    s.reasoning.push_str(&t);
+                    s.order.push('r');
+                }
+                Ok(ProviderEvent::ToolCall {
+                    index,
+                    id,
+                    name,
+                    args,
+                }) => {
+                    let e = s.tools.entry(index).or_default();
+                    if let Some(id) = id {
+                        e.0 = id;
+                    }
+                    if let Some(name) = name {
+                        e.1 = name;
+                    }
+                    e.2.push_str(&args);
+                    s.order.push('c');
+                }
+                Ok(ProviderEvent::Usage(u)) => {
+                    s.usage = Some(u);
+                    s.order.push('u');
+                }
+                Ok(ProviderEvent::Finish(f)) => {
+                    s.finish = Some(f);
+                    s.order.push('f');
+                }
+                Err(e) => {
+                    s.error = Some(e);
+                    s.order.push('e');
+                }
+            }
+        }
+        let mut order: Vec<char> = s.order.chars().collect();
+        order.dedup();
+        s.order = order.into_iter().collect();
+        s
+    }
+
+    #[tokio::test]
+    async fn text_usage_fixture() {
+        let s = summarize(replay(&wire("openai/chat-text-usage.sse"), 4096).await);
+        assert!(
+            s.text
+                .starts_with("I'm unable to provide real-time weather updates"),
+            "{}",
+            s.text
+        );
+        assert_eq!(s.order, "tuf");
+        assert_eq!(s.finish.as_deref(), Some("stop"));
+        assert_eq!(
+            s.usage,
+            Some(UsageRecord {
+                call_index: 3,
+                model: "configured-model".into(),
+                provider: "openai".into(),
+                input_tokens: 14,
+                output_tokens: 30,
+                input_includes_cache: true,
+                ..UsageRecord::default()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn byte_by_byte_equals_whole() {
+        for path in fixture_paths() {
+            let whole = replay(&wire(path), 1 << 20).await;
+            let split = replay(&wire(path), 7).await;
+            assert_eq!(format!("{whole:?}"), format!("{split:?}"), "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_fixture_parses() {
+        // path → (ends with, text non-empty, reasoning non-empty, tool calls)
+        let expect: &[(&str, &str, bool, bool, usize)] = &[
+            (
+                "openai/azure-chat-content-filter.chunks.jsonl",
+                "tuf",
+                true,
+                false,
+                0,
+            ),
+            ("openai/chat-finish-length.sse", "tuf", true, false, 0),
+            (
+                "openai/chat-parallel-tool-calls-obfuscation.sse",
+                "cuf",
+                false,
+                false,
+                2,
+            ),
+            (
+                "openai/chat-parallel-tool-calls.sse",
+                "cuf",
+                false,
+                false,
+                2,
+            ),
+            ("openai/chat-refusal.sse", "tuf", true, false, 0),
+            (
+                "openai/chat-text-usage-obfuscation.chunks.jsonl",
+                "tuf",
+                true,
+                false,
+                0,
+            ),
+            ("openai/chat-text-usage.sse", "tuf", true, false, 0),
+            ("openai/chat-tool-call.sse", "cuf", false, false, 1),
+            (
+                "openai-compatible/deepseek-reasoning-content.chunks.jsonl",
+                "rtuf",
+                true,
+                true,
+                0,
+            ),
+            (
+                "openai-compatible/deepseek-reasoning-tool-call.chunks.jsonl",
+                "rcuf",
+                false,
+                true,
+                1,
+            ),
+            (
+                "openai-compatible/groq-midstream-error-event.sse",
+                "re",
+                false,
+                true,
+                0,
+            ),
+            (
+                "openai-compatible/openrouter-midstream-error.sse",
+                "rue",
+                false,
+                true,
+                0,
+            ),
+            (
+                "openai-compatible/openrouter-reasoning.sse",
+                "rtuf",
+                true,
+                true,
+                0,
+            ),
+            (
+                "openai-compatible/xai-grok3mini-reasoning-tool-call.chunks.jsonl",
+                "rcuf",
+                false,
+                true,
+                1,
+            ),
+        ];
+        assert_eq!(expect.len(), fixture_paths().count());
+        for (path, order, text, reasoning, tools) in expect {
+            let s = summarize(replay(&wire(path), 4096).await);
+            assert_eq!(&s.order, order, "{path}");
+            assert_eq!(!s.text.is_empty(), *text, "{path}");
+            assert_eq!(!s.reasoning.is_empty(), *reasoning, "{path}");
+            assert_eq!(s.tools.len(), *tools, "{path}");
+            for (id, name, args) in s.tools.values() {
+                assert!(!id.is_empty() && !name.is_empty(), "{path}");
+                let args: Value =
+                    serde_json::from_str(args).unwrap_or_else(|e| panic!("{path}: {e}"));
+                assert!(args.is_object(), "{path}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_details_and_cache() {
+        let s = summarize(
+            replay(
+                &wire("openai/chat-parallel-tool-calls-obfuscation.sse"),
+                4096,
+            )
+            .await,
+        );
+        let u = s.usage.unwrap();
+        assert!(u.cache_read_tokens <= u.input_tokens);
+        let s = summarize(
+            replay(
+                &wire("openai-compatible/xai-grok3mini-reasoning-tool-call.chunks.jsonl"),
+                4096,
+            )
+            .await,
+        );
+        let u = s.usage.unwrap();
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+                u.reasoning_tokens
+            ),
+            (291, 26, 290, 196)
+        );
+        let s = summarize(
+            replay(
+                &wire("openai-compatible/deepseek-reasoning-content.chunks.jsonl"),
+                4096,
+            )
+            .await,
+        );
+        let u = s.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.reasoning_tokens),
+            (18, 219, 205)
+        );
+        assert_eq!(s.finish.as_deref(), Some("stop"));
+    }
+
+    #[tokio::test]
+    async fn cache_write_from_either_shape() {
+        let body = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":5,\
+                    \"prompt_tokens_details\":{\"cached_tokens\":40,\"cache_creation_tokens\":7}}}\n\n\
+                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":5,\
+                    \"input_token_details\":{\"cache_creation\":9,\"cache_read\":30}}}\n\n\
+                    data: [DONE]\n\n";
+        let items = replay(body, 4096).await;
+        let usages: Vec<_> = items
+            .into_iter()
+            .filter_map(|i| match i {
+                Ok(ProviderEvent::Usage(u)) => Some((u.cache_write_tokens, u.cache_read_tokens)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(usages, vec![(7, 40), (9, 30)]);
+    }
+
+    #[tokio::test]
+    async fn error_chunk_and_error_event_quote_the_message() {
+        let s = summarize(
+            replay(
+                &wire("openai-compatible/openrouter-midstream-error.sse"),
+                4096,
+            )
+            .await,
+        );
+        let e = s.error.unwrap();
+        assert_eq!(e.kind, ProviderErrorKind::Upstream);
+        assert!(e.message.contains("Token limit reached"), "{}", e.message);
+        assert_eq!(s.usage.map(|u| u.output_tokens), Some(10));
+        let s = summarize(
+            replay(
+                &wire("openai-compatible/groq-midstream-error-event.sse"),
+                4096,
+            )
+            .await,
+        );
+        let e = s.error.unwrap();
+        assert_eq!(e.kind, ProviderErrorKind::Upstream);
+        assert!(
+            e.message.contains("Tool call validation failed"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn lenient_shapes() {
+        let body = ": comment\n\n\
+            data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"\"}]}\n\n\
+            data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":[{\"type\":\"text\",\"text\":\"b\"}]}}],\"extra\":1}\n\n\
+            data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"other choice\"}}]}\n\n\
+            data: {\"choices\":null,\"usage\":null}\n\n\
+            data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"id\":\"c1\",\"function\":{\"name\":\"f\",\"arguments\":{\"x\":1}}}]}}]}\n\n\
+            event: message\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n\
+            data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+            data: [DONE]\n\n";
+        let s = summarize(replay(body, 4096).await);
+        assert_eq!(s.text, "ab");
+        assert_eq!(s.tools[&0], ("c1".into(), "f".into(), "{\"x\":1}".into()));
+        assert_eq!(s.finish.as_deref(), Some("tool_calls"));
+        assert!(s.error.is_none());
+    }
+
+    #[tokio::test]
+    async fn malformed_is_never_skipped() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {not json\n\ndata: [DONE]\n\n";
+        let s = summarize(replay(body, 4096).await);
+        let e = s.error.unwrap();
+        assert_eq!(e.kind, ProviderErrorKind::Malformed);
+        assert!(e.message.contains("{not json"), "{}", e.message);
+        assert_eq!(s.order, "te");
+    }
+
+    #[tokio::test]
+    async fn truncated_unless_finished() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let s = summarize(replay(body, 4096).await);
+        assert_eq!(s.error.map(|e| e.kind), Some(ProviderErrorKind::Truncated));
+        let body =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"}]}\n\n";
+        let s = summarize(replay(body, 4096).await);
+        assert_eq!(s.order, "tf");
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_the_stream() {
+        let cancel = CancellationToken::new();
+        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        ))])
+        .chain(futures::stream::pending());
+        let mut s = event_stream(body, ChunkParser::new("t", "m", 0), cancel.clone());
+        assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
+        cancel.cancel();
+        assert!(s.next().await.is_none());
+    }
+}
