@@ -1,1 +1,271 @@
-fn main() {}
+//! `genstream`: the server and its command-line client in one binary (SPEC §8).
+//!
+//! - `genstream serve` runs the server;
+//! - `genstream token --user NAME` mints a JWT signed with the server's secret;
+//! - `genstream chat "text"` starts a chat and streams the answer, reconnecting with
+//!   its cursor when the connection drops; `attach` follows an existing stream;
+//!   `abort` stops one.
+//!
+//! Errors print one line on stderr and exit non-zero.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use genstream_server::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "genstream",
+    version,
+    about = "Durable, resumable LLM generation jobs over SSE"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Print a JWT for a user, signed with the secret `serve` uses.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime: seconds, or with a unit: 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Start a chat and stream the answer.
+    Chat {
+        /// The message.
+        text: String,
+        /// Continue this conversation.
+        #[arg(long)]
+        conversation: Option<String>,
+        /// Answer this message (default: the conversation's latest).
+        #[arg(long)]
+        parent: Option<String>,
+        /// The model (default: the server's first).
+        #[arg(long)]
+        model: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow a running or finished stream.
+    Attach {
+        stream_id: String,
+        /// Start after this seq.
+        #[arg(long)]
+        cursor: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Abort a running generation; prints the saved partial answer.
+    Abort {
+        stream_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Config file (default: ./genstream.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Database URL, overriding the config's `database`.
+    #[arg(long)]
+    database: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on, overriding `bind`.
+    #[arg(long)]
+    bind: Option<String>,
+    /// Job store, overriding `store`.
+    #[arg(long)]
+    store: Option<String>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Server URL.
+    #[arg(
+        long,
+        env = "GENSTREAM_SERVER",
+        default_value = "http://127.0.0.1:3080"
+    )]
+    server: String,
+    /// Bearer token. Without one, a token for user `dev` is minted from the local
+    /// config's secret (or the one the local database keeps).
+    #[arg(long, env = "GENSTREAM_TOKEN")]
+    token: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn load_config(
+    args: &ConfigArgs,
+    bind: Option<String>,
+    store: Option<String>,
+) -> Result<Config, String> {
+    Config::load(
+        args.config.as_deref(),
+        &Overrides {
+            bind,
+            database: args.database.clone(),
+            store,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+async fn local_token(args: &ConfigArgs, user: &str, ttl: Duration) -> Result<String, String> {
+    let config = load_config(args, None, None)?;
+    let db = genstream_server::serve::open_database(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (secret, _) = genstream_server::serve::resolve_secret(&config, &db)
+        .await
+        .map_err(|e| e.to_string())?;
+    genstream_server::auth::JwtKeys::new(&secret)
+        .mint(user, ttl)
+        .map_err(|e| format!("could not sign a token: {e}"))
+}
+
+async fn client_for(args: &ClientArgs) -> Result<genstream_client::Client, String> {
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => local_token(&args.config, "dev", Duration::from_secs(3600))
+            .await
+            .map_err(|e| format!("no --token given and none could be minted locally: {e}"))?,
+    };
+    genstream_client::Client::new(&args.server, &token).map_err(|e| e.to_string())
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = load_config(&args.config, args.bind, args.store)?;
+            genstream_server::serve::run(config)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Token { user, ttl, config } => {
+            let ttl = genstream_server::auth::parse_ttl(&ttl)
+                .ok_or_else(|| format!("invalid --ttl {ttl:?}: use seconds or 90s, 30m, 1h, 7d"))?;
+            let token = local_token(&config, &user, ttl).await?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Chat {
+            text,
+            conversation,
+            parent,
+            model,
+            client,
+        } => {
+            let c = client_for(&client).await?;
+            let req = genstream_client::ChatRequest {
+                text,
+                conversation_id: conversation,
+                parent_message_id: parent,
+                model,
+            };
+            reported(
+                genstream_client::run_chat(
+                    &c,
+                    &req,
+                    &mut std::io::stdout(),
+                    &mut std::io::stderr(),
+                )
+                .await,
+            )
+        }
+        Command::Attach {
+            stream_id,
+            cursor,
+            client,
+        } => {
+            let c = client_for(&client).await?;
+            let mut out = std::io::stdout();
+            let mut err = std::io::stderr();
+            let result = match cursor {
+                None => genstream_client::run_attach(&c, &stream_id, &mut out, &mut err).await,
+                // Following from a cursor prints only what comes after it.
+                Some(_) => c
+                    .follow(&stream_id, cursor, |e| {
+                        use std::io::Write;
+                        let _ = write!(out, "{}", e.text());
+                        let _ = out.flush();
+                    })
+                    .await
+                    .map(|_| ()),
+            };
+            reported(result)
+        }
+        Command::Abort { stream_id, client } => {
+            let c = client_for(&client).await?;
+            reported(
+                genstream_client::run_abort(
+                    &c,
+                    &stream_id,
+                    &mut std::io::stdout(),
+                    &mut std::io::stderr(),
+                )
+                .await,
+            )
+        }
+    }
+}
+
+/// Maps a client result to ours. Errors the client already printed (an aborted or
+/// failed generation) become an empty message: exit non-zero, print nothing more.
+fn reported(r: Result<(), genstream_client::ClientError>) -> Result<(), String> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_reported() => Err(String::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("genstream: could not start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("genstream: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

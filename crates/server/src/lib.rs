@@ -1,1 +1,61 @@
-//! stub
+//! genstream's HTTP layer (SPEC §3, §4).
+//!
+//! Handlers are thin: authenticate, parse and validate, call one function of the
+//! engine's [`JobManager`], turn the result into a response. Every error goes through
+//! [`error::ApiError`], the one place that maps errors to a status and a JSON body.
+//! [`app`] builds the router so that tests can drive it in-process with `oneshot` and
+//! the binary serves the very same router behind a socket.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+mod routes;
+pub mod serve;
+mod sse;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use genstream_engine::manager::JobManager;
+
+pub use config::Config;
+pub use error::ApiError;
+
+/// Everything a handler needs, shared by all requests.
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: JobManager,
+    pub auth: Arc<auth::JwtKeys>,
+    /// Interval of `: ping` keep-alive comments on SSE streams. Default 15 s.
+    pub keepalive: Duration,
+}
+
+/// The router with every route of SPEC §4. `max_body_bytes` bounds request bodies
+/// (over it: 413).
+pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/api/chat", post(routes::start_chat))
+        .route("/api/chat/stream/{stream_id}", get(sse::stream))
+        .route("/api/chat/active", get(routes::active))
+        .route("/api/chat/status/{conversation_id}", get(routes::status))
+        .route("/api/chat/abort", post(routes::abort))
+        .route("/api/conversations", get(routes::list_conversations))
+        .route(
+            "/api/conversations/{id}",
+            get(routes::get_conversation).delete(routes::delete_conversation),
+        )
+        .route(
+            "/api/conversations/{id}/messages",
+            get(routes::list_messages),
+        )
+        .route("/api/models", get(routes::models))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .fallback(routes::not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::Extension(routes::BodyLimit(max_body_bytes)))
+        .with_state(state)
+}

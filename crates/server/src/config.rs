@@ -1,0 +1,268 @@
+//! Layered configuration (SPEC §8): defaults, then `genstream.toml` (or `--config`),
+//! then `GENSTREAM_*` environment variables, then command-line flags.
+//!
+//! Unknown keys are an error that names the key (`deny_unknown_fields` everywhere), so
+//! a typo never silently falls back to a default. Environment variables map to keys by
+//! lowercasing and turning `__` into a dot: `GENSTREAM_JOBS__RETENTION_SECS` is
+//! `jobs.retention_secs`; `GENSTREAM_JWT_SECRET` is a shorthand for `auth.jwt_secret`.
+//! `GENSTREAM_SERVER` and `GENSTREAM_TOKEN` are the CLI client's, and variables starting
+//! with `GENSTREAM_TEST_` belong to the test suite; config ignores them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use genstream_engine::log::LogLimits;
+use genstream_engine::manager::ManagerConfig;
+use genstream_providers::ProviderConfig;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. Field docs give the defaults.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:3080`.
+    pub bind: String,
+    /// Job store: `memory` (default). `redis://…` comes with multi-replica support.
+    pub store: String,
+    /// Database URL: `sqlite://genstream.db` (default), `sqlite::memory:`,
+    /// `postgres://…`.
+    pub database: String,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Named upstreams, `[providers.NAME] kind, base_url, api_key_env`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// `[[models]] name, provider, [models.options]`; the first is the default.
+    #[serde(default = "default_models")]
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret. When absent, `serve` creates one and keeps it in the database, so
+    /// tokens survive restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+}
+
+/// `[jobs]`: lifetimes and caps of generation jobs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// How long a finished job's log stays resumable, in seconds. Default 3600.
+    pub retention_secs: u64,
+    /// A running job with no new event for this long ends with `stalled`, in seconds.
+    /// Default 600.
+    pub stall_timeout_secs: u64,
+    /// Running jobs per replica; more → 503 `server_busy`. Default 1000.
+    pub max_live_jobs: usize,
+    /// Events per job log (the terminal event not counted). Default 10000.
+    pub max_events_per_job: usize,
+    /// Bytes per job log (the terminal event not counted). Default 8388608 (8 MiB).
+    pub max_bytes_per_job: usize,
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are
+    /// aborted, in seconds. Default 30.
+    pub shutdown_grace_secs: u64,
+    /// How often the stall and retention reaper runs, in milliseconds. Default 5000.
+    pub reap_interval_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        let m = ManagerConfig::default();
+        let l = LogLimits::default();
+        JobsConfig {
+            retention_secs: m.retention.as_secs(),
+            stall_timeout_secs: m.stall_timeout.as_secs(),
+            max_live_jobs: m.max_live_jobs,
+            max_events_per_job: l.max_events,
+            max_bytes_per_job: l.max_bytes,
+            shutdown_grace_secs: 30,
+            reap_interval_ms: m.reap_interval.as_millis() as u64,
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest accepted request body, in bytes; more → 413. Default 1048576 (1 MiB).
+    pub max_body_bytes: usize,
+    /// Interval of `: ping` comments on SSE streams, in seconds. Default 15.
+    pub keepalive_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 1024 * 1024,
+            keepalive_secs: 15,
+        }
+    }
+}
+
+/// One `[[models]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send as `model`.
+    pub name: String,
+    /// `demo`, or the name of a `[providers.NAME]` section.
+    pub provider: String,
+    /// Provider-specific options (demo: `tokens`, `token_delay_ms`, `behavior`, …;
+    /// openai: `model`).
+    #[serde(default = "empty_object")]
+    pub options: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+fn default_models() -> Vec<ModelConfig> {
+    vec![ModelConfig {
+        name: "demo".into(),
+        provider: "demo".into(),
+        options: empty_object(),
+    }]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: "127.0.0.1:3080".into(),
+            store: "memory".into(),
+            database: "sqlite://genstream.db".into(),
+            auth: AuthConfig::default(),
+            jobs: JobsConfig::default(),
+            http: HttpConfig::default(),
+            providers: BTreeMap::new(),
+            models: default_models(),
+        }
+    }
+}
+
+/// Command-line overrides of top-level keys.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub bind: Option<String>,
+    pub database: Option<String>,
+    pub store: Option<String>,
+}
+
+/// Config errors, each one line naming the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the layers. `file`: an explicit `--config` (must exist), else
+    /// `genstream.toml` in the working directory if present.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(p) if !p.exists() => return Err(ConfigError::Missing(p.to_path_buf())),
+            Some(p) => fig = fig.merge(Toml::file_exact(p)),
+            None => {
+                if Path::new("genstream.toml").exists() {
+                    fig = fig.merge(Toml::file_exact("genstream.toml"));
+                }
+            }
+        }
+        fig = fig.merge(
+            Env::prefixed("GENSTREAM_")
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    // GENSTREAM_TEST_* are the test suite's; GENSTREAM_SERVER and
+                    // GENSTREAM_TOKEN are the CLI client's.
+                    !(k.starts_with("test_") || k == "server" || k == "token")
+                })
+                .map(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    if k == "jwt_secret" {
+                        "auth.jwt_secret".into()
+                    } else {
+                        k.replace("__", ".").into()
+                    }
+                }),
+        );
+        if let Some(b) = &overrides.bind {
+            fig = fig.merge(("bind", b));
+        }
+        if let Some(d) = &overrides.database {
+            fig = fig.merge(("database", d));
+        }
+        if let Some(s) = &overrides.store {
+            fig = fig.merge(("store", s));
+        }
+        let config: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Invalid(one_line(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.models.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one [[models]] is required".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            if !seen.insert(&m.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "model {:?} is declared twice",
+                    m.name
+                )));
+            }
+        }
+        if self.jobs.max_live_jobs == 0 {
+            return Err(ConfigError::Invalid(
+                "jobs.max_live_jobs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The engine's settings.
+    pub fn manager_config(&self) -> ManagerConfig {
+        ManagerConfig {
+            retention: Duration::from_secs(self.jobs.retention_secs),
+            stall_timeout: Duration::from_secs(self.jobs.stall_timeout_secs),
+            max_live_jobs: self.jobs.max_live_jobs,
+            reap_interval: Duration::from_millis(self.jobs.reap_interval_ms.max(10)),
+            ..ManagerConfig::default()
+        }
+    }
+
+    /// The per-job log caps.
+    pub fn log_limits(&self) -> LogLimits {
+        LogLimits {
+            max_events: self.jobs.max_events_per_job,
+            max_bytes: self.jobs.max_bytes_per_job,
+        }
+    }
+}
+
+fn one_line(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}

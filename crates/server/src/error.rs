@@ -1,0 +1,65 @@
+//! The one mapping from errors to HTTP responses: `{"error":{"code","message"}}` with
+//! a status chosen here and nowhere else.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use genstream_engine::EngineError;
+use serde_json::json;
+
+/// An error as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Missing, expired or badly signed token (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A body that is not JSON or not the expected shape (400); the message names the
+    /// field when there is one.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// A body over the configured size (413).
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// No such route (404).
+    #[error("no route {0}")]
+    NoRoute(String),
+}
+
+impl ApiError {
+    /// The HTTP status and the stable machine-readable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use EngineError as E;
+        match self {
+            ApiError::Engine(e) => match e {
+                E::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+                E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+                E::ConversationBusy(_) => (StatusCode::CONFLICT, "conversation_busy"),
+                E::JobFinished(_) => (StatusCode::CONFLICT, "job_finished"),
+                E::ServerBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
+                E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+                E::CursorOutOfRange { .. } => (StatusCode::BAD_REQUEST, "cursor_out_of_range"),
+                E::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+                E::Persistence(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+                E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self, code, "request failed");
+        }
+        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        (status, body).into_response()
+    }
+}

@@ -1,0 +1,277 @@
+//! The JSON routes of SPEC §4. Each handler: authenticate, parse, call the engine,
+//! answer. The SSE route lives in `sse.rs`.
+
+use axum::Json;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use genstream_engine::EngineError;
+use genstream_engine::manager::StartRequest;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::AppState;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+
+/// A JSON body whose errors are 400s that name the field (`text: invalid type: …`),
+/// and 413 past the body limit. Unlike `axum::Json` it does not insist on a
+/// `Content-Type`, since curl users forget it and nothing is gained by refusing.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(0);
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(limit)
+            } else {
+                ApiError::InvalidJson(format!("could not read body: {e}"))
+            }
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de)
+            .map(JsonBody)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if inner.is_syntax()
+                    || inner.is_eof()
+                    || path.is_empty()
+                    || path == "."
+                    || path == "?"
+                {
+                    ApiError::InvalidJson(format!("invalid JSON body: {inner}"))
+                } else {
+                    ApiError::InvalidJson(format!("invalid `{path}`: {inner}"))
+                }
+            })
+    }
+}
+
+/// Request extension carrying the configured body limit, for the 413 message.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Body of `POST /api/chat`. Unknown fields are accepted (clients such as LibreChat
+/// send more than genstream reads).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatBody {
+    text: String,
+    #[serde(default)]
+    conversation_id: Option<String>,
+    #[serde(default)]
+    parent_message_id: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    system_prompt: Option<String>,
+    #[serde(default)]
+    tools: Option<Vec<String>>,
+}
+
+pub async fn start_chat(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(body): JsonBody<ChatBody>,
+) -> Result<Response, ApiError> {
+    let started = state
+        .manager
+        .start(StartRequest {
+            user_id: user,
+            text: body.text,
+            conversation_id: body.conversation_id,
+            parent_message_id: body.parent_message_id,
+            model: body.model,
+            system_prompt: body.system_prompt,
+            tools: body.tools.unwrap_or_default(),
+        })
+        .await?;
+    let mut v = serde_json::to_value(&started).unwrap_or_default();
+    v["status"] = json!("started");
+    Ok(Json(v).into_response())
+}
+
+pub async fn active(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let jobs = state.manager.active(&user).await?;
+    Ok(Json(json!({
+        "activeJobIds": jobs.iter().map(|j| j.stream_id.clone()).collect::<Vec<_>>(),
+        "jobs": jobs.iter().map(|j| json!({
+            "streamId": j.stream_id,
+            "conversationId": j.conversation_id,
+            "status": j.status,
+            "createdAt": j.created_at,
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(conversation_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    // A conversation of another user is 403 even when it has no job in the store.
+    if let Some(c) = state
+        .manager
+        .db()
+        .get_conversation(&conversation_id)
+        .await?
+    {
+        if c.user_id != user {
+            return Err(EngineError::Forbidden(format!("conversation {conversation_id}")).into());
+        }
+    }
+    match state.manager.status(&user, &conversation_id).await? {
+        None => Ok(Json(json!({"active": false}))),
+        Some((meta, resume)) => Ok(Json(json!({
+            "active": meta.status == genstream_engine::store::JobStatus::Running,
+            "streamId": meta.stream_id,
+            "status": meta.status,
+            "createdAt": meta.created_at,
+            "resumeState": resume,
+        }))),
+    }
+}
+
+/// Body of `POST /api/chat/abort`: one of the two ids.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AbortBody {
+    #[serde(default)]
+    stream_id: Option<String>,
+    #[serde(default)]
+    conversation_id: Option<String>,
+}
+
+pub async fn abort(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(body): JsonBody<AbortBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let outcome = match (body.stream_id, body.conversation_id) {
+        (Some(id), _) => state.manager.abort(&user, &id).await?,
+        (None, Some(conv)) => state.manager.abort_conversation(&user, &conv).await?,
+        (None, None) => {
+            return Err(EngineError::bad_request(
+                "streamId",
+                "give `streamId` or `conversationId`",
+            )
+            .into());
+        }
+    };
+    Ok(Json(json!({
+        "success": true,
+        "aborted": outcome.stream_id,
+        "responseMessage": outcome.response_message,
+        "usage": outcome.usage,
+    })))
+}
+
+async fn own_conversation(
+    state: &AppState,
+    user: &str,
+    id: &str,
+) -> Result<genstream_engine::persist::Conversation, ApiError> {
+    match state.manager.db().get_conversation(id).await? {
+        None => Err(EngineError::NotFound(format!("conversation {id}")).into()),
+        Some(c) if c.user_id != user => {
+            Err(EngineError::Forbidden(format!("conversation {id}")).into())
+        }
+        Some(c) => Ok(c),
+    }
+}
+
+pub async fn list_conversations(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = state.manager.db().list_conversations(&user).await?;
+    Ok(Json(json!({ "conversations": list })))
+}
+
+pub async fn get_conversation(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let c = own_conversation(&state, &user, &id).await?;
+    Ok(Json(serde_json::to_value(c).unwrap_or_default()))
+}
+
+pub async fn list_messages(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    own_conversation(&state, &user, &id).await?;
+    let messages = state.manager.db().list_messages(&id).await?;
+    Ok(Json(json!({ "messages": messages })))
+}
+
+pub async fn delete_conversation(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    own_conversation(&state, &user, &id).await?;
+    // Deleting under a running generation would orphan its answer; abort first.
+    if let Some((meta, _)) = state.manager.status(&user, &id).await? {
+        if meta.status == genstream_engine::store::JobStatus::Running {
+            return Err(EngineError::ConversationBusy(id).into());
+        }
+    }
+    let deleted = state.manager.db().delete_conversation(&id).await?;
+    Ok(Json(json!({ "deleted": deleted })))
+}
+
+pub async fn models(
+    State(state): State<AppState>,
+    AuthUser(_user): AuthUser,
+) -> Json<serde_json::Value> {
+    let models: Vec<_> = state
+        .manager
+        .models()
+        .iter()
+        .map(|m| json!({"name": m.name, "provider": m.provider.kind(), "pricing": null}))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let store = state.manager.store().ping().await;
+    let db = state.manager.db().ping().await;
+    let body = json!({
+        "store": store.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+        "database": db.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+    });
+    let status = if store.is_ok() && db.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_string())
+}

@@ -1,0 +1,153 @@
+//! Building a server from a [`Config`] and running it until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use genstream_engine::manager::{JobManager, ModelEntry};
+use genstream_engine::persist::Persistence;
+use genstream_engine::store::{JobStore, MemoryStore};
+use tokio::net::TcpListener;
+
+use crate::auth::{JwtKeys, random_secret};
+use crate::config::Config;
+use crate::{AppState, app};
+
+/// Start-up failures; each is one line naming what could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Database(String),
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Name of the database row that holds a generated JWT secret.
+const SECRET_NAME: &str = "jwt_secret";
+
+/// The database named by the config.
+pub async fn open_database(config: &Config) -> Result<Arc<dyn Persistence>, ServeError> {
+    genstream_sql::connect(&config.database, genstream_sql::PoolOptions::default())
+        .await
+        .map_err(|e| ServeError::Database(e.to_string()))
+}
+
+/// The JWT secret: the configured one, else the one kept in the database (created on
+/// first use, so tokens survive restarts and every replica agrees).
+pub async fn resolve_secret(
+    config: &Config,
+    db: &Arc<dyn Persistence>,
+) -> Result<(String, bool), ServeError> {
+    match &config.auth.jwt_secret {
+        Some(s) if !s.is_empty() => Ok((s.clone(), false)),
+        _ => db
+            .get_or_init_secret(SECRET_NAME, &random_secret())
+            .await
+            .map(|s| (s, true))
+            .map_err(|e| ServeError::Database(e.to_string())),
+    }
+}
+
+/// Builds the state the router serves: store, database, models, manager, keys. The
+/// flag is true when the secret was not configured (it lives in the database).
+pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError> {
+    let store: Arc<dyn JobStore> = match config.store.as_str() {
+        "memory" => Arc::new(MemoryStore::new(config.log_limits())),
+        other => {
+            return Err(ServeError::Config(format!(
+                "unsupported store {other:?}: use \"memory\""
+            )));
+        }
+    };
+    let db = open_database(config).await?;
+    let mut models = Vec::new();
+    for m in &config.models {
+        let provider = genstream_providers::build(&m.provider, &config.providers, &m.options)
+            .map_err(|e| ServeError::Config(format!("model {:?}: {e}", m.name)))?;
+        models.push(ModelEntry {
+            name: m.name.clone(),
+            provider,
+        });
+    }
+    let (secret, generated) = resolve_secret(config, &db).await?;
+    let manager = JobManager::new(store, db, models, config.manager_config());
+    Ok((
+        AppState {
+            manager,
+            auth: Arc::new(JwtKeys::new(&secret)),
+            keepalive: Duration::from_secs(config.http.keepalive_secs.max(1)),
+        },
+        generated,
+    ))
+}
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully: new chats are
+/// refused, running jobs get `jobs.shutdown_grace_secs` to finish, the rest are
+/// aborted with their partial answers saved, and the process returns.
+///
+/// Prints `genstream listening on http://ADDR` on stdout once it accepts connections
+/// (tests read the port from it), and before it a token for user `dev` when no secret
+/// is configured.
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let (state, generated) = build_state(&config).await?;
+    let listener = TcpListener::bind(&config.bind)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.bind.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    state.manager.spawn_reaper();
+    let manager = state.manager.clone();
+    // With no configured secret this is a local set-up: hand the user a token at
+    // every start, so the walkthrough needs no extra step.
+    if generated {
+        if let Ok(token) = state.auth.mint("dev", Duration::from_secs(30 * 86_400)) {
+            println!("dev token (user `dev`, 30 days): {token}");
+        }
+    }
+    println!("genstream listening on http://{addr}");
+    tracing::info!(%addr, store = %config.store, "listening");
+
+    let router = app(state, config.http.max_body_bytes);
+    let grace = Duration::from_secs(config.jobs.shutdown_grace_secs);
+    let stopped = manager.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new chats; waiting for running jobs");
+            // Every job ends with a terminal event, which also ends its SSE streams,
+            // so the HTTP server can then drain.
+            stopped.shutdown(grace).await;
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

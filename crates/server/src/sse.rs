@@ -1,0 +1,168 @@
+//! `GET /api/chat/stream/{streamId}` (SPEC §3).
+//!
+//! Everything that can fail is checked before the first byte, so those failures are
+//! plain JSON 4xx answers: authentication, the job's existence and owner, and the
+//! cursor. After that the response is a loop over the job's log: read the frames past
+//! the cursor (cloning `Bytes` handles, never the bytes), write them, and sleep on the
+//! log's watch until it grows, sending `: ping` while idle. The subscriber keeps no
+//! queue of its own; the log is the only buffer. The response ends right after the
+//! terminal event.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
+use bytes::Bytes;
+use genstream_engine::EngineError;
+use genstream_engine::event::Frame;
+use genstream_engine::log::EventLog;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::{Instant, Interval};
+
+use crate::AppState;
+use crate::auth::StreamUser;
+use crate::error::ApiError;
+
+/// Frames read from the log per wake-up, at most.
+const READ_BATCH: usize = 256;
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    resume: Option<String>,
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+    StreamUser(user): StreamUser,
+    Path(stream_id): Path<String>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| EngineError::bad_request("query", e.body_text()))?;
+    let (_meta, log) = state.manager.job_for(&user, &stream_id).await?;
+
+    let resume = matches!(query.resume.as_deref(), Some("true" | "1"));
+    // The query's cursor wins over Last-Event-ID (SPEC §3).
+    let cursor = match (&query.cursor, headers.get("last-event-id")) {
+        (Some(c), _) => Some(parse_cursor("cursor", c)?),
+        (None, Some(h)) => Some(parse_cursor(
+            "Last-Event-ID",
+            h.to_str()
+                .map_err(|_| EngineError::bad_request("Last-Event-ID", "not ASCII"))?,
+        )?),
+        (None, None) => None,
+    };
+
+    let (cursor, first) = if resume {
+        // The snapshot carries the seq it folds, so replaying from there cannot
+        // duplicate or skip anything (LESSONS: LibreChat #12225).
+        let (seq, resume_state) = log.snapshot();
+        let first = seq.map(|n| {
+            let data = json!({"sync": true, "seq": n, "resumeState": resume_state});
+            Bytes::from(format!("id: {n}\nevent: sync\ndata: {data}\n\n"))
+        });
+        (seq, first)
+    } else {
+        if let Some(c) = cursor {
+            let head = log.head();
+            if head.is_none_or(|h| c > h) {
+                return Err(EngineError::CursorOutOfRange {
+                    cursor: c,
+                    head: head.map_or(-1, |h| h as i64),
+                }
+                .into());
+            }
+        }
+        (cursor, None)
+    };
+
+    let sub = Subscriber {
+        rx: log.watch(),
+        log,
+        cursor,
+        pending: Vec::new().into_iter(),
+        done: false,
+        ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
+        first,
+    };
+    let body = Body::from_stream(futures::stream::unfold(sub, Subscriber::next));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+fn parse_cursor(field: &str, v: &str) -> Result<u64, EngineError> {
+    v.trim().parse::<u64>().map_err(|_| {
+        EngineError::bad_request(
+            field,
+            format!("{v:?} is not a seq (a non-negative integer)"),
+        )
+    })
+}
+
+/// One open SSE connection: a cursor into the log and a wake-up handle.
+struct Subscriber {
+    log: Arc<EventLog>,
+    rx: watch::Receiver<u64>,
+    /// Seq of the last frame handed to the socket.
+    cursor: Option<u64>,
+    /// Frames read but not yet yielded (handles into the log's shared bytes).
+    pending: std::vec::IntoIter<Frame>,
+    done: bool,
+    ping: Interval,
+    first: Option<Bytes>,
+}
+
+impl Subscriber {
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+        if let Some(b) = self.first.take() {
+            return Some((Ok(b), self));
+        }
+        loop {
+            if let Some(f) = self.pending.next() {
+                self.cursor = Some(f.seq);
+                self.done = f.terminal;
+                return Some((Ok(f.bytes), self));
+            }
+            if self.done {
+                return None;
+            }
+            // Mark the current version seen *before* reading, so an append that lands
+            // after the read still wakes us.
+            self.rx.borrow_and_update();
+            let batch = self.log.read_after(self.cursor, READ_BATCH);
+            if !batch.frames.is_empty() {
+                self.pending = batch.frames.into_iter();
+                continue;
+            }
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        // The log is gone; whatever it held was read above.
+                        return None;
+                    }
+                }
+                _ = self.ping.tick() => {
+                    return Some((Ok(Bytes::from_static(b": ping\n\n")), self));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The HTTP surface in-process (`oneshot`): every route's auth (401/403), bad input
+//! (400/413, never 5xx), the stream route's pre-header errors and headers, abort and
+//! the conversation routes.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+async fn call(
+    app: &TestApp,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, v)
+}
+
+async fn start(app: &TestApp, user: &str, body: Value) -> Value {
+    let (s, v) = call(
+        app,
+        "POST",
+        "/api/chat",
+        Some(&token(user)),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+async fn read_stream(app: &TestApp, uri: &str, user: &str) -> Vec<SseFrame> {
+    let req = Request::get(uri)
+        .header("authorization", format!("Bearer {}", token(user)))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    take_frames(&mut bytes.to_vec())
+}
+
+const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/chat"),
+    ("GET", "/api/chat/stream/x"),
+    ("GET", "/api/chat/active"),
+    ("GET", "/api/chat/status/x"),
+    ("POST", "/api/chat/abort"),
+    ("GET", "/api/conversations"),
+    ("GET", "/api/conversations/x"),
+    ("GET", "/api/conversations/x/messages"),
+    ("DELETE", "/api/conversations/x"),
+    ("GET", "/api/models"),
+];
+
+#[tokio::test]
+async fn every_api_route_needs_a_valid_token() {
+    let app = test_app(default_models());
+    let expired = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        encode(
+            &Header::default(),
+            &json!({"sub": "alice", "exp": 1, "iat": 0}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let wrong_key = genstream_server::auth::JwtKeys::new("another-secret")
+        .mint("alice", std::time::Duration::from_secs(60))
+        .unwrap();
+    for (method, uri) in ROUTES {
+        for tok in [
+            None,
+            Some(expired.as_str()),
+            Some(wrong_key.as_str()),
+            Some("garbage"),
+        ] {
+            let (s, v) = call(&app, method, uri, tok, Some("{}")).await;
+            assert_eq!(
+                s,
+                StatusCode::UNAUTHORIZED,
+                "{method} {uri} with {tok:?}: {v}"
+            );
+            assert_eq!(v["error"]["code"], "unauthorized");
+        }
+    }
+    // Health routes are open.
+    assert_eq!(
+        call(&app, "GET", "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, "GET", "/readyz", None, None).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn another_users_job_and_conversation_are_forbidden() {
+    let app = test_app(default_models());
+    let started = start(&app, "alice", json!({"text": "hi", "model": "slow"})).await;
+    let sid = started["streamId"].as_str().unwrap();
+    let cid = started["conversationId"].as_str().unwrap();
+    let bob = token("bob");
+    for (method, uri, body) in [
+        ("GET", format!("/api/chat/stream/{sid}"), None),
+        ("GET", format!("/api/chat/status/{cid}"), None),
+        (
+            "POST",
+            "/api/chat/abort".to_string(),
+            Some(json!({"streamId": sid}).to_string()),
+        ),
+        (
+            "POST",
+            "/api/chat/abort".to_string(),
+            Some(json!({"conversationId": cid}).to_string()),
+        ),
+        ("GET", format!("/api/conversations/{cid}"), None),
+        ("GET", format!("/api/conversations/{cid}/messages"), None),
+        ("DELETE", format!("/api/conversations/{cid}"), None),
+        (
+            "POST",
+            "/api/chat".to_string(),
+            Some(json!({"text": "x", "conversationId": cid}).to_string()),
+        ),
+    ] {
+        let (s, v) = call(&app, method, &uri, Some(&bob), body.as_deref()).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{method} {uri}: {v}");
+        assert_eq!(v["error"]["code"], "forbidden");
+    }
+    // The stream route also takes ?access_token=, and checks it the same way.
+    let (s, _) = call(
+        &app,
+        "GET",
+        &format!("/api/chat/stream/{sid}?access_token={bob}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Bob sees none of it.
+    let (_, v) = call(&app, "GET", "/api/conversations", Some(&bob), None).await;
+    assert_eq!(v["conversations"], json!([]));
+    let (_, v) = call(&app, "GET", "/api/chat/active", Some(&bob), None).await;
+    assert_eq!(v["activeJobIds"], json!([]));
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/chat/abort",
+        Some(&token("alice")),
+        Some(&json!({"streamId": sid}).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_4xx_never_a_5xx() {
+    let app = test_app(default_models());
+    let t = token("alice");
+    let cases: &[(&str, &str, &str, StatusCode, &str)] = &[
+        (
+            "POST",
+            "/api/chat",
+            "{not json",
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+        ),
+        ("POST", "/api/chat", "{}", StatusCode::BAD_REQUEST, "text"),
+        (
+            "POST",
+            "/api/chat",
+            "{\"text\": 5}",
+            StatusCode::BAD_REQUEST,
+            "text",
+        ),
+        (
+            "POST",
+            "/api/chat",
+            "{\"text\": \"   \"}",
+            StatusCode::BAD_REQUEST,
+            "text",
+        ),
+        (
+            "POST",
+            "/api/chat",
+            "{\"text\": \"hi\", \"model\": \"nope\"}",
+            StatusCode::BAD_REQUEST,
+            "model",
+        ),
+        (
+            "POST",
+            "/api/chat",
+            "{\"text\": \"hi\", \"tools\": \"calculator\"}",
+            StatusCode::BAD_REQUEST,
+            "tools",
+        ),
+        (
+            "POST",
+            "/api/chat",
+            "[]",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/api/chat",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+        ),
+        (
+            "POST",
+            "/api/chat",
+            "{\"text\": \"hi\", \"conversationId\": \"nope\"}",
+            StatusCode::NOT_FOUND,
+            "conversation",
+        ),
+        (
+            "POST",
+            "/api/chat/abort",
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "streamId",
+        ),
+        (
+            "POST",
+            "/api/chat/abort",
+            "{\"streamId\": \"nope\"}",
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+        (
+            "GET",
+            "/api/chat/stream/nope",
+            "",
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+        (
+            "GET",
+            "/api/conversations/nope",
+            "",
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+        (
+            "GET",
+            "/api/no-such-route",
+            "",
+            StatusCode::NOT_FOUND,
+            "no route",
+        ),
+    ];
+    for (method, uri, body, status, needle) in cases {
+        let (s, v) = call(&app, method, uri, Some(&t), Some(body)).await;
+        assert_eq!(s, *status, "{method} {uri} {body:?}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(needle),
+            "{method} {uri} {body:?}: message {msg:?} lacks {needle:?}"
+        );
+    }
+    // Over the body limit: 413 with a JSON error.
+    let big = json!({"text": "x".repeat(MAX_BODY + 1)}).to_string();
+    let (s, v) = call(&app, "POST", "/api/chat", Some(&t), Some(&big)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    // Nothing was lost by the bad requests: no conversation was created.
+    let (_, v) = call(&app, "GET", "/api/conversations", Some(&t), None).await;
+    assert_eq!(v["conversations"], json!([]));
+}
+
+#[tokio::test]
+async fn stream_errors_before_headers_are_json() {
+    let app = test_app(default_models());
+    let started = start(&app, "alice", json!({"text": "hi"})).await;
+    let sid = started["streamId"].as_str().unwrap();
+    let t = token("alice");
+    // Wait for the end, then probe cursors.
+    let frames = read_stream(&app, &format!("/api/chat/stream/{sid}"), "alice").await;
+    let head = frames.last().unwrap().id.unwrap();
+    let (s, v) = call(
+        &app,
+        "GET",
+        &format!("/api/chat/stream/{sid}?cursor={}", head + 1),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["code"], "cursor_out_of_range");
+    let (s, v) = call(
+        &app,
+        "GET",
+        &format!("/api/chat/stream/{sid}?cursor=abc"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().unwrap().contains("cursor"));
+    let req = Request::get(format!("/api/chat/stream/{sid}"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("last-event-id", "-3")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.router.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    // Headers of a good stream.
+    let req = Request::get(format!("/api/chat/stream/{sid}?access_token={t}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["cache-control"], "no-cache, no-transform");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
+    // The query cursor wins over Last-Event-ID.
+    let req = Request::get(format!("/api/chat/stream/{sid}?cursor={}", head - 1))
+        .header("authorization", format!("Bearer {t}"))
+        .header("last-event-id", "0")
+        .body(Body::empty())
+        .unwrap();
+    let bytes = app
+        .router
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let got = take_frames(&mut bytes.to_vec());
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, Some(head));
+}
+
+#[tokio::test]
+async fn finished_job_replays_and_resume_snapshot_excludes_terminal() {
+    let app = test_app(default_models());
+    let started = start(
+        &app,
+        "alice",
+        json!({"text": "think first", "model": "reasoning"}),
+    )
+    .await;
+    let sid = started["streamId"].as_str().unwrap();
+    let all = read_stream(&app, &format!("/api/chat/stream/{sid}"), "alice").await;
+    assert_eq!(all[0].event.as_deref(), Some("created"));
+    assert!(is_terminal(all.last().unwrap()));
+    for (i, f) in all.iter().enumerate() {
+        assert_eq!(f.id, Some(i as u64));
+        assert_eq!(f.data.as_ref().unwrap()["seq"], i as u64);
+    }
+    let resumed = read_stream(
+        &app,
+        &format!("/api/chat/stream/{sid}?resume=true"),
+        "alice",
+    )
+    .await;
+    assert_eq!(resumed.len(), 2, "sync + the terminal event");
+    assert_eq!(resumed[0].event.as_deref(), Some("sync"));
+    let sync = resumed[0].data.as_ref().unwrap();
+    assert_eq!(sync["seq"], all.len() as u64 - 2);
+    let final_msg = &all.last().unwrap().data.as_ref().unwrap()["data"]["responseMessage"];
+    assert_eq!(
+        sync["resumeState"]["aggregatedContent"],
+        final_msg["content"]
+    );
+    assert_eq!(resumed[1], *all.last().unwrap());
+    // The reasoning model's content has a think part and then text.
+    assert_eq!(final_msg["content"][0]["type"], "think");
+    assert_eq!(final_msg["content"][1]["type"], "text");
+}
+
+#[tokio::test]
+async fn abort_status_active_and_conversation_routes() {
+    let app = test_app(default_models());
+    let t = token("alice");
+    let started = start(
+        &app,
+        "alice",
+        json!({"text": "a long one please", "model": "slow"}),
+    )
+    .await;
+    let sid = started["streamId"].as_str().unwrap().to_string();
+    let cid = started["conversationId"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (_, active) = call(&app, "GET", "/api/chat/active", Some(&t), None).await;
+    assert_eq!(active["activeJobIds"], json!([sid]));
+    let (_, status) = call(
+        &app,
+        "GET",
+        &format!("/api/chat/status/{cid}"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(status["active"], true);
+    assert_eq!(status["streamId"], sid);
+    // Busy conversation.
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/api/chat",
+        Some(&t),
+        Some(&json!({"text": "again", "conversationId": cid}).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(v["error"]["code"], "conversation_busy");
+    // Delete while running: 409.
+    assert_eq!(
+        call(
+            &app,
+            "DELETE",
+            &format!("/api/conversations/{cid}"),
+            Some(&t),
+            None
+        )
+        .await
+        .0,
+        StatusCode::CONFLICT
+    );
+    // Abort: the partial answer comes back, saved.
+    let (s, ab) = call(
+        &app,
+        "POST",
+        "/api/chat/abort",
+        Some(&t),
+        Some(&json!({"streamId": sid}).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ab}");
+    assert_eq!(ab["success"], true);
+    assert_eq!(ab["aborted"], sid);
+    assert_eq!(ab["responseMessage"]["unfinished"], true);
+    assert!(!ab["responseMessage"]["text"].as_str().unwrap().is_empty());
+    let (_, msgs) = call(
+        &app,
+        "GET",
+        &format!("/api/conversations/{cid}/messages"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(msgs["messages"][1], ab["responseMessage"]);
+    // Repeat: same answer.
+    let (s, again) = call(
+        &app,
+        "POST",
+        "/api/chat/abort",
+        Some(&t),
+        Some(&json!({"conversationId": cid}).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again, ab);
+    // Follow-up on the aborted response, at once.
+    let follow = start(&app, "alice", json!({"text": "go on", "conversationId": cid, "parentMessageId": ab["responseMessage"]["messageId"]})).await;
+    let frames = read_stream(
+        &app,
+        &format!("/api/chat/stream/{}", follow["streamId"].as_str().unwrap()),
+        "alice",
+    )
+    .await;
+    assert_eq!(frames.last().unwrap().event.as_deref(), Some("final"));
+    // Abort of a completed job: 409.
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/api/chat/abort",
+        Some(&t),
+        Some(&json!({"streamId": follow["streamId"]}).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(v["error"]["code"], "job_finished");
+    // Conversation routes.
+    let (_, list) = call(&app, "GET", "/api/conversations", Some(&t), None).await;
+    assert_eq!(list["conversations"][0]["conversationId"], cid);
+    assert_eq!(list["conversations"][0]["title"], "a long one please");
+    let (_, msgs) = call(
+        &app,
+        "GET",
+        &format!("/api/conversations/{cid}/messages"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(msgs["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        msgs["messages"][2]["parentMessageId"],
+        ab["responseMessage"]["messageId"]
+    );
+    let (s, _) = call(
+        &app,
+        "DELETE",
+        &format!("/api/conversations/{cid}"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        call(
+            &app,
+            "GET",
+            &format!("/api/conversations/{cid}"),
+            Some(&t),
+            None
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, models) = call(&app, "GET", "/api/models", Some(&t), None).await;
+    assert_eq!(models["models"][0]["name"], "demo");
+    assert_eq!(models["models"][0]["provider"], "demo");
+}
