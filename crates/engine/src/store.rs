@@ -134,13 +134,12 @@ impl MemoryStore {
 impl JobStore for MemoryStore {
     async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
         let mut g = self.inner.lock();
-        if let Some(prev) = g.latest.get(&meta.conversation_id) {
-            if g.jobs
+        if let Some(prev) = g.latest.get(&meta.conversation_id)
+            && g.jobs
                 .get(prev)
                 .is_some_and(|(m, _)| m.status == JobStatus::Running)
-            {
-                return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
-            }
+        {
+            return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
         }
         g.latest
             .insert(meta.conversation_id.clone(), meta.stream_id.clone());
@@ -193,14 +192,12 @@ impl JobStore for MemoryStore {
             }
         };
         let result = log.append(body);
-        if let Ok(frame) = &result {
-            if frame.terminal {
-                if let Some(kind) = log.terminal() {
-                    if let Some((meta, _)) = self.inner.lock().jobs.get_mut(stream_id) {
-                        meta.status = kind.into();
-                    }
-                }
-            }
+        if let Ok(frame) = &result
+            && frame.terminal
+            && let Some(kind) = log.terminal()
+            && let Some((meta, _)) = self.inner.lock().jobs.get_mut(stream_id)
+        {
+            meta.status = kind.into();
         }
         Ok(result)
     }

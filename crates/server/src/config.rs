@@ -266,3 +266,58 @@ fn one_line(e: &figment::Error) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn layers_file_then_env_then_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "genstream.toml",
+                "bind = \"127.0.0.1:1\"\nstore = \"memory\"\n[jobs]\nretention_secs = 5\n",
+            )?;
+            jail.set_env("GENSTREAM_BIND", "127.0.0.1:2");
+            jail.set_env("GENSTREAM_JOBS__STALL_TIMEOUT_SECS", "7");
+            jail.set_env("GENSTREAM_JWT_SECRET", "from-env");
+            jail.set_env("GENSTREAM_TEST_SOMETHING", "ignored");
+            jail.set_env("GENSTREAM_TOKEN", "the client's, ignored");
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.bind, "127.0.0.1:2", "env beats file");
+            assert_eq!(c.jobs.retention_secs, 5, "file beats defaults");
+            assert_eq!(c.jobs.stall_timeout_secs, 7);
+            assert_eq!(c.auth.jwt_secret.as_deref(), Some("from-env"));
+            assert_eq!(c.database, "sqlite://genstream.db", "default");
+            assert_eq!(c.models[0].name, "demo");
+            let o = Overrides {
+                bind: Some("127.0.0.1:3".into()),
+                ..Default::default()
+            };
+            let c = Config::load(None, &o).map_err(|e| e.to_string())?;
+            assert_eq!(c.bind, "127.0.0.1:3", "flags beat env");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_them() {
+        Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[http]\nmax_body = 5\n")?;
+            let e = Config::load(Some(Path::new("a.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("max_body"), "{e}");
+            jail.create_file("b.toml", "bnid = \"x\"\n")?;
+            let e = Config::load(Some(Path::new("b.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("bnid"), "{e}");
+            jail.set_env("GENSTREAM_STOER", "memory");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().to_lowercase().contains("stoer"), "{e}");
+            let e =
+                Config::load(Some(Path::new("missing.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("missing.toml"), "{e}");
+            Ok(())
+        });
+    }
+}

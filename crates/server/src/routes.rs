@@ -132,10 +132,9 @@ pub async fn status(
         .db()
         .get_conversation(&conversation_id)
         .await?
+        && c.user_id != user
     {
-        if c.user_id != user {
-            return Err(EngineError::Forbidden(format!("conversation {conversation_id}")).into());
-        }
+        return Err(EngineError::Forbidden(format!("conversation {conversation_id}")).into());
     }
     match state.manager.status(&user, &conversation_id).await? {
         None => Ok(Json(json!({"active": false}))),
@@ -231,10 +230,10 @@ pub async fn delete_conversation(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     own_conversation(&state, &user, &id).await?;
     // Deleting under a running generation would orphan its answer; abort first.
-    if let Some((meta, _)) = state.manager.status(&user, &id).await? {
-        if meta.status == genstream_engine::store::JobStatus::Running {
-            return Err(EngineError::ConversationBusy(id).into());
-        }
+    if let Some((meta, _)) = state.manager.status(&user, &id).await?
+        && meta.status == genstream_engine::store::JobStatus::Running
+    {
+        return Err(EngineError::ConversationBusy(id).into());
     }
     let deleted = state.manager.db().delete_conversation(&id).await?;
     Ok(Json(json!({ "deleted": deleted })))

@@ -107,10 +107,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let manager = state.manager.clone();
     // With no configured secret this is a local set-up: hand the user a token at
     // every start, so the walkthrough needs no extra step.
-    if generated {
-        if let Ok(token) = state.auth.mint("dev", Duration::from_secs(30 * 86_400)) {
-            println!("dev token (user `dev`, 30 days): {token}");
-        }
+    if generated && let Ok(token) = state.auth.mint("dev", Duration::from_secs(30 * 86_400)) {
+        println!("dev token (user `dev`, 30 days): {token}");
     }
     println!("genstream listening on http://{addr}");
     tracing::info!(%addr, store = %config.store, "listening");

@@ -9,6 +9,7 @@
 //! at random times so that some read a running job and some a finished one. The plans
 //! run concurrently, so proptest's sequential runner only generates them; a failure
 //! prints its plan.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

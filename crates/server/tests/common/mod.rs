@@ -1,5 +1,6 @@
 //! Shared helpers for the server tests: an app over the memory store and memory
 //! persistence with demo models, tokens, and a tiny SSE frame parser.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

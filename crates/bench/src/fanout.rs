@@ -1,0 +1,522 @@
+//! `fanout-one-job` and `fanout-many-jobs`: events delivered per second, delay from
+//! append to client receipt, and server CPU per million events delivered.
+//!
+//! The server runs in this process, on its own multi-thread tokio runtime (threads
+//! `server-N`), serving the very router `genstream serve` serves (`genstream_server::
+//! app`) on a 127.0.0.1 listener. Its state is built as `serve::build_state` builds it,
+//! with one difference: the memory job store is wrapped in [`TimedStore`], which notes
+//! the instant each append starts. The subscribers run on a second runtime (threads
+//! `client-N`) over real loopback TCP and note the instant each `id: N` line arrives.
+//! Both instants come from the same monotonic clock, so their difference is the
+//! append-to-receipt delay, serialization and the socket included.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::serve::ListenerExt;
+use genstream_engine::EngineError;
+use genstream_engine::event::{EventBody, Frame};
+use genstream_engine::log::{AppendError, EventLog};
+use genstream_engine::manager::{JobManager, ModelEntry};
+use genstream_engine::store::{JobMeta, JobStore, MemoryStore};
+use genstream_server::auth::JwtKeys;
+use genstream_server::config::{Config, ModelConfig};
+use genstream_server::{AppState, app};
+use serde_json::json;
+use tokio::runtime::Runtime;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::http::{Receipts, open_stream, read_ids, start_chat};
+use crate::report::{ms, quantile, table, thousands};
+use crate::sys;
+
+/// The memory store, plus the instant each append began, per job and seq.
+pub struct TimedStore {
+    inner: MemoryStore,
+    times: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+impl TimedStore {
+    fn new(inner: MemoryStore) -> Self {
+        TimedStore {
+            inner,
+            times: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes the append instants of a job (index = seq).
+    fn take(&self, stream_id: &str) -> Vec<Instant> {
+        self.times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(stream_id)
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl JobStore for TimedStore {
+    async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
+        self.times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(meta.stream_id.clone(), Vec::with_capacity(1024));
+        self.inner.create_job(meta).await
+    }
+    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError> {
+        self.inner.get_job(stream_id).await
+    }
+    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError> {
+        self.inner.latest_job(conversation_id).await
+    }
+    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
+        self.inner.running_jobs(user_id).await
+    }
+    async fn append(
+        &self,
+        stream_id: &str,
+        body: &EventBody,
+    ) -> Result<Result<Frame, AppendError>, EngineError> {
+        let start = Instant::now();
+        let r = self.inner.append(stream_id, body).await;
+        if let Ok(Ok(frame)) = &r {
+            let mut g = self.times.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = g.get_mut(stream_id) {
+                if v.len() as u64 == frame.seq {
+                    v.push(start);
+                }
+            }
+        }
+        r
+    }
+    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError> {
+        self.inner.open_log(stream_id).await
+    }
+    async fn remove_expired(&self, retention: Duration) -> Result<usize, EngineError> {
+        self.inner.remove_expired(retention).await
+    }
+    async fn ping(&self) -> Result<(), EngineError> {
+        self.inner.ping().await
+    }
+}
+
+/// Options shared by both fan-out scenarios.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FanoutArgs {
+    /// Delays between tokens to run, in ms, one run each (the demo model's
+    /// `token_delay_ms`).
+    #[arg(long, value_delimiter = ',', default_value = "50,10,5")]
+    pub delays_ms: Vec<u64>,
+    /// Target length of each job's token phase; tokens = this / delay.
+    #[arg(long, default_value_t = 8000)]
+    pub duration_ms: u64,
+    /// The demo model's `first_token_delay_ms`: time for every subscriber to attach
+    /// before the first token. Default: 2000 ms + 3 ms per job.
+    #[arg(long)]
+    pub first_token_delay_ms: Option<u64>,
+    /// Worker threads of the server's runtime.
+    #[arg(long, default_value_t = 2)]
+    pub server_threads: usize,
+    /// Worker threads of the clients' runtime.
+    #[arg(long, default_value_t = 2)]
+    pub client_threads: usize,
+    /// Set TCP_NODELAY on accepted sockets (`genstream serve` does not).
+    #[arg(long)]
+    pub nodelay: bool,
+}
+
+/// A server running in this process.
+struct InProc {
+    rt: Runtime,
+    addr: SocketAddr,
+    token: String,
+    store: Arc<TimedStore>,
+}
+
+impl InProc {
+    fn start(args: &FanoutArgs, model: serde_json::Value) -> Result<InProc, String> {
+        let n = AtomicUsize::new(0);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.server_threads)
+            .thread_name_fn(move || format!("server-{}", n.fetch_add(1, Ordering::Relaxed)))
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut config = Config {
+            database: "sqlite::memory:".into(),
+            ..Config::default()
+        };
+        config.auth.jwt_secret = Some("genstream-bench-secret-0123456789abcdef".into());
+        config.jobs.max_live_jobs = 4096;
+        config.models = vec![ModelConfig {
+            name: "bench".into(),
+            provider: "demo".into(),
+            options: model,
+        }];
+        let nodelay = args.nodelay;
+        let (addr, token, store) = rt.block_on(async move {
+            // As `serve::build_state`, with the store wrapped.
+            let store = Arc::new(TimedStore::new(MemoryStore::new(config.log_limits())));
+            let db = genstream_server::serve::open_database(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut models = Vec::new();
+            for m in &config.models {
+                models.push(ModelEntry {
+                    name: m.name.clone(),
+                    provider: genstream_providers::build(&m.provider, &config.providers, &m.options)
+                        .map_err(|e| e.to_string())?,
+                });
+            }
+            let (secret, _) = genstream_server::serve::resolve_secret(&config, &db)
+                .await
+                .map_err(|e| e.to_string())?;
+            let dyn_store: Arc<dyn JobStore> = store.clone();
+            let manager = JobManager::new(dyn_store, db, models, config.manager_config());
+            manager.spawn_reaper();
+            let keys = JwtKeys::new(&secret);
+            let token = keys
+                .mint("bench", Duration::from_secs(3600))
+                .map_err(|e| e.to_string())?;
+            let state = AppState {
+                manager,
+                auth: Arc::new(keys),
+                keepalive: Duration::from_secs(config.http.keepalive_secs.max(1)),
+            };
+            let router = app(state, config.http.max_body_bytes);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            if nodelay {
+                let l = listener.tap_io(|s| {
+                    let _ = s.set_nodelay(true);
+                });
+                tokio::spawn(async move { axum::serve(l, router).await });
+            } else {
+                tokio::spawn(async move { axum::serve(listener, router).await });
+            }
+            Ok::<_, String>((addr, token, store))
+        })?;
+        Ok(InProc {
+            rt,
+            addr,
+            token,
+            store,
+        })
+    }
+}
+
+/// One measured run.
+struct CaseResult {
+    delay_ms: u64,
+    tokens: u64,
+    jobs: usize,
+    subs_per_job: usize,
+    setup: Duration,
+    delivered: u64,
+    rate_all_running: f64,
+    rate_overall: f64,
+    per_job_rate: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+    late: u64,
+    incomplete: usize,
+    server_cpu: f64,
+    client_cpu: f64,
+    process_cpu: f64,
+    wall: Duration,
+}
+
+fn client_runtime(threads: usize) -> Result<Runtime, String> {
+    let n = AtomicUsize::new(0);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name_fn(move || format!("client-{}", n.fetch_add(1, Ordering::Relaxed)))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn run_case(
+    args: &FanoutArgs,
+    client_rt: &Runtime,
+    jobs: usize,
+    subs_per_job: usize,
+    delay_ms: u64,
+) -> Result<CaseResult, String> {
+    let tokens = (args.duration_ms / delay_ms.max(1)).max(1);
+    let first_token_delay = args
+        .first_token_delay_ms
+        .unwrap_or(2000 + 3 * jobs as u64);
+    let srv = InProc::start(
+        args,
+        json!({
+            "tokens": tokens,
+            "token_delay_ms": delay_ms,
+            "first_token_delay_ms": first_token_delay,
+            "behavior": "text",
+        }),
+    )?;
+    let (addr, token) = (srv.addr, srv.token.clone());
+    let limit = Duration::from_millis(first_token_delay + args.duration_ms * 4 + 30_000);
+    let total = jobs * subs_per_job;
+
+    let result = client_rt.block_on(async move {
+        let setup_start = Instant::now();
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+        let post_permits = Arc::new(Semaphore::new(16));
+        let open_permits = Arc::new(Semaphore::new(128));
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+        let (ids_tx, mut ids_rx) = mpsc::unbounded_channel::<(usize, String)>();
+        let mut readers = Vec::with_capacity(total);
+        let (reader_tx, mut reader_rx) = mpsc::unbounded_channel();
+        for j in 0..jobs {
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            let (post_permits, open_permits) = (post_permits.clone(), open_permits.clone());
+            let (ready_tx, ids_tx, reader_tx) = (ready_tx.clone(), ids_tx.clone(), reader_tx.clone());
+            tokio::spawn(async move {
+                let id = {
+                    let _p = post_permits.acquire().await;
+                    match start_chat(&http, &base, &token, "bench", &format!("bench job {j}")).await
+                    {
+                        Ok(id) => id,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                };
+                let _ = ids_tx.send((j, id.clone()));
+                for _ in 0..subs_per_job {
+                    let (id, token, open_permits, ready_tx) =
+                        (id.clone(), token.clone(), open_permits.clone(), ready_tx.clone());
+                    let h = tokio::spawn(async move {
+                        let stream = {
+                            let _p = open_permits.acquire().await;
+                            open_stream(addr, &id, &token, true).await
+                        };
+                        match stream {
+                            Ok(s) => {
+                                let connected = Instant::now();
+                                let _ = ready_tx.send(Ok(()));
+                                Some((j, read_ids(s, connected, limit).await))
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                None
+                            }
+                        }
+                    });
+                    let _ = reader_tx.send(h);
+                }
+            });
+        }
+        drop((ready_tx, ids_tx, reader_tx));
+        let mut ready = 0;
+        let setup_deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while ready < total {
+            match tokio::time::timeout_at(setup_deadline, ready_rx.recv()).await {
+                Ok(Some(Ok(()))) => ready += 1,
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Err(format!("only {ready} of {total} subscribers attached")),
+                Err(_) => return Err(format!("only {ready} of {total} subscribers attached in 90 s")),
+            }
+        }
+        let setup = setup_start.elapsed();
+        let cpu0 = sys::thread_ticks();
+        let proc0 = sys::process_ticks(std::process::id());
+        let t0 = Instant::now();
+        while let Some(h) = reader_rx.recv().await {
+            readers.push(h);
+        }
+        let mut receipts: Vec<(usize, Receipts)> = Vec::with_capacity(total);
+        for h in readers {
+            if let Ok(Some(r)) = h.await {
+                receipts.push(r);
+            }
+        }
+        let wall = t0.elapsed();
+        let cpu1 = sys::thread_ticks();
+        let proc1 = sys::process_ticks(std::process::id());
+        let mut ids = vec![String::new(); jobs];
+        while let Some((j, id)) = ids_rx.recv().await {
+            ids[j] = id;
+        }
+        Ok((setup, receipts, ids, cpu0, cpu1, proc1 - proc0, wall))
+    });
+    let (setup, receipts, ids, cpu0, cpu1, proc_ticks, wall) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            srv.rt.shutdown_timeout(Duration::from_secs(1));
+            return Err(e);
+        }
+    };
+    let appended: Vec<Vec<Instant>> = ids.iter().map(|id| srv.store.take(id)).collect();
+    srv.rt.shutdown_timeout(Duration::from_secs(2));
+
+    let server_cpu =
+        sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("server-") || n.starts_with("sqlx"));
+    let client_cpu = sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("client-"));
+    let process_cpu = proc_ticks as f64 / sys::clk_tck();
+
+    // The interval in which every job was producing tokens: from the latest first
+    // token to the earliest last event.
+    let all_start = appended.iter().filter_map(|v| v.get(1)).max().copied();
+    let all_end = appended.iter().filter_map(|v| v.last()).min().copied();
+    let first_append = appended.iter().filter_map(|v| v.get(1)).min().copied();
+    let mut delays = Vec::with_capacity(receipts.iter().map(|(_, r)| r.seen.len()).sum());
+    let (mut late, mut incomplete, mut in_window) = (0u64, 0usize, 0u64);
+    let mut last_receipt = None::<Instant>;
+    for (j, r) in &receipts {
+        let times = &appended[*j];
+        let complete = r.seen.len() == times.len()
+            && r.seen.iter().enumerate().all(|(i, (s, _))| *s as usize == i);
+        if !complete {
+            incomplete += 1;
+        }
+        for (seq, at) in &r.seen {
+            if *seq == 0 {
+                continue; // `created` was in the log before anyone attached
+            }
+            let Some(appended_at) = times.get(*seq as usize) else {
+                continue;
+            };
+            if r.connected > *appended_at {
+                late += 1;
+                continue;
+            }
+            delays.push(at.saturating_duration_since(*appended_at).as_micros() as u64);
+            if let (Some(a), Some(b)) = (all_start, all_end) {
+                if *at >= a && *at <= b {
+                    in_window += 1;
+                }
+            }
+            last_receipt = Some(last_receipt.map_or(*at, |l: Instant| l.max(*at)));
+        }
+    }
+    delays.sort_unstable();
+    let delivered = delays.len() as u64;
+    let rate_all_running = match (all_start, all_end) {
+        (Some(a), Some(b)) if b > a => in_window as f64 / (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let rate_overall = match (first_append, last_receipt) {
+        (Some(a), Some(b)) if b > a => delivered as f64 / (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let per_job_rate = {
+        let rates: Vec<f64> = appended
+            .iter()
+            .filter(|v| v.len() > 2)
+            .map(|v| (v.len() - 2) as f64 / (v[v.len() - 1] - v[1]).as_secs_f64())
+            .collect();
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64
+    };
+    Ok(CaseResult {
+        delay_ms,
+        tokens,
+        jobs,
+        subs_per_job,
+        setup,
+        delivered,
+        rate_all_running,
+        rate_overall,
+        per_job_rate,
+        p50_us: quantile(&delays, 0.50),
+        p99_us: quantile(&delays, 0.99),
+        p999_us: quantile(&delays, 0.999),
+        max_us: delays.last().copied().unwrap_or(0),
+        late,
+        incomplete,
+        server_cpu,
+        client_cpu,
+        process_cpu,
+        wall,
+    })
+}
+
+fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
+    println!(
+        "### {title}\n\nserver runtime: {} worker threads (`server-N`); clients: {} (`client-N`); TCP_NODELAY on server sockets: {}\n",
+        args.server_threads,
+        args.client_threads,
+        if args.nodelay { "yes" } else { "no (as `genstream serve`)" }
+    );
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            let per_m = |cpu: f64| format!("{:.2}", cpu / (r.delivered as f64 / 1e6));
+            vec![
+                format!("{} ms × {}", r.delay_ms, r.tokens),
+                format!("{} × {}", r.jobs, r.subs_per_job),
+                format!("{:.0}", r.per_job_rate),
+                thousands(r.delivered),
+                thousands(r.rate_all_running as u64),
+                thousands(r.rate_overall as u64),
+                ms(r.p50_us),
+                ms(r.p99_us),
+                ms(r.p999_us),
+                ms(r.max_us),
+                format!("{:.2}", r.server_cpu),
+                per_m(r.server_cpu),
+                per_m(r.process_cpu),
+                format!("{:.2}", r.server_cpu / r.wall.as_secs_f64()),
+                format!("{:.2}", r.client_cpu),
+                format!("{}/{}", r.late, r.incomplete),
+                format!("{:.1}", r.setup.as_secs_f64()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "token delay × tokens",
+            "jobs × subs",
+            "appends/s/job",
+            "events delivered",
+            "delivered ev/s (all jobs running)",
+            "delivered ev/s (whole run)",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "server CPU s",
+            "server CPU s / M ev",
+            "process CPU s / M ev",
+            "server cores busy",
+            "client CPU s",
+            "late/incomplete",
+            "setup s",
+        ],
+        &rows,
+    );
+}
+
+fn run(title: &str, args: &FanoutArgs, jobs: usize, subs_per_job: usize) -> Result<(), String> {
+    let client_rt = client_runtime(args.client_threads)?;
+    let mut results = Vec::new();
+    for &d in &args.delays_ms {
+        eprintln!("{title}: {jobs} job(s) × {subs_per_job} subscriber(s), token delay {d} ms …");
+        results.push(run_case(args, &client_rt, jobs, subs_per_job, d)?);
+    }
+    client_rt.shutdown_timeout(Duration::from_secs(2));
+    print(title, args, &results);
+    Ok(())
+}
+
+/// 1 job × `subscribers` SSE subscribers.
+pub fn one_job(args: &FanoutArgs, subscribers: usize) -> Result<(), String> {
+    run("fanout-one-job", args, 1, subscribers)
+}
+
+/// `jobs` jobs × 1 SSE subscriber each.
+pub fn many_jobs(args: &FanoutArgs, jobs: usize) -> Result<(), String> {
+    run("fanout-many-jobs", args, jobs, 1)
+}
