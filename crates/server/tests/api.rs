@@ -543,3 +543,37 @@ async fn abort_status_active_and_conversation_routes() {
     assert_eq!(models["models"][0]["name"], "demo");
     assert_eq!(models["models"][0]["provider"], "demo");
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_streams_get_keepalive_comments_every_15s() {
+    let app = test_app(vec![demo(
+        "stall",
+        json!({"tokens": 50, "token_delay_ms": 1, "behavior": "stall"}),
+    )]);
+    let started = start(&app, "alice", json!({"text": "hang"})).await;
+    let sid = started["streamId"].as_str().unwrap();
+    let req = Request::get(format!("/api/chat/stream/{sid}"))
+        .header("authorization", format!("Bearer {}", token("alice")))
+        .body(Body::empty())
+        .unwrap();
+    let mut body = app.router.clone().oneshot(req).await.unwrap().into_body();
+    let t0 = tokio::time::Instant::now();
+    let mut pings = Vec::new();
+    while pings.len() < 2 {
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        if frame.as_ref() == b": ping\n\n" {
+            pings.push(t0.elapsed());
+        }
+    }
+    // Paused time: the pings come at 15 s and 30 s of stream idleness.
+    assert!(
+        pings[0] >= std::time::Duration::from_secs(15)
+            && pings[0] < std::time::Duration::from_secs(16),
+        "{pings:?}"
+    );
+    assert!(
+        pings[1] >= std::time::Duration::from_secs(30)
+            && pings[1] < std::time::Duration::from_secs(31),
+        "{pings:?}"
+    );
+}
