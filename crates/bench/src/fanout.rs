@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use axum::serve::ListenerExt;
 use genstream_engine::EngineError;
-use genstream_engine::event::{EventBody, Frame};
+use genstream_engine::event::EventBody;
 use genstream_engine::log::{AppendError, EventLog};
 use genstream_engine::manager::{JobManager, ModelEntry};
 use genstream_engine::store::{JobMeta, JobStore, MemoryStore};
@@ -80,13 +80,14 @@ impl JobStore for TimedStore {
         &self,
         stream_id: &str,
         body: &EventBody,
-    ) -> Result<Result<Frame, AppendError>, EngineError> {
+        expected_seq: Option<u64>,
+    ) -> Result<Result<u64, AppendError>, EngineError> {
         let start = Instant::now();
-        let r = self.inner.append(stream_id, body).await;
-        if let Ok(Ok(frame)) = &r {
+        let r = self.inner.append(stream_id, body, expected_seq).await;
+        if let Ok(Ok(seq)) = &r {
             let mut g = self.times.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = g.get_mut(stream_id) {
-                if v.len() as u64 == frame.seq {
+                if v.len() as u64 == *seq {
                     v.push(start);
                 }
             }
@@ -101,6 +102,12 @@ impl JobStore for TimedStore {
     }
     async fn ping(&self) -> Result<(), EngineError> {
         self.inner.ping().await
+    }
+    async fn orphaned_jobs(
+        &self,
+        live: &std::collections::HashSet<String>,
+    ) -> Result<Vec<genstream_engine::store::Orphan>, EngineError> {
+        self.inner.orphaned_jobs(live).await
     }
 }
 
@@ -168,8 +175,12 @@ impl InProc {
             for m in &config.models {
                 models.push(ModelEntry {
                     name: m.name.clone(),
-                    provider: genstream_providers::build(&m.provider, &config.providers, &m.options)
-                        .map_err(|e| e.to_string())?,
+                    provider: genstream_providers::build(
+                        &m.provider,
+                        &config.providers,
+                        &m.options,
+                    )
+                    .map_err(|e| e.to_string())?,
                 });
             }
             let (secret, _) = genstream_server::serve::resolve_secret(&config, &db)
@@ -229,6 +240,7 @@ struct CaseResult {
     late: u64,
     incomplete: usize,
     server_cpu: f64,
+    server_sys: f64,
     client_cpu: f64,
     process_cpu: f64,
     wall: Duration,
@@ -252,9 +264,7 @@ fn run_case(
     delay_ms: u64,
 ) -> Result<CaseResult, String> {
     let tokens = (args.duration_ms / delay_ms.max(1)).max(1);
-    let first_token_delay = args
-        .first_token_delay_ms
-        .unwrap_or(2000 + 3 * jobs as u64);
+    let first_token_delay = args.first_token_delay_ms.unwrap_or(2000 + 3 * jobs as u64);
     let srv = InProc::start(
         args,
         json!({
@@ -281,7 +291,8 @@ fn run_case(
         for j in 0..jobs {
             let (http, base, token) = (http.clone(), base.clone(), token.clone());
             let (post_permits, open_permits) = (post_permits.clone(), open_permits.clone());
-            let (ready_tx, ids_tx, reader_tx) = (ready_tx.clone(), ids_tx.clone(), reader_tx.clone());
+            let (ready_tx, ids_tx, reader_tx) =
+                (ready_tx.clone(), ids_tx.clone(), reader_tx.clone());
             tokio::spawn(async move {
                 let id = {
                     let _p = post_permits.acquire().await;
@@ -296,8 +307,12 @@ fn run_case(
                 };
                 let _ = ids_tx.send((j, id.clone()));
                 for _ in 0..subs_per_job {
-                    let (id, token, open_permits, ready_tx) =
-                        (id.clone(), token.clone(), open_permits.clone(), ready_tx.clone());
+                    let (id, token, open_permits, ready_tx) = (
+                        id.clone(),
+                        token.clone(),
+                        open_permits.clone(),
+                        ready_tx.clone(),
+                    );
                     let h = tokio::spawn(async move {
                         let stream = {
                             let _p = open_permits.acquire().await;
@@ -327,7 +342,11 @@ fn run_case(
                 Ok(Some(Ok(()))) => ready += 1,
                 Ok(Some(Err(e))) => return Err(e),
                 Ok(None) => return Err(format!("only {ready} of {total} subscribers attached")),
-                Err(_) => return Err(format!("only {ready} of {total} subscribers attached in 90 s")),
+                Err(_) => {
+                    return Err(format!(
+                        "only {ready} of {total} subscribers attached in 90 s"
+                    ));
+                }
             }
         }
         let setup = setup_start.elapsed();
@@ -362,9 +381,12 @@ fn run_case(
     let appended: Vec<Vec<Instant>> = ids.iter().map(|id| srv.store.take(id)).collect();
     srv.rt.shutdown_timeout(Duration::from_secs(2));
 
-    let server_cpu =
-        sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("server-") || n.starts_with("sqlx"));
-    let client_cpu = sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("client-"));
+    let (server_user, server_sys) = sys::cpu_secs_between(&cpu0, &cpu1, |n| {
+        n.starts_with("server-") || n.starts_with("sqlx")
+    });
+    let server_cpu = server_user + server_sys;
+    let (cu, cs) = sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("client-"));
+    let client_cpu = cu + cs;
     let process_cpu = proc_ticks as f64 / sys::clk_tck();
 
     // The interval in which every job was producing tokens: from the latest first
@@ -378,7 +400,10 @@ fn run_case(
     for (j, r) in &receipts {
         let times = &appended[*j];
         let complete = r.seen.len() == times.len()
-            && r.seen.iter().enumerate().all(|(i, (s, _))| *s as usize == i);
+            && r.seen
+                .iter()
+                .enumerate()
+                .all(|(i, (s, _))| *s as usize == i);
         if !complete {
             incomplete += 1;
         }
@@ -437,6 +462,7 @@ fn run_case(
         late,
         incomplete,
         server_cpu,
+        server_sys,
         client_cpu,
         process_cpu,
         wall,
@@ -448,7 +474,11 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
         "### {title}\n\nserver runtime: {} worker threads (`server-N`); clients: {} (`client-N`); TCP_NODELAY on server sockets: {}\n",
         args.server_threads,
         args.client_threads,
-        if args.nodelay { "yes" } else { "no (as `genstream serve`)" }
+        if args.nodelay {
+            "yes"
+        } else {
+            "no (as `genstream serve`)"
+        }
     );
     let rows: Vec<Vec<String>> = results
         .iter()
@@ -465,7 +495,11 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
                 ms(r.p99_us),
                 ms(r.p999_us),
                 ms(r.max_us),
-                format!("{:.2}", r.server_cpu),
+                format!(
+                    "{:.2} ({:.0}% sys)",
+                    r.server_cpu,
+                    100.0 * r.server_sys / r.server_cpu.max(1e-9)
+                ),
                 per_m(r.server_cpu),
                 per_m(r.process_cpu),
                 format!("{:.2}", r.server_cpu / r.wall.as_secs_f64()),

@@ -329,6 +329,23 @@ impl Frame {
         }
     }
 
+    /// Recognizes a frame made by [`Frame::encode`] (or by the Redis append function,
+    /// which builds the same bytes): reads the seq from its `id:` line and whether it
+    /// is terminal from its `event:` line. `None` if the bytes are not such a frame.
+    pub fn parse(bytes: Bytes) -> Option<Frame> {
+        let text = std::str::from_utf8(&bytes[..bytes.len().min(64)]).ok()?;
+        let rest = text.strip_prefix("id: ")?;
+        let (seq, rest) = rest.split_once('\n')?;
+        let seq = seq.parse().ok()?;
+        let name = rest.strip_prefix("event: ")?.split('\n').next()?;
+        let terminal = name == "final" || name == "error";
+        Some(Frame {
+            seq,
+            terminal,
+            bytes,
+        })
+    }
+
     /// The frame's `data:` JSON (the [`Event`]), for consumers that need structure.
     pub fn data_json(&self) -> &[u8] {
         let b = &self.bytes[..];
@@ -363,5 +380,8 @@ mod tests {
         assert_eq!(s.matches('\n').count(), 4, "one data line: {s}");
         let ev: Event = serde_json::from_slice(f.data_json()).unwrap();
         assert_eq!(ev, Event { seq: 17, body });
+        let parsed = Frame::parse(f.bytes.clone()).unwrap();
+        assert_eq!((parsed.seq, parsed.terminal), (17, false));
+        assert!(Frame::parse(Bytes::from_static(b"garbage")).is_none());
     }
 }

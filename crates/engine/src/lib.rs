@@ -22,6 +22,7 @@ pub mod manager;
 pub mod persist;
 pub mod provider;
 pub mod store;
+pub mod suite;
 pub mod usage;
 
 pub use error::EngineError;

@@ -48,6 +48,9 @@ pub struct ManagerConfig {
     pub reap_interval: Duration,
     /// How long an abort waits for the owner to end the job. Default 10 s.
     pub abort_wait: Duration,
+    /// How long a job rides out a job-store outage (appends retried with backoff)
+    /// before it gives up; the reaper then ends it once the store is back. Default 30 s.
+    pub store_outage_grace: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -58,6 +61,7 @@ impl Default for ManagerConfig {
             max_live_jobs: 1000,
             reap_interval: Duration::from_secs(5),
             abort_wait: Duration::from_secs(10),
+            store_outage_grace: Duration::from_secs(30),
         }
     }
 }
@@ -147,18 +151,27 @@ impl JobManager {
         models: Vec<ModelEntry>,
         config: ManagerConfig,
     ) -> Self {
-        JobManager {
-            inner: Arc::new(Inner {
-                store,
-                db,
-                models,
-                config,
-                tracker: TaskTracker::new(),
-                live: Mutex::new(HashMap::new()),
-                accepting: AtomicBool::new(true),
-                stop: CancellationToken::new(),
-            }),
-        }
+        let inner = Arc::new(Inner {
+            store,
+            db,
+            models,
+            config,
+            tracker: TaskTracker::new(),
+            live: Mutex::new(HashMap::new()),
+            accepting: AtomicBool::new(true),
+            stop: CancellationToken::new(),
+        });
+        // Abort requests from other replicas cancel our local job, if we run it. Weak:
+        // the store must not keep the manager alive.
+        let weak = Arc::downgrade(&inner);
+        inner
+            .store
+            .set_abort_handler(Arc::new(move |stream_id: &str| {
+                if let Some(inner) = weak.upgrade() {
+                    cancel_local(&inner, stream_id, EndReason::Abort);
+                }
+            }));
+        JobManager { inner }
     }
 
     /// The job store.
@@ -326,7 +339,7 @@ impl JobManager {
             created_at: created_at.clone(),
         });
         let appended = match saved {
-            Ok(()) => inner.store.append(&stream_id, &created).await,
+            Ok(()) => inner.store.append(&stream_id, &created, Some(0)).await,
             Err(e) => Err(e),
         };
         if let Err(e) = appended.and_then(|r| {
@@ -343,6 +356,7 @@ impl JobManager {
                         message: e.to_string(),
                         response_message: None,
                     }),
+                    None,
                 )
                 .await;
             inner.live.lock().remove(&stream_id);
@@ -467,9 +481,9 @@ impl JobManager {
     pub async fn abort(&self, user_id: &str, stream_id: &str) -> Result<AbortOutcome, EngineError> {
         let (_meta, log) = self.job_for(user_id, stream_id).await?;
         if log.terminal().is_none() {
-            if let Some(live) = self.inner.live.lock().get(stream_id) {
-                live.reason.lock().get_or_insert(EndReason::Abort);
-                live.cancel.cancel();
+            if !cancel_local(&self.inner, stream_id, EndReason::Abort) {
+                // Another replica owns it: ask through the store.
+                self.inner.store.request_abort(stream_id).await?;
             }
             // Wait for the owner to save the partial answer and end the log.
             let mut rx = log.watch();
@@ -516,6 +530,9 @@ impl JobManager {
                     _ = tick.tick() => {}
                 }
                 this.reap_stalled();
+                if let Err(e) = this.reap_orphans().await {
+                    tracing::warn!(error = %e, "orphan sweep failed");
+                }
                 if let Err(e) = this
                     .inner
                     .store
@@ -541,6 +558,69 @@ impl JobManager {
             }
         }
         n
+    }
+
+    /// Ends running jobs that nobody generates (their owner replica died, or their task
+    /// gave up during a store outage): saves the partial answer from the log, then
+    /// appends `error` (`replica_lost` / `store_unavailable`) through the same atomic
+    /// append as everything else, so when several replicas reap at once exactly one
+    /// terminal event results. Returns how many this call ended.
+    pub async fn reap_orphans(&self) -> Result<usize, EngineError> {
+        let live: std::collections::HashSet<String> =
+            self.inner.live.lock().keys().cloned().collect();
+        let orphans = self.inner.store.orphaned_jobs(&live).await?;
+        let mut ended = 0;
+        for orphan in orphans {
+            let meta = orphan.meta;
+            // A job started after the snapshot above is live by now (a live slot is
+            // taken before the job is created), so re-check before ending it.
+            if orphan.reason == crate::store::OrphanReason::Abandoned
+                && self.inner.live.lock().contains_key(&meta.stream_id)
+            {
+                continue;
+            }
+            let Some(log) = self.inner.store.open_log(&meta.stream_id).await? else {
+                continue;
+            };
+            let (code, message) = match orphan.reason {
+                crate::store::OrphanReason::ReplicaLost => (
+                    "replica_lost",
+                    "the replica running this generation stopped".to_string(),
+                ),
+                crate::store::OrphanReason::Abandoned => (
+                    "store_unavailable",
+                    "the job store was unreachable for too long".to_string(),
+                ),
+            };
+            let partial = log.with_aggregate(|agg| {
+                let content = agg.content();
+                Message {
+                    message_id: meta.response_message_id.clone(),
+                    conversation_id: meta.conversation_id.clone(),
+                    parent_message_id: Some(meta.user_message_id.clone()),
+                    sender: meta.model.clone(),
+                    text: text_of(&content),
+                    content,
+                    is_created_by_user: false,
+                    model: Some(meta.model.clone()),
+                    unfinished: true,
+                    error: true,
+                    created_at: now_rfc3339(),
+                }
+            });
+            // Saved before the terminal event, as on every other path.
+            self.inner.db.save_message(&partial).await?;
+            let end = EventBody::Error(ErrorEvent {
+                code: code.into(),
+                message,
+                response_message: Some(partial),
+            });
+            if let Ok(_seq) = self.inner.store.append(&meta.stream_id, &end, None).await? {
+                tracing::warn!(stream_id = %meta.stream_id, code, "ended an orphaned job");
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     /// Stops accepting jobs; new chats get `ShuttingDown` from now on.
@@ -580,6 +660,18 @@ impl JobManager {
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
         self.inner.tracker.reopen();
+    }
+}
+
+/// Cancels a job this replica runs; false if it runs no such job.
+fn cancel_local(inner: &Inner, stream_id: &str, reason: EndReason) -> bool {
+    match inner.live.lock().get(stream_id) {
+        Some(live) => {
+            live.reason.lock().get_or_insert(reason);
+            live.cancel.cancel();
+            true
+        }
+        None => false,
     }
 }
 
@@ -680,7 +772,12 @@ impl JobRun {
                 message: format!("could not save the answer: {e}"),
                 response_message: None,
             });
-            let _ = self.manager.inner.store.append(&stream_id, &end).await;
+            let _ = self
+                .manager
+                .inner
+                .store
+                .append(&stream_id, &end, None)
+                .await;
         }
         self.manager.inner.live.lock().remove(&stream_id);
     }
@@ -689,16 +786,36 @@ impl JobRun {
         self.reason.lock().unwrap_or(EndReason::Abort)
     }
 
+    /// Appends through the store, riding out a store outage of up to
+    /// `store_outage_grace` with backoff. The expected seq makes a retry whose first try
+    /// did land a no-op, so an outage never duplicates an event.
+    async fn append(&self, body: &EventBody) -> Result<Result<u64, AppendError>, EngineError> {
+        let expected = self.aggregate.last_seq().map_or(0, |s| s + 1);
+        let grace = self.manager.inner.config.store_outage_grace;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self
+                .manager
+                .inner
+                .store
+                .append(&self.meta.stream_id, body, Some(expected))
+                .await
+            {
+                Err(EngineError::Store(e)) if started.elapsed() < grace => {
+                    tracing::warn!(stream_id = %self.meta.stream_id, error = %e, "append failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
-        match self
-            .manager
-            .inner
-            .store
-            .append(&self.meta.stream_id, &body)
-            .await
-        {
-            Ok(Ok(frame)) => {
-                self.aggregate.apply(frame.seq, &body);
+        match self.append(&body).await {
+            Ok(Ok(seq)) => {
+                self.aggregate.apply(seq, &body);
                 *self.last_progress.lock() = Instant::now();
                 Ok(())
             }
@@ -955,13 +1072,7 @@ impl JobRun {
             }
             Outcome::Internal(m) => self.error_end("internal", m).await?,
         };
-        match self
-            .manager
-            .inner
-            .store
-            .append(&self.meta.stream_id, &terminal)
-            .await?
-        {
+        match self.append(&terminal).await? {
             Ok(_) | Err(AppendError::Ended) => Ok(()),
             Err(AppendError::Full) => Err(EngineError::Internal(
                 "terminal event refused as full".into(),

@@ -6,7 +6,7 @@
 //! terminal event per log ([`JobStore::append`]), and the job's status following its
 //! terminal event in the same step.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
 use crate::aggregate::TerminalKind;
-use crate::event::{EventBody, Frame};
+use crate::event::EventBody;
 use crate::log::{AppendError, EventLog, LogLimits};
 
 /// Lifecycle of a job (SPEC §5).
@@ -54,6 +54,27 @@ pub struct JobMeta {
     pub created_at: String,
 }
 
+/// Called with a stream id when another replica asks this one to abort a job.
+pub type AbortHandler = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Why a running job has nobody generating it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrphanReason {
+    /// Its owner replica's lease lapsed: the process died or lost the store
+    /// (`replica_lost`).
+    ReplicaLost,
+    /// It is owned by this replica but no task runs it any more, e.g. its task gave up
+    /// during a store outage (`store_unavailable`).
+    Abandoned,
+}
+
+/// A running job that nobody generates; the reaper ends it.
+#[derive(Clone, Debug)]
+pub struct Orphan {
+    pub meta: JobMeta,
+    pub reason: OrphanReason,
+}
+
 /// Storage of job metadata and event logs.
 ///
 /// Errors: [`EngineError::Store`] when the backing service fails.
@@ -74,8 +95,12 @@ pub trait JobStore: Send + Sync + 'static {
     /// The user's running jobs, oldest first.
     async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError>;
 
-    /// Appends an event with the next seq. A terminal event also sets the job's status
-    /// and frees its conversation, in the same atomic step.
+    /// Appends an event with the next seq and returns that seq. A terminal event also
+    /// sets the job's status and frees its conversation, in the same atomic step.
+    ///
+    /// `expected_seq` is the seq the caller believes comes next (the job's owner knows
+    /// it); if the log is already past it, an earlier try of this very append landed
+    /// (its reply was lost) and the call returns that seq without appending again.
     ///
     /// Errors: `Ok(Err(AppendError::Ended))` once the log has its terminal event,
     /// `Ok(Err(AppendError::Full))` past the cap; `Err` when the store fails.
@@ -83,7 +108,8 @@ pub trait JobStore: Send + Sync + 'static {
         &self,
         stream_id: &str,
         body: &EventBody,
-    ) -> Result<Result<Frame, AppendError>, EngineError>;
+        expected_seq: Option<u64>,
+    ) -> Result<Result<u64, AppendError>, EngineError>;
 
     /// The log that this replica's subscribers read (the log itself in memory, a
     /// local mirror in Redis mode); `None` if the job is unknown or expired.
@@ -95,6 +121,19 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Succeeds when the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), EngineError>;
+
+    /// Asks the job's owner, wherever it runs, to abort it. The memory store has one
+    /// replica, whose manager aborts locally, so its default does nothing.
+    async fn request_abort(&self, _stream_id: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// Registers what to call when another replica asks for an abort.
+    fn set_abort_handler(&self, _handler: AbortHandler) {}
+
+    /// Running jobs that nobody generates: owned by a replica whose lease lapsed, or
+    /// owned by this replica but not in `live` (the ids of the jobs its tasks run).
+    async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError>;
 }
 
 /// The single-process job store: every log lives in this process's memory.
@@ -183,7 +222,8 @@ impl JobStore for MemoryStore {
         &self,
         stream_id: &str,
         body: &EventBody,
-    ) -> Result<Result<Frame, AppendError>, EngineError> {
+        expected_seq: Option<u64>,
+    ) -> Result<Result<u64, AppendError>, EngineError> {
         let log = {
             let g = self.inner.lock();
             match g.jobs.get(stream_id) {
@@ -191,6 +231,9 @@ impl JobStore for MemoryStore {
                 None => return Err(EngineError::NotFound(format!("job {stream_id}"))),
             }
         };
+        if let Some(seq) = expected_seq.filter(|s| log.len() > *s) {
+            return Ok(Ok(seq)); // one process: cannot happen, but keep the contract
+        }
         let result = log.append(body);
         if let Ok(frame) = &result
             && frame.terminal
@@ -199,7 +242,7 @@ impl JobStore for MemoryStore {
         {
             meta.status = kind.into();
         }
-        Ok(result)
+        Ok(result.map(|f| f.seq))
     }
 
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError> {
@@ -223,5 +266,19 @@ impl JobStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), EngineError> {
         Ok(())
+    }
+
+    async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError> {
+        Ok(self
+            .inner
+            .lock()
+            .jobs
+            .values()
+            .filter(|(m, _)| m.status == JobStatus::Running && !live.contains(&m.stream_id))
+            .map(|(m, _)| Orphan {
+                meta: m.clone(),
+                reason: OrphanReason::Abandoned,
+            })
+            .collect())
     }
 }

@@ -25,11 +25,16 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Address to listen on. Default `127.0.0.1:3080`.
     pub bind: String,
-    /// Job store: `memory` (default). `redis://…` comes with multi-replica support.
+    /// Job store: `memory` (default, one process) or `redis://host:port[/db]` (any
+    /// number of replicas sharing one Redis).
     pub store: String,
     /// Database URL: `sqlite://genstream.db` (default), `sqlite::memory:`,
     /// `postgres://…`.
     pub database: String,
+    #[serde(default)]
+    pub redis: RedisSection,
+    #[serde(default)]
+    pub pool: PoolSection,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -92,6 +97,43 @@ impl Default for JobsConfig {
     }
 }
 
+/// `[redis]`: used when `store` is a `redis://` URL.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// Prefix of every key and channel. Default `genstream`.
+    pub key_prefix: String,
+    /// Replica lease, in milliseconds: a replica's running jobs are declared lost
+    /// (`replica_lost`) this long after it stops renewing. Default 8000.
+    pub lease_ttl_ms: u64,
+    /// TTL of a running job's keys, refreshed by every event, in seconds. Default 86400.
+    pub running_ttl_secs: u64,
+    /// Connect and command timeout, in milliseconds. Default 2000.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection {
+            key_prefix: "genstream".into(),
+            lease_ttl_ms: 8000,
+            running_ttl_secs: 86_400,
+            timeout_ms: 2000,
+        }
+    }
+}
+
+/// `[pool]`: the database connection pool.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    /// Connections; 0 means the default (8 for SQLite, 16 for PostgreSQL).
+    pub max_connections: u32,
+    /// How long a query waits for a free connection, in milliseconds; 0 means the
+    /// default (5000).
+    pub acquire_timeout_ms: u64,
+}
+
 /// `[http]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -143,6 +185,8 @@ impl Default for Config {
             bind: "127.0.0.1:3080".into(),
             store: "memory".into(),
             database: "sqlite://genstream.db".into(),
+            redis: RedisSection::default(),
+            pool: PoolSection::default(),
             auth: AuthConfig::default(),
             jobs: JobsConfig::default(),
             http: HttpConfig::default(),

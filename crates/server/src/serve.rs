@@ -19,6 +19,8 @@ pub enum ServeError {
     Config(String),
     #[error("{0}")]
     Database(String),
+    #[error("{0}")]
+    Store(String),
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -33,9 +35,39 @@ const SECRET_NAME: &str = "jwt_secret";
 
 /// The database named by the config.
 pub async fn open_database(config: &Config) -> Result<Arc<dyn Persistence>, ServeError> {
-    genstream_sql::connect(&config.database, genstream_sql::PoolOptions::default())
+    let mut pool = genstream_sql::PoolOptions::default();
+    if config.pool.max_connections > 0 {
+        pool.max_connections = Some(config.pool.max_connections);
+    }
+    if config.pool.acquire_timeout_ms > 0 {
+        pool.acquire_timeout = Duration::from_millis(config.pool.acquire_timeout_ms);
+    }
+    genstream_sql::connect(&config.database, pool)
         .await
         .map_err(|e| ServeError::Database(e.to_string()))
+}
+
+/// The job store named by the config: `memory` or `redis://…`.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError> {
+    match config.store.as_str() {
+        "memory" => Ok(Arc::new(MemoryStore::new(config.log_limits()))),
+        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let mut rc = genstream_redis::RedisConfig::new(url);
+            rc.key_prefix.clone_from(&config.redis.key_prefix);
+            rc.lease_ttl = Duration::from_millis(config.redis.lease_ttl_ms.max(300));
+            rc.running_ttl = Duration::from_secs(config.redis.running_ttl_secs.max(1));
+            rc.retention = Duration::from_secs(config.jobs.retention_secs.max(1));
+            rc.limits = config.log_limits();
+            rc.timeout = Duration::from_millis(config.redis.timeout_ms.max(50));
+            let store = genstream_redis::RedisStore::connect(rc)
+                .await
+                .map_err(|e| ServeError::Store(e.to_string()))?;
+            Ok(Arc::new(store))
+        }
+        other => Err(ServeError::Config(format!(
+            "unsupported store {other:?}: use \"memory\" or a redis:// URL"
+        ))),
+    }
 }
 
 /// The JWT secret: the configured one, else the one kept in the database (created on
@@ -57,14 +89,7 @@ pub async fn resolve_secret(
 /// Builds the state the router serves: store, database, models, manager, keys. The
 /// flag is true when the secret was not configured (it lives in the database).
 pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError> {
-    let store: Arc<dyn JobStore> = match config.store.as_str() {
-        "memory" => Arc::new(MemoryStore::new(config.log_limits())),
-        other => {
-            return Err(ServeError::Config(format!(
-                "unsupported store {other:?}: use \"memory\""
-            )));
-        }
-    };
+    let store = open_store(config).await?;
     let db = open_database(config).await?;
     let mut models = Vec::new();
     for m in &config.models {

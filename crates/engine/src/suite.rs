@@ -1,0 +1,335 @@
+//! The job-store contract as executable tests, shared by every [`JobStore`]
+//! implementation: the memory store runs it in `engine/tests/store_suite.rs`, the Redis
+//! store in `redis/tests/store_suite.rs`. Each function takes a fresh, empty store made
+//! with the caps given by [`SUITE_LIMITS`].
+#![doc(hidden)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::EngineError;
+use crate::event::*;
+use crate::log::{AppendError, LogLimits};
+use crate::store::{JobMeta, JobStatus, JobStore, OrphanReason};
+use crate::usage::UsageRecord;
+
+/// Caps the suite's stores must be built with (the cap test relies on them).
+pub const SUITE_LIMITS: LogLimits = LogLimits {
+    max_events: 50,
+    max_bytes: 1 << 20,
+};
+
+/// A running job's metadata for `user` in `conversation`.
+pub fn meta(user: &str, conversation: &str) -> JobMeta {
+    JobMeta {
+        stream_id: crate::new_id(),
+        user_id: user.into(),
+        conversation_id: conversation.into(),
+        user_message_id: crate::new_id(),
+        response_message_id: crate::new_id(),
+        model: "demo".into(),
+        status: JobStatus::Running,
+        created_at: crate::now_rfc3339(),
+    }
+}
+
+fn delta(text: &str) -> EventBody {
+    EventBody::MessageDelta(Delta {
+        id: "step_0".into(),
+        delta: DeltaContent {
+            content: vec![ContentPart::Text { text: text.into() }],
+        },
+    })
+}
+
+fn step() -> EventBody {
+    EventBody::RunStep(RunStep {
+        id: "step_0".into(),
+        run_id: "r".into(),
+        index: 0,
+        step_type: StepType::MessageCreation,
+        step_details: StepDetails::MessageCreation {
+            message_creation: MessageCreation {
+                message_id: "m".into(),
+            },
+        },
+    })
+}
+
+fn error_end() -> EventBody {
+    EventBody::Error(ErrorEvent {
+        code: "upstream_error".into(),
+        message: "x".into(),
+        response_message: None,
+    })
+}
+
+fn usage() -> EventBody {
+    EventBody::Usage(UsageRecord {
+        model: "demo".into(),
+        provider: "demo".into(),
+        input_tokens: 3,
+        output_tokens: 4,
+        ..Default::default()
+    })
+}
+
+async fn unique_user() -> String {
+    format!("user-{}", crate::new_id())
+}
+
+/// Metadata round-trips; unknown ids are `None`; the running lists follow status.
+pub async fn create_get_and_lists(store: Arc<dyn JobStore>) {
+    let user = unique_user().await;
+    let m = meta(&user, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    assert_eq!(store.get_job(&m.stream_id).await.unwrap(), Some(m.clone()));
+    assert_eq!(
+        store.latest_job(&m.conversation_id).await.unwrap(),
+        Some(m.clone())
+    );
+    assert_eq!(store.running_jobs(&user).await.unwrap(), vec![m.clone()]);
+    assert!(store.get_job("no-such-job").await.unwrap().is_none());
+    assert!(store.open_log("no-such-job").await.unwrap().is_none());
+    assert!(
+        store
+            .latest_job("no-such-conversation")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .append(&m.stream_id, &error_end(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let after = store.get_job(&m.stream_id).await.unwrap().unwrap();
+    assert_eq!(after.status, JobStatus::Error);
+    assert!(
+        store.running_jobs(&user).await.unwrap().is_empty(),
+        "self-healing list"
+    );
+}
+
+/// One running job per conversation; free again once it ends.
+pub async fn one_running_job_per_conversation(store: Arc<dyn JobStore>) {
+    let user = unique_user().await;
+    let conv = crate::new_id();
+    let a = meta(&user, &conv);
+    store.create_job(&a).await.unwrap();
+    let b = meta(&user, &conv);
+    assert!(matches!(
+        store.create_job(&b).await,
+        Err(EngineError::ConversationBusy(_))
+    ));
+    assert!(
+        store.get_job(&b.stream_id).await.unwrap().is_none(),
+        "the refused job left nothing"
+    );
+    store
+        .append(&a.stream_id, &error_end(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    store.create_job(&b).await.unwrap();
+    assert_eq!(
+        store.latest_job(&conv).await.unwrap().unwrap().stream_id,
+        b.stream_id
+    );
+}
+
+/// Concurrent creates in one conversation: exactly one wins.
+pub async fn concurrent_creates_one_wins(store: Arc<dyn JobStore>) {
+    let user = unique_user().await;
+    let conv = crate::new_id();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            let m = meta(&user, &conv);
+            tokio::spawn(async move { store.create_job(&m).await.is_ok() })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+}
+
+/// Seqs are 0..n with no holes; frames are the bytes `Frame::encode` makes; exactly
+/// one terminal event; an append whose seq already landed is not repeated.
+pub async fn append_assigns_seqs_and_one_terminal(store: Arc<dyn JobStore>) {
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    let bodies = vec![step(), delta("Hel"), delta("lo\n\"q\" ü 😀"), usage()];
+    for (i, b) in bodies.iter().enumerate() {
+        let seq = store
+            .append(&m.stream_id, b, Some(i as u64))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, i as u64);
+    }
+    // A retried append (its first try landed): same seq, nothing appended.
+    let again = store
+        .append(&m.stream_id, &bodies[3], Some(3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, 3);
+    let end = error_end();
+    assert_eq!(
+        store
+            .append(&m.stream_id, &end, None)
+            .await
+            .unwrap()
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        store
+            .append(&m.stream_id, &error_end(), None)
+            .await
+            .unwrap(),
+        Err(AppendError::Ended)
+    );
+    assert_eq!(
+        store
+            .append(&m.stream_id, &delta("late"), None)
+            .await
+            .unwrap(),
+        Err(AppendError::Ended)
+    );
+    let log = store.open_log(&m.stream_id).await.unwrap().unwrap();
+    let frames = log.read_after(None, usize::MAX).frames;
+    assert_eq!(frames.len(), 5);
+    for (i, f) in frames.iter().enumerate() {
+        let body = if i < 4 { &bodies[i] } else { &end };
+        assert_eq!(f.bytes, Frame::encode(i as u64, body).bytes, "frame {i}");
+        assert_eq!(f.terminal, i == 4);
+    }
+    assert_eq!(
+        log.snapshot().1.aggregated_content,
+        vec![ContentPart::Text {
+            text: "Hello\n\"q\" ü 😀".into()
+        }]
+    );
+}
+
+/// Past the cap, non-terminal appends are refused and the terminal one still fits.
+pub async fn caps_refuse_all_but_the_terminal_event(store: Arc<dyn JobStore>) {
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    for i in 0..SUITE_LIMITS.max_events {
+        assert!(
+            store
+                .append(&m.stream_id, &delta("x"), Some(i as u64))
+                .await
+                .unwrap()
+                .is_ok()
+        );
+    }
+    assert_eq!(
+        store.append(&m.stream_id, &delta("x"), None).await.unwrap(),
+        Err(AppendError::Full)
+    );
+    assert!(
+        store
+            .append(&m.stream_id, &error_end(), None)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
+
+/// A reader that opened the log before the appends sees every one of them, in order.
+pub async fn readers_follow_live_appends(store: Arc<dyn JobStore>) {
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    store
+        .append(&m.stream_id, &step(), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    let log = store.open_log(&m.stream_id).await.unwrap().unwrap();
+    let reader = tokio::spawn(async move {
+        let mut rx = log.watch();
+        let mut cursor = None;
+        let mut seqs = Vec::new();
+        loop {
+            rx.borrow_and_update();
+            let batch = log.read_after(cursor, 7);
+            for f in &batch.frames {
+                seqs.push(f.seq);
+                cursor = Some(f.seq);
+            }
+            if batch.ended {
+                return seqs;
+            }
+            if batch.frames.is_empty() {
+                tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                    .await
+                    .expect("no event within 5 s")
+                    .unwrap();
+            }
+        }
+    });
+    for i in 1..40u64 {
+        store
+            .append(&m.stream_id, &delta("t"), Some(i))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    store
+        .append(&m.stream_id, &error_end(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let seqs = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seqs, (0..41).collect::<Vec<_>>());
+}
+
+/// A running job that no local task runs is an orphan; a finished one is not.
+pub async fn orphans_are_running_jobs_nobody_runs(store: Arc<dyn JobStore>) {
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    let mut live = HashSet::new();
+    live.insert(m.stream_id.clone());
+    let orphans = store.orphaned_jobs(&live).await.unwrap();
+    assert!(!orphans.iter().any(|o| o.meta.stream_id == m.stream_id));
+    let orphans = store.orphaned_jobs(&HashSet::new()).await.unwrap();
+    let mine: Vec<_> = orphans
+        .iter()
+        .filter(|o| o.meta.stream_id == m.stream_id)
+        .collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].reason, OrphanReason::Abandoned);
+    store
+        .append(&m.stream_id, &error_end(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let orphans = store.orphaned_jobs(&HashSet::new()).await.unwrap();
+    assert!(!orphans.iter().any(|o| o.meta.stream_id == m.stream_id));
+}
+
+/// Runs every case, each on a store from `make`.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn JobStore>>,
+{
+    create_get_and_lists(make().await).await;
+    one_running_job_per_conversation(make().await).await;
+    concurrent_creates_one_wins(make().await).await;
+    append_assigns_seqs_and_one_terminal(make().await).await;
+    caps_refuse_all_but_the_terminal_event(make().await).await;
+    readers_follow_live_appends(make().await).await;
+    orphans_are_running_jobs_nobody_runs(make().await).await;
+}

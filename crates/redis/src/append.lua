@@ -1,0 +1,59 @@
+#!lua name=genstream_v1
+-- genstream's Redis functions, version 1. The library name and every function name
+-- carry the version, so that replicas of two releases can run side by side during a
+-- rolling deploy: a new release loads genstream_v2 next to this one.
+
+-- Appends one event to a job's log, atomically:
+--   assign the next seq, check the caps, build the SSE frame, XADD it with stream id
+--   0-(seq+1), update the job hash, refresh TTLs, PUBLISH the frame.
+-- There is never a seq without a log entry, nor an entry without a publish.
+--
+-- KEYS[1] job hash   KEYS[2] log stream   (both with the {streamId} hash tag)
+-- ARGV[1] event name
+-- ARGV[2] body JSON: {"event":NAME,"data":{...}}
+-- ARGV[3] "1" if terminal
+-- ARGV[4] max events   ARGV[5] max bytes (terminal events are exempt)
+-- ARGV[6] TTL ms while running   ARGV[7] TTL ms once finished
+-- ARGV[8] pub/sub channel
+-- ARGV[9] job status to set if terminal   ARGV[10] now (ms since epoch)
+-- ARGV[11] expected seq, or "" (the owner passes it so a retried append whose first
+--          try did land is not appended twice)
+-- Returns {"ok", seq, frame} | {"dup", seq} | {"ended"} | {"full"} | {"missing"}
+local function append(keys, args)
+  local job, log = keys[1], keys[2]
+  if redis.call('EXISTS', job) == 0 then return {'missing'} end
+  local len = tonumber(redis.call('HGET', job, 'len') or '0')
+  if args[11] ~= '' and len > tonumber(args[11]) then return {'dup', tonumber(args[11])} end
+  if redis.call('HGET', job, 'ended') == '1' then return {'ended'} end
+  local terminal = args[3] == '1'
+  local seq = len
+  local frame = 'id: ' .. seq .. '\nevent: ' .. args[1] .. '\ndata: {"seq":' .. seq .. ','
+    .. string.sub(args[2], 2) .. '\n\n'
+  local bytes = tonumber(redis.call('HGET', job, 'bytes') or '0')
+  if not terminal and (seq + 1 > tonumber(args[4]) or bytes + #frame > tonumber(args[5])) then
+    return {'full'}
+  end
+  redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame)
+  redis.call('HSET', job, 'len', seq + 1, 'bytes', bytes + #frame, 'progressAt', args[10])
+  local ttl = args[6]
+  if terminal then
+    redis.call('HSET', job, 'ended', '1', 'status', args[9], 'finishedAt', args[10])
+    ttl = args[7]
+  end
+  redis.call('PEXPIRE', job, ttl)
+  redis.call('PEXPIRE', log, ttl)
+  redis.call('PUBLISH', args[8], frame)
+  return {'ok', seq, frame}
+end
+
+-- Makes KEYS[1] (a conversation's latest-job pointer) point to ARGV[1] if it still
+-- points to ARGV[2] ("" = absent). Returns 1 on success, 0 if someone else won.
+local function claim(keys, args)
+  local cur = redis.call('GET', keys[1])
+  if (cur or '') ~= args[2] then return 0 end
+  redis.call('SET', keys[1], args[1], 'PX', args[3])
+  return 1
+end
+
+redis.register_function('genstream_append_v1', append)
+redis.register_function('genstream_claim_v1', claim)
