@@ -163,7 +163,7 @@ pub async fn concurrent_creates_one_wins(store: Arc<dyn JobStore>) {
 pub async fn append_assigns_seqs_and_one_terminal(store: Arc<dyn JobStore>) {
     let m = meta(&unique_user().await, &crate::new_id());
     store.create_job(&m).await.unwrap();
-    let bodies = vec![step(), delta("Hel"), delta("lo\n\"q\" ü 😀"), usage()];
+    let bodies = [step(), delta("Hel"), delta("lo\n\"q\" ü 😀"), usage()];
     for (i, b) in bodies.iter().enumerate() {
         let seq = store
             .append(&m.stream_id, b, Some(i as u64))

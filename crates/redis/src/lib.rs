@@ -524,11 +524,12 @@ impl JobStore for RedisStore {
                     .query_async(&mut conn)
                     .await
                     .map_err(store_err)?;
-                if let Some((ended, Some(status))) = running {
-                    if ended.as_deref() != Some("1") && status == "running" {
-                        let _: () = conn.del(&job_key).await.map_err(store_err)?;
-                        return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
-                    }
+                if let Some((ended, Some(status))) = running
+                    && ended.as_deref() != Some("1")
+                    && status == "running"
+                {
+                    let _: () = conn.del(&job_key).await.map_err(store_err)?;
+                    return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
                 }
             }
             let ok: i64 = redis::cmd("FCALL")
@@ -646,22 +647,20 @@ impl JobStore for RedisStore {
                 if let Some(Value::BulkString(b)) = reply.get(2) {
                     // Local subscribers need not wait for the publish to come back.
                     let mirror = self.inner.mirrors.lock().get(stream_id).cloned();
-                    if let Some(m) = mirror.filter(|m| m.ready.get().is_some()) {
-                        if let Some(f) = Frame::parse(Bytes::from(b.clone())) {
-                            m.log.insert_frame(f);
-                        }
+                    if let Some(m) = mirror.filter(|m| m.ready.get().is_some())
+                        && let Some(f) = Frame::parse(Bytes::from(b.clone()))
+                    {
+                        m.log.insert_frame(f);
                     }
                 }
-                if terminal {
-                    if let Some((meta, _)) = self.meta(stream_id).await? {
-                        let _: Result<(), _> = redis::pipe()
-                            .srem(self.user_running_key(&meta.user_id), stream_id)
-                            .ignore()
-                            .srem(self.running_key(), stream_id)
-                            .ignore()
-                            .query_async(&mut self.conn())
-                            .await;
-                    }
+                if terminal && let Some((meta, _)) = self.meta(stream_id).await? {
+                    let _: Result<(), _> = redis::pipe()
+                        .srem(self.user_running_key(&meta.user_id), stream_id)
+                        .ignore()
+                        .srem(self.running_key(), stream_id)
+                        .ignore()
+                        .query_async(&mut self.conn())
+                        .await;
                 }
                 Ok(Ok(seq))
             }
