@@ -86,10 +86,10 @@ impl JobStore for TimedStore {
         let r = self.inner.append(stream_id, body, expected_seq).await;
         if let Ok(Ok(seq)) = &r {
             let mut g = self.times.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = g.get_mut(stream_id) {
-                if v.len() as u64 == *seq {
-                    v.push(start);
-                }
+            if let Some(v) = g.get_mut(stream_id)
+                && v.len() as u64 == *seq
+            {
+                v.push(start);
             }
         }
         r
@@ -116,7 +116,7 @@ impl JobStore for TimedStore {
 pub struct FanoutArgs {
     /// Delays between tokens to run, in ms, one run each (the demo model's
     /// `token_delay_ms`).
-    #[arg(long, value_delimiter = ',', default_value = "50,10,5")]
+    #[arg(long, value_delimiter = ',', default_value = "50,10,8,5")]
     pub delays_ms: Vec<u64>,
     /// Target length of each job's token phase; tokens = this / delay.
     #[arg(long, default_value_t = 8000)]
@@ -173,15 +173,11 @@ impl InProc {
                 .map_err(|e| e.to_string())?;
             let mut models = Vec::new();
             for m in &config.models {
-                models.push(ModelEntry {
-                    name: m.name.clone(),
-                    provider: genstream_providers::build(
-                        &m.provider,
-                        &config.providers,
-                        &m.options,
-                    )
-                    .map_err(|e| e.to_string())?,
-                });
+                models.push(ModelEntry::new(
+                    &m.name,
+                    genstream_providers::build(&m.provider, &config.providers, &m.options)
+                        .map_err(|e| e.to_string())?,
+                ));
             }
             let (secret, _) = genstream_server::serve::resolve_secret(&config, &db)
                 .await
@@ -243,6 +239,9 @@ struct CaseResult {
     server_sys: f64,
     client_cpu: f64,
     process_cpu: f64,
+    other_cores: f64,
+    softirq_cores: f64,
+    steal_cores: f64,
     wall: Duration,
 }
 
@@ -352,6 +351,7 @@ fn run_case(
         let setup = setup_start.elapsed();
         let cpu0 = sys::thread_ticks();
         let proc0 = sys::process_ticks(std::process::id());
+        let machine0 = sys::machine_ticks();
         let t0 = Instant::now();
         while let Some(h) = reader_rx.recv().await {
             readers.push(h);
@@ -365,13 +365,19 @@ fn run_case(
         let wall = t0.elapsed();
         let cpu1 = sys::thread_ticks();
         let proc1 = sys::process_ticks(std::process::id());
+        let machine1 = sys::machine_ticks();
         let mut ids = vec![String::new(); jobs];
         while let Some((j, id)) = ids_rx.recv().await {
             ids[j] = id;
         }
-        Ok((setup, receipts, ids, cpu0, cpu1, proc1 - proc0, wall))
+        let machine = (
+            machine1.0.saturating_sub(machine0.0),
+            machine1.1.saturating_sub(machine0.1),
+            machine1.2.saturating_sub(machine0.2),
+        );
+        Ok((setup, receipts, ids, cpu0, cpu1, proc1 - proc0, machine, wall))
     });
-    let (setup, receipts, ids, cpu0, cpu1, proc_ticks, wall) = match result {
+    let (setup, receipts, ids, cpu0, cpu1, proc_ticks, machine, wall) = match result {
         Ok(r) => r,
         Err(e) => {
             srv.rt.shutdown_timeout(Duration::from_secs(1));
@@ -388,6 +394,12 @@ fn run_case(
     let (cu, cs) = sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("client-"));
     let client_cpu = cu + cs;
     let process_cpu = proc_ticks as f64 / sys::clk_tck();
+    // What the rest of the machine used meanwhile (other processes, interrupts not
+    // charged to this one), and what the hypervisor took (steal), in cores.
+    let other_cores =
+        ((machine.0 as f64 / sys::clk_tck()) - process_cpu).max(0.0) / wall.as_secs_f64();
+    let softirq_cores = machine.1 as f64 / sys::clk_tck() / wall.as_secs_f64();
+    let steal_cores = machine.2 as f64 / sys::clk_tck() / wall.as_secs_f64();
 
     // The interval in which every job was producing tokens: from the latest first
     // token to the earliest last event.
@@ -419,13 +431,34 @@ fn run_case(
                 continue;
             }
             delays.push(at.saturating_duration_since(*appended_at).as_micros() as u64);
-            if let (Some(a), Some(b)) = (all_start, all_end) {
-                if *at >= a && *at <= b {
-                    in_window += 1;
-                }
+            if let (Some(a), Some(b)) = (all_start, all_end)
+                && *at >= a
+                && *at <= b
+            {
+                in_window += 1;
             }
             last_receipt = Some(last_receipt.map_or(*at, |l: Instant| l.max(*at)));
         }
+    }
+    if let Ok(path) = std::env::var("GENSTREAM_BENCH_DUMP") {
+        // Debug: per seq of job 0, append offset and max/median delay.
+        let times = &appended[0];
+        let t0 = times[0];
+        let mut per: Vec<Vec<u64>> = vec![Vec::new(); times.len()];
+        for (j, r) in &receipts {
+            if *j != 0 { continue; }
+            for (seq, at) in &r.seen {
+                if let Some(a) = times.get(*seq as usize) {
+                    per[*seq as usize].push(at.saturating_duration_since(*a).as_micros() as u64);
+                }
+            }
+        }
+        let mut out = String::new();
+        for (i, v) in per.iter_mut().enumerate() {
+            v.sort_unstable();
+            out.push_str(&format!("{i} {} {} {}\n", (times[i] - t0).as_micros(), v.get(v.len() / 2).copied().unwrap_or(0), v.last().copied().unwrap_or(0)));
+        }
+        let _ = std::fs::write(path, out);
     }
     delays.sort_unstable();
     let delivered = delays.len() as u64;
@@ -465,6 +498,9 @@ fn run_case(
         server_sys,
         client_cpu,
         process_cpu,
+        other_cores,
+        softirq_cores,
+        steal_cores,
         wall,
     })
 }
@@ -504,6 +540,8 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
                 per_m(r.process_cpu),
                 format!("{:.2}", r.server_cpu / r.wall.as_secs_f64()),
                 format!("{:.2}", r.client_cpu),
+                format!("{:.2}", r.softirq_cores),
+                format!("{:.2} / {:.2}", r.other_cores, r.steal_cores),
                 format!("{}/{}", r.late, r.incomplete),
                 format!("{:.1}", r.setup.as_secs_f64()),
             ]
@@ -526,6 +564,8 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
             "process CPU s / M ev",
             "server cores busy",
             "client CPU s",
+            "softirq cores",
+            "other load / steal (cores)",
             "late/incomplete",
             "setup s",
         ],

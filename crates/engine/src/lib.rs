@@ -21,8 +21,10 @@ pub mod log;
 pub mod manager;
 pub mod persist;
 pub mod provider;
+pub mod retry;
 pub mod store;
 pub mod suite;
+pub mod tools;
 pub mod usage;
 
 pub use error::EngineError;

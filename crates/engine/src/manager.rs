@@ -51,6 +51,9 @@ pub struct ManagerConfig {
     /// How long a job rides out a job-store outage (appends retried with backoff)
     /// before it gives up; the reaper then ends it once the store is back. Default 30 s.
     pub store_outage_grace: Duration,
+    /// Model calls per job at most; a job whose last allowed call still asks for
+    /// tools ends with `final` `reason: "max_tool_iterations"`. Default 10.
+    pub max_tool_iterations: u32,
 }
 
 impl Default for ManagerConfig {
@@ -62,6 +65,7 @@ impl Default for ManagerConfig {
             reap_interval: Duration::from_secs(5),
             abort_wait: Duration::from_secs(10),
             store_outage_grace: Duration::from_secs(30),
+            max_tool_iterations: 10,
         }
     }
 }
@@ -72,6 +76,25 @@ pub struct ModelEntry {
     /// The name clients send as `model`; also the response's `sender`.
     pub name: String,
     pub provider: Arc<dyn Provider>,
+    /// Retry policy of its provider.
+    pub retry: crate::retry::RetryPolicy,
+    /// Timeouts of its provider.
+    pub timeouts: crate::retry::Timeouts,
+    /// Tools it may use (names in the registry); a request may narrow them.
+    pub tools: Vec<String>,
+}
+
+impl ModelEntry {
+    /// A model with the default retry policy and timeouts and no tools.
+    pub fn new(name: &str, provider: Arc<dyn Provider>) -> Self {
+        ModelEntry {
+            name: name.to_string(),
+            provider,
+            retry: Default::default(),
+            timeouts: Default::default(),
+            tools: Vec::new(),
+        }
+    }
 }
 
 /// Why a job was stopped from outside its task.
@@ -128,6 +151,7 @@ struct Inner {
     store: Arc<dyn JobStore>,
     db: Arc<dyn Persistence>,
     models: Vec<ModelEntry>,
+    tools: crate::tools::ToolRegistry,
     config: ManagerConfig,
     tracker: TaskTracker,
     live: Mutex<HashMap<String, LiveJob>>,
@@ -151,10 +175,22 @@ impl JobManager {
         models: Vec<ModelEntry>,
         config: ManagerConfig,
     ) -> Self {
+        Self::with_tools(store, db, models, crate::tools::ToolRegistry::new(), config)
+    }
+
+    /// [`JobManager::new`] with the tools models may call.
+    pub fn with_tools(
+        store: Arc<dyn JobStore>,
+        db: Arc<dyn Persistence>,
+        models: Vec<ModelEntry>,
+        tools: crate::tools::ToolRegistry,
+        config: ManagerConfig,
+    ) -> Self {
         let inner = Arc::new(Inner {
             store,
             db,
             models,
+            tools,
             config,
             tracker: TaskTracker::new(),
             live: Mutex::new(HashMap::new()),
@@ -229,6 +265,25 @@ impl JobManager {
                 ),
             )
         })?;
+
+        // Tools: the request may narrow the model's set, never widen it.
+        let tools = if req.tools.is_empty() {
+            model.tools.clone()
+        } else {
+            for t in &req.tools {
+                if !model.tools.contains(t) {
+                    return Err(EngineError::bad_request(
+                        "tools",
+                        format!(
+                            "model {:?} may not use tool {t:?}; it may use: [{}]",
+                            model.name,
+                            model.tools.join(", ")
+                        ),
+                    ));
+                }
+            }
+            req.tools.clone()
+        };
 
         // The conversation: new, or the caller's own.
         let existing = match req.conversation_id.as_deref() {
@@ -387,16 +442,21 @@ impl JobManager {
                 model: String::new(),
                 system_prompt: req.system_prompt.clone(),
                 messages,
-                tools: Vec::new(),
+                tools: inner.tools.specs(&tools),
                 call_index: 0,
             },
             cancel,
             reason,
             last_progress,
             aggregate,
-            next_step: 0,
+            next_index: 0,
+            next_step_id: 0,
+            calls: 0,
             current: None,
-            tool_steps: HashMap::new(),
+            attempt_steps: Vec::new(),
+            attempt_chars: 0,
+            call_text: String::new(),
+            pending: Default::default(),
         };
         inner.tracker.spawn(job.run());
         Ok(started)
@@ -675,6 +735,17 @@ fn cancel_local(inner: &Inner, stream_id: &str, reason: EndReason) -> bool {
     }
 }
 
+/// A retryable timeout error naming which budget ran out.
+fn timeout_error(what: &str, limit: Duration) -> ProviderError {
+    ProviderError::new(
+        crate::provider::ProviderErrorKind::Timeout,
+        format!(
+            "the upstream sent nothing within the {what} timeout of {} s",
+            limit.as_secs_f64()
+        ),
+    )
+}
+
 /// The first 50 characters of the first message, on one line.
 pub fn title_of(text: &str) -> String {
     let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -726,7 +797,8 @@ fn history_to(all: &[Message], parent: Option<&str>) -> Vec<ChatMessage> {
 
 /// How one job's task ended.
 enum Outcome {
-    Complete,
+    /// The answer is complete; `Some(reason)` when the tool loop hit its cap.
+    Complete(Option<&'static str>),
     Stopped(EndReason),
     Failed(ProviderError),
     LogFull,
@@ -735,10 +807,32 @@ enum Outcome {
     Internal(String),
 }
 
+/// Why one model call did not produce an answer.
+enum CallError {
+    /// The upstream failed; the retry layer decides what follows.
+    Provider(ProviderError),
+    /// The job must end now (abort, full log, store failure).
+    Stop(Outcome),
+}
+
+impl From<Outcome> for CallError {
+    fn from(o: Outcome) -> Self {
+        CallError::Stop(o)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PartKind {
     Text,
     Think,
+}
+
+/// A tool call of the current model call, as its fragments arrive.
+#[derive(Clone, Debug)]
+struct PendingCall {
+    step_id: String,
+    step_index: u32,
+    call: ToolCall,
 }
 
 /// The state of one running job, owned by its task.
@@ -747,16 +841,28 @@ struct JobRun {
     meta: JobMeta,
     title: String,
     model: ModelEntry,
+    /// The history sent upstream; grows by one assistant turn per tool round.
     request: ModelRequest,
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<EndReason>>>,
     last_progress: Arc<Mutex<Instant>>,
     /// The fold of what this task appended: the answer so far.
     aggregate: Aggregate,
-    next_step: u32,
+    /// Next content index (reset when a failed attempt's steps are discarded).
+    next_index: u32,
+    /// Next step id number (never reused).
+    next_step_id: u32,
+    /// Model calls made so far, failed attempts included (each has its own usage).
+    calls: u32,
     current: Option<(String, PartKind)>,
-    /// Tool call index → step id, for the current model call.
-    tool_steps: HashMap<u32, String>,
+    /// Steps created by the current attempt, named in `discardStepIds` if it fails.
+    attempt_steps: Vec<String>,
+    /// Characters streamed by the current attempt (for a usage estimate).
+    attempt_chars: usize,
+    /// Text of the current model call (the assistant turn sent back with tool results).
+    call_text: String,
+    /// Tool calls of the current model call, by the upstream's index.
+    pending: std::collections::BTreeMap<u32, PendingCall>,
 }
 
 impl JobRun {
@@ -784,6 +890,10 @@ impl JobRun {
 
     fn stop_reason(&self) -> EndReason {
         self.reason.lock().unwrap_or(EndReason::Abort)
+    }
+
+    fn stopped(&self) -> Outcome {
+        Outcome::Stopped(self.stop_reason())
     }
 
     /// Appends through the store, riding out a store outage of up to
@@ -825,69 +935,168 @@ impl JobRun {
         }
     }
 
-    /// Runs the model call(s) until the answer is complete or something stops it.
+    /// The agent loop: model call (with retries), then the tools it asked for, until
+    /// it answers without tools or `max_tool_iterations` model calls were made.
     async fn generate(&mut self) -> Outcome {
+        let max = self.manager.inner.config.max_tool_iterations.max(1);
+        for iteration in 1..=max {
+            let calls = match self.call_with_retries().await {
+                Ok(c) => c,
+                Err(o) => return o,
+            };
+            if calls.is_empty() {
+                return Outcome::Complete(None);
+            }
+            if let Err(o) = self.run_tools(calls).await {
+                return o;
+            }
+            if iteration == max {
+                // Every tool call has its result, so the history stays valid; the
+                // cap ends the job with a terminal event (LESSONS: grimoire's
+                // "loading forever").
+                return Outcome::Complete(Some("max_tool_iterations"));
+            }
+        }
+        Outcome::Complete(None)
+    }
+
+    /// One model call through the retry layer (SPEC §6): retryable failures wait
+    /// (cut short by abort) and try again; each retry is a `retry` event naming the
+    /// failed attempt's steps, which the aggregator then drops.
+    async fn call_with_retries(&mut self) -> Result<Vec<PendingCall>, Outcome> {
+        let mut backoff = crate::retry::Backoff::new(self.model.retry, None);
+        let mut attempt = 1;
+        loop {
+            let index_before = self.next_index;
+            self.attempt_steps.clear();
+            self.attempt_chars = 0;
+            self.call_text.clear();
+            self.pending.clear();
+            self.current = None;
+            let error = match self.call_once().await {
+                Ok(calls) => return Ok(calls),
+                Err(CallError::Stop(o)) => return Err(o),
+                Err(CallError::Provider(e)) => e,
+            };
+            let delay = match backoff.next_delay(&error) {
+                Ok(d) => d,
+                Err(crate::retry::GiveUp::RetryAfterTooLong(d)) => {
+                    return Err(Outcome::Failed(ProviderError {
+                        message: format!(
+                            "{}; the upstream asked to wait {} s before retrying, more than the {} s allowed",
+                            error.message,
+                            d.as_secs_f64().ceil(),
+                            self.model.retry.ceiling_ms / 1000
+                        ),
+                        ..error
+                    }));
+                }
+                Err(_) => return Err(Outcome::Failed(error)),
+            };
+            let discard = std::mem::take(&mut self.attempt_steps);
+            self.next_index = index_before;
+            self.emit(EventBody::Retry(crate::event::Retry {
+                attempt,
+                max_attempts: backoff.max_attempts(),
+                delay_ms: delay.as_millis() as u64,
+                error: error.message.clone(),
+                discard_step_ids: discard,
+            }))
+            .await?;
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Err(self.stopped()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+        }
+    }
+
+    /// One attempt: stream the upstream's answer into the log under the first-byte
+    /// and idle-gap timeouts; returns the tool calls it asked for.
+    async fn call_once(&mut self) -> Result<Vec<PendingCall>, CallError> {
         let mut request = self.request.clone();
         request.model = self.model.name.clone();
-        request.call_index = 0;
+        request.call_index = self.calls;
+        self.calls += 1;
+        let first_byte = Duration::from_millis(self.model.timeouts.first_byte_ms);
+        let idle = Duration::from_millis(self.model.timeouts.idle_ms);
         let provider = self.model.provider.clone();
         let cancel = self.cancel.clone();
+        let started = Instant::now();
         let stream = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return Outcome::Stopped(self.stop_reason()),
-            s = provider.stream(request, cancel.child_token()) => s,
+            _ = cancel.cancelled() => return Err(self.stopped().into()),
+            s = tokio::time::timeout(first_byte, provider.stream(request, cancel.child_token())) => s,
         };
         let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) => return Outcome::Failed(e),
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(CallError::Provider(e)),
+            Err(_) => return Err(CallError::Provider(timeout_error("first byte", first_byte))),
         };
         let mut usage: Option<UsageRecord> = None;
+        let mut got_any = false;
         loop {
+            // Until the first event the first-byte budget applies, then the idle gap.
+            let (limit, what) = if got_any {
+                (idle, "idle gap")
+            } else {
+                (first_byte.saturating_sub(started.elapsed()), "first byte")
+            };
             let item = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    self.record_usage(usage.take()).await.ok();
-                    return Outcome::Stopped(self.stop_reason());
+                    self.record_usage(usage.take(), true).await.ok();
+                    return Err(self.stopped().into());
                 }
-                item = stream.next() => item,
+                item = tokio::time::timeout(limit, stream.next()) => item,
             };
             let event = match item {
-                None => break,
-                Some(Err(e)) => {
-                    self.record_usage(usage.take()).await.ok();
-                    return Outcome::Failed(e);
+                Err(_) => {
+                    let what = if got_any { what } else { "first byte" };
+                    let limit = if got_any { idle } else { first_byte };
+                    self.record_usage(usage.take(), false).await?;
+                    return Err(CallError::Provider(timeout_error(what, limit)));
                 }
-                Some(Ok(ev)) => ev,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    self.record_usage(usage.take(), false).await?;
+                    return Err(CallError::Provider(e));
+                }
+                Ok(Some(Ok(ev))) => ev,
             };
-            let step = match event {
-                ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await,
-                ProviderEvent::Reasoning(t) => self.delta(PartKind::Think, t).await,
+            got_any = true;
+            match event {
+                ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await?,
+                ProviderEvent::Reasoning(t) => self.delta(PartKind::Think, t).await?,
                 ProviderEvent::ToolCall {
                     index,
                     id,
                     name,
                     args,
-                } => self.tool_delta(index, id, name, args).await,
-                ProviderEvent::Usage(u) => {
-                    usage = Some(u);
-                    Ok(())
-                }
-                ProviderEvent::Finish(_) => Ok(()),
-            };
-            if let Err(o) = step {
-                return o;
+                } => self.tool_delta(index, id, name, args).await?,
+                ProviderEvent::Usage(u) => usage = Some(u),
+                ProviderEvent::Finish(_) => {}
             }
         }
-        match self.record_usage(usage).await {
-            Ok(()) => Outcome::Complete,
-            Err(o) => o,
-        }
+        self.record_usage(usage, true).await?;
+        Ok(self.pending.values().cloned().collect())
     }
 
-    /// Appends the call's usage record, or an estimate if the upstream gave none.
-    async fn record_usage(&mut self, usage: Option<UsageRecord>) -> Result<(), Outcome> {
-        let mut record = usage.unwrap_or_else(|| self.estimate_usage());
-        record.call_index = self.request.call_index;
+    /// Appends the call's usage record. Without one from the upstream, an estimate is
+    /// recorded if the call streamed anything (or `always`), so no spent tokens go
+    /// unrecorded.
+    async fn record_usage(
+        &mut self,
+        usage: Option<UsageRecord>,
+        always: bool,
+    ) -> Result<(), Outcome> {
+        let mut record = match usage {
+            Some(u) => u,
+            None if always || self.attempt_chars > 0 => self.estimate_usage(),
+            None => return Ok(()),
+        };
+        record.call_index = self.calls.saturating_sub(1);
         if record.model.is_empty() {
             record.model = self.model.name.clone();
         }
@@ -906,30 +1115,36 @@ impl JobRun {
             .iter()
             .map(|m| m.text.chars().count())
             .sum();
-        let output = self.aggregate.text().chars().count();
         UsageRecord {
             input_tokens: input.div_ceil(4) as u64,
-            output_tokens: output.div_ceil(4) as u64,
+            output_tokens: self.attempt_chars.div_ceil(4) as u64,
             estimated: true,
             ..UsageRecord::default()
         }
     }
 
-    fn new_step_id(&mut self) -> (String, u32) {
-        let index = self.next_step;
-        self.next_step += 1;
-        (format!("step_{index}"), index)
+    fn new_step(&mut self) -> (String, u32) {
+        let index = self.next_index;
+        self.next_index += 1;
+        let id = format!("step_{}", self.next_step_id);
+        self.next_step_id += 1;
+        self.attempt_steps.push(id.clone());
+        (id, index)
     }
 
     fn run_id(&self) -> String {
-        format!("{}:{}", self.meta.stream_id, self.request.call_index)
+        format!("{}:{}", self.meta.stream_id, self.calls.saturating_sub(1))
     }
 
     async fn delta(&mut self, kind: PartKind, text: String) -> Result<(), Outcome> {
+        self.attempt_chars += text.chars().count();
+        if kind == PartKind::Text {
+            self.call_text.push_str(&text);
+        }
         let step_id = match &self.current {
             Some((id, k)) if *k == kind => id.clone(),
             _ => {
-                let (id, index) = self.new_step_id();
+                let (id, index) = self.new_step();
                 let step = EventBody::RunStep(RunStep {
                     id: id.clone(),
                     run_id: self.run_id(),
@@ -970,10 +1185,26 @@ impl JobRun {
         name: Option<String>,
         args: String,
     ) -> Result<(), Outcome> {
-        let step_id = match self.tool_steps.get(&index) {
-            Some(s) => s.clone(),
+        self.attempt_chars += args.chars().count();
+        let step_id = match self.pending.get_mut(&index) {
+            Some(p) => {
+                if let Some(id) = &id {
+                    p.call.id.clone_from(id);
+                }
+                if let Some(name) = &name {
+                    p.call.name.clone_from(name);
+                }
+                p.call.args.push_str(&args);
+                p.step_id.clone()
+            }
             None => {
-                let (step_id, step_index) = self.new_step_id();
+                let (step_id, step_index) = self.new_step();
+                let call = ToolCall {
+                    id: id.clone().unwrap_or_default(),
+                    name: name.clone().unwrap_or_default(),
+                    args: args.clone(),
+                    output: None,
+                };
                 let step = EventBody::RunStep(RunStep {
                     id: step_id.clone(),
                     run_id: self.run_id(),
@@ -981,16 +1212,21 @@ impl JobRun {
                     step_type: StepType::ToolCalls,
                     step_details: StepDetails::ToolCalls {
                         tool_calls: vec![ToolCall {
-                            id: id.clone().unwrap_or_default(),
-                            name: name.clone().unwrap_or_default(),
                             args: String::new(),
-                            output: None,
+                            ..call.clone()
                         }],
                     },
                 });
                 self.emit(step).await?;
                 self.current = None;
-                self.tool_steps.insert(index, step_id.clone());
+                self.pending.insert(
+                    index,
+                    PendingCall {
+                        step_id: step_id.clone(),
+                        step_index,
+                        call,
+                    },
+                );
                 step_id
             }
         };
@@ -1007,6 +1243,70 @@ impl JobRun {
             },
         }))
         .await
+    }
+
+    /// Runs the model's tool calls concurrently, records each result, and adds the
+    /// assistant turn with its results to the history. On abort every unfinished tool
+    /// is cancelled and gets `{"error":"cancelled"}`, so the saved history stays valid.
+    async fn run_tools(&mut self, calls: Vec<PendingCall>) -> Result<(), Outcome> {
+        self.pending.clear();
+        let registry = self.manager.inner.tools.clone();
+        let cancel = self.cancel.child_token();
+        let outputs = futures::future::join_all(calls.iter().map(|c| {
+            crate::tools::run_tool(&registry, &c.call.name, &c.call.args, cancel.clone())
+        }))
+        .await;
+        let mut done = Vec::new();
+        for (c, output) in calls.into_iter().zip(outputs) {
+            let call = ToolCall {
+                output: Some(output),
+                ..c.call
+            };
+            self.emit(EventBody::RunStepCompleted(
+                crate::event::RunStepCompleted {
+                    result: crate::event::StepResult {
+                        id: c.step_id,
+                        index: c.step_index,
+                        tool_call: call.clone(),
+                    },
+                },
+            ))
+            .await?;
+            done.push(call);
+        }
+        if self.cancel.is_cancelled() {
+            return Err(self.stopped());
+        }
+        self.request.messages.push(ChatMessage {
+            role: Role::Assistant,
+            text: std::mem::take(&mut self.call_text),
+            tool_calls: done,
+            tool_call_id: None,
+        });
+        Ok(())
+    }
+
+    /// Gives every tool call cut off mid-stream a "cancelled" result before the partial
+    /// answer is saved, so no stored tool call lacks its result.
+    async fn close_pending_tools(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (_, c) in pending {
+            let call = ToolCall {
+                output: Some(crate::tools::cancelled_result()),
+                ..c.call
+            };
+            let _ = self
+                .emit(EventBody::RunStepCompleted(
+                    crate::event::RunStepCompleted {
+                        result: crate::event::StepResult {
+                            id: c.step_id,
+                            index: c.step_index,
+                            tool_call: call,
+                        },
+                    },
+                ))
+                .await;
+        }
     }
 
     fn response_message(&self, unfinished: bool, error: bool) -> Message {
@@ -1029,9 +1329,12 @@ impl JobRun {
     /// Saves the response (complete or partial) and then appends the terminal event:
     /// the order SPEC §4 requires.
     async fn finish(&mut self, outcome: Outcome) -> Result<(), EngineError> {
+        if !matches!(outcome, Outcome::Ended | Outcome::LogFull) {
+            self.close_pending_tools().await;
+        }
         let terminal = match outcome {
             Outcome::Ended => return Ok(()),
-            Outcome::Complete => {
+            Outcome::Complete(reason) => {
                 let msg = self.response_message(false, false);
                 self.save(&msg).await?;
                 EventBody::Final(Final {
@@ -1039,7 +1342,7 @@ impl JobRun {
                     response_message: msg,
                     conversation: self.conversation_ref(),
                     usage: self.aggregate.usage_totals(),
-                    reason: None,
+                    reason: reason.map(str::to_string),
                 })
             }
             Outcome::Stopped(EndReason::Abort) | Outcome::Stopped(EndReason::Shutdown) => {

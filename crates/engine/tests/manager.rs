@@ -93,9 +93,13 @@ struct Harness {
 fn harness(limits: LogLimits, config: ManagerConfig) -> Harness {
     let db = Arc::new(MemoryPersistence::default());
     let store: Arc<dyn JobStore> = Arc::new(MemoryStore::new(limits));
-    let model = |name: &str, p: Script| ModelEntry {
-        name: name.into(),
-        provider: Arc::new(p),
+    let model = |name: &str, p: Script| {
+        let mut m = ModelEntry::new(name, Arc::new(p));
+        // Upstream timeouts beyond the stall timeout, so that the stall reaper (not
+        // the retry layer) is what ends a hanging job here.
+        m.timeouts.first_byte_ms = 3_600_000;
+        m.timeouts.idle_ms = 3_600_000;
+        m
     };
     let ms = Duration::from_millis(10);
     let models = vec![

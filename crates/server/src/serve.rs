@@ -95,10 +95,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
     for m in &config.models {
         let provider = genstream_providers::build(&m.provider, &config.providers, &m.options)
             .map_err(|e| ServeError::Config(format!("model {:?}: {e}", m.name)))?;
-        models.push(ModelEntry {
-            name: m.name.clone(),
-            provider,
-        });
+        models.push(ModelEntry::new(&m.name, provider));
     }
     let (secret, generated) = resolve_secret(config, &db).await?;
     let manager = JobManager::new(store, db, models, config.manager_config());

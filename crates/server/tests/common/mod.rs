@@ -22,10 +22,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub fn demo(name: &str, options: Value) -> ModelEntry {
     let provider =
         genstream_providers::build("demo", &BTreeMap::new(), &options).expect("demo provider");
-    ModelEntry {
-        name: name.into(),
-        provider,
-    }
+    ModelEntry::new(name, provider)
 }
 
 pub struct TestApp {

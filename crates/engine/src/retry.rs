@@ -1,0 +1,246 @@
+//! The one retry layer (SPEC §6): which upstream failures are retried, how long to
+//! wait, and the timeouts that turn a silent upstream into a retryable failure.
+//!
+//! Every provider goes through it, in the job task (`manager.rs`), because only the job
+//! task knows which run steps a failed attempt created and can name them in the
+//! `retry` event's `discardStepIds`. Nothing else retries: the HTTP clients' own
+//! retries are off.
+//!
+//! Waits: exponential from `base` (doubling), with jitter (backon's, a random extra of
+//! up to the current delay), clamped to `cap`. An upstream's `Retry-After` (seconds or
+//! an HTTP date) or `retry-after-ms` replaces the computed wait; a value above `cap` is
+//! honoured up to `ceiling`, and beyond that the job fails with an error that says how
+//! long the upstream asked to wait (LESSONS: "a Retry-After longer than the cap cut
+//! short").
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::provider::{ProviderError, ProviderErrorKind};
+
+/// Retry settings of one provider. Defaults: 3 retries, base 1 s, cap 30 s, ceiling
+/// 60 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (so `max_retries + 1` attempts in all).
+    pub max_retries: u32,
+    /// First computed wait, in milliseconds.
+    pub base_ms: u64,
+    /// Largest computed wait, in milliseconds.
+    pub cap_ms: u64,
+    /// Largest `Retry-After` honoured, in milliseconds; a longer one fails the job.
+    pub ceiling_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 3,
+            base_ms: 1000,
+            cap_ms: 30_000,
+            ceiling_ms: 60_000,
+        }
+    }
+}
+
+/// Timeouts of one provider. Defaults: connect 10 s, first byte 60 s, idle gap 60 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP/TLS connect, in milliseconds (applied by the provider's HTTP client).
+    pub connect_ms: u64,
+    /// From the start of an attempt to its first streamed event, in milliseconds.
+    pub first_byte_ms: u64,
+    /// Longest gap between two streamed events, in milliseconds.
+    pub idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: 10_000,
+            first_byte_ms: 60_000,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+/// Whether a failure is worth another attempt: 408, 409, 429, 5xx, 529, connect errors,
+/// timeouts, truncated or malformed streams, and in-stream errors that say the upstream
+/// is overloaded or failed on its side. Never other 4xx, never configuration errors.
+pub fn is_retryable(e: &ProviderError) -> bool {
+    let status_retryable = |s: u16| matches!(s, 408 | 409 | 429 | 500..=599);
+    match e.kind {
+        ProviderErrorKind::Http => e.status.is_some_and(status_retryable),
+        ProviderErrorKind::Connect
+        | ProviderErrorKind::Timeout
+        | ProviderErrorKind::Truncated
+        | ProviderErrorKind::Malformed => true,
+        ProviderErrorKind::Upstream => match e.status {
+            Some(s) => status_retryable(s),
+            None => {
+                let m = e.message.to_ascii_lowercase();
+                [
+                    "overloaded",
+                    "rate_limit",
+                    "rate limit",
+                    "server_error",
+                    "api_error",
+                    "timeout",
+                ]
+                .iter()
+                .any(|k| m.contains(k))
+            }
+        },
+        ProviderErrorKind::Config => false,
+    }
+}
+
+/// The waits of one job's retries, in order.
+pub struct Backoff {
+    policy: RetryPolicy,
+    inner: backon::ExponentialBackoff,
+}
+
+/// Why no retry follows a failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Not a retryable failure.
+    NotRetryable,
+    /// `max_retries` used up.
+    Exhausted,
+    /// The upstream asked to wait longer than the ceiling.
+    RetryAfterTooLong(Duration),
+}
+
+impl Backoff {
+    /// A fresh sequence of waits for `policy`. `seed` fixes the jitter (tests).
+    pub fn new(policy: RetryPolicy, seed: Option<u64>) -> Self {
+        let mut b = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(policy.base_ms))
+            .with_max_delay(Duration::from_millis(policy.cap_ms))
+            .with_factor(2.0)
+            .with_max_times(policy.max_retries as usize)
+            .with_jitter();
+        if let Some(s) = seed {
+            b = b.with_jitter_seed(s);
+        }
+        Backoff {
+            policy,
+            inner: b.build(),
+        }
+    }
+
+    /// The wait before the next attempt after `error`, or why there is none.
+    pub fn next_delay(&mut self, error: &ProviderError) -> Result<Duration, GiveUp> {
+        if !is_retryable(error) {
+            return Err(GiveUp::NotRetryable);
+        }
+        // Always draw from the sequence, so the retry count holds even when the
+        // upstream dictates the wait.
+        let computed = self.inner.next().ok_or(GiveUp::Exhausted)?;
+        let cap = Duration::from_millis(self.policy.cap_ms);
+        match error.retry_after {
+            Some(ra) if ra > Duration::from_millis(self.policy.ceiling_ms) => {
+                Err(GiveUp::RetryAfterTooLong(ra))
+            }
+            Some(ra) => Ok(ra),
+            None => Ok(computed.min(cap)),
+        }
+    }
+
+    /// Attempts in all: the first plus the retries.
+    pub fn max_attempts(&self) -> u32 {
+        self.policy.max_retries + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16, retry_after: Option<Duration>) -> ProviderError {
+        ProviderError {
+            kind: ProviderErrorKind::Http,
+            status: Some(status),
+            message: format!("status {status}"),
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn retryable_statuses_and_kinds() {
+        for s in [408, 409, 429, 500, 502, 503, 504, 529] {
+            assert!(is_retryable(&http(s, None)), "{s}");
+        }
+        for s in [400, 401, 403, 404, 413, 422] {
+            assert!(!is_retryable(&http(s, None)), "{s}");
+        }
+        for k in [
+            ProviderErrorKind::Connect,
+            ProviderErrorKind::Timeout,
+            ProviderErrorKind::Truncated,
+            ProviderErrorKind::Malformed,
+        ] {
+            assert!(is_retryable(&ProviderError::new(k, "x")));
+        }
+        assert!(!is_retryable(&ProviderError::new(
+            ProviderErrorKind::Config,
+            "x"
+        )));
+        assert!(is_retryable(&ProviderError::new(
+            ProviderErrorKind::Upstream,
+            "overloaded_error: Overloaded"
+        )));
+        assert!(!is_retryable(&ProviderError::new(
+            ProviderErrorKind::Upstream,
+            "invalid_request_error: bad"
+        )));
+    }
+
+    #[test]
+    fn exponential_with_jitter_within_cap_and_bounded_count() {
+        let policy = RetryPolicy {
+            max_retries: 6,
+            base_ms: 1000,
+            cap_ms: 30_000,
+            ceiling_ms: 60_000,
+        };
+        let mut b = Backoff::new(policy, Some(7));
+        let e = http(503, None);
+        let mut prev_floor = 0u64;
+        for i in 0..6u32 {
+            let d = b.next_delay(&e).unwrap().as_millis() as u64;
+            let floor = (1000u64 << i).min(30_000);
+            assert!(
+                d >= floor && d < (floor * 2).min(30_001),
+                "retry {i}: {d} ms not in [{floor}, 2×{floor})"
+            );
+            assert!(floor >= prev_floor);
+            prev_floor = floor;
+        }
+        assert_eq!(b.next_delay(&e), Err(GiveUp::Exhausted));
+    }
+
+    #[test]
+    fn retry_after_replaces_the_wait_up_to_the_ceiling() {
+        let mut b = Backoff::new(RetryPolicy::default(), Some(1));
+        assert_eq!(
+            b.next_delay(&http(429, Some(Duration::from_secs(45)))),
+            Ok(Duration::from_secs(45)),
+            "above the cap, below the ceiling: honoured"
+        );
+        assert_eq!(
+            b.next_delay(&http(429, Some(Duration::from_millis(250)))),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(
+            b.next_delay(&http(429, Some(Duration::from_secs(61)))),
+            Err(GiveUp::RetryAfterTooLong(Duration::from_secs(61)))
+        );
+        assert_eq!(b.next_delay(&http(400, None)), Err(GiveUp::NotRetryable));
+    }
+}

@@ -1,0 +1,115 @@
+//! Tools the model may call (SPEC §6): the [`Tool`] trait and the [`ToolRegistry`]
+//! the job task looks them up in. Built-in and HTTP tools live in `genstream-tools`.
+//!
+//! A tool's failure is not the job's failure: an error (or arguments that are not
+//! valid JSON) becomes an error *result* handed back to the model, which can correct
+//! itself. Cancellation (abort) makes the result `{"error":"cancelled"}`, so every tool
+//! call in the history has a result and the next request stays valid (LESSONS:
+//! grimoire's 400s after an abort during a tool).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::provider::ToolSpec;
+
+/// One callable tool.
+#[async_trait]
+pub trait Tool: Send + Sync + 'static {
+    /// The name the model calls it by (`^[a-zA-Z0-9_-]{1,64}$`, as OpenAI and
+    /// Anthropic require).
+    fn name(&self) -> &str;
+    /// What it does, for the model.
+    fn description(&self) -> &str;
+    /// JSON Schema of its arguments object.
+    fn parameters(&self) -> serde_json::Value;
+    /// Runs it. `Ok` is the result text given to the model; `Err` is an error message,
+    /// also given to the model (as `{"error": …}`). Must return promptly once `cancel`
+    /// fires.
+    async fn execute(
+        &self,
+        args: serde_json::Value,
+        cancel: CancellationToken,
+    ) -> Result<String, String>;
+}
+
+/// The tools a server knows, by name.
+#[derive(Clone, Default)]
+pub struct ToolRegistry {
+    tools: BTreeMap<String, Arc<dyn Tool>>,
+}
+
+impl ToolRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `tool`, replacing one of the same name.
+    pub fn register(&mut self, tool: Arc<dyn Tool>) {
+        self.tools.insert(tool.name().to_string(), tool);
+    }
+
+    /// The tool called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
+        self.tools.get(name)
+    }
+
+    /// Every tool's name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.tools.keys().cloned().collect()
+    }
+
+    /// The specs of the named tools, in the given order (unknown names skipped).
+    pub fn specs(&self, names: &[String]) -> Vec<ToolSpec> {
+        names
+            .iter()
+            .filter_map(|n| self.tools.get(n))
+            .map(|t| ToolSpec {
+                name: t.name().to_string(),
+                description: t.description().to_string(),
+                parameters: t.parameters(),
+            })
+            .collect()
+    }
+}
+
+/// Runs `name` with the raw `args` text the model produced, turning every failure
+/// into a result string: unknown tool, arguments that are not a JSON object, the
+/// tool's own error, and cancellation. Empty arguments count as `{}`.
+pub async fn run_tool(
+    registry: &ToolRegistry,
+    name: &str,
+    args: &str,
+    cancel: CancellationToken,
+) -> String {
+    let error = |m: String| serde_json::json!({ "error": m }).to_string();
+    let Some(tool) = registry.get(name) else {
+        return error(format!("unknown tool {name:?}"));
+    };
+    let parsed = if args.trim().is_empty() {
+        Ok(serde_json::json!({}))
+    } else {
+        serde_json::from_str::<serde_json::Value>(args)
+    };
+    let value = match parsed {
+        Ok(v) if v.is_object() => v,
+        Ok(_) => return error("arguments must be a JSON object".into()),
+        Err(e) => return error(format!("arguments are not valid JSON: {e}")),
+    };
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => cancelled_result(),
+        r = tool.execute(value, cancel.clone()) => match r {
+            Ok(out) => out,
+            Err(m) => error(m),
+        },
+    }
+}
+
+/// The result recorded for a tool call cut off by an abort.
+pub fn cancelled_result() -> String {
+    serde_json::json!({ "error": "cancelled" }).to_string()
+}

@@ -1,0 +1,592 @@
+//! The retry layer and the tool loop, on paused tokio time with a scripted provider
+//! whose every attempt is spelled out: retryable and non-retryable failures, the
+//! delays (including Retry-After above the cap and past the ceiling), first-byte and
+//! idle timeouts, `discardStepIds` so a retried answer never repeats text, abort
+//! during a retry wait and during a slow tool, parallel tool calls, the iteration cap,
+//! and a history where every tool call has its result.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use genstream_engine::event::{ContentPart, Event, EventBody, FinalStatus};
+use genstream_engine::log::{EventLog, LogLimits};
+use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, StartRequest};
+use genstream_engine::persist::{MemoryPersistence, Persistence};
+use genstream_engine::provider::{
+    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream, Role,
+};
+use genstream_engine::retry::RetryPolicy;
+use genstream_engine::store::{JobStore, MemoryStore};
+use genstream_engine::tools::{Tool, ToolRegistry};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+enum Step {
+    Emit(ProviderEvent),
+    Sleep(Duration),
+    Fail(ProviderError),
+    Hang,
+}
+
+/// Each `stream()` call plays the next script; the last one repeats.
+struct Scripted {
+    scripts: Mutex<VecDeque<Vec<Step>>>,
+    requests: Mutex<Vec<ModelRequest>>,
+    started: Mutex<Vec<Instant>>,
+}
+
+impl Scripted {
+    fn new(scripts: Vec<Vec<Step>>) -> Arc<Self> {
+        Arc::new(Scripted {
+            scripts: Mutex::new(scripts.into()),
+            requests: Mutex::new(Vec::new()),
+            started: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for Scripted {
+    fn kind(&self) -> &str {
+        "scripted"
+    }
+    async fn stream(
+        &self,
+        req: ModelRequest,
+        _cancel: CancellationToken,
+    ) -> Result<ProviderStream, ProviderError> {
+        self.requests.lock().push(req);
+        self.started.lock().push(Instant::now());
+        let script = {
+            let mut q = self.scripts.lock();
+            if q.len() > 1 {
+                q.pop_front().unwrap()
+            } else {
+                q.front().cloned().unwrap()
+            }
+        };
+        if let Some(Step::Fail(e)) = script.first() {
+            return Err(e.clone());
+        }
+        let s = futures::stream::unfold(script.into_iter(), |mut it| async move {
+            loop {
+                match it.next()? {
+                    Step::Emit(e) => return Some((Ok(e), it)),
+                    Step::Sleep(d) => tokio::time::sleep(d).await,
+                    Step::Fail(e) => return Some((Err(e), it)),
+                    Step::Hang => futures::future::pending::<()>().await,
+                }
+            }
+        });
+        Ok(s.boxed())
+    }
+}
+
+fn text(t: &str) -> Step {
+    Step::Emit(ProviderEvent::Text(t.into()))
+}
+fn http(status: u16, retry_after: Option<Duration>) -> ProviderError {
+    ProviderError {
+        kind: ProviderErrorKind::Http,
+        status: Some(status),
+        message: format!("upstream says {status}"),
+        retry_after,
+    }
+}
+fn tool_chunk(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> Step {
+    Step::Emit(ProviderEvent::ToolCall {
+        index,
+        id: id.map(Into::into),
+        name: name.map(Into::into),
+        args: args.into(),
+    })
+}
+fn finish(r: &str) -> Step {
+    Step::Emit(ProviderEvent::Finish(r.into()))
+}
+
+/// Adds two numbers; `slow` sleeps a minute first.
+struct Add {
+    name: &'static str,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Tool for Add {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn description(&self) -> &str {
+        "adds a and b"
+    }
+    fn parameters(&self) -> serde_json::Value {
+        serde_json::json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}})
+    }
+    async fn execute(
+        &self,
+        args: serde_json::Value,
+        _cancel: CancellationToken,
+    ) -> Result<String, String> {
+        tokio::time::sleep(self.delay).await;
+        match (args["a"].as_f64(), args["b"].as_f64()) {
+            (Some(a), Some(b)) => Ok((a + b).to_string()),
+            _ => Err("a and b must be numbers".into()),
+        }
+    }
+}
+
+struct H {
+    manager: JobManager,
+    db: Arc<MemoryPersistence>,
+}
+
+fn harness(provider: Arc<Scripted>, config: ManagerConfig) -> H {
+    let db = Arc::new(MemoryPersistence::default());
+    let store: Arc<dyn JobStore> = Arc::new(MemoryStore::new(LogLimits::default()));
+    let mut model = ModelEntry::new("m", provider);
+    model.retry = RetryPolicy {
+        max_retries: 3,
+        base_ms: 1000,
+        cap_ms: 30_000,
+        ceiling_ms: 60_000,
+    };
+    model.timeouts.first_byte_ms = 5_000;
+    model.timeouts.idle_ms = 2_000;
+    model.tools = vec!["add".into(), "slow_add".into()];
+    let mut tools = ToolRegistry::new();
+    tools.register(Arc::new(Add {
+        name: "add",
+        delay: Duration::ZERO,
+    }));
+    tools.register(Arc::new(Add {
+        name: "slow_add",
+        delay: Duration::from_secs(60),
+    }));
+    let manager = JobManager::with_tools(
+        store,
+        db.clone() as Arc<dyn Persistence>,
+        vec![model],
+        tools,
+        config,
+    );
+    H { manager, db }
+}
+
+async fn run(h: &H) -> (Vec<Event>, String, Arc<EventLog>) {
+    let s = h
+        .manager
+        .start(StartRequest {
+            user_id: "u".into(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let log = h.manager.job_for("u", &s.stream_id).await.unwrap().1;
+    let mut rx = log.watch();
+    while log.terminal().is_none() {
+        rx.changed().await.unwrap();
+    }
+    let events = log
+        .read_after(None, usize::MAX)
+        .frames
+        .iter()
+        .map(|f| serde_json::from_slice(f.data_json()).unwrap())
+        .collect();
+    (events, s.response_message_id, log)
+}
+
+fn retries(events: &[Event]) -> Vec<genstream_engine::event::Retry> {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Retry(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn last(events: &[Event]) -> &EventBody {
+    &events.last().unwrap().body
+}
+
+#[tokio::test(start_paused = true)]
+async fn retryable_failures_wait_exponentially_and_the_answer_has_no_duplicate_text() {
+    let p = Scripted::new(vec![
+        vec![text("Hel"), text("lo wor"), Step::Fail(http(503, None))],
+        vec![Step::Fail(http(500, None))],
+        vec![text("Hello world"), finish("stop")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, response_id, _) = run(&h).await;
+    let r = retries(&events);
+    assert_eq!(r.len(), 2);
+    assert_eq!((r[0].attempt, r[0].max_attempts), (1, 4));
+    assert!(
+        r[0].delay_ms >= 1000 && r[0].delay_ms < 2000,
+        "{}",
+        r[0].delay_ms
+    );
+    assert!(
+        r[1].delay_ms >= 2000 && r[1].delay_ms < 4000,
+        "{}",
+        r[1].delay_ms
+    );
+    assert_eq!(
+        r[0].discard_step_ids.len(),
+        1,
+        "the first attempt's text step is dropped"
+    );
+    assert!(
+        r[1].discard_step_ids.is_empty(),
+        "the second attempt streamed nothing"
+    );
+    assert!(r[0].error.contains("503"));
+    // The waits really happened, on tokio's clock.
+    let started = p.started.lock().clone();
+    assert!(started[1] - started[0] >= Duration::from_millis(r[0].delay_ms));
+    assert!(started[2] - started[1] >= Duration::from_millis(r[1].delay_ms));
+    let EventBody::Final(f) = last(&events) else {
+        panic!()
+    };
+    assert_eq!(f.response_message.text, "Hello world");
+    assert_eq!(
+        f.response_message.content,
+        vec![ContentPart::Text {
+            text: "Hello world".into()
+        }]
+    );
+    assert_eq!(
+        h.db.get_message(&response_id).await.unwrap().unwrap().text,
+        "Hello world"
+    );
+    // Every model call that streamed has a usage record (the failed one estimated).
+    let usages: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Usage(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(usages.len(), 2);
+    assert!(usages[0].estimated);
+    assert_eq!(
+        usages.iter().map(|u| u.call_index).collect::<Vec<_>>(),
+        vec![0, 2]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_retryable_status_is_one_attempt_and_quotes_the_upstream() {
+    let p = Scripted::new(vec![vec![Step::Fail(http(400, None))]]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, _, _) = run(&h).await;
+    assert!(retries(&events).is_empty());
+    assert_eq!(p.requests.lock().len(), 1);
+    let EventBody::Error(e) = last(&events) else {
+        panic!()
+    };
+    assert_eq!(e.code, "upstream_error");
+    assert!(e.message.contains("upstream says 400"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_above_the_cap_and_refused_past_the_ceiling() {
+    let p = Scripted::new(vec![
+        vec![Step::Fail(http(429, Some(Duration::from_secs(45))))],
+        vec![Step::Fail(http(429, Some(Duration::from_millis(1500))))],
+        vec![Step::Fail(http(429, Some(Duration::from_secs(120))))],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, _, _) = run(&h).await;
+    let r = retries(&events);
+    assert_eq!(
+        r.iter().map(|r| r.delay_ms).collect::<Vec<_>>(),
+        vec![45_000, 1500]
+    );
+    let started = p.started.lock().clone();
+    assert!(started[1] - started[0] >= Duration::from_secs(45));
+    let EventBody::Error(e) = last(&events) else {
+        panic!()
+    };
+    assert!(e.message.contains("asked to wait 120 s"), "{}", e.message);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_are_bounded() {
+    let p = Scripted::new(vec![vec![Step::Fail(http(502, None))]]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, _, _) = run(&h).await;
+    assert_eq!(retries(&events).len(), 3);
+    assert_eq!(p.requests.lock().len(), 4);
+    assert!(matches!(last(&events), EventBody::Error(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_byte_and_idle_timeouts_are_retried() {
+    let p = Scripted::new(vec![
+        vec![Step::Hang],
+        vec![text("par"), Step::Hang],
+        vec![text("whole"), finish("stop")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, _, _) = run(&h).await;
+    let r = retries(&events);
+    assert_eq!(r.len(), 2);
+    assert!(r[0].error.contains("first byte"), "{}", r[0].error);
+    assert!(r[1].error.contains("idle gap"), "{}", r[1].error);
+    let started = p.started.lock().clone();
+    assert!(started[1] - started[0] >= Duration::from_millis(5_000 + r[0].delay_ms));
+    let EventBody::Final(f) = last(&events) else {
+        panic!()
+    };
+    assert_eq!(f.response_message.text, "whole");
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_during_a_retry_wait_ends_the_job_within_100ms() {
+    let p = Scripted::new(vec![
+        vec![
+            text("partial "),
+            Step::Fail(http(429, Some(Duration::from_secs(50)))),
+        ],
+        vec![text("never")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let s = h
+        .manager
+        .start(StartRequest {
+            user_id: "u".into(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // inside the 50 s wait
+    let t0 = Instant::now();
+    let out = h.manager.abort("u", &s.stream_id).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(p.requests.lock().len(), 1, "no second attempt");
+    // The failed attempt's text was discarded by the retry event.
+    assert_eq!(out.response_message.text, "");
+}
+
+#[tokio::test(start_paused = true)]
+async fn tool_calls_split_across_chunks_run_in_parallel_and_feed_back() {
+    let p = Scripted::new(vec![
+        vec![
+            text("Let me add. "),
+            tool_chunk(0, Some("call_a"), Some("add"), "{\"a\": 1"),
+            tool_chunk(1, Some("call_b"), None, ""),
+            tool_chunk(1, None, Some("add"), "{\"a\":"),
+            tool_chunk(0, None, None, ", \"b\": 2}"),
+            tool_chunk(1, None, None, " 40, \"b\": 2}"),
+            finish("tool_calls"),
+        ],
+        vec![text("3 and 42."), finish("stop")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, response_id, _) = run(&h).await;
+    let EventBody::Final(f) = last(&events) else {
+        panic!("{:?}", last(&events))
+    };
+    assert_eq!(f.status, FinalStatus::Complete);
+    let calls: Vec<_> = f
+        .response_message
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentPart::ToolCall { tool_call } => Some(tool_call.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        (
+            calls[0].id.as_str(),
+            calls[0].args.as_str(),
+            calls[0].output.as_deref()
+        ),
+        ("call_a", "{\"a\": 1, \"b\": 2}", Some("3"))
+    );
+    assert_eq!(
+        (calls[1].id.as_str(), calls[1].output.as_deref()),
+        ("call_b", Some("42"))
+    );
+    assert_eq!(f.response_message.text, "Let me add. 3 and 42.");
+    // The second call got the assistant turn with both results.
+    let reqs = p.requests.lock().clone();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0].tools.len(), 2);
+    let turn = reqs[1].messages.last().unwrap();
+    assert_eq!(turn.role, Role::Assistant);
+    assert_eq!(turn.text, "Let me add. ");
+    assert!(turn.tool_calls.iter().all(|c| c.output.is_some()));
+    let saved = h.db.get_message(&response_id).await.unwrap().unwrap();
+    assert_eq!(saved.content, f.response_message.content);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::RunStepCompleted(_)))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tool_errors_and_bad_arguments_go_back_to_the_model() {
+    let p = Scripted::new(vec![
+        vec![
+            tool_chunk(0, Some("c1"), Some("add"), "{not json"),
+            tool_chunk(1, Some("c2"), Some("add"), "{\"a\":\"x\"}"),
+            tool_chunk(2, Some("c3"), Some("nope"), "{}"),
+            finish("tool_calls"),
+        ],
+        vec![text("sorry"), finish("stop")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, _, _) = run(&h).await;
+    let EventBody::Final(f) = last(&events) else {
+        panic!()
+    };
+    let outputs: Vec<String> = f
+        .response_message
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentPart::ToolCall { tool_call } => tool_call.output.clone(),
+            _ => None,
+        })
+        .collect();
+    assert!(outputs[0].contains("not valid JSON"), "{}", outputs[0]);
+    assert!(outputs[1].contains("must be numbers"));
+    assert!(outputs[2].contains("unknown tool"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_iteration_cap_ends_the_job_with_a_terminal_event() {
+    let p = Scripted::new(vec![vec![
+        tool_chunk(0, Some("c"), Some("add"), "{\"a\":1,\"b\":1}"),
+        finish("tool_calls"),
+    ]]);
+    let h = harness(
+        p.clone(),
+        ManagerConfig {
+            max_tool_iterations: 3,
+            ..Default::default()
+        },
+    );
+    let (events, _, _) = run(&h).await;
+    let EventBody::Final(f) = last(&events) else {
+        panic!()
+    };
+    assert_eq!(f.reason.as_deref(), Some("max_tool_iterations"));
+    assert_eq!(p.requests.lock().len(), 3);
+    // Every stored tool call has its result.
+    assert!(f.response_message.content.iter().all(|c| match c {
+        ContentPart::ToolCall { tool_call } => tool_call.output.is_some(),
+        _ => true,
+    }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_during_a_slow_tool_records_cancelled_and_keeps_history_valid() {
+    let p = Scripted::new(vec![
+        vec![
+            tool_chunk(0, Some("fast"), Some("add"), "{\"a\":1,\"b\":2}"),
+            tool_chunk(1, Some("slow"), Some("slow_add"), "{\"a\":1,\"b\":2}"),
+            finish("tool_calls"),
+        ],
+        vec![text("never")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let s = h
+        .manager
+        .start(StartRequest {
+            user_id: "u".into(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let t0 = Instant::now();
+    let out = h.manager.abort("u", &s.stream_id).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "the slow tool was cancelled, not awaited"
+    );
+    let calls: Vec<_> = out
+        .response_message
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentPart::ToolCall { tool_call } => Some(tool_call.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].output.as_deref(), Some("3"));
+    assert_eq!(
+        calls[1].output.as_deref(),
+        Some("{\"error\":\"cancelled\"}")
+    );
+    assert!(out.response_message.unfinished);
+    // A follow-up request's history pairs every call with its result.
+    let follow = h
+        .manager
+        .start(StartRequest {
+            user_id: "u".into(),
+            text: "go on".into(),
+            conversation_id: Some(s.conversation_id.clone()),
+            parent_message_id: Some(s.response_message_id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h.manager.wait_idle().await;
+    let _ = follow;
+    let reqs = p.requests.lock().clone();
+    let history = &reqs.last().unwrap().messages;
+    let assistant = history.iter().find(|m| m.role == Role::Assistant).unwrap();
+    assert_eq!(assistant.tool_calls.len(), 2);
+    assert!(assistant.tool_calls.iter().all(|c| c.output.is_some()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_mid_stream_of_tool_arguments_closes_the_call_with_cancelled() {
+    let p = Scripted::new(vec![vec![
+        tool_chunk(0, Some("c"), Some("add"), "{\"a\":"),
+        Step::Sleep(Duration::from_secs(1)),
+        Step::Hang,
+    ]]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let s = h
+        .manager
+        .start(StartRequest {
+            user_id: "u".into(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = h.manager.abort("u", &s.stream_id).await.unwrap();
+    let ContentPart::ToolCall { tool_call } = &out.response_message.content[0] else {
+        panic!()
+    };
+    assert_eq!(
+        tool_call.output.as_deref(),
+        Some("{\"error\":\"cancelled\"}")
+    );
+}
