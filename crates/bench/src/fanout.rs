@@ -162,6 +162,7 @@ impl InProc {
         config.models = vec![ModelConfig {
             name: "bench".into(),
             provider: "demo".into(),
+            tools: Vec::new(),
             options: model,
         }];
         let nodelay = args.nodelay;
@@ -375,7 +376,16 @@ fn run_case(
             machine1.1.saturating_sub(machine0.1),
             machine1.2.saturating_sub(machine0.2),
         );
-        Ok((setup, receipts, ids, cpu0, cpu1, proc1 - proc0, machine, wall))
+        Ok((
+            setup,
+            receipts,
+            ids,
+            cpu0,
+            cpu1,
+            proc1 - proc0,
+            machine,
+            wall,
+        ))
     });
     let (setup, receipts, ids, cpu0, cpu1, proc_ticks, machine, wall) = match result {
         Ok(r) => r,
@@ -446,7 +456,9 @@ fn run_case(
         let t0 = times[0];
         let mut per: Vec<Vec<u64>> = vec![Vec::new(); times.len()];
         for (j, r) in &receipts {
-            if *j != 0 { continue; }
+            if *j != 0 {
+                continue;
+            }
             for (seq, at) in &r.seen {
                 if let Some(a) = times.get(*seq as usize) {
                     per[*seq as usize].push(at.saturating_duration_since(*a).as_micros() as u64);
@@ -456,7 +468,12 @@ fn run_case(
         let mut out = String::new();
         for (i, v) in per.iter_mut().enumerate() {
             v.sort_unstable();
-            out.push_str(&format!("{i} {} {} {}\n", (times[i] - t0).as_micros(), v.get(v.len() / 2).copied().unwrap_or(0), v.last().copied().unwrap_or(0)));
+            out.push_str(&format!(
+                "{i} {} {} {}\n",
+                (times[i] - t0).as_micros(),
+                v.get(v.len() / 2).copied().unwrap_or(0),
+                v.last().copied().unwrap_or(0)
+            ));
         }
         let _ = std::fs::write(path, out);
     }

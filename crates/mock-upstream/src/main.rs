@@ -1,4 +1,5 @@
-//! `genstream-mock-upstream`: the mock OpenAI-compatible server as a process.
+//! `genstream-mock-upstream`: the mock upstream (OpenAI Chat Completions and Anthropic
+//! Messages) as a process.
 //!
 //! `genstream-mock-upstream --bind 127.0.0.1:0` binds, prints
 //! `listening on http://ADDR/v1` as its first line of stdout (so a test or script can
@@ -12,7 +13,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use genstream_mock_upstream::{Recorder, serve};
 
-/// A mock OpenAI-compatible Chat Completions server that replays recorded streams.
+/// A mock OpenAI Chat Completions and Anthropic Messages server that replays recorded
+/// streams.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {

@@ -12,10 +12,32 @@ use tokio::net::TcpStream;
 /// `Connection: close` and returns the raw response (head and body, chunked framing
 /// left in; each SSE frame is written as one chunk, so frames stay whole).
 async fn post(addr: &str, body: &Value) -> String {
+    post_to(
+        addr,
+        "/v1/chat/completions",
+        "Authorization: Bearer sk-x\r\n",
+        body,
+    )
+    .await
+}
+
+/// POSTs `body` to `http://{addr}/v1/messages` as an Anthropic client does.
+async fn post_messages(addr: &str, body: &Value) -> String {
+    post_to(
+        addr,
+        "/v1/messages",
+        "x-api-key: sk-ant-x\r\nanthropic-version: 2023-06-01\r\n",
+        body,
+    )
+    .await
+}
+
+/// POSTs `body` to `path` with the extra header lines `headers` (each ending in CRLF).
+async fn post_to(addr: &str, path: &str, headers: &str, body: &Value) -> String {
     let body = body.to_string();
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer sk-x\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
@@ -99,6 +121,95 @@ async fn records_requests_and_scripts_answers() {
         Some("Bearer sk-x")
     );
     assert_eq!(mock.requests()[1], json!({"model": "status:400"}));
+}
+
+#[tokio::test]
+async fn messages_endpoint_speaks_anthropic() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let addr = mock.addr().to_string();
+
+    // Like Anthropic, no anthropic-version header is a 400.
+    let r = post_to(&addr, "/v1/messages", "", &json!({"model": "echo"})).await;
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("anthropic-version: header is required"),
+        "{r}"
+    );
+
+    let r = post_messages(&addr, &json!({"model": "status:529"})).await;
+    assert!(r.starts_with("HTTP/1.1 529"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{r}");
+    let body: Value =
+        serde_json::from_str(&r[r.find('{').unwrap()..=r.rfind('}').unwrap()]).unwrap();
+    assert_eq!(
+        body,
+        json!({"type": "error", "error": {"type": "overloaded_error",
+            "message": "mock upstream says 529"}, "request_id": "req_mock"})
+    );
+
+    let r = post_messages(
+        &addr,
+        &json!({"model": "fixture:anthropic/messages-text.chunks.jsonl"}),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains("event: message_start\ndata: {\"type\":\"message_start\"")
+            && r.contains("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+            && !r.contains("[DONE]"),
+        "{r}"
+    );
+
+    let r = post_messages(
+        &addr,
+        &json!({"model": "fixture:anthropic/messages-tool-use-empty-input.sse"}),
+    )
+    .await;
+    assert!(
+        r.contains("data: {\"type\":\"message_stop\"            }\n\n"),
+        "{r}"
+    );
+
+    let r = post_messages(&addr, &json!({"model": "overloaded"})).await;
+    assert!(
+        r.contains("event: error\ndata: {\"type\":\"error\",\"error\":{\"details\":null,\"type\":\"overloaded_error\"")
+            && !r.contains("message_stop"),
+        "{r}"
+    );
+
+    let r = post_messages(&addr, &json!({"model": "truncated"})).await;
+    assert!(
+        r.contains("\"text\":\"stream \"")
+            && !r.contains("message_delta")
+            && !r.contains("message_stop"),
+        "{r}"
+    );
+
+    let r = post_messages(
+        &addr,
+        &json!({"model": "echo", "messages": [{"role": "user", "content": "hi there"}]}),
+    )
+    .await;
+    assert!(
+        r.contains("\"text\":\" there\"") && r.contains("\"stop_reason\":\"end_turn\""),
+        "{r}"
+    );
+
+    let r = post_messages(&addr, &json!({"model": "gpt-4o"})).await;
+    assert!(
+        r.starts_with("HTTP/1.1 404") && r.contains("not_found_error"),
+        "{r}"
+    );
+    // `overloaded` is not a Chat Completions scenario.
+    let r = post(&addr, &json!({"model": "overloaded"})).await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+
+    let recorded = mock.recorded();
+    assert_eq!(recorded.len(), 9);
+    assert!(recorded[..8].iter().all(|r| r.path == "/v1/messages"));
+    assert_eq!(
+        recorded[1].headers.get("x-api-key").map(String::as_str),
+        Some("sk-ant-x")
+    );
 }
 
 #[tokio::test]

@@ -147,6 +147,9 @@ impl Provider for DemoProvider {
             .iter()
             .map(|m| m.text.chars().count())
             .sum();
+        if o.behavior == DemoBehavior::Tools {
+            return Ok(self.tools_turn(&request, chars, cancel));
+        }
         let reasoning_tokens = if o.behavior == DemoBehavior::Reasoning {
             o.tokens / 4
         } else {
@@ -173,6 +176,83 @@ impl Provider for DemoProvider {
             },
         };
         Ok(futures::stream::unfold(run, Run::next).boxed())
+    }
+}
+
+impl DemoProvider {
+    /// One turn of [`DemoBehavior::Tools`]: a `calculator` call split into three
+    /// argument fragments, or, when the history ends with the call's result, the answer.
+    fn tools_turn(
+        &self,
+        request: &ModelRequest,
+        chars: usize,
+        cancel: CancellationToken,
+    ) -> ProviderStream {
+        let result = request
+            .messages
+            .last()
+            .filter(|m| m.role == Role::Assistant)
+            .and_then(|m| m.tool_calls.iter().find(|c| c.name == "calculator"))
+            .and_then(|c| c.output.clone());
+        let mut rng = seed(request);
+        let mut items: Vec<Item> = Vec::new();
+        let finish = match result {
+            Some(output) => {
+                for word in format!("The answer is {output}.").split_inclusive(' ') {
+                    items.push(Ok(ProviderEvent::Text(word.to_owned())));
+                }
+                "stop"
+            }
+            None => {
+                let a = 2 + splitmix64(&mut rng) % 98;
+                let b = 2 + splitmix64(&mut rng) % 98;
+                let id = format!("call_demo_{:08x}", splitmix64(&mut rng) as u32);
+                let fragments = [
+                    "{\"expression\": \"".to_owned(),
+                    format!("{a} * {b}"),
+                    "\"}".to_owned(),
+                ];
+                for (i, args) in fragments.into_iter().enumerate() {
+                    items.push(Ok(ProviderEvent::ToolCall {
+                        index: 0,
+                        id: (i == 0).then(|| id.clone()),
+                        name: (i == 0).then(|| "calculator".to_owned()),
+                        args,
+                    }));
+                }
+                "tool_calls"
+            }
+        };
+        let output_tokens = items.len() as u64;
+        items.push(Ok(ProviderEvent::Usage(UsageRecord {
+            call_index: request.call_index,
+            model: request.model.clone(),
+            provider: "demo".to_owned(),
+            input_tokens: chars.div_ceil(4) as u64,
+            output_tokens,
+            ..UsageRecord::default()
+        })));
+        items.push(Ok(ProviderEvent::Finish(finish.to_owned())));
+        let first = Duration::from_millis(self.options.first_token_delay_ms);
+        let delay = Duration::from_millis(self.options.token_delay_ms);
+        futures::stream::unfold((items.into_iter(), 0usize), move |(mut it, n)| {
+            let cancel = cancel.clone();
+            async move {
+                let wait = if n == 0 { first } else { delay };
+                if !wait.is_zero() {
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => return None,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+                if cancel.is_cancelled() {
+                    return None;
+                }
+                it.next().map(|item| (item, (it, n + 1)))
+            }
+        })
+        .boxed()
     }
 }
 

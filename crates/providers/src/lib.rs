@@ -9,6 +9,7 @@
 //!
 //! - [`demo`]: built in, no network, deterministic; scripted behaviours for tests.
 //! - [`openai`]: Chat Completions streaming against any OpenAI-compatible base URL.
+//! - [`anthropic`]: Anthropic Messages API streaming.
 //!
 //! [`build`] turns the config of one model (its provider name and options) into a
 //! provider, checking every key so that a typo fails at startup.
@@ -22,11 +23,17 @@ use std::sync::Arc;
 
 use genstream_engine::provider::Provider;
 
+pub mod anthropic;
 pub mod config;
 pub mod demo;
+mod http;
 pub mod openai;
+mod sse;
 
-pub use config::{DemoBehavior, DemoOptions, OpenAiModelOptions, ProviderConfig};
+pub use anthropic::AnthropicProvider;
+pub use config::{
+    AnthropicModelOptions, DemoBehavior, DemoOptions, OpenAiModelOptions, ProviderConfig,
+};
 pub use demo::DemoProvider;
 pub use openai::OpenAiProvider;
 
@@ -49,7 +56,7 @@ pub enum BuildError {
         known: String,
     },
     /// A `[providers.<name>]` entry has a `kind` this build does not support.
-    #[error("provider `{provider}`: unknown kind `{kind}` (supported: openai)")]
+    #[error("provider `{provider}`: unknown kind `{kind}` (supported: openai, anthropic)")]
     UnknownKind {
         /// The provider's name.
         provider: String,
@@ -97,9 +104,10 @@ impl BuildError {
 ///
 /// `provider` is the model's provider name: `"demo"` (built in; `options` parsed as
 /// [`DemoOptions`], `null` meaning all defaults) or a key of `providers`, whose `kind`
-/// selects the implementation (`"openai"`: `options` parsed as
-/// [`OpenAiModelOptions`]). The returned provider is meant to be built once and shared
-/// by all jobs of the model (the OpenAI one owns its HTTP connection pool).
+/// selects the implementation (`"openai"`: `options` parsed as [`OpenAiModelOptions`];
+/// `"anthropic"`: as [`AnthropicModelOptions`]). The returned provider is meant to be
+/// built once and shared by all jobs of the model (the HTTP ones own their connection
+/// pool).
 ///
 /// # Errors
 /// [`BuildError`] for an unknown provider or kind, options with an unknown or missing
@@ -136,6 +144,11 @@ pub fn build(
                 serde_json::from_value(options.clone()).map_err(invalid_options)?;
             Ok(Arc::new(OpenAiProvider::new(provider, config, options)?))
         }
+        "anthropic" => {
+            let options: AnthropicModelOptions =
+                serde_json::from_value(options.clone()).map_err(invalid_options)?;
+            Ok(Arc::new(AnthropicProvider::new(provider, config, options)?))
+        }
         kind => Err(BuildError::UnknownKind {
             provider: provider.to_owned(),
             kind: kind.to_owned(),
@@ -156,6 +169,7 @@ mod tests {
                 kind: "openai".into(),
                 base_url: "http://127.0.0.1:9/v1/".into(),
                 api_key_env: None,
+                ..Default::default()
             },
         )])
     }
@@ -205,20 +219,51 @@ mod tests {
                 kind: "anthropic".into(),
                 base_url: "https://api.anthropic.com/v1".into(),
                 api_key_env: None,
+                ..Default::default()
             },
         );
-        let e = build("claude", &ps, &json!({"model": "x"}))
+        assert_eq!(
+            build("claude", &ps, &json!({"model": "claude-sonnet-4-5"}))
+                .unwrap()
+                .kind(),
+            "anthropic"
+        );
+        let e = build("claude", &ps, &json!({"model": "x", "max_token": 5}))
             .err()
             .unwrap()
             .in_model("m2")
             .to_string();
-        assert!(e.contains("m2") && e.contains("anthropic"), "{e}");
+        assert!(e.contains("m2") && e.contains("max_token"), "{e}");
+        let e = build(
+            "claude",
+            &ps,
+            &json!({"model": "x", "max_tokens": 2000, "thinking_budget_tokens": 4000}),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("thinking_budget_tokens"), "{e}");
+        ps.insert(
+            "gemini".into(),
+            ProviderConfig {
+                kind: "gemini".into(),
+                base_url: "https://example.com/v1".into(),
+                api_key_env: None,
+                ..Default::default()
+            },
+        );
+        let e = build("gemini", &ps, &json!({"model": "x"}))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown kind `gemini`"), "{e}");
         ps.insert(
             "bad".into(),
             ProviderConfig {
                 kind: "openai".into(),
                 base_url: "not a url".into(),
                 api_key_env: None,
+                ..Default::default()
             },
         );
         let e = build("bad", &ps, &json!({"model": "x"}))

@@ -31,6 +31,7 @@ fn provider_for(
             // A trailing slash, as users write it.
             base_url: format!("{base_url}/"),
             api_key_env: api_key_env.map(str::to_owned),
+            ..Default::default()
         },
     )]);
     build("mock", &providers, &json!({"model": upstream_model})).unwrap()

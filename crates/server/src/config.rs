@@ -44,9 +44,13 @@ pub struct Config {
     /// Named upstreams, `[providers.NAME] kind, base_url, api_key_env`.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
-    /// `[[models]] name, provider, [models.options]`; the first is the default.
+    /// `[[models]] name, provider, tools, [models.options]`; the first is the default.
     #[serde(default = "default_models")]
     pub models: Vec<ModelConfig>,
+    /// HTTP tools, `[[tools]] name, description, parameters, url, timeout_ms`. The
+    /// built-in `calculator` and `current_time` need no declaration.
+    #[serde(default)]
+    pub tools: Vec<genstream_tools::HttpToolConfig>,
 }
 
 /// `[auth]`.
@@ -77,8 +81,12 @@ pub struct JobsConfig {
     /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are
     /// aborted, in seconds. Default 30.
     pub shutdown_grace_secs: u64,
-    /// How often the stall and retention reaper runs, in milliseconds. Default 5000.
+    /// How often the stall, orphan and retention reaper runs, in milliseconds.
+    /// Default 5000.
     pub reap_interval_ms: u64,
+    /// Model calls per job at most (the tool loop's cap); the job then ends with
+    /// `final` `reason: "max_tool_iterations"`. Default 10.
+    pub max_tool_iterations: u32,
 }
 
 impl Default for JobsConfig {
@@ -93,6 +101,7 @@ impl Default for JobsConfig {
             max_bytes_per_job: l.max_bytes,
             shutdown_grace_secs: 30,
             reap_interval_ms: m.reap_interval.as_millis() as u64,
+            max_tool_iterations: m.max_tool_iterations,
         }
     }
 }
@@ -161,6 +170,10 @@ pub struct ModelConfig {
     pub name: String,
     /// `demo`, or the name of a `[providers.NAME]` section.
     pub provider: String,
+    /// Tools this model may call (built-in or `[[tools]]` names). A request's `tools`
+    /// may narrow the list. Default none.
+    #[serde(default)]
+    pub tools: Vec<String>,
     /// Provider-specific options (demo: `tokens`, `token_delay_ms`, `behavior`, …;
     /// openai: `model`).
     #[serde(default = "empty_object")]
@@ -175,6 +188,7 @@ fn default_models() -> Vec<ModelConfig> {
     vec![ModelConfig {
         name: "demo".into(),
         provider: "demo".into(),
+        tools: Vec::new(),
         options: empty_object(),
     }]
 }
@@ -192,6 +206,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             providers: BTreeMap::new(),
             models: default_models(),
+            tools: Vec::new(),
         }
     }
 }
@@ -290,6 +305,7 @@ impl Config {
             stall_timeout: Duration::from_secs(self.jobs.stall_timeout_secs),
             max_live_jobs: self.jobs.max_live_jobs,
             reap_interval: Duration::from_millis(self.jobs.reap_interval_ms.max(10)),
+            max_tool_iterations: self.jobs.max_tool_iterations.max(1),
             ..ManagerConfig::default()
         }
     }

@@ -91,14 +91,31 @@ pub async fn resolve_secret(
 pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError> {
     let store = open_store(config).await?;
     let db = open_database(config).await?;
+    let tools =
+        genstream_tools::registry(&config.tools).map_err(|e| ServeError::Config(e.to_string()))?;
     let mut models = Vec::new();
     for m in &config.models {
         let provider = genstream_providers::build(&m.provider, &config.providers, &m.options)
             .map_err(|e| ServeError::Config(format!("model {:?}: {e}", m.name)))?;
-        models.push(ModelEntry::new(&m.name, provider));
+        let mut entry = ModelEntry::new(&m.name, provider);
+        for t in &m.tools {
+            if tools.get(t).is_none() {
+                return Err(ServeError::Config(format!(
+                    "model {:?}: unknown tool {t:?}; known: {}",
+                    m.name,
+                    tools.names().join(", ")
+                )));
+            }
+        }
+        entry.tools.clone_from(&m.tools);
+        if let Some(p) = config.providers.get(&m.provider) {
+            entry.retry = p.retry;
+            entry.timeouts = p.timeouts;
+        }
+        models.push(entry);
     }
     let (secret, generated) = resolve_secret(config, &db).await?;
-    let manager = JobManager::new(store, db, models, config.manager_config());
+    let manager = JobManager::with_tools(store, db, models, tools, config.manager_config());
     Ok((
         AppState {
             manager,

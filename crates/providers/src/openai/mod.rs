@@ -4,35 +4,33 @@
 //! One attempt is `POST {base_url}/chat/completions` with `stream: true` and
 //! `stream_options.include_usage` (OpenAI API reference, "Create chat completion"), the
 //! response read as server-sent events. The same code serves OpenAI, Azure, DeepSeek,
-//! OpenRouter, Groq, xAI, vLLM, Ollama…: see [`stream`] for how their variations of the
-//! chunk shape are read and [`http`] for error bodies and `Retry-After`.
+//! OpenRouter, Groq, xAI, vLLM, Ollama…: see `stream` for how their variations of the
+//! chunk shape are read and the crate's `http` module for error bodies and
+//! `Retry-After`.
 //!
-//! Failures map onto [`ProviderErrorKind`] so the engine's retry layer can decide:
-//! a non-2xx answer is `Http` (with `status`, the upstream's message and `retry_after`),
-//! no answer is `Connect` (or `Timeout`), a bad chunk is `Malformed`, an error inside the
-//! stream is `Upstream`, a stream cut short is `Truncated`, a missing API key is
-//! `Config`. The HTTP client is built once per provider, with a 10 s connect timeout
+//! Failures map onto
+//! [`ProviderErrorKind`](genstream_engine::provider::ProviderErrorKind) so the engine's
+//! retry layer can decide: a non-2xx answer is `Http` (with `status`, the upstream's
+//! message and `retry_after`), no answer is `Connect` (or `Timeout`), a bad chunk is
+//! `Malformed`, an error inside the stream is `Upstream`, a stream cut short is
+//! `Truncated`, a missing API key is `Config`. The HTTP client is built once per provider, with a 10 s connect timeout
 //! and reqwest's own retries turned off, so that an attempt is exactly one request.
 
-mod http;
 mod request;
 mod stream;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use futures::StreamExt;
-use genstream_engine::provider::{
-    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderStream,
-};
-use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use genstream_engine::provider::{ModelRequest, Provider, ProviderError, ProviderStream};
+use reqwest::header::ACCEPT;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::BuildError;
 use crate::config::{OpenAiModelOptions, ProviderConfig};
+use crate::http;
 
-/// Time allowed to open a TCP (and TLS) connection to the upstream.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::http::CONNECT_TIMEOUT;
 
 /// A Chat Completions upstream serving one model.
 #[derive(Clone, Debug)]
@@ -56,25 +54,11 @@ impl OpenAiProvider {
         config: &ProviderConfig,
         options: OpenAiModelOptions,
     ) -> Result<Self, BuildError> {
-        let invalid = |message: String| BuildError::InvalidConfig {
-            provider: name.to_owned(),
-            message,
-        };
-        let base = config.base_url.trim_end_matches('/');
-        let endpoint = reqwest::Url::parse(&format!("{base}/chat/completions"))
-            .map_err(|e| invalid(format!("base_url `{}` is not a URL: {e}", config.base_url)))?;
-        if !matches!(endpoint.scheme(), "http" | "https") {
-            return Err(invalid(format!(
-                "base_url `{}` must be an http or https URL",
-                config.base_url
-            )));
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .retry(reqwest::retry::never())
-            .user_agent(concat!("genstream/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
+        let endpoint = http::endpoint(name, &config.base_url, "chat/completions")?;
+        let client = http::client(
+            name,
+            Duration::from_millis(config.timeouts.connect_ms.max(1)),
+        )?;
         Ok(OpenAiProvider {
             name: name.to_owned(),
             endpoint,
@@ -92,24 +76,6 @@ impl OpenAiProvider {
     /// The upstream model id sent as `model`.
     pub fn upstream_model(&self) -> &str {
         &self.model
-    }
-
-    /// The API key, read now from the variable named by `api_key_env` (so a rotated key
-    /// is picked up without a restart); `None` when no variable is configured.
-    fn api_key(&self) -> Result<Option<String>, ProviderError> {
-        let Some(var) = &self.api_key_env else {
-            return Ok(None);
-        };
-        match std::env::var(var) {
-            Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_owned())),
-            _ => Err(ProviderError::new(
-                ProviderErrorKind::Config,
-                format!(
-                    "{}: environment variable `{var}` (api_key_env) is not set or empty",
-                    self.name
-                ),
-            )),
-        }
     }
 }
 
@@ -133,7 +99,7 @@ impl Provider for OpenAiProvider {
         request: ModelRequest,
         cancel: CancellationToken,
     ) -> Result<ProviderStream, ProviderError> {
-        let key = self.api_key()?;
+        let key = http::api_key(&self.name, self.api_key_env.as_deref())?;
         let body = request::request_body(&self.model, &request);
         let mut builder = self
             .client
@@ -143,60 +109,16 @@ impl Provider for OpenAiProvider {
         if let Some(key) = key {
             builder = builder.bearer_auth(key);
         }
-        let answer = async {
-            let response = builder
-                .send()
-                .await
-                .map_err(|e| http::send_error(&self.name, &e))?;
-            if !response.status().is_success() {
-                return Err(http::status_error(&self.name, response).await);
-            }
-            let is_json = response
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.trim_start().starts_with("application/json"));
-            if is_json {
-                // Some servers answer a streaming request with a plain JSON error.
-                return Err(self.json_instead_of_stream(response).await);
-            }
-            Ok(response)
-        };
-        let response = tokio::select! {
-            biased;
-            () = cancel.cancelled() => return Ok(futures::stream::empty().boxed()),
-            response = answer => response?,
+        let Some(response) =
+            http::open_stream(&self.name, builder, &cancel, http::error_message).await?
+        else {
+            return Ok(futures::stream::empty().boxed());
         };
         let parser = stream::ChunkParser::new(&self.name, &request.model, request.call_index);
-        Ok(stream::event_stream(
+        Ok(crate::sse::event_stream(
             response.bytes_stream(),
             parser,
             cancel,
         ))
-    }
-}
-
-impl OpenAiProvider {
-    /// The error for a 2xx answer with a JSON body where an event stream was expected.
-    async fn json_instead_of_stream(&self, response: reqwest::Response) -> ProviderError {
-        let body = response.bytes().await.unwrap_or_default();
-        let error = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .filter(|v| v.get("error").is_some_and(|e| !e.is_null()))
-            .and_then(|v| http::error_message(&v));
-        match error {
-            Some(message) => ProviderError::new(
-                ProviderErrorKind::Upstream,
-                format!("{}: upstream reported an error: {message}", self.name),
-            ),
-            None => ProviderError::new(
-                ProviderErrorKind::Malformed,
-                format!(
-                    "{}: upstream answered JSON, not an event stream: {}",
-                    self.name,
-                    http::truncate(String::from_utf8_lossy(&body).trim(), 200)
-                ),
-            ),
-        }
     }
 }

@@ -20,24 +20,14 @@
 //! the end of the body), so that usage sent after it still comes first. Only choice 0 is
 //! read (genstream never asks for `n > 1`).
 
-use std::collections::VecDeque;
-use std::pin::Pin;
-
-use bytes::Bytes;
-use futures::{Stream, StreamExt};
-use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream};
+use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent};
 use genstream_engine::usage::UsageRecord;
 use serde::Deserialize;
 use serde_json::Value;
-use sse_stream::{Sse, SseStream};
-use tokio_util::sync::CancellationToken;
+use sse_stream::Sse;
 
-use super::http::{error_chain, error_message, truncate};
-
-type Item = Result<ProviderEvent, ProviderError>;
-
-/// How much of a bad `data:` line an error quotes.
-const SNIPPET_CHARS: usize = 200;
+use crate::http::{error_message, truncate};
+use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// One `chat.completion.chunk`, leniently.
 #[derive(Debug, Default, Deserialize)]
@@ -155,71 +145,6 @@ impl ChunkParser {
         }
     }
 
-    /// True once `[DONE]` was seen.
-    pub(crate) fn is_done(&self) -> bool {
-        self.done
-    }
-
-    /// The items one frame yields; an `Err` is the last item of the stream.
-    pub(crate) fn on_frame(&mut self, sse: &Sse) -> Vec<Item> {
-        match sse.event.as_deref() {
-            None | Some("" | "message") => {}
-            Some("error") => {
-                let data = sse.data.as_deref().unwrap_or_default();
-                let detail = serde_json::from_str::<Value>(data)
-                    .ok()
-                    .and_then(|v| error_message(&v))
-                    .unwrap_or_else(|| truncate(data.trim(), SNIPPET_CHARS));
-                return vec![Err(self.upstream_error(&detail))];
-            }
-            // Chat Completions sends no other event types; a client listens to
-            // messages only (WHATWG HTML, "Server-sent events", dispatch by type).
-            Some(_) => return Vec::new(),
-        }
-        let Some(data) = sse.data.as_deref().map(str::trim) else {
-            return Vec::new(); // `id:` / `retry:` alone
-        };
-        if data.is_empty() {
-            return Vec::new(); // an empty keep-alive frame
-        }
-        if data == "[DONE]" {
-            self.done = true;
-            return self.finish_event().into_iter().map(Ok).collect();
-        }
-        let chunk: Chunk = match serde_json::from_str(data) {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                return vec![Err(ProviderError::new(
-                    ProviderErrorKind::Malformed,
-                    format!(
-                        "{}: upstream sent a chunk that is not valid ({e}): {}",
-                        self.provider,
-                        truncate(data, SNIPPET_CHARS)
-                    ),
-                ))];
-            }
-        };
-        self.on_chunk(chunk)
-    }
-
-    /// The items for the end of the body (without `[DONE]`): the finish if a reason
-    /// came, else a `Truncated` error.
-    pub(crate) fn on_end(&mut self) -> Vec<Item> {
-        if self.done {
-            return Vec::new();
-        }
-        match self.finish_event() {
-            Some(finish) => vec![Ok(finish)],
-            None => vec![Err(ProviderError::new(
-                ProviderErrorKind::Truncated,
-                format!(
-                    "{}: upstream stream ended without [DONE] or a finish_reason",
-                    self.provider
-                ),
-            ))],
-        }
-    }
-
     fn on_chunk(&mut self, chunk: Chunk) -> Vec<Item> {
         let mut out = Vec::new();
         if let Some(error) = chunk.error {
@@ -322,95 +247,74 @@ impl ChunkParser {
     }
 }
 
-/// The state of [`event_stream`].
-struct Run<S> {
-    frames: Option<Pin<Box<S>>>,
-    parser: ChunkParser,
-    pending: VecDeque<Item>,
-    cancel: CancellationToken,
-}
+impl FrameParser for ChunkParser {
+    fn provider(&self) -> &str {
+        &self.provider
+    }
 
-/// The provider stream over an HTTP body: SSE frames parsed by `sse-stream`, chunks by
-/// `parser`. It ends after `[DONE]`, after the first error, at the end of the body, or
-/// as soon as `cancel` fires (then without further items); dropping it closes the body.
-pub(crate) fn event_stream<B, E>(
-    body: B,
-    parser: ChunkParser,
-    cancel: CancellationToken,
-) -> ProviderStream
-where
-    B: Stream<Item = Result<Bytes, E>> + Send + 'static,
-    E: std::error::Error + Send + Sync + 'static,
-{
-    let run = Run {
-        frames: Some(Box::pin(SseStream::from_bytes_stream(body))),
-        parser,
-        pending: VecDeque::new(),
-        cancel,
-    };
-    futures::stream::unfold(run, |mut run| async move {
-        loop {
-            if let Some(item) = run.pending.pop_front() {
-                if item.is_err() {
-                    run.pending.clear();
-                    run.frames = None;
-                }
-                return Some((item, run));
+    /// The items one frame yields; an `Err` is the last item of the stream.
+    fn on_frame(&mut self, sse: &Sse) -> Vec<Item> {
+        match sse.event.as_deref() {
+            None | Some("" | "message") => {}
+            Some("error") => {
+                let data = sse.data.as_deref().unwrap_or_default();
+                let detail = serde_json::from_str::<Value>(data)
+                    .ok()
+                    .and_then(|v| error_message(&v))
+                    .unwrap_or_else(|| truncate(data.trim(), SNIPPET_CHARS));
+                return vec![Err(self.upstream_error(&detail))];
             }
-            let frames = run.frames.as_mut()?;
-            let next = tokio::select! {
-                biased;
-                () = run.cancel.cancelled() => return None,
-                next = frames.next() => next,
-            };
-            match next {
-                Some(Ok(sse)) => {
-                    let items = run.parser.on_frame(&sse);
-                    run.pending.extend(items);
-                    if run.parser.is_done() {
-                        run.frames = None; // close the body now, not when dropped
-                    }
-                }
-                Some(Err(e)) => {
-                    run.pending
-                        .push_back(Err(frame_error(&run.parser.provider, e)));
-                    run.frames = None;
-                }
-                None => {
-                    let items = run.parser.on_end();
-                    run.pending.extend(items);
-                    run.frames = None;
-                }
-            }
+            // Chat Completions sends no other event types; a client listens to
+            // messages only (WHATWG HTML, "Server-sent events", dispatch by type).
+            Some(_) => return Vec::new(),
         }
-    })
-    .boxed()
-}
+        let Some(data) = sse.data.as_deref().map(str::trim) else {
+            return Vec::new(); // `id:` / `retry:` alone
+        };
+        if data.is_empty() {
+            return Vec::new(); // an empty keep-alive frame
+        }
+        if data == "[DONE]" {
+            self.done = true;
+            return self.finish_event().into_iter().map(Ok).collect();
+        }
+        let chunk: Chunk = match serde_json::from_str(data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return vec![Err(ProviderError::new(
+                    ProviderErrorKind::Malformed,
+                    format!(
+                        "{}: upstream sent a chunk that is not valid ({e}): {}",
+                        self.provider,
+                        truncate(data, SNIPPET_CHARS)
+                    ),
+                ))];
+            }
+        };
+        self.on_chunk(chunk)
+    }
 
-/// The error for a body that broke off or could not be read as SSE.
-fn frame_error(provider: &str, error: sse_stream::Error) -> ProviderError {
-    match error {
-        sse_stream::Error::Body(e) => {
-            let timeout = e
-                .downcast_ref::<reqwest::Error>()
-                .is_some_and(reqwest::Error::is_timeout);
-            let kind = if timeout {
-                ProviderErrorKind::Timeout
-            } else {
-                ProviderErrorKind::Truncated
-            };
-            ProviderError::new(
-                kind,
+    /// The items for the end of the body (without `[DONE]`): the finish if a reason
+    /// came, else a `Truncated` error.
+    fn on_end(&mut self) -> Vec<Item> {
+        if self.done {
+            return Vec::new();
+        }
+        match self.finish_event() {
+            Some(finish) => vec![Ok(finish)],
+            None => vec![Err(ProviderError::new(
+                ProviderErrorKind::Truncated,
                 format!(
-                    "{provider}: upstream body broke off: {}",
-                    error_chain(e.as_ref())
+                    "{}: upstream stream ended without [DONE] or a finish_reason",
+                    self.provider
                 ),
-            )
+            ))],
         }
-        other => ProviderError::new(
-            ProviderErrorKind::Malformed,
-            format!("{provider}: upstream sent invalid SSE: {other}"),
-        ),
+    }
+
+    /// True once `[DONE]` was seen.
+    fn is_done(&self) -> bool {
+        self.done
     }
 }
 
@@ -418,8 +322,12 @@ fn frame_error(provider: &str, error: sse_stream::Error) -> ProviderError {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::sse::event_stream;
+    use bytes::Bytes;
+    use futures::StreamExt;
     use genstream_mock_upstream::{fixture, fixture_paths};
     use std::collections::BTreeMap;
+    use tokio_util::sync::CancellationToken;
 
     /// Replays `text` through [`event_stream`], in chunks of `split` bytes (to exercise
     /// frames cut across reads).
@@ -541,9 +449,14 @@ mod tests {
         );
     }
 
+    /// The fixtures of Chat Completions streams (not the Anthropic ones).
+    fn chat_fixture_paths() -> impl Iterator<Item = &'static str> {
+        fixture_paths().filter(|p| !p.starts_with("anthropic/"))
+    }
+
     #[tokio::test]
     async fn byte_by_byte_equals_whole() {
-        for path in fixture_paths() {
+        for path in chat_fixture_paths() {
             let whole = replay(&wire(path), 1 << 20).await;
             let split = replay(&wire(path), 7).await;
             assert_eq!(format!("{whole:?}"), format!("{split:?}"), "{path}");
@@ -629,7 +542,7 @@ mod tests {
                 1,
             ),
         ];
-        assert_eq!(expect.len(), fixture_paths().count());
+        assert_eq!(expect.len(), chat_fixture_paths().count());
         for (path, order, text, reasoning, tools) in expect {
             let s = summarize(replay(&wire(path), 4096).await);
             assert_eq!(&s.order, order, "{path}");

@@ -1,24 +1,171 @@
-//! Failures before the stream: non-success statuses, `Retry-After`, send errors.
+//! Failures before the stream, shared by the HTTP providers: sending one streaming
+//! request, non-success statuses, `Retry-After`, send errors.
 //!
 //! An OpenAI error body is `{"error": {"message", "type", "param", "code"}}` (OpenAI API
 //! reference, "Error codes"); OpenAI-compatible servers vary (`{"error": "text"}`,
-//! `{"message": …}`, a one-element array), so the message is looked for in each shape
-//! and the raw text used otherwise. The wait the upstream asks for comes from
-//! `retry-after-ms` (milliseconds, sent by OpenAI and honoured first by its SDKs) or
-//! `Retry-After` (RFC 9110 §10.2.3: delay-seconds or an HTTP-date).
+//! `{"message": …}`, a one-element array), so [`error_message`] looks for the message
+//! in each shape. Anthropic's is `{"type": "error", "error": {"type", "message"},
+//! "request_id"}` (Anthropic API docs, "Errors"), which that also reads; a provider may
+//! pass its own describer to quote it its way. The raw text is quoted when the body is
+//! not JSON. The wait the upstream asks for comes from `retry-after-ms` (milliseconds,
+//! sent by OpenAI and honoured first by its SDKs and Anthropic's) or `Retry-After`
+//! (RFC 9110 §10.2.3: delay-seconds or an HTTP-date).
 
 use std::time::{Duration, SystemTime};
 
 use genstream_engine::provider::{ProviderError, ProviderErrorKind};
-use reqwest::header::HeaderMap;
+
+use crate::BuildError;
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// Time allowed to open a TCP (and TLS) connection to the upstream.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The URL `{base_url}/{path}` of provider `provider` (a trailing slash on `base_url`
+/// is ignored).
+///
+/// # Errors
+/// [`BuildError::InvalidConfig`] when `base_url` is not an `http(s)` URL.
+pub(crate) fn endpoint(
+    provider: &str,
+    base_url: &str,
+    path: &str,
+) -> Result<reqwest::Url, BuildError> {
+    let invalid = |message: String| BuildError::InvalidConfig {
+        provider: provider.to_owned(),
+        message,
+    };
+    let base = base_url.trim_end_matches('/');
+    let endpoint = reqwest::Url::parse(&format!("{base}/{path}"))
+        .map_err(|e| invalid(format!("base_url `{base_url}` is not a URL: {e}")))?;
+    if !matches!(endpoint.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "base_url `{base_url}` must be an http or https URL"
+        )));
+    }
+    Ok(endpoint)
+}
+
+/// The HTTP client of one provider: its connect timeout (default [`CONNECT_TIMEOUT`],
+/// `[providers.NAME.timeouts] connect_ms`), and reqwest's own retries
+/// turned off so that an attempt is exactly one request (LESSONS "Upstream retries":
+/// SDK-internal retries multiplied the attempts; the engine's one retry layer decides).
+///
+/// # Errors
+/// [`BuildError::InvalidConfig`] when the client cannot be built (no TLS backend).
+pub(crate) fn client(
+    provider: &str,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .retry(reqwest::retry::never())
+        .user_agent(concat!("genstream/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError::InvalidConfig {
+            provider: provider.to_owned(),
+            message: format!("cannot build the HTTP client: {e}"),
+        })
+}
+
+/// The API key, read now from the variable `var` (so a rotated key is picked up
+/// without a restart); `None` when no variable is configured (local servers).
+///
+/// # Errors
+/// `Config`, naming the variable, when it is unset or blank.
+pub(crate) fn api_key(provider: &str, var: Option<&str>) -> Result<Option<String>, ProviderError> {
+    let Some(var) = var else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_owned())),
+        _ => Err(ProviderError::new(
+            ProviderErrorKind::Config,
+            format!("{provider}: environment variable `{var}` (api_key_env) is not set or empty"),
+        )),
+    }
+}
+
+/// Reads the message of an error JSON value (a body or an in-stream error), quoting
+/// what the upstream said; `None` when the value holds no message.
+pub(crate) type Describe = fn(&Value) -> Option<String>;
 
 /// The most of an error body read, and the most of it quoted when it is not JSON.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_QUOTED_CHARS: usize = 500;
 
+/// Sends one streaming request and waits for the head of the answer.
+///
+/// `Ok(Some(response))` for a 2xx answer that is not JSON (the event stream);
+/// `Ok(None)` when `cancel` fired first (the request is dropped). `describe` reads the
+/// upstream's error bodies.
+///
+/// # Errors
+/// `Connect`/`Timeout` (no answer), `Http` (non-2xx, with status, message and
+/// `retry_after`), `Upstream` (a 2xx JSON error body: some servers answer a streaming
+/// request so), `Malformed` (a 2xx JSON body that is not an error).
+pub(crate) async fn open_stream(
+    provider: &str,
+    request: reqwest::RequestBuilder,
+    cancel: &CancellationToken,
+    describe: Describe,
+) -> Result<Option<reqwest::Response>, ProviderError> {
+    let answer = async {
+        let response = request.send().await.map_err(|e| send_error(provider, &e))?;
+        if !response.status().is_success() {
+            return Err(status_error(provider, response, describe).await);
+        }
+        let is_json = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        if is_json {
+            return Err(json_instead_of_stream(provider, response, describe).await);
+        }
+        Ok(response)
+    };
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Ok(None),
+        response = answer => response.map(Some),
+    }
+}
+
+/// The error for a 2xx answer with a JSON body where an event stream was expected.
+async fn json_instead_of_stream(
+    provider: &str,
+    response: reqwest::Response,
+    describe: Describe,
+) -> ProviderError {
+    let body = response.bytes().await.unwrap_or_default();
+    let error = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .filter(|v| v.get("error").is_some_and(|e| !e.is_null()))
+        .and_then(|v| describe(&v));
+    match error {
+        Some(message) => ProviderError::new(
+            ProviderErrorKind::Upstream,
+            format!("{provider}: upstream reported an error: {message}"),
+        ),
+        None => ProviderError::new(
+            ProviderErrorKind::Malformed,
+            format!(
+                "{provider}: upstream answered JSON, not an event stream: {}",
+                truncate(String::from_utf8_lossy(&body).trim(), 200)
+            ),
+        ),
+    }
+}
+
 /// The `Http` error for a non-success `response`, reading (a bounded part of) its body.
-pub(crate) async fn status_error(provider: &str, mut response: reqwest::Response) -> ProviderError {
+pub(crate) async fn status_error(
+    provider: &str,
+    mut response: reqwest::Response,
+    describe: Describe,
+) -> ProviderError {
     let status = response.status();
     let retry_after = retry_after(response.headers(), SystemTime::now());
     let mut body = Vec::new();
@@ -29,7 +176,7 @@ pub(crate) async fn status_error(provider: &str, mut response: reqwest::Response
             break;
         }
     }
-    let detail = body_detail(&body);
+    let detail = body_detail(&body, describe);
     let message = if detail.is_empty() {
         format!("{provider}: upstream answered HTTP {status}")
     } else {
@@ -43,11 +190,11 @@ pub(crate) async fn status_error(provider: &str, mut response: reqwest::Response
     }
 }
 
-/// What to quote of an error body: its error message if it is JSON with one, else the
-/// text, cut to [`MAX_QUOTED_CHARS`].
-pub(crate) fn body_detail(body: &[u8]) -> String {
+/// What to quote of an error body: its error message (read by `describe`) if it is
+/// JSON with one, else the text, cut to [`MAX_QUOTED_CHARS`].
+pub(crate) fn body_detail(body: &[u8], describe: Describe) -> String {
     if let Ok(json) = serde_json::from_slice::<Value>(body)
-        && let Some(message) = error_message(&json)
+        && let Some(message) = describe(&json)
     {
         return message;
     }
@@ -200,7 +347,7 @@ mod tests {
 
     #[test]
     fn finds_error_messages() {
-        let detail = |v: Value| body_detail(v.to_string().as_bytes());
+        let detail = |v: Value| body_detail(v.to_string().as_bytes(), error_message);
         assert_eq!(
             detail(json!({"error": {"message": "Rate limit", "type": "requests", "code": null}})),
             "Rate limit (type requests)"
@@ -212,11 +359,11 @@ mod tests {
         );
         assert_eq!(detail(json!([{"error": {"message": "gemini"}}])), "gemini");
         assert_eq!(
-            body_detail(b"<html>502 Bad Gateway</html>"),
+            body_detail(b"<html>502 Bad Gateway</html>", error_message),
             "<html>502 Bad Gateway</html>"
         );
         let long = "é".repeat(600);
-        let cut = body_detail(long.as_bytes());
+        let cut = body_detail(long.as_bytes(), error_message);
         assert_eq!(cut.chars().count(), 501);
         assert!(cut.ends_with('…'));
     }
