@@ -642,6 +642,10 @@ impl JobManager {
             let Some(log) = self.inner.store.open_log(&meta.stream_id).await? else {
                 continue;
             };
+            // One reaper only: the claim decides who saves the partial answer.
+            if !self.inner.store.claim_orphan(&meta.stream_id).await? {
+                continue;
+            }
             let (code, message) = match orphan.reason {
                 crate::store::OrphanReason::ReplicaLost => (
                     "replica_lost",

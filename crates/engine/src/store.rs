@@ -128,6 +128,22 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Claims an orphan for this replica's reaper, so that exactly one reaper saves its
+    /// partial answer and ends it (one writer per message), and a falsely presumed
+    /// dead owner appends nothing more. False if it ended or another reaper has it.
+    /// The memory store has one process and one reaper, so its default says yes.
+    async fn claim_orphan(&self, _stream_id: &str) -> Result<bool, EngineError> {
+        Ok(true)
+    }
+
+    /// Brings this replica's copy of the log up to the store's head. A mirror may lag
+    /// the owner by a publish, so a cursor a client got from a faster replica can be
+    /// past its head; the stream route calls this before it calls such a cursor out of
+    /// range. The memory store's log is the log itself, so its default does nothing.
+    async fn sync_log(&self, _stream_id: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Registers what to call when another replica asks for an abort.
     fn set_abort_handler(&self, _handler: AbortHandler) {}
 

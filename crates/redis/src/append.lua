@@ -18,6 +18,8 @@
 -- ARGV[9] job status to set if terminal   ARGV[10] now (ms since epoch)
 -- ARGV[11] expected seq, or "" (the owner passes it so a retried append whose first
 --          try did land is not appended twice)
+-- ARGV[12] the appending replica's id; once a reaper has claimed the job (field
+--          `reaper`), only that reaper may append
 -- Returns {"ok", seq, frame} | {"dup", seq} | {"ended"} | {"full"} | {"missing"}
 local function append(keys, args)
   local job, log = keys[1], keys[2]
@@ -25,6 +27,8 @@ local function append(keys, args)
   local len = tonumber(redis.call('HGET', job, 'len') or '0')
   if args[11] ~= '' and len > tonumber(args[11]) then return {'dup', tonumber(args[11])} end
   if redis.call('HGET', job, 'ended') == '1' then return {'ended'} end
+  local reaper = redis.call('HGET', job, 'reaper')
+  if reaper and reaper ~= args[12] then return {'ended'} end
   local terminal = args[3] == '1'
   local seq = len
   local frame = 'id: ' .. seq .. '\nevent: ' .. args[1] .. '\ndata: {"seq":' .. seq .. ','
@@ -55,5 +59,16 @@ local function claim(keys, args)
   return 1
 end
 
+-- Claims a running job for the reaper ARGV[1], so that exactly one reaper saves its
+-- partial answer and ends it, and its owner (if it was alive after all) appends nothing
+-- more. Returns 1 if claimed, 0 if the job ended or another reaper has it.
+local function claim_orphan(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 then return 0 end
+  if redis.call('HGET', keys[1], 'ended') == '1' then return 0 end
+  if redis.call('HSETNX', keys[1], 'reaper', args[1]) == 0 then return 0 end
+  return 1
+end
+
 redis.register_function('genstream_append_v1', append)
+redis.register_function('genstream_claim_orphan_v1', claim_orphan)
 redis.register_function('genstream_claim_v1', claim)

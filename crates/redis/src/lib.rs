@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 const LIBRARY: &str = include_str!("append.lua");
 const APPEND_FN: &str = "genstream_append_v1";
 const CLAIM_FN: &str = "genstream_claim_v1";
+const CLAIM_ORPHAN_FN: &str = "genstream_claim_orphan_v1";
 /// Stream entries read per XRANGE when catching a mirror up.
 const RANGE_BATCH: usize = 1000;
 
@@ -111,6 +112,11 @@ struct Inner {
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
     abort_handler: RwLock<Option<AbortHandler>>,
     pubsub_up: AtomicBool,
+    /// Since when this replica has reached Redis without a failure (`None` while it
+    /// cannot). Leases of others are judged only after a whole lease TTL of health:
+    /// during an outage every lease expires, and a live owner needs up to a third of
+    /// the TTL after recovery to renew its own.
+    healthy_since: Mutex<Option<tokio::time::Instant>>,
     stop: CancellationToken,
 }
 
@@ -188,6 +194,7 @@ impl RedisStore {
                 mirrors: Mutex::new(HashMap::new()),
                 abort_handler: RwLock::new(None),
                 pubsub_up: AtomicBool::new(false),
+                healthy_since: Mutex::new(Some(tokio::time::Instant::now())),
                 stop: CancellationToken::new(),
             }),
         };
@@ -292,6 +299,7 @@ impl RedisStore {
                 }
             }
             self.inner.pubsub_up.store(false, Ordering::SeqCst);
+            self.mark_unhealthy();
             tracing::warn!("lost the Redis pub/sub connection; reconnecting");
             let mut delay = Duration::from_millis(100);
             stream = loop {
@@ -382,8 +390,17 @@ impl RedisStore {
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return,
                 _ = lease.tick() => {
-                    if let Err(e) = self.renew_lease().await {
-                        tracing::warn!(error = %e, "could not renew the replica lease");
+                    match self.renew_lease().await {
+                        Err(e) => {
+                            self.mark_unhealthy();
+                            tracing::warn!(error = %e, "could not renew the replica lease");
+                        }
+                        Ok(()) => {
+                            let mut h = self.inner.healthy_since.lock();
+                            if h.is_none() && self.inner.pubsub_up.load(Ordering::SeqCst) {
+                                *h = Some(tokio::time::Instant::now());
+                            }
+                        }
                     }
                 }
                 _ = heal.tick() => self.heal_mirrors().await,
@@ -437,6 +454,19 @@ impl RedisStore {
                 let _ = sink.unsubscribe(&channels).await;
             }
         }
+    }
+
+    fn mark_unhealthy(&self) {
+        *self.inner.healthy_since.lock() = None;
+    }
+
+    /// True once this replica has been healthy for a whole lease TTL, so a missing
+    /// lease really means a dead owner.
+    fn may_judge_leases(&self) -> bool {
+        self.inner
+            .healthy_since
+            .lock()
+            .is_some_and(|t| t.elapsed() >= self.inner.cfg.lease_ttl)
     }
 
     async fn meta(
@@ -629,6 +659,7 @@ impl JobStore for RedisStore {
             .arg(status)
             .arg(now_ms())
             .arg(expected_seq.map(|s| s.to_string()).unwrap_or_default())
+            .arg(&self.inner.replica_id)
             .query_async(&mut self.conn())
             .await
             .map_err(store_err)?;
@@ -748,16 +779,36 @@ impl JobStore for RedisStore {
         Ok(())
     }
 
+    async fn sync_log(&self, stream_id: &str) -> Result<(), EngineError> {
+        self.catch_up(stream_id).await
+    }
+
+    async fn claim_orphan(&self, stream_id: &str) -> Result<bool, EngineError> {
+        let ok: i64 = redis::cmd("FCALL")
+            .arg(CLAIM_ORPHAN_FN)
+            .arg(1)
+            .arg(self.key("job", stream_id))
+            .arg(&self.inner.replica_id)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_err)?;
+        Ok(ok == 1)
+    }
+
     fn set_abort_handler(&self, handler: AbortHandler) {
         *self.inner.abort_handler.write() = Some(handler);
     }
 
     async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError> {
+        let judge_leases = self.may_judge_leases();
         let ids: Vec<String> = self
             .conn()
             .smembers(self.running_key())
             .await
-            .map_err(store_err)?;
+            .map_err(|e| {
+                self.mark_unhealthy();
+                store_err(e)
+            })?;
         let mut out = Vec::new();
         let mut stale = Vec::new();
         let mut leases: HashMap<String, bool> = HashMap::new();
@@ -772,6 +823,9 @@ impl JobStore for RedisStore {
                 continue;
             }
             let owner = h.get("owner").cloned().unwrap_or_default();
+            if h.contains_key("reaper") {
+                continue; // a reaper has it already
+            }
             if owner == self.inner.replica_id {
                 if !live.contains(&id) {
                     out.push(Orphan {
@@ -779,6 +833,9 @@ impl JobStore for RedisStore {
                         reason: OrphanReason::Abandoned,
                     });
                 }
+                continue;
+            }
+            if !judge_leases {
                 continue;
             }
             let alive = match leases.get(&owner) {

@@ -72,7 +72,12 @@ pub async fn stream(
         (seq, first)
     } else {
         if let Some(c) = cursor {
-            let head = log.head();
+            let mut head = log.head();
+            if head.is_none_or(|h| c > h) {
+                // This replica's mirror may lag the replica the client read from.
+                state.manager.store().sync_log(&stream_id).await?;
+                head = log.head();
+            }
             if head.is_none_or(|h| c > h) {
                 return Err(EngineError::CursorOutOfRange {
                     cursor: c,

@@ -83,9 +83,9 @@ impl Tool for CurrentTime {
     }
     async fn execute(&self, args: Value, _cancel: CancellationToken) -> Result<String, String> {
         let name = args["timezone"].as_str().unwrap_or("UTC");
-        let tz: chrono_tz::Tz = name
-            .parse()
-            .map_err(|_| format!("unknown time zone {name:?}; use an IANA name such as Europe/Paris"))?;
+        let tz: chrono_tz::Tz = name.parse().map_err(|_| {
+            format!("unknown time zone {name:?}; use an IANA name such as Europe/Paris")
+        })?;
         let now = chrono::Utc::now().with_timezone(&tz);
         Ok(json!({
             "timezone": name,
@@ -175,7 +175,10 @@ impl Tool for HttpTool {
                 .await
                 .map_err(|e| format!("request failed: {e}"))?;
             let status = resp.status();
-            let mut body = resp.text().await.map_err(|e| format!("reading the response failed: {e}"))?;
+            let mut body = resp
+                .text()
+                .await
+                .map_err(|e| format!("reading the response failed: {e}"))?;
             if body.len() > MAX_HTTP_RESULT {
                 let mut cut = MAX_HTTP_RESULT;
                 while !body.is_char_boundary(cut) {
@@ -197,7 +200,10 @@ impl Tool for HttpTool {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// The built-in tools plus the configured HTTP tools.
@@ -236,11 +242,22 @@ mod tests {
 
     #[tokio::test]
     async fn current_time_in_a_zone() {
-        let out = CurrentTime.execute(json!({"timezone": "Asia/Tokyo"}), CancellationToken::new()).await.unwrap();
+        let out = CurrentTime
+            .execute(json!({"timezone": "Asia/Tokyo"}), CancellationToken::new())
+            .await
+            .unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert!(v["datetime"].as_str().unwrap().ends_with("+09:00"), "{out}");
-        assert!(CurrentTime.execute(json!({"timezone": "Mars/Base"}), CancellationToken::new()).await.is_err());
-        let utc = CurrentTime.execute(json!({}), CancellationToken::new()).await.unwrap();
+        assert!(
+            CurrentTime
+                .execute(json!({"timezone": "Mars/Base"}), CancellationToken::new())
+                .await
+                .is_err()
+        );
+        let utc = CurrentTime
+            .execute(json!({}), CancellationToken::new())
+            .await
+            .unwrap();
         assert!(utc.contains("+00:00"), "{utc}");
     }
 
@@ -254,8 +271,14 @@ mod tests {
             timeout_ms: 100,
         };
         assert!(registry(&[t("weather")]).unwrap().get("weather").is_some());
-        assert!(matches!(registry(&[t("calculator")]), Err(ToolConfigError::Duplicate(_))));
-        assert!(matches!(registry(&[t("has space")]), Err(ToolConfigError::BadName(_))));
+        assert!(matches!(
+            registry(&[t("calculator")]),
+            Err(ToolConfigError::Duplicate(_))
+        ));
+        assert!(matches!(
+            registry(&[t("has space")]),
+            Err(ToolConfigError::BadName(_))
+        ));
         let mut bad = t("x");
         bad.url = "not a url".into();
         assert!(registry(&[bad]).is_err());

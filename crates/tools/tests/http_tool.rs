@@ -13,12 +13,21 @@ use tokio_util::sync::CancellationToken;
 
 async fn endpoint() -> String {
     let app = axum::Router::new()
-        .route("/echo", post(|Json(v): Json<Value>| async move { Json(json!({"got": v})) }))
-        .route("/fail", post(|| async { (axum::http::StatusCode::BAD_GATEWAY, "upstream down") }))
-        .route("/slow", post(|| async {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            "late"
-        }));
+        .route(
+            "/echo",
+            post(|Json(v): Json<Value>| async move { Json(json!({"got": v})) }),
+        )
+        .route(
+            "/fail",
+            post(|| async { (axum::http::StatusCode::BAD_GATEWAY, "upstream down") }),
+        )
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -39,11 +48,26 @@ fn tool(url: String, timeout_ms: u64) -> HttpTool {
 #[tokio::test]
 async fn posts_arguments_and_returns_the_body() {
     let base = endpoint().await;
-    let out = tool(format!("{base}/echo"), 2000).execute(json!({"city": "Paris"}), CancellationToken::new()).await.unwrap();
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"got": {"city": "Paris"}}));
-    let err = tool(format!("{base}/fail"), 2000).execute(json!({}), CancellationToken::new()).await.unwrap_err();
-    assert!(err.contains("502") && err.contains("upstream down"), "{err}");
-    let err = tool(format!("{base}/slow"), 200).execute(json!({}), CancellationToken::new()).await.unwrap_err();
+    let out = tool(format!("{base}/echo"), 2000)
+        .execute(json!({"city": "Paris"}), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"got": {"city": "Paris"}})
+    );
+    let err = tool(format!("{base}/fail"), 2000)
+        .execute(json!({}), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("502") && err.contains("upstream down"),
+        "{err}"
+    );
+    let err = tool(format!("{base}/slow"), 200)
+        .execute(json!({}), CancellationToken::new())
+        .await
+        .unwrap_err();
     assert!(err.contains("request failed"), "{err}");
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
@@ -52,7 +76,10 @@ async fn posts_arguments_and_returns_the_body() {
         c2.cancel();
     });
     let t0 = std::time::Instant::now();
-    let err = tool(format!("{base}/slow"), 20_000).execute(json!({}), cancel).await.unwrap_err();
+    let err = tool(format!("{base}/slow"), 20_000)
+        .execute(json!({}), cancel)
+        .await
+        .unwrap_err();
     assert_eq!(err, "cancelled");
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
