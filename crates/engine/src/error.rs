@@ -19,6 +19,16 @@ pub enum EngineError {
     /// The job already finished, so it cannot be aborted (409 `job_finished`).
     #[error("job {0} already finished")]
     JobFinished(String),
+    /// The user already runs as many generations as allowed (429
+    /// `too_many_concurrent`).
+    #[error("you already have {0} generations running; wait for one to finish")]
+    TooManyConcurrent(usize),
+    /// Over a rate limit (429 `rate_limited`, with `Retry-After`).
+    #[error("too many messages per {scope}; retry in {retry_after_ms} ms")]
+    RateLimited { scope: String, retry_after_ms: u64 },
+    /// The user's balance is not positive (402 `insufficient_balance`).
+    #[error("insufficient balance: {balance} credits")]
+    InsufficientBalance { balance: f64 },
     /// The replica holds as many live jobs as it may (503 `server_busy`).
     #[error("the server is running its maximum of {0} generations")]
     ServerBusy(usize),

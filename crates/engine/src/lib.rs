@@ -15,6 +15,7 @@
 //! background tasks, aborts them, reaps stalled ones and shuts down gracefully.
 
 pub mod aggregate;
+pub mod billing;
 pub mod error;
 pub mod event;
 pub mod log;

@@ -83,7 +83,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Registers a new running job with an empty log.
     ///
     /// Errors: [`EngineError::ConversationBusy`] if the conversation already has a
-    /// running job; the check and the insert are one atomic step.
+    /// running job; [`EngineError::TooManyConcurrent`] if the user already runs the
+    /// store's per-user maximum (see the stores' constructors). Each check and its
+    /// insert are one atomic step, across replicas too (LibreChat #11840).
     async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError>;
 
     /// The job's metadata, `None` if unknown or past retention.
@@ -136,6 +138,16 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(true)
     }
 
+    /// Counts one hit on `key` against a GCRA limit of `limit` per `period` (a burst of
+    /// `limit`, then one every `period / limit`). `None` if allowed, else how long until
+    /// a hit would be. Shared by all replicas when the store is shared.
+    async fn rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+    ) -> Result<Option<Duration>, EngineError>;
+
     /// Brings this replica's copy of the log up to the store's head. A mirror may lag
     /// the owner by a publish, so a cursor a client got from a faster replica can be
     /// past its head; the stream route calls this before it calls such a cursor out of
@@ -155,8 +167,12 @@ pub trait JobStore: Send + Sync + 'static {
 /// The single-process job store: every log lives in this process's memory.
 pub struct MemoryStore {
     limits: LogLimits,
+    max_running_per_user: Option<usize>,
     inner: Mutex<MemInner>,
+    rate_limiters: Mutex<HashMap<(u32, Duration), Arc<KeyedLimiter>>>,
 }
+
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
 
 #[derive(Default)]
 struct MemInner {
@@ -170,8 +186,16 @@ impl MemoryStore {
     pub fn new(limits: LogLimits) -> Self {
         MemoryStore {
             limits,
+            max_running_per_user: None,
             inner: Mutex::new(MemInner::default()),
+            rate_limiters: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Caps the running jobs per user (`None`: no cap).
+    pub fn with_max_running_per_user(mut self, max: Option<usize>) -> Self {
+        self.max_running_per_user = max;
+        self
     }
 
     /// Number of jobs held (running and retained).
@@ -189,6 +213,16 @@ impl MemoryStore {
 impl JobStore for MemoryStore {
     async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
         let mut g = self.inner.lock();
+        if let Some(max) = self.max_running_per_user {
+            let running = g
+                .jobs
+                .values()
+                .filter(|(m, _)| m.user_id == meta.user_id && m.status == JobStatus::Running)
+                .count();
+            if running >= max {
+                return Err(EngineError::TooManyConcurrent(max));
+            }
+        }
         if let Some(prev) = g.latest.get(&meta.conversation_id)
             && g.jobs
                 .get(prev)
@@ -282,6 +316,38 @@ impl JobStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), EngineError> {
         Ok(())
+    }
+
+    async fn rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+    ) -> Result<Option<Duration>, EngineError> {
+        let Some(burst) = std::num::NonZeroU32::new(limit) else {
+            return Ok(None);
+        };
+        let limiter = {
+            let mut map = self.rate_limiters.lock();
+            map.entry((limit, period))
+                .or_insert_with(|| {
+                    let quota = governor::Quota::with_period(period / limit)
+                        .unwrap_or_else(|| governor::Quota::per_second(burst))
+                        .allow_burst(burst);
+                    Arc::new(governor::RateLimiter::keyed(quota))
+                })
+                .clone()
+        };
+        if limiter.len() > 100_000 {
+            limiter.retain_recent(); // forget keys (e.g. IPs) that are idle again
+        }
+        Ok(match limiter.check_key(&key.to_string()) {
+            Ok(()) => None,
+            Err(not_until) => {
+                use governor::clock::Clock;
+                Some(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
+            }
+        })
     }
 
     async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError> {

@@ -319,6 +319,75 @@ pub async fn orphans_are_running_jobs_nobody_runs(store: Arc<dyn JobStore>) {
     assert!(!orphans.iter().any(|o| o.meta.stream_id == m.stream_id));
 }
 
+/// With `max_running_per_user = 2`: 30 racing creates for one user (different
+/// conversations) let exactly 2 through; a slot comes back when a job ends.
+pub async fn user_cap_holds_under_racing_creates(store: Arc<dyn JobStore>) {
+    let user = unique_user().await;
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let store = store.clone();
+            let m = meta(&user, &crate::new_id());
+            tokio::spawn(async move { store.create_job(&m).await.map(|_| m) })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(m) => won.push(m),
+            Err(EngineError::TooManyConcurrent(2)) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(won.len(), 2);
+    // Another user is not affected.
+    store
+        .create_job(&meta(&unique_user().await, &crate::new_id()))
+        .await
+        .unwrap();
+    store
+        .append(&won[0].stream_id, &error_end(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .create_job(&meta(&user, &crate::new_id()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_job(&meta(&user, &crate::new_id())).await,
+        Err(EngineError::TooManyConcurrent(2))
+    ));
+}
+
+/// GCRA: a burst of `limit`, then a wait of about `period / limit`; keys are apart.
+pub async fn rate_limit_is_gcra_per_key(store: Arc<dyn JobStore>) {
+    let key = format!("k-{}", crate::new_id());
+    let period = Duration::from_secs(60);
+    for i in 0..5 {
+        assert_eq!(
+            store.rate_limit(&key, 5, period).await.unwrap(),
+            None,
+            "hit {i}"
+        );
+    }
+    let wait = store
+        .rate_limit(&key, 5, period)
+        .await
+        .unwrap()
+        .expect("6th hit refused");
+    assert!(
+        wait > Duration::from_secs(10) && wait <= Duration::from_secs(12),
+        "{wait:?}"
+    );
+    assert_eq!(
+        store
+            .rate_limit(&format!("{key}-other"), 5, period)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 /// Runs every case, each on a store from `make`.
 pub async fn run_all<F, Fut>(make: F)
 where

@@ -69,6 +69,32 @@ local function claim_orphan(keys, args)
   return 1
 end
 
+-- Takes a running slot for job ARGV[1] in the user's running set KEYS[1] if it holds
+-- fewer than ARGV[2] jobs (the caller first drops ids of jobs that ended). The count
+-- and the add are one step, so racing requests on any replicas cannot pass the limit
+-- (LibreChat #11840). Returns 1 if taken, 0 if the user is at the limit.
+local function acquire_slot(keys, args)
+  if redis.call('SCARD', keys[1]) >= tonumber(args[2]) then return 0 end
+  redis.call('SADD', keys[1], args[1])
+  return 1
+end
+
+-- GCRA rate limit on KEYS[1]: a burst of ARGV[1] hits, then one every ARGV[2] / ARGV[1]
+-- ms. ARGV[3] is now (ms). Returns 0 if this hit is allowed, else the ms to wait.
+local function rate_limit(keys, args)
+  local limit, period, now = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', keys[1]) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local wait = new_tat - now - period
+  if wait > 0 then return math.ceil(wait) end
+  redis.call('SET', keys[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return 0
+end
+
+redis.register_function('genstream_acquire_slot_v1', acquire_slot)
+redis.register_function('genstream_rate_limit_v1', rate_limit)
 redis.register_function('genstream_append_v1', append)
 redis.register_function('genstream_claim_orphan_v1', claim_orphan)
 redis.register_function('genstream_claim_v1', claim)

@@ -57,6 +57,8 @@ const LIBRARY: &str = include_str!("append.lua");
 const APPEND_FN: &str = "genstream_append_v1";
 const CLAIM_FN: &str = "genstream_claim_v1";
 const CLAIM_ORPHAN_FN: &str = "genstream_claim_orphan_v1";
+const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v1";
+const RATE_LIMIT_FN: &str = "genstream_rate_limit_v1";
 /// Stream entries read per XRANGE when catching a mirror up.
 const RANGE_BATCH: usize = 1000;
 
@@ -80,6 +82,8 @@ pub struct RedisConfig {
     /// Timeout to connect and for each command; past it the call fails and the caller
     /// sees `store_unavailable`. Default 2 s.
     pub timeout: Duration,
+    /// Running jobs per user across all replicas (`None`: no cap).
+    pub max_running_per_user: Option<usize>,
 }
 
 impl RedisConfig {
@@ -93,6 +97,7 @@ impl RedisConfig {
             retention: Duration::from_secs(3600),
             limits: LogLimits::default(),
             timeout: Duration::from_secs(2),
+            max_running_per_user: None,
         }
     }
 }
@@ -514,9 +519,45 @@ impl JobStore for RedisStore {
         let mut conn = self.conn();
         let conv_key = self.key("conv", &meta.conversation_id);
         let ttl_ms = self.inner.cfg.running_ttl.as_millis() as u64;
-        // The job hash first, so the conversation never points at a job that is not
-        // there; then claim the conversation (compare-and-set against the holder we
-        // saw ended); then the running sets.
+        // A running slot of the user first (atomic count-and-add), then the job hash,
+        // so the conversation never points at a job that is not there; then claim the
+        // conversation (compare-and-set against the holder we saw ended); then the
+        // global running set. Each failure undoes what came before it.
+        let user_key = self.user_running_key(&meta.user_id);
+        if let Some(max) = self.inner.cfg.max_running_per_user {
+            // Self-healing first: ids of jobs that ended (or expired) do not count.
+            self.running_jobs(&meta.user_id).await?;
+            let ok: i64 = redis::cmd("FCALL")
+                .arg(ACQUIRE_SLOT_FN)
+                .arg(1)
+                .arg(&user_key)
+                .arg(&meta.stream_id)
+                .arg(max)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_err)?;
+            if ok == 0 {
+                return Err(EngineError::TooManyConcurrent(max));
+            }
+        } else {
+            let _: () = conn
+                .sadd(&user_key, &meta.stream_id)
+                .await
+                .map_err(store_err)?;
+        }
+        let release = |mut conn: ConnectionManager, job_key: String| {
+            let user_key = user_key.clone();
+            let sid = meta.stream_id.clone();
+            async move {
+                let _: Result<(), _> = redis::pipe()
+                    .srem(&user_key, &sid)
+                    .ignore()
+                    .del(&job_key)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await;
+            }
+        };
         let job_key = self.key("job", &meta.stream_id);
         let _: () = redis::pipe()
             .atomic()
@@ -558,7 +599,7 @@ impl JobStore for RedisStore {
                     && ended.as_deref() != Some("1")
                     && status == "running"
                 {
-                    let _: () = conn.del(&job_key).await.map_err(store_err)?;
+                    release(conn.clone(), job_key.clone()).await;
                     return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
                 }
             }
@@ -578,15 +619,11 @@ impl JobStore for RedisStore {
             }
         }
         if !claimed {
-            let _: () = conn.del(&job_key).await.map_err(store_err)?;
+            release(conn.clone(), job_key.clone()).await;
             return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
         }
-        let _: () = redis::pipe()
-            .sadd(self.user_running_key(&meta.user_id), &meta.stream_id)
-            .ignore()
+        let _: () = conn
             .sadd(self.running_key(), &meta.stream_id)
-            .ignore()
-            .query_async(&mut conn)
             .await
             .map_err(store_err)?;
         Ok(())
@@ -777,6 +814,28 @@ impl JobStore for RedisStore {
             .await
             .map_err(store_err)?;
         Ok(())
+    }
+
+    async fn rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+    ) -> Result<Option<Duration>, EngineError> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        let wait: i64 = redis::cmd("FCALL")
+            .arg(RATE_LIMIT_FN)
+            .arg(1)
+            .arg(format!("{}:rl:{{{key}}}", self.inner.cfg.key_prefix))
+            .arg(limit)
+            .arg(period.as_millis() as u64)
+            .arg(now_ms())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_err)?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
     }
 
     async fn sync_log(&self, stream_id: &str) -> Result<(), EngineError> {

@@ -23,3 +23,19 @@ async fn redis_store_passes_the_suite() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_limits() {
+    use genstream_engine::suite::{
+        rate_limit_is_gcra_per_key, user_cap_holds_under_racing_creates,
+    };
+    let capped = || async {
+        let mut cfg = RedisConfig::new(&redis_url());
+        cfg.key_prefix = format!("gstest-{}", uuid::Uuid::now_v7());
+        cfg.running_ttl = std::time::Duration::from_secs(120);
+        cfg.max_running_per_user = Some(2);
+        Arc::new(RedisStore::connect(cfg).await.expect("redis")) as Arc<dyn JobStore>
+    };
+    user_cap_holds_under_racing_creates(capped().await).await;
+    rate_limit_is_gcra_per_key(capped().await).await;
+}
