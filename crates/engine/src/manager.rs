@@ -54,6 +54,41 @@ pub struct ManagerConfig {
     /// Model calls per job at most; a job whose last allowed call still asks for
     /// tools ends with `final` `reason: "max_tool_iterations"`. Default 10.
     pub max_tool_iterations: u32,
+    /// Rate limits on starting chats; `None` turns one off.
+    pub limits: RateLimits,
+    /// Balances; `None` turns them off (nobody is refused for money).
+    pub balance: Option<BalancePolicy>,
+}
+
+/// Message rate limits (GCRA: a burst of the limit, then evenly spread), shared by all
+/// replicas through the job store. Off by default in the engine; the server's
+/// `[limits]` defaults to 40 per minute per user and per IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimits {
+    pub per_user: Option<u32>,
+    pub per_ip: Option<u32>,
+    /// The window the limits count in. Default 60 s.
+    pub period: Duration,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            per_user: None,
+            per_ip: None,
+            period: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Balance rules: new users start with `start_micro`; every `refill_interval` the
+/// balance gains `refill_micro`; a chat needs a positive balance (else 402).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalancePolicy {
+    pub start_micro: i64,
+    pub refill_micro: i64,
+    /// `None`: no refill.
+    pub refill_interval: Option<Duration>,
 }
 
 impl Default for ManagerConfig {
@@ -66,6 +101,8 @@ impl Default for ManagerConfig {
             abort_wait: Duration::from_secs(10),
             store_outage_grace: Duration::from_secs(30),
             max_tool_iterations: 10,
+            limits: RateLimits::default(),
+            balance: None,
         }
     }
 }
@@ -82,6 +119,8 @@ pub struct ModelEntry {
     pub timeouts: crate::retry::Timeouts,
     /// Tools it may use (names in the registry); a request may narrow them.
     pub tools: Vec<String>,
+    /// Prices; `None` costs nothing (usage is still recorded).
+    pub pricing: Option<crate::billing::Pricing>,
 }
 
 impl ModelEntry {
@@ -93,6 +132,7 @@ impl ModelEntry {
             retry: Default::default(),
             timeouts: Default::default(),
             tools: Vec::new(),
+            pricing: None,
         }
     }
 }
@@ -120,6 +160,8 @@ pub struct StartRequest {
     pub model: Option<String>,
     pub system_prompt: Option<String>,
     pub tools: Vec<String>,
+    /// The client's address, for the per-IP rate limit.
+    pub client_ip: Option<String>,
 }
 
 /// The answer to a started chat.
@@ -245,6 +287,7 @@ impl JobManager {
         if req.text.trim().is_empty() {
             return Err(EngineError::bad_request("text", "must not be empty"));
         }
+        self.check_rate_limits(&req).await?;
         let model = match &req.model {
             None => inner.models.first(),
             Some(name) => inner.models.iter().find(|m| &m.name == name),
@@ -460,6 +503,30 @@ impl JobManager {
         };
         inner.tracker.spawn(job.run());
         Ok(started)
+    }
+
+    async fn check_rate_limits(&self, req: &StartRequest) -> Result<(), EngineError> {
+        let l = self.inner.config.limits;
+        let checks = [
+            (
+                l.per_ip,
+                req.client_ip.as_deref().map(|ip| format!("ip:{ip}")),
+                "IP address",
+            ),
+            (l.per_user, Some(format!("user:{}", req.user_id)), "user"),
+        ];
+        for (limit, key, scope) in checks {
+            let (Some(limit), Some(key)) = (limit, key) else {
+                continue;
+            };
+            if let Some(wait) = self.inner.store.rate_limit(&key, limit, l.period).await? {
+                return Err(EngineError::RateLimited {
+                    scope: format!("{scope} ({limit} per {} s)", l.period.as_secs()),
+                    retry_after_ms: wait.as_millis() as u64,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The job with this stream id, if the caller may read it.

@@ -495,6 +495,11 @@ lease_ttl_ms = 3000
 reap_interval_ms = 500
 retention_secs = 600
 
+[limits]
+concurrent_per_user = 0
+messages_per_user_per_minute = 0
+messages_per_ip_per_minute = 0
+
 [[models]]
 name = "slow"
 provider = "demo"
@@ -687,6 +692,11 @@ timeout_ms = 1000
 [jobs]
 reap_interval_ms = 500
 retention_secs = 600
+
+[limits]
+concurrent_per_user = 0
+messages_per_user_per_minute = 0
+messages_per_ip_per_minute = 0
 
 [[models]]
 name = "long"

@@ -41,6 +41,10 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub balance: BalanceConfig,
     /// Named upstreams, `[providers.NAME] kind, base_url, api_key_env`.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -143,6 +147,62 @@ pub struct PoolSection {
     pub acquire_timeout_ms: u64,
 }
 
+/// `[limits]`: each limit holds across replicas (atomic in Redis when Redis is the
+/// store); 0 turns a limit off.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Running generations per user; more → 429 `too_many_concurrent`. Default 2.
+    pub concurrent_per_user: usize,
+    /// Chats a user may start per minute (a burst of this many, then evenly
+    /// spread); more → 429 `rate_limited` with `Retry-After`. Default 40.
+    pub messages_per_user_per_minute: u32,
+    /// The same per client IP address. Default 40.
+    pub messages_per_ip_per_minute: u32,
+    /// Proxies whose `X-Forwarded-For` is believed (IP addresses or CIDR ranges);
+    /// from anyone else the header is ignored and the peer address counts. Default
+    /// none.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            concurrent_per_user: 2,
+            messages_per_user_per_minute: 40,
+            messages_per_ip_per_minute: 40,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Every limit off (tests, trusted internal deployments).
+    pub fn off() -> Self {
+        LimitsConfig {
+            concurrent_per_user: 0,
+            messages_per_user_per_minute: 0,
+            messages_per_ip_per_minute: 0,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// `[balance]`: credit balances (1 credit = 1e-6 USD). Off by default.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// Refuse chats (402 `insufficient_balance`) when a user's balance is not
+    /// positive. Default false.
+    pub enabled: bool,
+    /// Credits a new user starts with. Default 0.
+    pub start_balance: f64,
+    /// Credits added every `refill_interval_secs`. Default 0 (no refill).
+    pub refill_amount: f64,
+    /// Seconds between refills. Default 0 (no refill).
+    pub refill_interval_secs: u64,
+}
+
 /// `[http]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -174,6 +234,10 @@ pub struct ModelConfig {
     /// may narrow the list. Default none.
     #[serde(default)]
     pub tools: Vec<String>,
+    /// `[models.pricing]`: USD per million tokens; absent = free (and said so in
+    /// `GET /api/models`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<genstream_engine::billing::Pricing>,
     /// Provider-specific options (demo: `tokens`, `token_delay_ms`, `behavior`, …;
     /// openai: `model`).
     #[serde(default = "empty_object")]
@@ -189,6 +253,7 @@ fn default_models() -> Vec<ModelConfig> {
         name: "demo".into(),
         provider: "demo".into(),
         tools: Vec::new(),
+        pricing: None,
         options: empty_object(),
     }]
 }
@@ -204,6 +269,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             jobs: JobsConfig::default(),
             http: HttpConfig::default(),
+            limits: LimitsConfig::default(),
+            balance: BalanceConfig::default(),
             providers: BTreeMap::new(),
             models: default_models(),
             tools: Vec::new(),
@@ -306,6 +373,21 @@ impl Config {
             max_live_jobs: self.jobs.max_live_jobs,
             reap_interval: Duration::from_millis(self.jobs.reap_interval_ms.max(10)),
             max_tool_iterations: self.jobs.max_tool_iterations.max(1),
+            limits: genstream_engine::manager::RateLimits {
+                per_user: Some(self.limits.messages_per_user_per_minute).filter(|n| *n > 0),
+                per_ip: Some(self.limits.messages_per_ip_per_minute).filter(|n| *n > 0),
+                period: Duration::from_secs(60),
+            },
+            balance: self
+                .balance
+                .enabled
+                .then(|| genstream_engine::manager::BalancePolicy {
+                    start_micro: credits_to_micro(self.balance.start_balance),
+                    refill_micro: credits_to_micro(self.balance.refill_amount),
+                    refill_interval: (self.balance.refill_interval_secs > 0
+                        && self.balance.refill_amount > 0.0)
+                        .then(|| Duration::from_secs(self.balance.refill_interval_secs)),
+                }),
             ..ManagerConfig::default()
         }
     }
@@ -317,6 +399,11 @@ impl Config {
             max_bytes: self.jobs.max_bytes_per_job,
         }
     }
+}
+
+/// Credits (as configured, possibly fractional) in micro-credits.
+pub fn credits_to_micro(credits: f64) -> i64 {
+    (credits * genstream_engine::billing::MICRO as f64).round() as i64
 }
 
 fn one_line(e: &figment::Error) -> String {

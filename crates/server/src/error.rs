@@ -37,6 +37,11 @@ impl ApiError {
                 E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
                 E::ConversationBusy(_) => (StatusCode::CONFLICT, "conversation_busy"),
+                E::TooManyConcurrent(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_concurrent"),
+                E::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+                E::InsufficientBalance { .. } => {
+                    (StatusCode::PAYMENT_REQUIRED, "insufficient_balance")
+                }
                 E::JobFinished(_) => (StatusCode::CONFLICT, "job_finished"),
                 E::ServerBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
                 E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
@@ -59,7 +64,26 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, code, "request failed");
         }
-        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
-        (status, body).into_response()
+        let mut body = json!({"error": {"code": code, "message": self.to_string()}});
+        match &self {
+            ApiError::Engine(EngineError::TooManyConcurrent(limit)) => {
+                body["error"]["limit"] = json!(limit);
+            }
+            ApiError::Engine(EngineError::InsufficientBalance { balance }) => {
+                body["error"]["balance"] = json!(balance);
+            }
+            _ => {}
+        }
+        let mut resp = (status, Json(body)).into_response();
+        if let ApiError::Engine(EngineError::RateLimited { retry_after_ms, .. }) = &self {
+            // Whole seconds, rounded up (RFC 9110 §10.2.3), so a client that waits
+            // exactly this long is not refused again.
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        resp
     }
 }

@@ -7,6 +7,7 @@
 //! the binary serves the very same router behind a socket.
 
 pub mod auth;
+pub mod client_ip;
 pub mod config;
 pub mod error;
 mod routes;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub auth: Arc<auth::JwtKeys>,
     /// Interval of `: ping` keep-alive comments on SSE streams. Default 15 s.
     pub keepalive: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed, for the per-IP rate limit.
+    pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }
 
 /// The router with every route of SPEC §4. `max_body_bytes` bounds request bodies

@@ -86,8 +86,12 @@ pub struct ChatBody {
 pub async fn start_chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> Result<Response, ApiError> {
+    let client_ip =
+        crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
     let started = state
         .manager
         .start(StartRequest {
@@ -98,6 +102,7 @@ pub async fn start_chat(
             model: body.model,
             system_prompt: body.system_prompt,
             tools: body.tools.unwrap_or_default(),
+            client_ip: client_ip.map(|ip| ip.to_string()),
         })
         .await?;
     let mut v = serde_json::to_value(&started).unwrap_or_default();

@@ -50,7 +50,11 @@ pub async fn open_database(config: &Config) -> Result<Arc<dyn Persistence>, Serv
 /// The job store named by the config: `memory` or `redis://…`.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError> {
     match config.store.as_str() {
-        "memory" => Ok(Arc::new(MemoryStore::new(config.log_limits()))),
+        "memory" => Ok(Arc::new(
+            MemoryStore::new(config.log_limits()).with_max_running_per_user(
+                Some(config.limits.concurrent_per_user).filter(|n| *n > 0),
+            ),
+        )),
         url if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let mut rc = genstream_redis::RedisConfig::new(url);
             rc.key_prefix.clone_from(&config.redis.key_prefix);
@@ -59,6 +63,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError
             rc.retention = Duration::from_secs(config.jobs.retention_secs.max(1));
             rc.limits = config.log_limits();
             rc.timeout = Duration::from_millis(config.redis.timeout_ms.max(50));
+            rc.max_running_per_user = Some(config.limits.concurrent_per_user).filter(|n| *n > 0);
             let store = genstream_redis::RedisStore::connect(rc)
                 .await
                 .map_err(|e| ServeError::Store(e.to_string()))?;
@@ -98,6 +103,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
         let provider = genstream_providers::build(&m.provider, &config.providers, &m.options)
             .map_err(|e| ServeError::Config(format!("model {:?}: {e}", m.name)))?;
         let mut entry = ModelEntry::new(&m.name, provider);
+        entry.pricing = m.pricing;
         for t in &m.tools {
             if tools.get(t).is_none() {
                 return Err(ServeError::Config(format!(
@@ -121,6 +127,10 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
             manager,
             auth: Arc::new(JwtKeys::new(&secret)),
             keepalive: Duration::from_secs(config.http.keepalive_secs.max(1)),
+            trusted_proxies: Arc::new(
+                crate::client_ip::parse_proxies(&config.limits.trusted_proxies)
+                    .map_err(ServeError::Config)?,
+            ),
         },
         generated,
     ))
@@ -155,15 +165,18 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let router = app(state, config.http.max_body_bytes);
     let grace = Duration::from_secs(config.jobs.shutdown_grace_secs);
     let stopped = manager.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: no new chats; waiting for running jobs");
-            // Every job ends with a terminal event, which also ends its SSE streams,
-            // so the HTTP server can then drain.
-            stopped.shutdown(grace).await;
-        })
-        .await?;
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new chats; waiting for running jobs");
+        // Every job ends with a terminal event, which also ends its SSE streams,
+        // so the HTTP server can then drain.
+        stopped.shutdown(grace).await;
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use genstream_engine::aggregate::Aggregate;
 use genstream_engine::event::Event;
 use genstream_server::config::{
-    AuthConfig, Config, JobsConfig, ModelConfig, PoolSection, RedisSection,
+    AuthConfig, Config, JobsConfig, LimitsConfig, ModelConfig, PoolSection, RedisSection,
 };
 use genstream_server::serve::build_state;
 use genstream_server::{AppState, app};
@@ -137,6 +137,7 @@ fn demo_model(name: &str, options: Value) -> ModelConfig {
         name: name.into(),
         provider: "demo".into(),
         tools: Vec::new(),
+        pricing: None,
         options,
     }
 }
@@ -161,6 +162,7 @@ fn replica_config(prefix: &str, db_url: &str, models: Vec<ModelConfig>) -> Confi
             retention_secs: 600,
             ..JobsConfig::default()
         },
+        limits: LimitsConfig::off(),
         models,
         ..Config::default()
     }

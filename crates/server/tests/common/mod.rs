@@ -44,6 +44,7 @@ pub fn test_app(models: Vec<ModelEntry>) -> TestApp {
         manager,
         auth: Arc::new(JwtKeys::new(SECRET)),
         keepalive: Duration::from_secs(15),
+        trusted_proxies: Arc::new(Vec::new()),
     };
     let router = app(state.clone(), MAX_BODY);
     TestApp { state, router, db }
