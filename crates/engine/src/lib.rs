@@ -40,7 +40,12 @@ pub fn new_id() -> String {
 /// (`2026-11-21T12:45:00.000Z`), the format of every `createdAt` on the wire and in the
 /// database. The fixed width matters: timestamps are ordered as text.
 pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// `t` (taken as UTC) in the fixed-width form of [`now_rfc3339`].
+pub fn rfc3339(now: time::OffsetDateTime) -> String {
+    let now = now.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         now.year(),

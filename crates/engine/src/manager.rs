@@ -28,7 +28,7 @@ use crate::event::{
     ToolCallChunk, ToolCallsDelta,
 };
 use crate::log::{AppendError, EventLog};
-use crate::persist::{Conversation, Persistence};
+use crate::persist::{Conversation, Persistence, SpendContext};
 use crate::provider::{ChatMessage, ModelRequest, Provider, ProviderError, ProviderEvent, Role};
 use crate::store::{JobMeta, JobStatus, JobStore};
 use crate::usage::{UsageRecord, UsageTotals};
@@ -267,6 +267,11 @@ impl JobManager {
         &self.inner.models
     }
 
+    /// The balance rules, if balances are on.
+    pub fn balance_policy(&self) -> Option<BalancePolicy> {
+        self.inner.config.balance
+    }
+
     /// Number of jobs running on this replica.
     pub fn live_jobs(&self) -> usize {
         self.inner.live.lock().len()
@@ -288,6 +293,7 @@ impl JobManager {
             return Err(EngineError::bad_request("text", "must not be empty"));
         }
         self.check_rate_limits(&req).await?;
+        self.check_balance(&req.user_id).await?;
         let model = match &req.model {
             None => inner.models.first(),
             Some(name) => inner.models.iter().find(|m| &m.name == name),
@@ -498,11 +504,41 @@ impl JobManager {
             current: None,
             attempt_steps: Vec::new(),
             attempt_chars: 0,
+            attempt_text: String::new(),
             call_text: String::new(),
             pending: Default::default(),
         };
         inner.tracker.spawn(job.run());
         Ok(started)
+    }
+
+    /// With balances on: creates a new user's balance, refills it when due, and
+    /// refuses a chat when it is not positive.
+    async fn check_balance(&self, user_id: &str) -> Result<(), EngineError> {
+        let Some(policy) = self.inner.config.balance else {
+            return Ok(());
+        };
+        let db = &self.inner.db;
+        let now = now_rfc3339();
+        let mut balance = db
+            .ensure_balance(user_id, policy.start_micro, &now)
+            .await?
+            .balance_micro;
+        if let Some(interval) = policy.refill_interval {
+            let due_before = rfc3339_before(interval);
+            if let Some(b) = db
+                .refill_if_due(user_id, policy.refill_micro, &due_before, &now)
+                .await?
+            {
+                balance = b;
+            }
+        }
+        if balance <= 0 {
+            return Err(EngineError::InsufficientBalance {
+                balance: crate::billing::credits(balance),
+            });
+        }
+        Ok(())
     }
 
     async fn check_rate_limits(&self, req: &StartRequest) -> Result<(), EngineError> {
@@ -723,6 +759,42 @@ impl JobManager {
                     "the job store was unreachable for too long".to_string(),
                 ),
             };
+            // The call the owner was in when it died reported no usage: estimate it
+            // from what it streamed, so the reaper spends it too.
+            let records = log.with_aggregate(|agg| {
+                let mut records = agg.usage().to_vec();
+                let last_call = agg
+                    .run_steps()
+                    .iter()
+                    .filter_map(|s| s.run_id.rsplit(':').next()?.parse::<u32>().ok())
+                    .max();
+                if let Some(call) =
+                    last_call.filter(|c| !records.iter().any(|r| r.call_index == *c))
+                {
+                    records.push(UsageRecord {
+                        call_index: call,
+                        model: meta.model.clone(),
+                        output_tokens: crate::usage::count_tokens(&agg.text()),
+                        estimated: true,
+                        ..UsageRecord::default()
+                    });
+                }
+                records
+            });
+            let pricing = self
+                .inner
+                .models
+                .iter()
+                .find(|m| m.name == meta.model)
+                .and_then(|m| m.pricing);
+            spend_usage(
+                &self.inner,
+                &meta,
+                pricing.as_ref(),
+                &records,
+                SpendContext::ReplicaLost,
+            )
+            .await?;
             let partial = log.with_aggregate(|agg| {
                 let content = agg.content();
                 Message {
@@ -804,6 +876,48 @@ fn cancel_local(inner: &Inner, stream_id: &str, reason: EndReason) -> bool {
         }
         None => false,
     }
+}
+
+/// Prices the job's usage records and spends them (exactly once, by the database's
+/// unique key); returns the totals with the job's whole cost in credits.
+async fn spend_usage(
+    inner: &Inner,
+    meta: &JobMeta,
+    pricing: Option<&crate::billing::Pricing>,
+    records: &[UsageRecord],
+    context: SpendContext,
+) -> Result<UsageTotals, EngineError> {
+    let lines: Vec<crate::billing::Line> = records
+        .iter()
+        .flat_map(|r| crate::billing::price(r, pricing))
+        .collect();
+    let total: i64 = lines.iter().map(|l| l.amount_micro).sum();
+    let mut totals = UsageTotals::default();
+    for r in records {
+        totals.add(r);
+    }
+    totals.credits = crate::billing::credits(total);
+    if !lines.is_empty() {
+        inner
+            .db
+            .spend(&crate::persist::SpendRequest {
+                user_id: meta.user_id.clone(),
+                conversation_id: meta.conversation_id.clone(),
+                stream_id: meta.stream_id.clone(),
+                message_id: meta.response_message_id.clone(),
+                model: meta.model.clone(),
+                context,
+                lines,
+                created_at: now_rfc3339(),
+            })
+            .await?;
+    }
+    Ok(totals)
+}
+
+/// Now minus `d`, in the fixed-width RFC 3339 form of [`now_rfc3339`].
+fn rfc3339_before(d: Duration) -> String {
+    crate::rfc3339(time::OffsetDateTime::now_utc() - d)
 }
 
 /// A retryable timeout error naming which budget ran out.
@@ -930,6 +1044,8 @@ struct JobRun {
     attempt_steps: Vec<String>,
     /// Characters streamed by the current attempt (for a usage estimate).
     attempt_chars: usize,
+    /// What the current attempt streamed (for a usage estimate).
+    attempt_text: String,
     /// Text of the current model call (the assistant turn sent back with tool results).
     call_text: String,
     /// Tool calls of the current model call, by the upstream's index.
@@ -1041,6 +1157,7 @@ impl JobRun {
             let index_before = self.next_index;
             self.attempt_steps.clear();
             self.attempt_chars = 0;
+            self.attempt_text.clear();
             self.call_text.clear();
             self.pending.clear();
             self.current = None;
@@ -1177,18 +1294,23 @@ impl JobRun {
         self.emit(EventBody::Usage(record)).await
     }
 
-    /// A rough count (4 characters a token) for calls cut off before the upstream
+    /// An estimate (tiktoken `o200k_base`) for a call cut off before the upstream
     /// reported usage; marked `estimated`.
     fn estimate_usage(&self) -> UsageRecord {
-        let input: usize = self
-            .request
-            .messages
-            .iter()
-            .map(|m| m.text.chars().count())
-            .sum();
+        let mut input = String::new();
+        if let Some(s) = &self.request.system_prompt {
+            input.push_str(s);
+        }
+        for m in &self.request.messages {
+            input.push_str(&m.text);
+            for c in &m.tool_calls {
+                input.push_str(&c.args);
+                input.push_str(c.output.as_deref().unwrap_or(""));
+            }
+        }
         UsageRecord {
-            input_tokens: input.div_ceil(4) as u64,
-            output_tokens: self.attempt_chars.div_ceil(4) as u64,
+            input_tokens: crate::usage::count_tokens(&input),
+            output_tokens: crate::usage::count_tokens(&self.attempt_text),
             estimated: true,
             ..UsageRecord::default()
         }
@@ -1209,6 +1331,7 @@ impl JobRun {
 
     async fn delta(&mut self, kind: PartKind, text: String) -> Result<(), Outcome> {
         self.attempt_chars += text.chars().count();
+        self.attempt_text.push_str(&text);
         if kind == PartKind::Text {
             self.call_text.push_str(&text);
         }
@@ -1257,6 +1380,7 @@ impl JobRun {
         args: String,
     ) -> Result<(), Outcome> {
         self.attempt_chars += args.chars().count();
+        self.attempt_text.push_str(&args);
         let step_id = match self.pending.get_mut(&index) {
             Some(p) => {
                 if let Some(id) = &id {
@@ -1403,6 +1527,22 @@ impl JobRun {
         if !matches!(outcome, Outcome::Ended | Outcome::LogFull) {
             self.close_pending_tools().await;
         }
+        let context = match &outcome {
+            Outcome::Ended => return Ok(()),
+            Outcome::Complete(_) => SpendContext::Message,
+            Outcome::Stopped(EndReason::Abort | EndReason::Shutdown) => SpendContext::Abort,
+            _ => SpendContext::Error,
+        };
+        // Spend before the terminal event, on every path (SPEC §7); the database's
+        // unique key makes a second spend of the same calls a no-op.
+        let usage = spend_usage(
+            &self.manager.inner,
+            &self.meta,
+            self.model.pricing.as_ref(),
+            self.aggregate.usage(),
+            context,
+        )
+        .await?;
         let terminal = match outcome {
             Outcome::Ended => return Ok(()),
             Outcome::Complete(reason) => {
@@ -1412,7 +1552,7 @@ impl JobRun {
                     status: FinalStatus::Complete,
                     response_message: msg,
                     conversation: self.conversation_ref(),
-                    usage: self.aggregate.usage_totals(),
+                    usage,
                     reason: reason.map(str::to_string),
                 })
             }
@@ -1427,7 +1567,7 @@ impl JobRun {
                     status: FinalStatus::Aborted,
                     response_message: msg,
                     conversation: self.conversation_ref(),
-                    usage: self.aggregate.usage_totals(),
+                    usage,
                     reason: Some(reason.into()),
                 })
             }

@@ -37,7 +37,7 @@ pub struct UsageRecord {
 }
 
 /// Sums over all usage records of a job, in `final.usage` and the abort answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageTotals {
     pub input_tokens: u64,
@@ -47,6 +47,21 @@ pub struct UsageTotals {
     pub reasoning_tokens: u64,
     /// Number of model calls summed.
     pub calls: u32,
+    /// Credits (1 credit = 1e-6 USD) the job's usage costs at the model's prices,
+    /// spent exactly once whatever path the job ended by.
+    #[serde(default)]
+    pub credits: f64,
+}
+
+/// Counts tokens with tiktoken's `o200k_base` encoding (GPT-4o and later), for
+/// estimates when an upstream reports no usage. Loaded once; falls back to 4
+/// characters a token if the encoding cannot be built.
+pub fn count_tokens(text: &str) -> u64 {
+    static BPE: std::sync::OnceLock<Option<tiktoken_rs::CoreBPE>> = std::sync::OnceLock::new();
+    match BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()) {
+        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+        None => text.chars().count().div_ceil(4) as u64,
+    }
 }
 
 impl UsageTotals {

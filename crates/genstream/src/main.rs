@@ -41,6 +41,17 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Show a user's balance, or add credits to it (1 credit = 1e-6 USD; negative to
+    /// take away).
+    Balance {
+        #[arg(long)]
+        user: String,
+        /// Credits to add.
+        #[arg(long, allow_negative_numbers = true)]
+        add: Option<f64>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Start a chat and stream the answer.
     Chat {
         /// The message.
@@ -165,6 +176,34 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .ok_or_else(|| format!("invalid --ttl {ttl:?}: use seconds or 90s, 30m, 1h, 7d"))?;
             let token = local_token(&config, &user, ttl).await?;
             println!("{token}");
+            Ok(())
+        }
+        Command::Balance { user, add, config } => {
+            let config = load_config(&config, None, None)?;
+            let db = genstream_server::serve::open_database(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let now = genstream_engine::now_rfc3339();
+            let micro = match add {
+                Some(credits) => db
+                    .add_credits(
+                        &user,
+                        genstream_server::config::credits_to_micro(credits),
+                        &now,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?,
+                None => db
+                    .balance(&user)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|b| b.balance_micro)
+                    .unwrap_or(0),
+            };
+            println!(
+                "{user}: {} credits",
+                genstream_engine::billing::credits(micro)
+            );
             Ok(())
         }
         Command::Chat {

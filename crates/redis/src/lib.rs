@@ -519,45 +519,13 @@ impl JobStore for RedisStore {
         let mut conn = self.conn();
         let conv_key = self.key("conv", &meta.conversation_id);
         let ttl_ms = self.inner.cfg.running_ttl.as_millis() as u64;
-        // A running slot of the user first (atomic count-and-add), then the job hash,
-        // so the conversation never points at a job that is not there; then claim the
-        // conversation (compare-and-set against the holder we saw ended); then the
-        // global running set. Each failure undoes what came before it.
+        // The job hash first: the self-healing pass below drops set members whose
+        // job is not running, so a slot must never exist before its job. Then a
+        // running slot of the user (atomic count-and-add); then claim the conversation
+        // (compare-and-set against the holder we saw ended), so the conversation never
+        // points at a job that is not there; then the global running set. Each failure
+        // undoes what came before it.
         let user_key = self.user_running_key(&meta.user_id);
-        if let Some(max) = self.inner.cfg.max_running_per_user {
-            // Self-healing first: ids of jobs that ended (or expired) do not count.
-            self.running_jobs(&meta.user_id).await?;
-            let ok: i64 = redis::cmd("FCALL")
-                .arg(ACQUIRE_SLOT_FN)
-                .arg(1)
-                .arg(&user_key)
-                .arg(&meta.stream_id)
-                .arg(max)
-                .query_async(&mut conn)
-                .await
-                .map_err(store_err)?;
-            if ok == 0 {
-                return Err(EngineError::TooManyConcurrent(max));
-            }
-        } else {
-            let _: () = conn
-                .sadd(&user_key, &meta.stream_id)
-                .await
-                .map_err(store_err)?;
-        }
-        let release = |mut conn: ConnectionManager, job_key: String| {
-            let user_key = user_key.clone();
-            let sid = meta.stream_id.clone();
-            async move {
-                let _: Result<(), _> = redis::pipe()
-                    .srem(&user_key, &sid)
-                    .ignore()
-                    .del(&job_key)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await;
-            }
-        };
         let job_key = self.key("job", &meta.stream_id);
         let _: () = redis::pipe()
             .atomic()
@@ -584,6 +552,41 @@ impl JobStore for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(store_err)?;
+        if let Some(max) = self.inner.cfg.max_running_per_user {
+            // Self-healing first: ids of jobs that ended (or expired) do not count.
+            self.running_jobs(&meta.user_id).await?;
+            let ok: i64 = redis::cmd("FCALL")
+                .arg(ACQUIRE_SLOT_FN)
+                .arg(1)
+                .arg(&user_key)
+                .arg(&meta.stream_id)
+                .arg(max)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_err)?;
+            if ok == 0 {
+                let _: Result<(), _> = conn.del(&job_key).await;
+                return Err(EngineError::TooManyConcurrent(max));
+            }
+        } else {
+            let _: () = conn
+                .sadd(&user_key, &meta.stream_id)
+                .await
+                .map_err(store_err)?;
+        }
+        let release = |mut conn: ConnectionManager, job_key: String| {
+            let user_key = user_key.clone();
+            let sid = meta.stream_id.clone();
+            async move {
+                let _: Result<(), _> = redis::pipe()
+                    .srem(&user_key, &sid)
+                    .ignore()
+                    .del(&job_key)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await;
+            }
+        };
         let mut claimed = false;
         for _ in 0..3 {
             let holder: Option<String> = conn.get(&conv_key).await.map_err(store_err)?;

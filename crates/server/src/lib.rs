@@ -55,6 +55,8 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
             get(routes::list_messages),
         )
         .route("/api/models", get(routes::models))
+        .route("/api/balance", get(routes::balance))
+        .route("/api/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .fallback(routes::not_found)

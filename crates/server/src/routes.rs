@@ -252,9 +252,87 @@ pub async fn models(
         .manager
         .models()
         .iter()
-        .map(|m| json!({"name": m.name, "provider": m.provider.kind(), "pricing": null}))
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "provider": m.provider.kind(),
+                "tools": m.tools,
+                // USD per million tokens; null means the model costs nothing.
+                "pricing": m.pricing,
+                "free": m.pricing.is_none(),
+            })
+        })
         .collect();
     Json(json!({ "models": models }))
+}
+
+/// `GET /api/balance`: `{"balance": credits}` (`null` when balances are off).
+pub async fn balance(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let row = state.manager.db().balance(&user).await?;
+    let balance = match (row, state.manager.balance_policy()) {
+        (Some(b), _) => Some(genstream_engine::billing::credits(b.balance_micro)),
+        // Not created yet: the user will start with the start balance.
+        (None, Some(p)) => Some(genstream_engine::billing::credits(p.start_micro)),
+        (None, None) => None,
+    };
+    Ok(Json(json!({ "balance": balance })))
+}
+
+/// Query of `GET /api/usage`.
+#[derive(Deserialize)]
+pub struct UsageQuery {
+    /// `conversation` (default), `day` or `month`.
+    #[serde(default)]
+    by: Option<String>,
+    /// At most this many rows (default 100, at most 1000).
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// `GET /api/usage?by=conversation|day|month`: the caller's tokens and credits.
+pub async fn usage(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| EngineError::bad_request("query", e.body_text()))?;
+    let by = q.by.as_deref().unwrap_or("conversation");
+    let period = match by {
+        "conversation" => None,
+        "day" | "month" => Some(by),
+        other => {
+            return Err(EngineError::bad_request(
+                "by",
+                format!("{other:?}: use conversation, day or month"),
+            )
+            .into());
+        }
+    };
+    let rows = state
+        .manager
+        .db()
+        .usage_report(&user, period, q.limit.unwrap_or(100).clamp(1, 1000))
+        .await?;
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "key": r.key,
+                "inputTokens": r.input_tokens,
+                "outputTokens": r.output_tokens,
+                "reasoningTokens": r.reasoning_tokens,
+                "cacheWriteTokens": r.cache_write_tokens,
+                "cacheReadTokens": r.cache_read_tokens,
+                "calls": r.calls,
+                "credits": genstream_engine::billing::credits(r.amount_micro),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "by": by, "usage": rows })))
 }
 
 pub async fn healthz() -> Json<serde_json::Value> {

@@ -1,8 +1,9 @@
 //! What the two implementations share: the SQL, the `Persistence` body and error
 //! mapping.
 //!
-//! The SQL below runs unchanged on SQLite (3.24+) and PostgreSQL, so
-//! [`impl_persistence!`] stamps out the same trait body for `SqlitePool` and `PgPool`.
+//! The SQL below runs unchanged on SQLite (3.35+ for `RETURNING`; sqlx bundles a
+//! newer one) and PostgreSQL, so [`impl_persistence!`] stamps out the same trait body
+//! for `SqlitePool` and `PgPool`.
 //! A macro rather than generic code over `sqlx::Database`: the generic version needs a
 //! wall of `for<'r> T: Decode<'r, DB> + Type<DB>` bounds that hides the queries,
 //! while the macro's expansion is ordinary code for one concrete pool.
@@ -65,6 +66,160 @@ pub(crate) const INSERT_SECRET: &str =
 
 pub(crate) const GET_SECRET: &str = "SELECT value FROM secrets WHERE name = $1";
 
+/// Records one ledger line unless its `(stream_id, call_index, token_type)` is already
+/// there; `rows_affected` says which. Under concurrency PostgreSQL makes a second
+/// inserter of the same key wait for the first to commit, then skip.
+pub(crate) const INSERT_LINE: &str = "\
+INSERT INTO transactions (user_id, conversation_id, stream_id, message_id, model, call_index,
+                          token_type, tokens, rate_micro, amount_micro, estimated, context,
+                          created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (stream_id, call_index, token_type) DO NOTHING";
+
+/// Takes `$2` off the balance (no row: nothing, and no row returned).
+pub(crate) const CHARGE_BALANCE: &str = "\
+UPDATE balances SET balance_micro = balance_micro - $2, updated_at = $3
+WHERE user_id = $1
+RETURNING balance_micro";
+
+pub(crate) const GET_BALANCE_MICRO: &str = "SELECT balance_micro FROM balances WHERE user_id = $1";
+
+pub(crate) const GET_BALANCE: &str = "\
+SELECT user_id, balance_micro, refilled_at, updated_at FROM balances WHERE user_id = $1";
+
+/// First writer wins; everyone then reads the row.
+pub(crate) const ENSURE_BALANCE: &str = "\
+INSERT INTO balances (user_id, balance_micro, refilled_at, updated_at)
+VALUES ($1, $2, $3, $3)
+ON CONFLICT (user_id) DO NOTHING";
+
+/// One statement, so concurrent grants add up.
+pub(crate) const ADD_CREDITS: &str = "\
+INSERT INTO balances (user_id, balance_micro, refilled_at, updated_at)
+VALUES ($1, $2, NULL, $3)
+ON CONFLICT (user_id) DO UPDATE SET
+    balance_micro = balances.balance_micro + excluded.balance_micro,
+    updated_at = excluded.updated_at
+RETURNING balance_micro";
+
+/// Atomic test-and-set: of concurrent refills, the first sets `refilled_at` to `$3`;
+/// the others then find the row no longer due (PostgreSQL re-checks the `WHERE` on the
+/// row it waited for; SQLite runs one writer at a time) and update nothing.
+pub(crate) const REFILL_IF_DUE: &str = "\
+UPDATE balances SET balance_micro = balance_micro + $2, refilled_at = $3, updated_at = $3
+WHERE user_id = $1 AND (refilled_at IS NULL OR refilled_at <= $4)
+RETURNING balance_micro";
+
+/// A usage report's SQL, grouped by `$key` and ordered by `$order`; `$1` the user,
+/// `$2` the limit. `SUM` of BIGINT is NUMERIC in PostgreSQL, hence the casts back.
+macro_rules! usage_sql {
+    ($key:literal, $order:literal) => {
+        concat!(
+            "SELECT ",
+            $key,
+            " AS grp,
+    CAST(SUM(CASE WHEN token_type = 'input' THEN tokens ELSE 0 END) AS BIGINT)
+        AS input_tokens,
+    CAST(SUM(CASE WHEN token_type = 'output' THEN tokens ELSE 0 END) AS BIGINT)
+        AS output_tokens,
+    CAST(SUM(CASE WHEN token_type = 'reasoning' THEN tokens ELSE 0 END) AS BIGINT)
+        AS reasoning_tokens,
+    CAST(SUM(CASE WHEN token_type = 'cache_write' THEN tokens ELSE 0 END) AS BIGINT)
+        AS cache_write_tokens,
+    CAST(SUM(CASE WHEN token_type = 'cache_read' THEN tokens ELSE 0 END) AS BIGINT)
+        AS cache_read_tokens,
+    CAST(SUM(amount_micro) AS BIGINT) AS amount_micro,
+    COUNT(DISTINCT stream_id || '#' || CAST(call_index AS TEXT)) AS calls
+FROM transactions WHERE user_id = $1
+GROUP BY grp
+ORDER BY ",
+            $order,
+            "
+LIMIT $2"
+        )
+    };
+}
+
+/// Usage by conversation, the most recently charged first.
+pub(crate) const USAGE_BY_CONVERSATION: &str =
+    usage_sql!("conversation_id", "MAX(created_at) DESC, grp DESC");
+/// Usage by UTC day (`created_at` is UTC RFC 3339), the latest first.
+pub(crate) const USAGE_BY_DAY: &str =
+    usage_sql!("substr(created_at, 1, 10) || 'T00:00:00.000Z'", "grp DESC");
+/// Usage by UTC month, the latest first.
+pub(crate) const USAGE_BY_MONTH: &str = usage_sql!(
+    "substr(created_at, 1, 7) || '-01T00:00:00.000Z'",
+    "grp DESC"
+);
+
+pub(crate) const SPENT_ON_STREAM: &str = "\
+SELECT CAST(COALESCE(SUM(amount_micro), 0) AS BIGINT) AS total
+FROM transactions WHERE stream_id = $1";
+
+/// The report query for `usage_report`'s `by_period`.
+pub(crate) fn usage_sql(by_period: Option<&str>) -> Result<&'static str, EngineError> {
+    match by_period {
+        None => Ok(USAGE_BY_CONVERSATION),
+        Some("day") => Ok(USAGE_BY_DAY),
+        Some("month") => Ok(USAGE_BY_MONTH),
+        Some(other) => Err(EngineError::bad_request(
+            "by",
+            format!("unknown period {other:?} (expected \"day\" or \"month\")"),
+        )),
+    }
+}
+
+/// How many times `spend` runs its transaction when the database reports a transient
+/// conflict (see [`is_transient`]).
+pub(crate) const SPEND_ATTEMPTS: u32 = 4;
+
+/// A failure inside a transaction: the database's (perhaps worth a retry) or ours.
+pub(crate) enum TxError {
+    Db(sqlx::Error),
+    Engine(EngineError),
+}
+
+impl From<sqlx::Error> for TxError {
+    fn from(e: sqlx::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+/// Whether a failed transaction may succeed if simply run again: a PostgreSQL deadlock
+/// or serialization failure, or SQLite still busy after its busy timeout.
+pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(e) => matches!(
+            e.code().as_deref(),
+            // PostgreSQL: deadlock_detected, serialization_failure.
+            Some("40P01") | Some("40001")
+            // SQLite: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_BUSY_SNAPSHOT.
+            | Some("5") | Some("6") | Some("517")
+        ),
+        _ => false,
+    }
+}
+
+/// A line's `tokens` and `call_index` as the ledger's column types (BIGINT, INTEGER).
+pub(crate) fn ledger_ints(
+    stream_id: &str,
+    line: &genstream_engine::billing::Line,
+) -> Result<(i64, i32), EngineError> {
+    let tokens = i64::try_from(line.tokens).map_err(|_| {
+        EngineError::Internal(format!(
+            "stream {stream_id}: {} tokens do not fit the ledger",
+            line.tokens
+        ))
+    })?;
+    let call_index = i32::try_from(line.call_index).map_err(|_| {
+        EngineError::Internal(format!(
+            "stream {stream_id}: call index {} does not fit the ledger",
+            line.call_index
+        ))
+    })?;
+    Ok((tokens, call_index))
+}
+
 /// Maps a database failure during `what` ("saving message m1") to the engine's error.
 pub(crate) fn db_error(what: &str, err: sqlx::Error) -> EngineError {
     EngineError::Persistence(format!("{what}: {}", describe(&err)))
@@ -104,10 +259,103 @@ pub(crate) fn content_json(
 }
 
 /// Implements `Persistence` for `$ty`, a struct with a `pool` field (a sqlx pool) whose
-/// rows are `$row`.
+/// rows are `$row`; `$begin` is the statement that opens a write transaction
+/// (SQLite's `BEGIN IMMEDIATE` takes the write lock up front, so a transaction never
+/// has to upgrade a read lock, which can fail with `SQLITE_BUSY` whatever the timeout).
 macro_rules! impl_persistence {
-    ($ty:ty, $row:ty) => {
+    ($ty:ty, $row:ty, $begin:expr) => {
         impl $ty {
+            /// One attempt at `spend`: one transaction over `lines` (sorted, so that
+            /// concurrent spends of overlapping lines take their key locks in the same
+            /// order and cannot deadlock in PostgreSQL).
+            async fn spend_once(
+                &self,
+                req: &genstream_engine::persist::SpendRequest,
+                lines: &[(&genstream_engine::billing::Line, i64, i32)],
+            ) -> Result<genstream_engine::persist::SpendOutcome, $crate::imp::TxError> {
+                use sqlx::Row as _;
+                let overflow = || {
+                    $crate::imp::TxError::Engine(genstream_engine::EngineError::Persistence(
+                        format!("spending on stream {}: amount out of range", req.stream_id),
+                    ))
+                };
+                let mut tx = self.pool.begin_with($begin).await?;
+                let mut inserted = 0usize;
+                let mut amount: i64 = 0;
+                for (line, tokens, call_index) in lines {
+                    let done = sqlx::query($crate::imp::INSERT_LINE)
+                        .bind(&req.user_id)
+                        .bind(&req.conversation_id)
+                        .bind(&req.stream_id)
+                        .bind(&req.message_id)
+                        .bind(&req.model)
+                        .bind(*call_index)
+                        .bind(line.token_type.as_str())
+                        .bind(*tokens)
+                        .bind(line.rate_micro)
+                        .bind(line.amount_micro)
+                        .bind(line.estimated)
+                        .bind(req.context.as_str())
+                        .bind(&req.created_at)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if done > 0 {
+                        inserted += 1;
+                        amount = amount.checked_add(line.amount_micro).ok_or_else(overflow)?;
+                    }
+                }
+                let row = if amount != 0 {
+                    sqlx::query($crate::imp::CHARGE_BALANCE)
+                        .bind(&req.user_id)
+                        .bind(amount)
+                        .bind(&req.created_at)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                } else {
+                    sqlx::query($crate::imp::GET_BALANCE_MICRO)
+                        .bind(&req.user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                };
+                let balance_micro: Option<i64> =
+                    row.map(|r| r.try_get("balance_micro")).transpose()?;
+                tx.commit().await?;
+                Ok(genstream_engine::persist::SpendOutcome {
+                    inserted,
+                    amount_micro: amount,
+                    balance_micro,
+                })
+            }
+
+            fn balance_from_row(
+                row: &$row,
+            ) -> Result<genstream_engine::persist::Balance, sqlx::Error> {
+                use sqlx::Row as _;
+                Ok(genstream_engine::persist::Balance {
+                    user_id: row.try_get("user_id")?,
+                    balance_micro: row.try_get("balance_micro")?,
+                    refilled_at: row.try_get("refilled_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            }
+
+            fn usage_from_row(
+                row: &$row,
+            ) -> Result<genstream_engine::persist::UsageRow, sqlx::Error> {
+                use sqlx::Row as _;
+                Ok(genstream_engine::persist::UsageRow {
+                    key: row.try_get("grp")?,
+                    input_tokens: row.try_get("input_tokens")?,
+                    output_tokens: row.try_get("output_tokens")?,
+                    reasoning_tokens: row.try_get("reasoning_tokens")?,
+                    cache_write_tokens: row.try_get("cache_write_tokens")?,
+                    cache_read_tokens: row.try_get("cache_read_tokens")?,
+                    amount_micro: row.try_get("amount_micro")?,
+                    calls: row.try_get("calls")?,
+                })
+            }
+
             fn conversation_from_row(
                 row: &$row,
             ) -> Result<genstream_engine::persist::Conversation, sqlx::Error> {
@@ -312,6 +560,171 @@ macro_rules! impl_persistence {
                     .await
                     .map_err(|e| $crate::imp::db_error("ping", e))?;
                 Ok(())
+            }
+
+            async fn spend(
+                &self,
+                req: &genstream_engine::persist::SpendRequest,
+            ) -> Result<genstream_engine::persist::SpendOutcome, genstream_engine::EngineError>
+            {
+                let mut lines = Vec::with_capacity(req.lines.len());
+                for line in &req.lines {
+                    let (tokens, call_index) = $crate::imp::ledger_ints(&req.stream_id, line)?;
+                    lines.push((line, tokens, call_index));
+                }
+                lines.sort_by_key(|(l, _, _)| (l.call_index, l.token_type.as_str()));
+                let mut attempt = 1;
+                loop {
+                    match self.spend_once(req, &lines).await {
+                        Ok(outcome) => return Ok(outcome),
+                        Err($crate::imp::TxError::Engine(e)) => return Err(e),
+                        Err($crate::imp::TxError::Db(e))
+                            if attempt < $crate::imp::SPEND_ATTEMPTS
+                                && $crate::imp::is_transient(&e) =>
+                        {
+                            // Rolled back: nothing was recorded, so running it again
+                            // cannot charge twice.
+                            tokio::time::sleep(std::time::Duration::from_millis(
+                                10 * u64::from(attempt),
+                            ))
+                            .await;
+                            attempt += 1;
+                        }
+                        Err($crate::imp::TxError::Db(e)) => {
+                            return Err($crate::imp::db_error(
+                                &format!("spending on stream {}", req.stream_id),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
+
+            async fn balance(
+                &self,
+                user_id: &str,
+            ) -> Result<Option<genstream_engine::persist::Balance>, genstream_engine::EngineError>
+            {
+                let what = || format!("reading the balance of {user_id}");
+                let row = sqlx::query($crate::imp::GET_BALANCE)
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                row.map(|r| Self::balance_from_row(&r))
+                    .transpose()
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn ensure_balance(
+                &self,
+                user_id: &str,
+                start_micro: i64,
+                now: &str,
+            ) -> Result<genstream_engine::persist::Balance, genstream_engine::EngineError> {
+                let what = || format!("creating the balance of {user_id}");
+                sqlx::query($crate::imp::ENSURE_BALANCE)
+                    .bind(user_id)
+                    .bind(start_micro)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                // Balance rows are never deleted, so the row is there.
+                genstream_engine::persist::Persistence::balance(self, user_id)
+                    .await?
+                    .ok_or_else(|| {
+                        genstream_engine::EngineError::Persistence(format!(
+                            "{}: the row vanished after being written",
+                            what()
+                        ))
+                    })
+            }
+
+            async fn add_credits(
+                &self,
+                user_id: &str,
+                micro: i64,
+                now: &str,
+            ) -> Result<i64, genstream_engine::EngineError> {
+                use sqlx::Row as _;
+                let what = || format!("adding credits to {user_id}");
+                let row = sqlx::query($crate::imp::ADD_CREDITS)
+                    .bind(user_id)
+                    .bind(micro)
+                    .bind(now)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                row.try_get("balance_micro")
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn refill_if_due(
+                &self,
+                user_id: &str,
+                amount_micro: i64,
+                due_before: &str,
+                now: &str,
+            ) -> Result<Option<i64>, genstream_engine::EngineError> {
+                use sqlx::Row as _;
+                let what = || format!("refilling {user_id}");
+                let refilled = sqlx::query($crate::imp::REFILL_IF_DUE)
+                    .bind(user_id)
+                    .bind(amount_micro)
+                    .bind(now)
+                    .bind(due_before)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                let row = match refilled {
+                    Some(row) => Some(row),
+                    // Not due, or no row: the balance as it is.
+                    None => sqlx::query($crate::imp::GET_BALANCE_MICRO)
+                        .bind(user_id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(|e| $crate::imp::db_error(&what(), e))?,
+                };
+                row.map(|r| r.try_get("balance_micro"))
+                    .transpose()
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn usage_report(
+                &self,
+                user_id: &str,
+                by_period: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<genstream_engine::persist::UsageRow>, genstream_engine::EngineError>
+            {
+                let sql = $crate::imp::usage_sql(by_period)?;
+                let what = || format!("reporting the usage of {user_id}");
+                let rows = sqlx::query(sql)
+                    .bind(user_id)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                rows.iter()
+                    .map(Self::usage_from_row)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn spent_on_stream(
+                &self,
+                stream_id: &str,
+            ) -> Result<i64, genstream_engine::EngineError> {
+                use sqlx::Row as _;
+                let what = || format!("summing the spend of stream {stream_id}");
+                let row = sqlx::query($crate::imp::SPENT_ON_STREAM)
+                    .bind(stream_id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                row.try_get("total")
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
             }
         }
     };

@@ -1,4 +1,5 @@
-//! SQLite and PostgreSQL storage for genstream's conversations and messages.
+//! SQLite and PostgreSQL storage for genstream's conversations, messages, billing ledger
+//! and balances.
 //!
 //! The engine talks to its database only through
 //! [`genstream_engine::persist::Persistence`]; this crate provides the two real

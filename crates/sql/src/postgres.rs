@@ -150,7 +150,7 @@ async fn first_connection(
     }
 }
 
-impl_persistence!(PostgresPersistence, PgRow);
+impl_persistence!(PostgresPersistence, PgRow, "BEGIN");
 
 #[cfg(test)]
 mod tests {

@@ -78,4 +78,4 @@ fn is_memory_url(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
 }
 
-impl_persistence!(SqlitePersistence, SqliteRow);
+impl_persistence!(SqlitePersistence, SqliteRow, "BEGIN IMMEDIATE");

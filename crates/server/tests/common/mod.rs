@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
+pub mod infra;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,46 @@
+-- The billing ledger and balances in integer micro-credits (SPEC §7), PostgreSQL
+-- dialect. Keep in step with ../sqlite/0002_ledger.sql.
+--
+-- Replaces 0001's placeholder tables, which priced in floating point and were never
+-- written to. Money is BIGINT micro-credits only: sums over any number of lines and
+-- replicas agree to the unit.
+
+DROP TABLE transactions;
+DROP TABLE balances;
+
+-- One row per job, model call and token type. The UNIQUE key is what makes "every
+-- usage record is spent exactly once" hold across completion, abort, error and
+-- replicas: a second insert of the same line conflicts and is skipped (ON CONFLICT DO
+-- NOTHING), so it is neither recorded nor charged again.
+CREATE TABLE transactions (
+    id              BIGSERIAL PRIMARY KEY,
+    user_id         TEXT COLLATE "C" NOT NULL,
+    conversation_id TEXT COLLATE "C" NOT NULL,
+    stream_id       TEXT COLLATE "C" NOT NULL,
+    message_id      TEXT COLLATE "C" NOT NULL,
+    model           TEXT NOT NULL,
+    call_index      INTEGER NOT NULL,
+    -- 'input', 'output', 'reasoning', 'cache_write', 'cache_read'
+    token_type      TEXT COLLATE "C" NOT NULL,
+    tokens          BIGINT NOT NULL,
+    -- Micro-credits per token (= micro-USD per million tokens).
+    rate_micro      BIGINT NOT NULL,
+    -- tokens × rate_micro, in micro-credits; what the line charged.
+    amount_micro    BIGINT NOT NULL,
+    estimated       BOOLEAN NOT NULL,
+    -- Why the line was spent: 'message', 'abort', 'error', 'replica_lost'.
+    context         TEXT NOT NULL,
+    -- RFC 3339 UTC; usage reports group by its first 10 (day) or 7 (month) characters.
+    created_at      TEXT COLLATE "C" NOT NULL,
+    UNIQUE (stream_id, call_index, token_type)
+);
+CREATE INDEX transactions_user_created ON transactions (user_id, created_at);
+
+CREATE TABLE balances (
+    user_id       TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    -- Micro-credits; negative when a job's usage exceeded what was left.
+    balance_micro BIGINT NOT NULL,
+    -- RFC 3339 UTC of the last refill (compared as text); NULL if never refilled.
+    refilled_at   TEXT COLLATE "C",
+    updated_at    TEXT COLLATE "C" NOT NULL
+);
