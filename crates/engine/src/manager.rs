@@ -239,6 +239,11 @@ impl JobManager {
             accepting: AtomicBool::new(true),
             stop: CancellationToken::new(),
         });
+        // The token counter for usage estimates is slow to build: build it off the
+        // runtime's workers, once.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn_blocking(crate::usage::warm_token_counter));
+        }
         // Abort requests from other replicas cancel our local job, if we run it. Weak:
         // the store must not keep the manager alive.
         let weak = Arc::downgrade(&inner);
@@ -961,20 +966,34 @@ fn history_to(all: &[Message], parent: Option<&str>) -> Vec<ChatMessage> {
                 tool_call_id: None,
             });
         } else {
-            let tool_calls: Vec<ToolCall> = m
-                .content
-                .iter()
-                .filter_map(|p| match p {
-                    crate::event::ContentPart::ToolCall { tool_call } => Some(tool_call.clone()),
-                    _ => None,
-                })
-                .collect();
-            out.push(ChatMessage {
+            // One assistant turn per model call, in order: a text part after tool
+            // calls begins the next call's turn, so each round's calls are followed by
+            // their results before the text that quotes them.
+            let new_turn = || ChatMessage {
                 role: Role::Assistant,
-                text: m.text.clone(),
-                tool_calls,
+                text: String::new(),
+                tool_calls: Vec::new(),
                 tool_call_id: None,
-            });
+            };
+            let mut turn = new_turn();
+            for part in &m.content {
+                match part {
+                    crate::event::ContentPart::Text { text } => {
+                        if !turn.tool_calls.is_empty() {
+                            out.push(std::mem::replace(&mut turn, new_turn()));
+                        }
+                        turn.text.push_str(text);
+                    }
+                    crate::event::ContentPart::ToolCall { tool_call } => {
+                        turn.tool_calls.push(tool_call.clone());
+                    }
+                    crate::event::ContentPart::Think { .. } => {}
+                }
+            }
+            if m.content.is_empty() {
+                turn.text.clone_from(&m.text);
+            }
+            out.push(turn);
         }
     }
     out

@@ -53,14 +53,23 @@ pub struct UsageTotals {
     pub credits: f64,
 }
 
+static BPE: std::sync::OnceLock<Option<tiktoken_rs::CoreBPE>> = std::sync::OnceLock::new();
+
+/// Builds the token counter's encoding (about a second of CPU). Call it on a blocking
+/// thread at start-up ([`crate::manager::JobManager::new`] does): building it on a
+/// runtime worker would stall every task on that runtime meanwhile.
+pub fn warm_token_counter() {
+    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok());
+}
+
 /// Counts tokens with tiktoken's `o200k_base` encoding (GPT-4o and later), for
-/// estimates when an upstream reports no usage. Loaded once; falls back to 4
-/// characters a token if the encoding cannot be built.
+/// estimates when an upstream reports no usage. Never blocks: until the encoding is
+/// built (see [`warm_token_counter`]), or if it cannot be, it counts 4 characters a
+/// token.
 pub fn count_tokens(text: &str) -> u64 {
-    static BPE: std::sync::OnceLock<Option<tiktoken_rs::CoreBPE>> = std::sync::OnceLock::new();
-    match BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()) {
-        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
-        None => text.chars().count().div_ceil(4) as u64,
+    match BPE.get() {
+        Some(Some(bpe)) => bpe.encode_ordinary(text).len() as u64,
+        _ => text.chars().count().div_ceil(4) as u64,
     }
 }
 

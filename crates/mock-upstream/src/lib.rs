@@ -19,6 +19,8 @@
 //! | `truncated` | a few content chunks, then the connection closes: no `finish_reason`, no `[DONE]` |
 //! | `echo` | the last user message streamed back word by word, with `finish_reason: stop`, a usage chunk (`choices: []`) and `[DONE]` |
 //! | `stall` | one content chunk, then nothing, never closing (for idle-timeout tests) |
+//! | `tools` | a tool-calling turn, or its answer once the request carries tool results (below) |
+//! | `tools-forever` | a tool-calling turn, always (for the tool loop's iteration cap) |
 //!
 //! On `/v1/messages` (which, like Anthropic, answers 400 without an `anthropic-version`
 //! header):
@@ -32,10 +34,71 @@
 //! | `overloaded` | `message_start` and a few text deltas, then a mid-stream `event: error` with `overloaded_error` (synthetic: no real recording of one was found) |
 //! | `echo` | the last user message's text streamed back word by word as one text block, with `message_delta` (`end_turn`, usage) and `message_stop` |
 //! | `stall` | `message_start` and one text delta, then nothing, never closing |
+//! | `tools`, `tools-forever` | as on Chat Completions, in the Messages dialect |
 //!
-//! Any streaming model may end in `?delay_ms=N`: a delay of `N` milliseconds between
-//! frames (not before the first). Unknown models answer 404, `model_not_found` on Chat
-//! Completions as OpenAI does, `not_found_error` on Messages as Anthropic does.
+//! ## Tool calling: `tools` and `tools-forever`
+//!
+//! The turn calls every tool the request declares (`tools[].function` on Chat
+//! Completions, `tools[]` on Messages), each `calls` times (default 2, option
+//! `?calls=N`), so one turn always holds parallel calls. Call `j` (0-based, over the
+//! whole turn) of turn `t` (the number of assistant messages with tool calls already in
+//! the history) gets deterministic arguments: `{"expression": "<6+j> * <7+t>"}` for a
+//! tool whose schema has an `expression` property (the `calculator`), else one value per
+//! schema property (`"<property>-<t>-<j>"` for strings, `j` for numbers, `true` for
+//! booleans). Ids are `call_mock_<t>_<j>` (Chat Completions) and `toolu_mock_<t>_<j>`
+//! (Messages). The arguments' compact JSON is streamed in fragments of 4 characters, so
+//! fragments split keys and string values; on Chat Completions the calls' fragments are
+//! interleaved (accumulation must go by `index`), on Messages each call is one
+//! `tool_use` block with `input_json_delta`s. The turn ends with `finish_reason:
+//! "tool_calls"` / `stop_reason: "tool_use"` and usage.
+//!
+//! `tools` answers a request whose last message holds tool results (a trailing run of
+//! `tool` messages; a last user message with `tool_result` blocks and no text — one
+//! with text is a new question) with the text
+//! `The tools said: <r1>; <r2>; ….`, the results' texts in the order given, streamed
+//! word by word; with no tool declared it answers `No tools to call.`.
+//!
+//! ## Scripted failures: wrappers
+//!
+//! A model may start with wrappers, each applying to the *requests with this exact model
+//! string* (counted per full model string, options included, from the mock's start; see
+//! [`MockUpstream::count`]). A wrapper `<kind>:<N>:<rest>` handles the first `N`
+//! requests that reach it and passes the others on to `<rest>` (with its count reduced
+//! by `N`), so wrappers chain: `dropmid:1:flaky:1:429:echo` drops the first request
+//! mid-stream, answers the second with 429, and echoes from the third on.
+//!
+//! | wrapper | its first `N` requests get |
+//! |---|---|
+//! | `flaky:<N>:<status>[+ra<S>\|+ram<MS>\|+radate<S>]:<rest>` | HTTP `<status>` with the dialect's error body (`mock upstream says <status>`); `Retry-After: <S>` (seconds), `retry-after-ms: <MS>`, or `Retry-After: <HTTP-date S seconds from now>` when asked — no wait header otherwise |
+//! | `dropmid:<N>:<rest>` | the first half (at least 3) of `<rest>`'s frames before its end (`finish_reason`, `[DONE]`, `message_delta`, `message_stop`), then the connection is dropped (the body errors: no terminating chunk) |
+//! | `closemid:<N>:<rest>` | the same frames, then the body ends cleanly: no `[DONE]` / `message_stop` |
+//! | `stall:<N>:<rest>` | the same frames, then nothing, never closing (idle-gap timeout) |
+//! | `nobyte:<N>:<rest>` | status 200 and the headers, then no body byte, never closing (first-byte timeout) |
+//! | `malformedmid:<N>:<rest>` | the same frames, then `data: {not json` |
+//! | `overloaded:<N>:<rest>` | the same frames, then the upstream's mid-stream overload error: on Messages `event: error` with `overloaded_error`; on Chat Completions an OpenRouter-style chunk `{"error":{"message":"Overloaded","type":"overloaded_error","code":529}}` |
+//! | `pass:<N>:<rest>` | `<rest>`'s base scenario, unwrapped (to script a failure on a later call: `pass:1:flaky:1:500:tools` fails the second request) |
+//!
+//! The frame-cutting wrappers need a streaming scenario at the end of `<rest>` (not
+//! `status:<code>`).
+//!
+//! Any model may end in options: `?delay_ms=N` puts a delay of `N` milliseconds between
+//! frames (not before the first); `?calls=N` sets the calls per tool of `tools`.
+//! Unknown models answer 404, `model_not_found` on Chat Completions as OpenAI does,
+//! `not_found_error` on Messages as Anthropic does.
+//!
+//! ## History validation
+//!
+//! Every request's history is checked the way the real APIs check it, and a violation
+//! is answered HTTP 400 with the dialect's error body (and listed by
+//! [`MockUpstream::rejected`]), before the model is even looked at:
+//!
+//! - Chat Completions: an assistant message with `tool_calls` must be followed by `tool`
+//!   messages answering every `tool_call_id`; a `tool` message must answer a call of
+//!   the assistant message before it.
+//! - Messages: every `tool_use` block must be answered by a `tool_result` with its id
+//!   in the next message, a user message; a `tool_result` must answer a `tool_use` of the
+//!   previous message; `tool_result` blocks come first in their message; `tool_use`
+//!   input is an object; no message but a final assistant one has empty content.
 //!
 //! Every request is recorded (path, headers, JSON body) before it is answered, so a
 //! test can assert what its client sent: [`MockUpstream::requests`] and
@@ -44,12 +107,11 @@
 
 #![warn(missing_docs)]
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
@@ -60,7 +122,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -127,10 +189,30 @@ pub struct RecordedRequest {
     pub body: Value,
 }
 
-/// The shared log of received requests. Cheap to clone; clones share the log.
+/// A request the mock answered 400 because its history is invalid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// Its position in [`Recorder::recorded`].
+    pub request: usize,
+    /// The request's `model`.
+    pub model: String,
+    /// The error message sent back (the API's wording).
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    requests: Vec<RecordedRequest>,
+    rejections: Vec<Rejection>,
+    /// Requests per full model string that reached their scenario.
+    counts: HashMap<String, u32>,
+}
+
+/// The shared log of received requests, history rejections and per-model request
+/// counts. Cheap to clone; clones share the log.
 #[derive(Clone, Debug, Default)]
 pub struct Recorder {
-    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    log: Arc<Mutex<Log>>,
 }
 
 impl Recorder {
@@ -141,20 +223,47 @@ impl Recorder {
 
     /// All requests received so far, oldest first.
     pub fn recorded(&self) -> Vec<RecordedRequest> {
-        self.requests.lock().clone()
+        self.log.lock().requests.clone()
     }
 
     /// The JSON bodies of all requests received so far, oldest first.
     pub fn requests(&self) -> Vec<Value> {
-        self.requests
+        self.log
             .lock()
+            .requests
             .iter()
             .map(|r| r.body.clone())
             .collect()
     }
 
-    fn push(&self, request: RecordedRequest) {
-        self.requests.lock().push(request);
+    /// The requests answered 400 for an invalid history, oldest first.
+    pub fn rejected(&self) -> Vec<Rejection> {
+        self.log.lock().rejections.clone()
+    }
+
+    /// How many requests with exactly this `model` string reached their scenario (a
+    /// request rejected for its history is not counted).
+    pub fn count(&self, model: &str) -> u32 {
+        self.log.lock().counts.get(model).copied().unwrap_or(0)
+    }
+
+    /// Records a request; returns its index.
+    fn push(&self, request: RecordedRequest) -> usize {
+        let mut log = self.log.lock();
+        log.requests.push(request);
+        log.requests.len() - 1
+    }
+
+    fn reject(&self, rejection: Rejection) {
+        self.log.lock().rejections.push(rejection);
+    }
+
+    /// Counts one more request for `model`; returns how many came before it.
+    fn next_index(&self, model: &str) -> u32 {
+        let mut log = self.log.lock();
+        let n = log.counts.entry(model.to_owned()).or_default();
+        *n += 1;
+        *n - 1
     }
 }
 
@@ -211,6 +320,26 @@ impl MockUpstream {
     pub fn recorded(&self) -> Vec<RecordedRequest> {
         self.recorder.recorded()
     }
+
+    /// The requests answered 400 for an invalid history, oldest first.
+    pub fn rejected(&self) -> Vec<Rejection> {
+        self.recorder.rejected()
+    }
+
+    /// How many requests with exactly this `model` string reached their scenario.
+    pub fn count(&self, model: &str) -> u32 {
+        self.recorder.count(model)
+    }
+
+    /// The JSON bodies of the requests with exactly this `model` string, oldest first
+    /// (rejected ones included).
+    pub fn requests_for(&self, model: &str) -> Vec<Value> {
+        self.recorder
+            .requests()
+            .into_iter()
+            .filter(|b| b.get("model").and_then(Value::as_str) == Some(model))
+            .collect()
+    }
 }
 
 impl Drop for MockUpstream {
@@ -251,7 +380,7 @@ pub async fn spawn() -> MockUpstream {
         .expect("mock upstream: cannot bind 127.0.0.1:0")
 }
 
-/// What a `model` string asks for.
+/// The base answer a `model` string asks for, once its wrappers let a request through.
 #[derive(Clone, Debug, PartialEq)]
 enum Scenario {
     Fixture(String),
@@ -262,9 +391,64 @@ enum Scenario {
     Overloaded,
     Echo,
     Stall,
+    /// A tool-calling turn; with `forever: false`, the answer once results came.
+    Tools {
+        forever: bool,
+    },
 }
 
-/// Which API a fixture is replayed as: it decides how `.chunks.jsonl` lines are framed.
+/// The wait header a `flaky` status carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RetryAfter {
+    None,
+    /// `Retry-After: <seconds>`.
+    Secs(u64),
+    /// `retry-after-ms: <milliseconds>`.
+    Millis(u64),
+    /// `Retry-After: <HTTP-date this many seconds from now>`.
+    DateIn(u64),
+}
+
+/// What a wrapper does to the requests it handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Status(u16, RetryAfter),
+    DropMid,
+    CloseMid,
+    StallMid,
+    NoByte,
+    MalformedMid,
+    OverloadedMid,
+    /// Answers with the base scenario.
+    Pass,
+}
+
+/// A parsed `model` string.
+#[derive(Clone, Debug, PartialEq)]
+struct Plan {
+    /// `(N, fault)`, outermost first.
+    wrappers: Vec<(u32, Fault)>,
+    scenario: Scenario,
+    delay: Duration,
+    /// Calls per declared tool in a `tools` turn.
+    calls: u32,
+}
+
+impl Plan {
+    /// What request number `index` (0-based, of this model string) gets: a fault, or
+    /// `None` for the base scenario.
+    fn fault_for(&self, mut index: u32) -> Option<Fault> {
+        for (n, fault) in &self.wrappers {
+            if index < *n {
+                return (*fault != Fault::Pass).then_some(*fault);
+            }
+            index -= n;
+        }
+        None
+    }
+}
+
+/// Which API a request speaks: it decides the framing of streams and error bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dialect {
     /// `data: <line>`, then `data: [DONE]`.
@@ -274,49 +458,135 @@ enum Dialect {
     Messages,
 }
 
-/// Splits `model` into its scenario and the `?delay_ms=N` option.
-fn parse_model(model: &str) -> Result<(Scenario, Duration), String> {
+/// Parses a `model` string: wrappers, base scenario and options.
+fn parse_model(model: &str) -> Result<Plan, String> {
     let (base, query) = match model.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (model, None),
     };
     let mut delay = Duration::ZERO;
+    let mut calls = 2;
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        let number = |v: &str, what: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{what} must be an integer, got `{v}`"))
+        };
         match pair.split_once('=') {
-            Some(("delay_ms", ms)) => {
-                let ms: u64 = ms
-                    .parse()
-                    .map_err(|_| format!("delay_ms must be an integer, got `{ms}`"))?;
-                delay = Duration::from_millis(ms);
+            Some(("delay_ms", ms)) => delay = Duration::from_millis(number(ms, "delay_ms")?),
+            Some(("calls", n)) => {
+                calls = u32::try_from(number(n, "calls")?)
+                    .map_err(|_| format!("calls too large: {n}"))?;
             }
-            _ => return Err(format!("unknown model option `{pair}` (known: delay_ms)")),
+            _ => {
+                return Err(format!(
+                    "unknown model option `{pair}` (known: delay_ms, calls)"
+                ));
+            }
         }
     }
-    let scenario = if let Some(path) = base.strip_prefix("fixture:") {
+    let mut wrappers = Vec::new();
+    let mut rest = base;
+    while let Some((head, tail)) = rest.split_once(':') {
+        let fault = match head {
+            "flaky" => None,
+            "dropmid" => Some(Fault::DropMid),
+            "closemid" => Some(Fault::CloseMid),
+            "stall" => Some(Fault::StallMid),
+            "nobyte" => Some(Fault::NoByte),
+            "malformedmid" => Some(Fault::MalformedMid),
+            "overloaded" => Some(Fault::OverloadedMid),
+            "pass" => Some(Fault::Pass),
+            _ => break,
+        };
+        let (n, tail) = tail
+            .split_once(':')
+            .ok_or_else(|| format!("`{head}` needs `{head}:<N>:<scenario>`"))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| format!("`{head}:<N>`: N must be an integer, got `{n}`"))?;
+        let (fault, tail) = match fault {
+            Some(fault) => (fault, tail),
+            None => {
+                let (status, tail) = tail
+                    .split_once(':')
+                    .ok_or("`flaky` needs `flaky:<N>:<status>:<scenario>`")?;
+                (parse_flaky_status(status)?, tail)
+            }
+        };
+        wrappers.push((n, fault));
+        rest = tail;
+    }
+    let scenario = if let Some(path) = rest.strip_prefix("fixture:") {
         Scenario::Fixture(path.to_owned())
-    } else if let Some(code) = base.strip_prefix("status:") {
+    } else if let Some(code) = rest.strip_prefix("status:") {
         let code: u16 = code
             .parse()
             .map_err(|_| format!("status must be an HTTP status code, got `{code}`"))?;
         Scenario::Status(code)
     } else {
-        match base {
+        match rest {
             "malformed" => Scenario::Malformed,
             "truncated" => Scenario::Truncated,
             "overloaded" => Scenario::Overloaded,
             "echo" => Scenario::Echo,
             "stall" => Scenario::Stall,
-            _ => return Err(format!("unknown model `{base}`")),
+            "tools" => Scenario::Tools { forever: false },
+            "tools-forever" => Scenario::Tools { forever: true },
+            _ => return Err(format!("unknown model `{rest}`")),
         }
     };
-    Ok((scenario, delay))
+    Ok(Plan {
+        wrappers,
+        scenario,
+        delay,
+        calls,
+    })
 }
 
-/// Records one request; returns its body parsed as JSON, if it is.
-fn record(recorder: &Recorder, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Option<Value> {
+/// `429`, `429+ra2`, `429+ram150`, `503+radate3`.
+fn parse_flaky_status(spec: &str) -> Result<Fault, String> {
+    let (code, wait) = match spec.split_once('+') {
+        Some((code, wait)) => (code, Some(wait)),
+        None => (spec, None),
+    };
+    let code: u16 = code
+        .parse()
+        .ok()
+        .filter(|c| (100..=999).contains(c))
+        .ok_or_else(|| format!("flaky: `{code}` is not an HTTP status code"))?;
+    let number = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("flaky: bad wait `+{}`", wait.unwrap_or_default()))
+    };
+    let retry_after = match wait {
+        None => RetryAfter::None,
+        Some(w) => {
+            if let Some(v) = w.strip_prefix("radate") {
+                RetryAfter::DateIn(number(v)?)
+            } else if let Some(v) = w.strip_prefix("ram") {
+                RetryAfter::Millis(number(v)?)
+            } else if let Some(v) = w.strip_prefix("ra") {
+                RetryAfter::Secs(number(v)?)
+            } else {
+                return Err(format!(
+                    "flaky: unknown `+{w}` (use +ra<seconds>, +ram<ms> or +radate<seconds>)"
+                ));
+            }
+        }
+    };
+    Ok(Fault::Status(code, retry_after))
+}
+
+/// Records one request; returns its index and its body parsed as JSON, if it is.
+fn record(
+    recorder: &Recorder,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> (usize, Option<Value>) {
     let text = String::from_utf8_lossy(body).into_owned();
     let parsed = serde_json::from_str::<Value>(&text).ok();
-    recorder.push(RecordedRequest {
+    let index = recorder.push(RecordedRequest {
         path: uri.path().to_owned(),
         headers: headers
             .iter()
@@ -326,7 +596,7 @@ fn record(recorder: &Recorder, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> 
             .collect(),
         body: parsed.clone().unwrap_or(Value::String(text)),
     });
-    parsed
+    (index, parsed)
 }
 
 async fn chat_completions(
@@ -335,57 +605,185 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(body) = record(&recorder, &uri, &headers, &body) else {
-        return error_response(
+    handle(Dialect::ChatCompletions, &recorder, &uri, &headers, &body)
+}
+
+/// `POST /v1/messages`: the Anthropic Messages API.
+async fn messages(
+    State(recorder): State<Recorder>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(Dialect::Messages, &recorder, &uri, &headers, &body)
+}
+
+/// Both endpoints: record, check the history, pick the answer.
+fn handle(
+    dialect: Dialect,
+    recorder: &Recorder,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let (index, body) = record(recorder, uri, headers, body);
+    let Some(body) = body else {
+        return dialect_error(
+            dialect,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "mock upstream: the request body is not JSON",
         );
     };
+    if dialect == Dialect::Messages && !headers.contains_key("anthropic-version") {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        );
+    }
     let model = body
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let (scenario, delay) = match parse_model(model) {
-        Ok(parsed) => parsed,
-        Err(why) => {
-            return error_response(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                &format!(
-                    "The model `{model}` does not exist (mock upstream: {why}; use \
-                     fixture:<path>, status:<code>, malformed, truncated, echo or stall)"
-                ),
-            );
-        }
+    let checked = match dialect {
+        Dialect::ChatCompletions => validate_chat_history(&body),
+        Dialect::Messages => validate_messages_history(&body),
     };
-    match scenario {
-        Scenario::Status(code) => status_response(code),
-        Scenario::Fixture(path) => match fixture_frames(&path, Dialect::ChatCompletions) {
-            Some(frames) => sse_response(frames, delay, false),
-            None => error_response(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                &format!(
-                    "The model `{model}` does not exist (mock upstream: no fixture `{path}`; \
-                     have: {})",
-                    fixture_paths().collect::<Vec<_>>().join(", ")
-                ),
-            ),
+    if let Err(message) = checked {
+        recorder.reject(Rejection {
+            request: index,
+            model: model.to_owned(),
+            message: message.clone(),
+        });
+        return dialect_error(
+            dialect,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &message,
+        );
+    }
+    let plan = match parse_model(model) {
+        Ok(plan) => plan,
+        Err(why) => return unknown_model(dialect, model, &why),
+    };
+    let fault = plan.fault_for(recorder.next_index(model));
+    let base = || base_answer(dialect, model, &plan, &body);
+    match fault {
+        None | Some(Fault::Pass) => match base() {
+            Ok((frames, tail)) => stream_response(frames, plan.delay, tail),
+            Err(response) => *response,
         },
-        Scenario::Malformed => sse_response(
-            vec![
-                data_frame(&chunk(
-                    model,
-                    json!({"role": "assistant", "content": "Hello"}),
-                    None,
-                )),
-                "data: {not json\n\n".to_owned(),
-            ],
-            delay,
-            false,
+        Some(Fault::Status(code, retry_after)) => status_answer(dialect, code, Some(retry_after)),
+        Some(Fault::NoByte) => stream_response(Vec::new(), plan.delay, Tail::Hang),
+        Some(fault) => {
+            let Ok((frames, _)) = base() else {
+                return dialect_error(
+                    dialect,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    &format!(
+                        "mock upstream: model `{model}`: a mid-stream failure needs a streaming \
+                         scenario after it"
+                    ),
+                );
+            };
+            let mut frames = prefix(frames, dialect);
+            let tail = match fault {
+                Fault::DropMid => Tail::Abort,
+                Fault::StallMid => Tail::Hang,
+                Fault::MalformedMid => {
+                    frames.push(match dialect {
+                        Dialect::ChatCompletions => "data: {not json\n\n".to_owned(),
+                        Dialect::Messages => {
+                            "event: content_block_delta\ndata: {not json\n\n".to_owned()
+                        }
+                    });
+                    Tail::End
+                }
+                Fault::OverloadedMid => {
+                    frames.push(overloaded_frame(dialect));
+                    Tail::End
+                }
+                _ => Tail::End, // CloseMid
+            };
+            stream_response(frames, plan.delay, tail)
+        }
+    }
+}
+
+/// The 404 for a model the mock does not know.
+fn unknown_model(dialect: Dialect, model: &str, why: &str) -> Response {
+    match dialect {
+        Dialect::ChatCompletions => error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            &format!(
+                "The model `{model}` does not exist (mock upstream: {why}; use \
+                 fixture:<path>, status:<code>, malformed, truncated, echo, stall, tools, \
+                 tools-forever, optionally wrapped in flaky/dropmid/closemid/stall/nobyte/\
+                 malformedmid/overloaded/pass)"
+            ),
         ),
-        Scenario::Truncated => {
+        Dialect::Messages => anthropic_error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            &format!(
+                "model: {model} (mock upstream: {why}; use fixture:<path>, status:<code>, \
+                 malformed, truncated, overloaded, echo, stall, tools or tools-forever, \
+                 optionally wrapped in flaky/dropmid/closemid/stall/nobyte/malformedmid/\
+                 overloaded/pass)"
+            ),
+        ),
+    }
+}
+
+/// The base scenario's stream (frames and how the body ends), or its non-stream
+/// answer.
+fn base_answer(
+    dialect: Dialect,
+    model: &str,
+    plan: &Plan,
+    body: &Value,
+) -> Result<(Vec<String>, Tail), Box<Response>> {
+    let frames = match (&plan.scenario, dialect) {
+        (Scenario::Status(code), _) => return Err(Box::new(status_answer(dialect, *code, None))),
+        (Scenario::Fixture(path), _) => match fixture_frames(path, dialect) {
+            Some(frames) => frames,
+            None => {
+                let why = format!(
+                    "no fixture `{path}`; have: {}",
+                    fixture_paths().collect::<Vec<_>>().join(", ")
+                );
+                return Err(Box::new(match dialect {
+                    Dialect::ChatCompletions => error_response(
+                        StatusCode::NOT_FOUND,
+                        "invalid_request_error",
+                        &format!("The model `{model}` does not exist (mock upstream: {why})"),
+                    ),
+                    Dialect::Messages => anthropic_error(
+                        StatusCode::NOT_FOUND,
+                        "not_found_error",
+                        &format!("model: {model} (mock upstream: {why})"),
+                    ),
+                }));
+            }
+        },
+        (Scenario::Malformed, Dialect::ChatCompletions) => vec![
+            data_frame(&chunk(
+                model,
+                json!({"role": "assistant", "content": "Hello"}),
+                None,
+            )),
+            "data: {not json\n\n".to_owned(),
+        ],
+        (Scenario::Malformed, Dialect::Messages) => {
+            let mut frames = anthropic_text_start(model);
+            frames.push(event_frame(&text_delta(0, "Hello")));
+            frames.push("event: content_block_delta\ndata: {not json\n\n".to_owned());
+            frames
+        }
+        (Scenario::Truncated, Dialect::ChatCompletions) => {
             let mut frames = vec![data_frame(&chunk(
                 model,
                 json!({"role": "assistant", "content": ""}),
@@ -394,26 +792,120 @@ async fn chat_completions(
             for word in ["This ", "stream ", "stops ", "here"] {
                 frames.push(data_frame(&chunk(model, json!({"content": word}), None)));
             }
-            sse_response(frames, delay, false)
+            frames
         }
-        Scenario::Stall => sse_response(
-            vec![data_frame(&chunk(
+        (Scenario::Truncated, Dialect::Messages) => {
+            let mut frames = anthropic_text_start(model);
+            for word in ["This ", "stream ", "stops ", "here"] {
+                frames.push(event_frame(&text_delta(0, word)));
+            }
+            frames
+        }
+        (Scenario::Overloaded, Dialect::ChatCompletions) => {
+            return Err(Box::new(error_response(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                &format!(
+                    "The model `{model}` does not exist (mock upstream: `overloaded` is a \
+                     /v1/messages scenario; `overloaded:<N>:<scenario>` works on both)"
+                ),
+            )));
+        }
+        (Scenario::Overloaded, Dialect::Messages) => {
+            let mut frames = anthropic_text_start(model);
+            frames.push("event: ping\ndata: {\"type\": \"ping\"}\n\n".to_owned());
+            for word in ["Partial ", "answer ", "then"] {
+                frames.push(event_frame(&text_delta(0, word)));
+            }
+            frames.push(overloaded_frame(Dialect::Messages));
+            frames
+        }
+        (Scenario::Stall, Dialect::ChatCompletions) => {
+            let frames = vec![data_frame(&chunk(
                 model,
                 json!({"role": "assistant", "content": "Stalling"}),
                 None,
-            ))],
-            delay,
-            true,
+            ))];
+            return Ok((frames, Tail::Hang));
+        }
+        (Scenario::Stall, Dialect::Messages) => {
+            let mut frames = anthropic_text_start(model);
+            frames.push(event_frame(&text_delta(0, "Stalling")));
+            return Ok((frames, Tail::Hang));
+        }
+        (Scenario::Echo, Dialect::ChatCompletions) => echo_frames(model, body),
+        (Scenario::Echo, Dialect::Messages) => anthropic_echo_frames(model, body),
+        (Scenario::Tools { forever }, _) => {
+            tools_frames(dialect, model, body, *forever, plan.calls)
+        }
+    };
+    Ok((frames, Tail::End))
+}
+
+/// The frames a mid-stream failure sends first: the first half (at least 3, if there
+/// are that many) of the frames before the stream's end.
+fn prefix(frames: Vec<String>, dialect: Dialect) -> Vec<String> {
+    let body: Vec<String> = frames
+        .into_iter()
+        .take_while(|f| !is_end_frame(f, dialect))
+        .collect();
+    let keep = body.len().div_ceil(2).max(body.len().min(3));
+    body.into_iter().take(keep).collect()
+}
+
+/// Whether a frame belongs to the end of a stream: `[DONE]`, a `finish_reason`, a
+/// usage-only chunk, `message_delta` or `message_stop`.
+fn is_end_frame(frame: &str, dialect: Dialect) -> bool {
+    let data: String = frame
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n");
+    if data == "[DONE]" {
+        return true;
+    }
+    let Ok(value) = serde_json::from_str::<Value>(&data) else {
+        return false;
+    };
+    match dialect {
+        Dialect::ChatCompletions => {
+            let choices = value
+                .get("choices")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let finished = choices.iter().any(|c| {
+                c.get("finish_reason")
+                    .and_then(Value::as_str)
+                    .is_some_and(|r| !r.is_empty())
+            });
+            let usage_only = choices.is_empty() && value.get("usage").is_some_and(|u| !u.is_null());
+            finished || usage_only
+        }
+        Dialect::Messages => matches!(
+            value.get("type").and_then(Value::as_str),
+            Some("message_delta" | "message_stop")
         ),
-        Scenario::Echo => sse_response(echo_frames(model, &body), delay, false),
-        Scenario::Overloaded => error_response(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            &format!(
-                "The model `{model}` does not exist (mock upstream: `overloaded` is a \
-                 /v1/messages scenario)"
-            ),
-        ),
+    }
+}
+
+/// The upstream's mid-stream overload error in `dialect`.
+fn overloaded_frame(dialect: Dialect) -> String {
+    match dialect {
+        // OpenRouter reports failures inside a 200 stream as a chunk with `error`.
+        Dialect::ChatCompletions => data_frame(&json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "error": {"message": "Overloaded", "type": "overloaded_error", "code": 529},
+            "choices": [],
+        })),
+        // The payload shape quoted in error logs, with Anthropic's padding.
+        Dialect::Messages => "event: error\ndata: {\"type\":\"error\",\"error\":{\"details\":null,\
+             \"type\":\"overloaded_error\",\"message\":\"Overloaded\"},\
+             \"request_id\":\"req_mock_overloaded\"}        \n\n"
+            .to_owned(),
     }
 }
 
@@ -445,20 +937,38 @@ fn fixture_frames(path: &str, dialect: Dialect) -> Option<Vec<String>> {
     }
 }
 
-/// A streaming `text/event-stream` response sending `frames` with `delay` between them;
-/// when `stall`, the body then stays open forever.
-fn sse_response(frames: Vec<String>, delay: Duration, stall: bool) -> Response {
+/// How a streamed body ends after its frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tail {
+    /// Cleanly (the last chunk of a chunked body).
+    End,
+    /// Never: the body stays open until the client goes away.
+    Hang,
+    /// The body fails, so the server drops the connection without ending the body.
+    Abort,
+}
+
+/// A streaming `text/event-stream` response sending `frames` with `delay` between
+/// them, then ending as `tail` says.
+fn stream_response(frames: Vec<String>, delay: Duration, tail: Tail) -> Response {
     let frames =
         futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, frame)| async move {
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            Ok::<_, Infallible>(Bytes::from(frame))
+            Ok::<_, std::io::Error>(Bytes::from(frame))
         });
-    let body = if stall {
-        Body::from_stream(frames.chain(futures::stream::pending()))
-    } else {
-        Body::from_stream(frames)
+    let body = match tail {
+        Tail::End => Body::from_stream(frames),
+        Tail::Hang => Body::from_stream(frames.chain(futures::stream::pending())),
+        Tail::Abort => Body::from_stream(frames.chain(futures::stream::once(async {
+            // Let the frames before reach the socket first.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "mock upstream: connection dropped mid-stream",
+            ))
+        }))),
     };
     let mut response = Response::new(body);
     let headers = response.headers_mut();
@@ -470,32 +980,114 @@ fn sse_response(frames: Vec<String>, delay: Duration, stall: bool) -> Response {
     response
 }
 
-/// The `status:<code>` answer.
-fn status_response(code: u16) -> Response {
+/// A `status:<code>` or `flaky` answer in `dialect`. `retry_after`: `None` for
+/// `status:<code>`'s default (`Retry-After: 1` on 429 and 503, and 529 on Messages),
+/// else exactly the wait header asked for.
+fn status_answer(dialect: Dialect, code: u16, retry_after: Option<RetryAfter>) -> Response {
     let Ok(status) = StatusCode::from_u16(code) else {
-        return error_response(
+        return dialect_error(
+            dialect,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             &format!("mock upstream: `{code}` is not an HTTP status code"),
         );
     };
-    let kind = match code {
-        400 | 404 | 422 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        408 => "timeout",
-        429 => "rate_limit_error",
-        503 | 529 => "overloaded_error",
-        _ if status.is_server_error() => "server_error",
-        _ => "mock_error",
+    let kind = match dialect {
+        Dialect::ChatCompletions => match code {
+            400 | 404 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            408 => "timeout",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ if status.is_server_error() => "server_error",
+            _ => "mock_error",
+        },
+        // Anthropic API docs, "Errors": the error type of each status.
+        Dialect::Messages => match code {
+            400 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            408 | 504 => "timeout_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            _ => "api_error",
+        },
     };
-    let mut response = error_response(status, kind, &format!("mock upstream says {code}"));
-    if matches!(code, 429 | 503) {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let mut response = dialect_error(dialect, status, kind, &format!("mock upstream says {code}"));
+    let default_wait = match dialect {
+        Dialect::ChatCompletions => matches!(code, 429 | 503),
+        Dialect::Messages => matches!(code, 429 | 503 | 529),
+    };
+    let retry_after = retry_after.unwrap_or(if default_wait {
+        RetryAfter::Secs(1)
+    } else {
+        RetryAfter::None
+    });
+    let headers = response.headers_mut();
+    let value = |s: String| HeaderValue::from_str(&s).ok();
+    match retry_after {
+        RetryAfter::None => {}
+        RetryAfter::Secs(s) => {
+            if let Some(v) = value(s.to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
+        RetryAfter::Millis(ms) => {
+            if let Some(v) = value(ms.to_string()) {
+                headers.insert("retry-after-ms", v);
+            }
+        }
+        RetryAfter::DateIn(s) => {
+            let at = SystemTime::now() + Duration::from_secs(s);
+            if let Some(v) = value(http_date(at)) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
     }
     response
+}
+
+/// An IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`, rounded up
+/// to the next whole second.
+fn http_date(at: SystemTime) -> String {
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {h:02}:{m:02}:{s:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize]
+    )
+}
+
+/// An error body in `dialect`'s shape.
+fn dialect_error(dialect: Dialect, status: StatusCode, kind: &str, message: &str) -> Response {
+    match dialect {
+        Dialect::ChatCompletions => error_response(status, kind, message),
+        Dialect::Messages => anthropic_error(status, kind, message),
+    }
 }
 
 /// An OpenAI-style JSON error: `{"error":{"message","type","param":null,"code":null}}`.
@@ -532,41 +1124,60 @@ fn content_text(content: Option<&Value>) -> String {
     }
 }
 
+/// `text` as word pieces: `["one", " two", " three"]`.
+fn word_pieces(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .enumerate()
+        .map(|(i, w)| {
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect()
+}
+
 /// The `echo` answer: the last user message, word by word, then usage and `[DONE]`.
 fn echo_frames(model: &str, body: &Value) -> Vec<String> {
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let messages = messages_of(body);
     let last_user = messages
         .iter()
         .rev()
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .map(|m| content_text(m.get("content")))
         .unwrap_or_default();
-    let prompt_chars: usize = messages
+    chat_text_frames(model, body, &last_user)
+}
+
+/// A Chat Completions text answer: `text` word by word, `finish_reason: stop`, a usage
+/// chunk and `[DONE]`.
+fn chat_text_frames(model: &str, body: &Value, text: &str) -> Vec<String> {
+    let prompt_chars: usize = messages_of(body)
         .iter()
         .map(|m| content_text(m.get("content")).chars().count())
         .sum();
-
     let mut frames = vec![data_frame(&chunk(
         model,
         json!({"role": "assistant", "content": ""}),
         None,
     ))];
-    let words: Vec<&str> = last_user.split_whitespace().collect();
-    for (i, word) in words.iter().enumerate() {
-        let piece = if i == 0 {
-            (*word).to_owned()
-        } else {
-            format!(" {word}")
-        };
+    let pieces = word_pieces(text);
+    for piece in &pieces {
         frames.push(data_frame(&chunk(model, json!({"content": piece}), None)));
     }
     frames.push(data_frame(&chunk(model, json!({}), Some("stop"))));
-    let prompt_tokens = prompt_chars.div_ceil(4);
-    frames.push(data_frame(&json!({
+    frames.push(chat_usage_frame(
+        model,
+        prompt_chars.div_ceil(4),
+        pieces.len(),
+    ));
+    frames.push("data: [DONE]\n\n".to_owned());
+    frames
+}
+
+fn chat_usage_frame(model: &str, prompt_tokens: usize, completion_tokens: usize) -> String {
+    data_frame(&json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion.chunk",
         "created": 0,
@@ -574,138 +1185,411 @@ fn echo_frames(model: &str, body: &Value) -> Vec<String> {
         "choices": [],
         "usage": {
             "prompt_tokens": prompt_tokens,
-            "completion_tokens": words.len(),
-            "total_tokens": prompt_tokens + words.len(),
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         },
-    })));
-    frames.push("data: [DONE]\n\n".to_owned());
-    frames
+    }))
 }
 
-/// `POST /v1/messages`: the Anthropic Messages API.
-async fn messages(
-    State(recorder): State<Recorder>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let Some(body) = record(&recorder, &uri, &headers, &body) else {
-        return anthropic_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "mock upstream: the request body is not JSON",
-        );
+/// The request's `messages`, or none.
+fn messages_of(body: &Value) -> Vec<Value> {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A tool the request declares: its name and the JSON Schema of its arguments.
+struct DeclaredTool {
+    name: String,
+    schema: Value,
+}
+
+/// The tools a request declares, in its order.
+fn declared_tools(dialect: Dialect, body: &Value) -> Vec<DeclaredTool> {
+    body.get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let (name, schema) = match dialect {
+                Dialect::ChatCompletions => {
+                    let f = t.get("function")?;
+                    (f.get("name")?, f.get("parameters"))
+                }
+                Dialect::Messages => (t.get("name")?, t.get("input_schema")),
+            };
+            Some(DeclaredTool {
+                name: name.as_str()?.to_owned(),
+                schema: schema.cloned().unwrap_or(Value::Null),
+            })
+        })
+        .collect()
+}
+
+/// The texts of the tool results the request ends with, in order; `None` when its
+/// last message holds none.
+fn trailing_tool_results(dialect: Dialect, body: &Value) -> Option<Vec<String>> {
+    let messages = messages_of(body);
+    let results: Vec<String> = match dialect {
+        Dialect::ChatCompletions => {
+            let mut out: Vec<String> = messages
+                .iter()
+                .rev()
+                .take_while(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
+                .map(|m| content_text(m.get("content")))
+                .collect();
+            out.reverse();
+            out
+        }
+        Dialect::Messages => {
+            let last = messages.last()?;
+            // A user message with results *and* text is a new question (the API wants
+            // the results of the last tool turn and the next question in one message).
+            if last.get("role").and_then(Value::as_str) != Some("user")
+                || blocks(last, "text").next().is_some()
+            {
+                return None;
+            }
+            last.get("content")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+                .map(|b| content_text(b.get("content")))
+                .collect()
+        }
     };
-    if !headers.contains_key("anthropic-version") {
-        return anthropic_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "anthropic-version: header is required",
-        );
-    }
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
+    (!results.is_empty()).then_some(results)
+}
+
+/// Assistant messages with tool calls already in the history.
+fn tool_turns(dialect: Dialect, body: &Value) -> usize {
+    messages_of(body)
+        .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .filter(|m| match dialect {
+            Dialect::ChatCompletions => m
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .is_some_and(|c| !c.is_empty()),
+            Dialect::Messages => blocks(m, "tool_use").next().is_some(),
+        })
+        .count()
+}
+
+/// The arguments of call `j` of turn `t` to a tool with `schema`.
+fn tool_arguments(schema: &Value, turn: usize, j: usize) -> Value {
+    let properties = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .cloned()
         .unwrap_or_default();
-    let (scenario, delay) = match parse_model(model) {
-        Ok(parsed) => parsed,
-        Err(why) => {
-            return anthropic_error(
-                StatusCode::NOT_FOUND,
-                "not_found_error",
-                &format!(
-                    "model: {model} (mock upstream: {why}; use fixture:<path>, status:<code>, \
-                     malformed, truncated, overloaded, echo or stall)"
-                ),
-            );
+    if properties.contains_key("expression") {
+        return json!({"expression": format!("{} * {}", 6 + j, 7 + turn)});
+    }
+    let mut args = Map::new();
+    for (name, prop) in properties {
+        let value = match prop.get("type").and_then(Value::as_str) {
+            Some("integer" | "number") => json!(j),
+            Some("boolean") => json!(true),
+            _ => json!(format!("{name}-{turn}-{j}")),
+        };
+        args.insert(name, value);
+    }
+    Value::Object(args)
+}
+
+/// `text` in pieces of `n` characters.
+fn pieces_of(text: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars.chunks(n).map(|c| c.iter().collect()).collect()
+}
+
+/// The `tools` / `tools-forever` answer.
+fn tools_frames(
+    dialect: Dialect,
+    model: &str,
+    body: &Value,
+    forever: bool,
+    calls_per_tool: u32,
+) -> Vec<String> {
+    let tools = declared_tools(dialect, body);
+    if !forever && let Some(results) = trailing_tool_results(dialect, body) {
+        let text = format!("The tools said: {}.", results.join("; "));
+        return match dialect {
+            Dialect::ChatCompletions => chat_text_frames(model, body, &text),
+            Dialect::Messages => anthropic_text_frames(model, body, &text),
+        };
+    }
+    if tools.is_empty() {
+        return match dialect {
+            Dialect::ChatCompletions => chat_text_frames(model, body, "No tools to call."),
+            Dialect::Messages => anthropic_text_frames(model, body, "No tools to call."),
+        };
+    }
+    let turn = tool_turns(dialect, body);
+    // (id, name, argument pieces)
+    let mut calls: Vec<(String, String, Vec<String>)> = Vec::new();
+    for tool in &tools {
+        for _ in 0..calls_per_tool {
+            let j = calls.len();
+            let args = tool_arguments(&tool.schema, turn, j).to_string();
+            let id = match dialect {
+                Dialect::ChatCompletions => format!("call_mock_{turn}_{j}"),
+                Dialect::Messages => format!("toolu_mock_{turn}_{j}"),
+            };
+            calls.push((id, tool.name.clone(), pieces_of(&args, 4)));
         }
-    };
-    let text_start = || {
-        vec![
-            event_frame(&message_start(model, 10)),
-            event_frame(&json!({"type": "content_block_start", "index": 0,
-                "content_block": {"type": "text", "text": ""}})),
-        ]
-    };
-    match scenario {
-        Scenario::Status(code) => anthropic_status_response(code),
-        Scenario::Fixture(path) => match fixture_frames(&path, Dialect::Messages) {
-            Some(frames) => sse_response(frames, delay, false),
-            None => anthropic_error(
-                StatusCode::NOT_FOUND,
-                "not_found_error",
-                &format!(
-                    "model: {model} (mock upstream: no fixture `{path}`; have: {})",
-                    fixture_paths().collect::<Vec<_>>().join(", ")
-                ),
-            ),
-        },
-        Scenario::Malformed => {
-            let mut frames = text_start();
-            frames.push(event_frame(&text_delta(0, "Hello")));
-            frames.push("event: content_block_delta\ndata: {not json\n\n".to_owned());
-            sse_response(frames, delay, false)
-        }
-        Scenario::Truncated => {
-            let mut frames = text_start();
-            for word in ["This ", "stream ", "stops ", "here"] {
-                frames.push(event_frame(&text_delta(0, word)));
+    }
+    let output_tokens = calls.iter().map(|c| c.2.len()).sum::<usize>();
+    let prompt_chars = body.to_string().chars().count();
+    match dialect {
+        Dialect::ChatCompletions => {
+            let mut frames = vec![data_frame(&chunk(
+                model,
+                json!({"role": "assistant", "content": null}),
+                None,
+            ))];
+            let rounds = calls.iter().map(|c| c.2.len()).max().unwrap_or(0);
+            for r in 0..rounds {
+                for (j, (id, name, pieces)) in calls.iter().enumerate() {
+                    let Some(piece) = pieces.get(r) else { continue };
+                    let call = if r == 0 {
+                        json!({"index": j, "id": id, "type": "function",
+                            "function": {"name": name, "arguments": piece}})
+                    } else {
+                        json!({"index": j, "function": {"arguments": piece}})
+                    };
+                    frames.push(data_frame(&chunk(
+                        model,
+                        json!({"tool_calls": [call]}),
+                        None,
+                    )));
+                }
             }
-            sse_response(frames, delay, false)
+            frames.push(data_frame(&chunk(model, json!({}), Some("tool_calls"))));
+            frames.push(chat_usage_frame(
+                model,
+                prompt_chars.div_ceil(4),
+                output_tokens,
+            ));
+            frames.push("data: [DONE]\n\n".to_owned());
+            frames
         }
-        Scenario::Overloaded => {
-            let mut frames = text_start();
-            frames.push("event: ping\ndata: {\"type\": \"ping\"}\n\n".to_owned());
-            for word in ["Partial ", "answer ", "then"] {
-                frames.push(event_frame(&text_delta(0, word)));
+        Dialect::Messages => {
+            let input_tokens = prompt_chars.div_ceil(4);
+            let mut frames = vec![event_frame(&message_start(model, input_tokens))];
+            for (j, (id, name, pieces)) in calls.iter().enumerate() {
+                frames.push(event_frame(
+                    &json!({"type": "content_block_start", "index": j,
+                    "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
+                ));
+                frames.push(event_frame(
+                    &json!({"type": "content_block_delta", "index": j,
+                    "delta": {"type": "input_json_delta", "partial_json": ""}}),
+                ));
+                for piece in pieces {
+                    frames.push(event_frame(
+                        &json!({"type": "content_block_delta", "index": j,
+                        "delta": {"type": "input_json_delta", "partial_json": piece}}),
+                    ));
+                }
+                frames.push(event_frame(
+                    &json!({"type": "content_block_stop", "index": j}),
+                ));
             }
-            // The payload shape quoted in error logs, with Anthropic's padding.
-            frames.push(
-                "event: error\ndata: {\"type\":\"error\",\"error\":{\"details\":null,\
-                 \"type\":\"overloaded_error\",\"message\":\"Overloaded\"},\
-                 \"request_id\":\"req_mock_overloaded\"}        \n\n"
-                    .to_owned(),
-            );
-            sse_response(frames, delay, false)
+            frames.push(event_frame(&message_delta(
+                "tool_use",
+                input_tokens,
+                output_tokens,
+            )));
+            frames.push(event_frame(&json!({"type": "message_stop"})));
+            frames
         }
-        Scenario::Stall => {
-            let mut frames = text_start();
-            frames.push(event_frame(&text_delta(0, "Stalling")));
-            sse_response(frames, delay, true)
-        }
-        Scenario::Echo => sse_response(anthropic_echo_frames(model, &body), delay, false),
     }
 }
 
-/// The `status:<code>` answer of `/v1/messages`.
-fn anthropic_status_response(code: u16) -> Response {
-    let Ok(status) = StatusCode::from_u16(code) else {
-        return anthropic_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            &format!("mock upstream: `{code}` is not an HTTP status code"),
-        );
+/// The blocks of type `kind` in a Messages message's content.
+fn blocks<'a>(message: &'a Value, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    message
+        .get("content")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(move |b| b.get("type").and_then(Value::as_str) == Some(kind))
+}
+
+/// Chat Completions' tool-call pairing (OpenAI answers 400 otherwise): an assistant
+/// message with `tool_calls` is followed by `tool` messages answering each id, and a
+/// `tool` message answers a call of the assistant message before it.
+fn validate_chat_history(body: &Value) -> Result<(), String> {
+    let messages = messages_of(body);
+    // Ids of the last assistant message's calls not answered yet.
+    let mut pending: Vec<String> = Vec::new();
+    let unanswered = |pending: &[String]| {
+        format!(
+            "An assistant message with 'tool_calls' must be followed by tool messages \
+             responding to each 'tool_call_id'. The following tool_call_ids did not have \
+             response messages: {}",
+            pending.join(", ")
+        )
     };
-    // Anthropic API docs, "Errors": the error type of each status.
-    let kind = match code {
-        400 | 422 => "invalid_request_error",
-        401 => "authentication_error",
-        402 => "billing_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        408 | 504 => "timeout_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        529 => "overloaded_error",
-        _ => "api_error",
-    };
-    let mut response = anthropic_error(status, kind, &format!("mock upstream says {code}"));
-    if matches!(code, 429 | 503 | 529) {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    for (i, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+        if role == "tool" {
+            let id = message
+                .get("tool_call_id")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            match pending.iter().position(|p| p == id) {
+                Some(at) => {
+                    pending.remove(at);
+                }
+                None => {
+                    return Err(format!(
+                        "Invalid parameter: messages.[{i}]: messages with role 'tool' must be \
+                         a response to a preceeding message with 'tool_calls' (no pending call \
+                         {id:?})."
+                    ));
+                }
+            }
+            continue;
+        }
+        if !pending.is_empty() {
+            return Err(unanswered(&pending));
+        }
+        if role == "assistant" {
+            for (k, call) in message
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let id = call.get("id").and_then(Value::as_str).unwrap_or("");
+                let name = call.pointer("/function/name").and_then(Value::as_str);
+                let args = call.pointer("/function/arguments").and_then(Value::as_str);
+                if id.is_empty() || name.is_none_or(str::is_empty) || args.is_none() {
+                    return Err(format!(
+                        "Invalid parameter: messages.[{i}].tool_calls.[{k}]: a tool call needs \
+                         an id, a function name and its arguments as a string."
+                    ));
+                }
+                pending.push(id.to_owned());
+            }
+        }
     }
-    response
+    if pending.is_empty() {
+        Ok(())
+    } else {
+        Err(unanswered(&pending))
+    }
+}
+
+/// The Messages API's rules for tool use and content (Anthropic answers 400 otherwise).
+fn validate_messages_history(body: &Value) -> Result<(), String> {
+    let messages = messages_of(body);
+    let ids = |m: &Value, kind: &str, key: &str| -> Vec<String> {
+        blocks(m, kind)
+            .map(|b| {
+                b.get(key)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    for (i, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+        let empty = match message.get("content") {
+            Some(Value::String(s)) => s.is_empty(),
+            Some(Value::Array(a)) => a.is_empty(),
+            _ => true,
+        };
+        let final_assistant = i + 1 == messages.len() && role == "assistant";
+        if empty && !final_assistant {
+            return Err(format!(
+                "messages.{i}: all messages must have non-empty content except for the optional \
+                 final assistant message"
+            ));
+        }
+        for (k, block) in message
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if block.get("type").and_then(Value::as_str) == Some("tool_use")
+                && !block.get("input").is_some_and(Value::is_object)
+            {
+                return Err(format!(
+                    "messages.{i}.content.{k}.tool_use.input: Input should be a valid dictionary"
+                ));
+            }
+        }
+        let results = ids(message, "tool_result", "tool_use_id");
+        if !results.is_empty() {
+            let asked = if i > 0
+                && messages[i - 1].get("role").and_then(Value::as_str) == Some("assistant")
+            {
+                ids(&messages[i - 1], "tool_use", "id")
+            } else {
+                Vec::new()
+            };
+            if let Some(stray) = results.iter().find(|r| !asked.contains(r)) {
+                return Err(format!(
+                    "messages.{i}.content: unexpected `tool_use_id` found in `tool_result` blocks: \
+                     {stray}. Each `tool_result` block must have a corresponding `tool_use` block \
+                     in the previous message."
+                ));
+            }
+            let kinds: Vec<&str> = message
+                .get("content")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.get("type").and_then(Value::as_str))
+                .collect();
+            if let Some(first_other) = kinds.iter().position(|k| *k != "tool_result")
+                && kinds[first_other..].contains(&"tool_result")
+            {
+                return Err(format!(
+                    "messages.{i}.content: `tool_result` blocks must come before any other \
+                     content in their message"
+                ));
+            }
+        }
+        if role == "assistant" {
+            let uses = ids(message, "tool_use", "id");
+            if uses.is_empty() {
+                continue;
+            }
+            let next = messages.get(i + 1);
+            let answered = match next {
+                Some(n) if n.get("role").and_then(Value::as_str) == Some("user") => {
+                    ids(n, "tool_result", "tool_use_id")
+                }
+                _ => Vec::new(),
+            };
+            let missing: Vec<&str> = uses
+                .iter()
+                .filter(|u| !answered.contains(u))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "messages.{}: `tool_use` ids were found without `tool_result` blocks \
+                     immediately after: {}. Each `tool_use` block must have a corresponding \
+                     `tool_result` block in the next message.",
+                    i + 1,
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An Anthropic-style JSON error: `{"type":"error","error":{"type","message"},"request_id"}`.
@@ -727,6 +1611,15 @@ fn event_frame(payload: &Value) -> String {
     format!("event: {kind}\ndata: {payload}\n\n")
 }
 
+/// `message_start` and the start of text block 0.
+fn anthropic_text_start(model: &str) -> Vec<String> {
+    vec![
+        event_frame(&message_start(model, 10)),
+        event_frame(&json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}})),
+    ]
+}
+
 /// `message_start` with `input_tokens` and no cache use.
 fn message_start(model: &str, input_tokens: usize) -> Value {
     json!({
@@ -745,6 +1638,20 @@ fn message_start(model: &str, input_tokens: usize) -> Value {
                 "cache_read_input_tokens": 0,
                 "output_tokens": 1,
             },
+        },
+    })
+}
+
+/// `message_delta` with `stop_reason` and cumulative usage.
+fn message_delta(stop_reason: &str, input_tokens: usize, output_tokens: usize) -> Value {
+    json!({
+        "type": "message_delta",
+        "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+        "usage": {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": output_tokens,
         },
     })
 }
@@ -772,23 +1679,24 @@ fn blocks_text(content: Option<&Value>) -> String {
 /// one text block, then `message_delta` (`end_turn`, cumulative usage) and
 /// `message_stop`.
 fn anthropic_echo_frames(model: &str, body: &Value) -> Vec<String> {
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let last_user = messages
+    let last_user = messages_of(body)
         .iter()
         .rev()
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .map(|m| blocks_text(m.get("content")))
         .unwrap_or_default();
+    anthropic_text_frames(model, body, &last_user)
+}
+
+/// A Messages text answer: `text` word by word in one text block, then `message_delta`
+/// (`end_turn`, cumulative usage) and `message_stop`.
+fn anthropic_text_frames(model: &str, body: &Value, text: &str) -> Vec<String> {
     let system_chars = body
         .get("system")
         .and_then(Value::as_str)
         .map_or(0, |s| s.chars().count());
     let prompt_chars: usize = system_chars
-        + messages
+        + messages_of(body)
             .iter()
             .map(|m| blocks_text(m.get("content")).chars().count())
             .sum::<usize>();
@@ -800,28 +1708,18 @@ fn anthropic_echo_frames(model: &str, body: &Value) -> Vec<String> {
             "content_block": {"type": "text", "text": ""}})),
         "event: ping\ndata: {\"type\": \"ping\"}\n\n".to_owned(),
     ];
-    let words: Vec<&str> = last_user.split_whitespace().collect();
-    for (i, word) in words.iter().enumerate() {
-        let piece = if i == 0 {
-            (*word).to_owned()
-        } else {
-            format!(" {word}")
-        };
-        frames.push(event_frame(&text_delta(0, &piece)));
+    let pieces = word_pieces(text);
+    for piece in &pieces {
+        frames.push(event_frame(&text_delta(0, piece)));
     }
     frames.push(event_frame(
         &json!({"type": "content_block_stop", "index": 0}),
     ));
-    frames.push(event_frame(&json!({
-        "type": "message_delta",
-        "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-        "usage": {
-            "input_tokens": input_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "output_tokens": words.len(),
-        },
-    })));
+    frames.push(event_frame(&message_delta(
+        "end_turn",
+        input_tokens,
+        pieces.len(),
+    )));
     frames.push(event_frame(&json!({"type": "message_stop"})));
     frames
 }
@@ -831,27 +1729,444 @@ fn anthropic_echo_frames(model: &str, body: &Value) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn plain(scenario: Scenario, delay_ms: u64) -> Plan {
+        Plan {
+            wrappers: Vec::new(),
+            scenario,
+            delay: Duration::from_millis(delay_ms),
+            calls: 2,
+        }
+    }
+
     #[test]
     fn parses_models() {
         assert_eq!(
             parse_model("fixture:openai/chat-text-usage.sse?delay_ms=5"),
-            Ok((
+            Ok(plain(
                 Scenario::Fixture("openai/chat-text-usage.sse".into()),
-                Duration::from_millis(5)
+                5
             ))
         );
         assert_eq!(
             parse_model("status:429"),
-            Ok((Scenario::Status(429), Duration::ZERO))
+            Ok(plain(Scenario::Status(429), 0))
         );
-        assert_eq!(parse_model("echo"), Ok((Scenario::Echo, Duration::ZERO)));
+        assert_eq!(parse_model("echo"), Ok(plain(Scenario::Echo, 0)));
+        assert_eq!(parse_model("stall"), Ok(plain(Scenario::Stall, 0)));
         assert_eq!(
             parse_model("overloaded?delay_ms=1"),
-            Ok((Scenario::Overloaded, Duration::from_millis(1)))
+            Ok(plain(Scenario::Overloaded, 1))
         );
         assert!(parse_model("gpt-4o").is_err());
         assert!(parse_model("echo?speed=3").is_err());
         assert!(parse_model("status:abc").is_err());
+    }
+
+    #[test]
+    fn parses_wrappers_and_counts_through_them() {
+        let plan = parse_model("dropmid:1:flaky:2:429+ra3:pass:1:stall:1:tools?calls=3").unwrap();
+        assert_eq!(
+            plan.wrappers,
+            vec![
+                (1, Fault::DropMid),
+                (2, Fault::Status(429, RetryAfter::Secs(3))),
+                (1, Fault::Pass),
+                (1, Fault::StallMid),
+            ]
+        );
+        assert_eq!(plan.scenario, Scenario::Tools { forever: false });
+        assert_eq!(plan.calls, 3);
+        let faults: Vec<Option<Fault>> = (0..7).map(|i| plan.fault_for(i)).collect();
+        assert_eq!(
+            faults,
+            vec![
+                Some(Fault::DropMid),
+                Some(Fault::Status(429, RetryAfter::Secs(3))),
+                Some(Fault::Status(429, RetryAfter::Secs(3))),
+                None,
+                Some(Fault::StallMid),
+                None,
+                None,
+            ]
+        );
+        for (spec, fault) in [
+            ("flaky:1:500:echo", Fault::Status(500, RetryAfter::None)),
+            (
+                "flaky:1:429+ram150:echo",
+                Fault::Status(429, RetryAfter::Millis(150)),
+            ),
+            (
+                "flaky:1:503+radate2:echo",
+                Fault::Status(503, RetryAfter::DateIn(2)),
+            ),
+            ("closemid:1:echo", Fault::CloseMid),
+            ("nobyte:1:echo", Fault::NoByte),
+            ("malformedmid:1:echo", Fault::MalformedMid),
+            ("overloaded:1:echo", Fault::OverloadedMid),
+        ] {
+            let plan = parse_model(spec).unwrap();
+            assert_eq!(plan.wrappers, vec![(1, fault)], "{spec}");
+            assert_eq!(plan.scenario, Scenario::Echo, "{spec}");
+        }
+        for bad in [
+            "flaky:x:500:echo",
+            "flaky:1:echo",
+            "flaky:1:429+wait3:echo",
+            "dropmid:echo",
+            "dropmid:1:nope",
+            "tools?calls=x",
+        ] {
+            assert!(parse_model(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_dates() {
+        assert_eq!(
+            http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(
+            http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480)),
+            "Wed, 21 Oct 2015 07:28:00 GMT"
+        );
+        assert_eq!(
+            http_date(SystemTime::UNIX_EPOCH + Duration::from_millis(951_782_400_001)),
+            "Tue, 29 Feb 2000 00:00:01 GMT"
+        );
+    }
+
+    #[test]
+    fn prefixes_stop_before_the_end_of_the_stream() {
+        let body = json!({"messages": [{"role": "user", "content": "a b c d e f g h"}]});
+        let frames = prefix(echo_frames("m", &body), Dialect::ChatCompletions);
+        // role + 8 words before the end: the first 5.
+        assert_eq!(frames.len(), 5);
+        assert!(
+            frames
+                .iter()
+                .all(|f| !is_end_frame(f, Dialect::ChatCompletions))
+        );
+        let frames = prefix(anthropic_echo_frames("m", &body), Dialect::Messages);
+        // message_start, block start, ping, 8 words, block stop: the first 6.
+        assert_eq!(frames.len(), 6);
+        assert!(frames[5].contains("\"text\":\" c\""), "{frames:?}");
+        for path in fixture_paths() {
+            let dialect = if path.starts_with("anthropic/") {
+                Dialect::Messages
+            } else {
+                Dialect::ChatCompletions
+            };
+            let all = fixture_frames(path, dialect).unwrap();
+            let cut = prefix(all.clone(), dialect);
+            assert!(!cut.is_empty() && cut.len() < all.len(), "{path}");
+            assert!(!cut.concat().contains("[DONE]"), "{path}");
+            assert!(!cut.concat().contains("message_stop"), "{path}");
+        }
+    }
+
+    /// The tool calls a Chat Completions stream makes: (id, name, arguments).
+    fn chat_calls(frames: &[String]) -> Vec<(String, String, String)> {
+        let mut calls: BTreeMap<u64, (String, String, String)> = BTreeMap::new();
+        for f in frames {
+            let Some(data) = f.strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+                continue;
+            };
+            for call in v
+                .pointer("/choices/0/delta/tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let e = calls.entry(call["index"].as_u64().unwrap()).or_default();
+                if let Some(id) = call["id"].as_str() {
+                    e.0 = id.into();
+                }
+                if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                    e.1 = name.into();
+                }
+                e.2.push_str(
+                    call.pointer("/function/arguments")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                );
+            }
+        }
+        calls.into_values().collect()
+    }
+
+    #[test]
+    fn tools_turns_call_every_declared_tool_then_answer() {
+        let tools = json!([
+            {"type": "function", "function": {"name": "calculator",
+                "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "lookup",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                    "days": {"type": "integer"}}}}},
+        ]);
+        let body = json!({"model": "tools", "tools": tools,
+            "messages": [{"role": "user", "content": "go"}]});
+        let frames = tools_frames(Dialect::ChatCompletions, "tools", &body, false, 2);
+        assert_eq!(
+            chat_calls(&frames),
+            vec![
+                (
+                    "call_mock_0_0".into(),
+                    "calculator".into(),
+                    r#"{"expression":"6 * 7"}"#.into()
+                ),
+                (
+                    "call_mock_0_1".into(),
+                    "calculator".into(),
+                    r#"{"expression":"7 * 7"}"#.into()
+                ),
+                (
+                    "call_mock_0_2".into(),
+                    "lookup".into(),
+                    r#"{"city":"city-0-2","days":2}"#.into()
+                ),
+                (
+                    "call_mock_0_3".into(),
+                    "lookup".into(),
+                    r#"{"city":"city-0-3","days":3}"#.into()
+                ),
+            ]
+        );
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.contains("\"finish_reason\":\"tool_calls\""))
+        );
+        // Fragments of the calls are interleaved.
+        let first_args: Vec<usize> = frames
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.contains("\"index\":1"))
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            first_args[0]
+                < frames
+                    .iter()
+                    .rposition(|f| f.contains("\"index\":0,"))
+                    .unwrap()
+        );
+        // With the results: the answer.
+        let mut answered = body.clone();
+        answered["messages"] = json!([
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_mock_0_0", "type": "function", "function": {"name": "calculator", "arguments": "{}"}},
+                {"id": "call_mock_0_1", "type": "function", "function": {"name": "calculator", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_mock_0_0", "content": "42"},
+            {"role": "tool", "tool_call_id": "call_mock_0_1", "content": "49"},
+        ]);
+        let text: String = tools_frames(Dialect::ChatCompletions, "tools", &answered, false, 2)
+            .iter()
+            .filter_map(|f| f.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+            .filter_map(|v| {
+                v.pointer("/choices/0/delta/content")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, "The tools said: 42; 49.");
+        // Forever: a second turn of calls, with new ids and arguments.
+        let again = tools_frames(
+            Dialect::ChatCompletions,
+            "tools-forever",
+            &answered,
+            true,
+            1,
+        );
+        assert_eq!(
+            chat_calls(&again),
+            vec![
+                (
+                    "call_mock_1_0".into(),
+                    "calculator".into(),
+                    r#"{"expression":"6 * 8"}"#.into()
+                ),
+                (
+                    "call_mock_1_1".into(),
+                    "lookup".into(),
+                    r#"{"city":"city-1-1","days":1}"#.into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn anthropic_tools_turns() {
+        let body = json!({"model": "tools", "tools": [{"name": "calculator",
+            "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}}}}],
+            "messages": [{"role": "user", "content": "go"}]});
+        let frames = tools_frames(Dialect::Messages, "tools", &body, false, 2);
+        let payloads: Vec<Value> = frames
+            .iter()
+            .filter_map(|f| f.split_once("data: "))
+            .filter_map(|(_, d)| serde_json::from_str(d.trim()).ok())
+            .collect();
+        let starts: Vec<&Value> = payloads
+            .iter()
+            .filter(|p| p["type"] == "content_block_start")
+            .collect();
+        assert_eq!(starts.len(), 2);
+        assert_eq!(starts[1]["content_block"]["id"], "toolu_mock_0_1");
+        let args: String = payloads
+            .iter()
+            .filter(|p| p["index"] == 1)
+            .filter_map(|p| p.pointer("/delta/partial_json")?.as_str())
+            .collect();
+        assert_eq!(args, r#"{"expression":"7 * 7"}"#);
+        assert!(
+            payloads
+                .iter()
+                .any(|p| p.pointer("/delta/stop_reason") == Some(&json!("tool_use")))
+        );
+        let answered = json!({"model": "tools", "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_mock_0_0", "name": "calculator", "input": {}},
+                {"type": "tool_use", "id": "toolu_mock_0_1", "name": "calculator", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_mock_0_0", "content": "42"},
+                {"type": "tool_result", "tool_use_id": "toolu_mock_0_1", "content": [{"type": "text", "text": "49"}]}]},
+        ]});
+        assert_eq!(validate_messages_history(&answered), Ok(()));
+        let text: String = tools_frames(Dialect::Messages, "tools", &answered, false, 2)
+            .iter()
+            .filter_map(|f| f.split_once("data: "))
+            .filter_map(|(_, d)| serde_json::from_str::<Value>(d.trim()).ok())
+            .filter_map(|v| v.pointer("/delta/text")?.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(text, "The tools said: 42; 49.");
+        // Results followed by the next question (how a later turn is sent): a new
+        // tool turn, the second of the conversation.
+        let mut next = answered.clone();
+        next["tools"] = body["tools"].clone();
+        next["messages"][2]["content"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "text", "text": "and again"}));
+        assert_eq!(validate_messages_history(&next), Ok(()));
+        let frames = tools_frames(Dialect::Messages, "tools", &next, false, 1);
+        assert!(
+            frames.concat().contains("\"id\":\"toolu_mock_1_0\""),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn chat_history_pairs_every_call_with_its_result() {
+        let call = |id: &str| {
+            json!({"id": id, "type": "function",
+            "function": {"name": "f", "arguments": "{}"}})
+        };
+        let check = |messages: Value| validate_chat_history(&json!({"messages": messages}));
+        assert_eq!(check(json!([{"role": "user", "content": "hi"}])), Ok(()));
+        assert_eq!(
+            check(json!([
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": null, "tool_calls": [call("a"), call("b")]},
+                {"role": "tool", "tool_call_id": "b", "content": "1"},
+                {"role": "tool", "tool_call_id": "a", "content": "2"},
+                {"role": "user", "content": "more"},
+            ])),
+            Ok(())
+        );
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "tool_calls": [call("a"), call("b")]},
+            {"role": "tool", "tool_call_id": "a", "content": "2"},
+            {"role": "user", "content": "more"},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("did not have response messages: b"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "tool_calls": [call("a")]},
+        ]))
+        .unwrap_err();
+        assert!(e.contains(": a"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "tool", "tool_call_id": "a", "content": "2"},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("role 'tool'"), "{e}");
+        let e = check(json!([
+            {"role": "assistant", "content": null, "tool_calls": [call("a")]},
+            {"role": "tool", "tool_call_id": "a", "content": "2"},
+            {"role": "tool", "tool_call_id": "a", "content": "2"},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("role 'tool'"), "{e}");
+    }
+
+    #[test]
+    fn messages_history_pairs_every_tool_use_with_a_result() {
+        let check = |messages: Value| validate_messages_history(&json!({"messages": messages}));
+        let use_ = |id: &str| json!({"type": "tool_use", "id": id, "name": "f", "input": {}});
+        let result = |id: &str| json!({"type": "tool_result", "tool_use_id": id, "content": "x"});
+        assert_eq!(
+            check(json!([
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "text", "text": "ok"}, use_("a"), use_("b")]},
+                {"role": "user", "content": [result("a"), result("b"), {"type": "text", "text": "next"}]},
+            ])),
+            Ok(())
+        );
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [use_("a"), use_("b")]},
+            {"role": "user", "content": [result("a")]},
+        ]))
+        .unwrap_err();
+        assert!(e.starts_with("messages.2: `tool_use` ids were found without `tool_result` blocks immediately after: b"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [use_("a")]},
+            {"role": "user", "content": "no results"},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("without `tool_result`"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [use_("a")]},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("without `tool_result`"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": [result("zz")]},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("unexpected `tool_use_id`"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [use_("a")]},
+            {"role": "user", "content": [{"type": "text", "text": "first"}, result("a")]},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("must come before"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": []},
+            {"role": "user", "content": "again"},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("non-empty content"), "{e}");
+        let e = check(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": "{}"}]},
+            {"role": "user", "content": [result("a")]},
+        ]))
+        .unwrap_err();
+        assert!(e.contains("valid dictionary"), "{e}");
     }
 
     #[test]
