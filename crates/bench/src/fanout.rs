@@ -21,12 +21,10 @@ use axum::serve::ListenerExt;
 use genstream_engine::EngineError;
 use genstream_engine::event::EventBody;
 use genstream_engine::log::{AppendError, EventLog};
-use genstream_engine::manager::{JobManager, ModelEntry};
+use genstream_engine::manager::JobManager;
 use genstream_engine::store::{JobMeta, JobStore, MemoryStore};
-use genstream_server::auth::JwtKeys;
-use genstream_server::config::{Config, ModelConfig};
-use genstream_server::{AppState, app};
-use serde_json::json;
+use genstream_server::app;
+use genstream_server::config::{Config, Overrides};
 use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -103,6 +101,14 @@ impl JobStore for TimedStore {
     async fn ping(&self) -> Result<(), EngineError> {
         self.inner.ping().await
     }
+    async fn rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+    ) -> Result<Option<Duration>, EngineError> {
+        self.inner.rate_limit(key, limit, period).await
+    }
     async fn orphaned_jobs(
         &self,
         live: &std::collections::HashSet<String>,
@@ -145,7 +151,10 @@ struct InProc {
 }
 
 impl InProc {
-    fn start(args: &FanoutArgs, model: serde_json::Value) -> Result<InProc, String> {
+    /// Serves `genstream_server::app` with the state `serve::build_state` builds from a
+    /// config (limits off, one demo model with `options_toml`), except that the job
+    /// manager is rebuilt over a [`TimedStore`].
+    fn start(args: &FanoutArgs, options_toml: &str) -> Result<InProc, String> {
         let n = AtomicUsize::new(0);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.server_threads)
@@ -153,60 +162,47 @@ impl InProc {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let mut config = Config {
-            database: "sqlite::memory:".into(),
-            ..Config::default()
-        };
-        config.auth.jwt_secret = Some("genstream-bench-secret-0123456789abcdef".into());
-        config.jobs.max_live_jobs = 4096;
-        config.models = vec![ModelConfig {
-            name: "bench".into(),
-            provider: "demo".into(),
-            tools: Vec::new(),
-            options: model,
-        }];
+        let file = std::env::temp_dir().join(format!(
+            "genstream-bench-{}-fanout.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &file,
+            crate::memory::config_toml("sqlite::memory:", 4096, options_toml),
+        )
+        .map_err(|e| e.to_string())?;
+        let config = Config::load(Some(&file), &Overrides::default());
+        let _ = std::fs::remove_file(&file);
+        let config = config.map_err(|e| e.to_string())?;
         let nodelay = args.nodelay;
         let (addr, token, store) = rt.block_on(async move {
-            // As `serve::build_state`, with the store wrapped.
+            let (mut state, _) = genstream_server::serve::build_state(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             let store = Arc::new(TimedStore::new(MemoryStore::new(config.log_limits())));
-            let db = genstream_server::serve::open_database(&config)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut models = Vec::new();
-            for m in &config.models {
-                models.push(ModelEntry::new(
-                    &m.name,
-                    genstream_providers::build(&m.provider, &config.providers, &m.options)
-                        .map_err(|e| e.to_string())?,
-                ));
-            }
-            let (secret, _) = genstream_server::serve::resolve_secret(&config, &db)
-                .await
-                .map_err(|e| e.to_string())?;
             let dyn_store: Arc<dyn JobStore> = store.clone();
-            let manager = JobManager::new(dyn_store, db, models, config.manager_config());
-            manager.spawn_reaper();
-            let keys = JwtKeys::new(&secret);
-            let token = keys
+            let db = state.manager.db().clone();
+            let models = state.manager.models().to_vec();
+            state.manager = JobManager::new(dyn_store, db, models, config.manager_config());
+            state.manager.spawn_reaper();
+            let token = state
+                .auth
                 .mint("bench", Duration::from_secs(3600))
                 .map_err(|e| e.to_string())?;
-            let state = AppState {
-                manager,
-                auth: Arc::new(keys),
-                keepalive: Duration::from_secs(config.http.keepalive_secs.max(1)),
-            };
             let router = app(state, config.http.max_body_bytes);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(|e| e.to_string())?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            // As `serve::run` serves it (the peer address feeds the per-IP limit).
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
             if nodelay {
                 let l = listener.tap_io(|s| {
                     let _ = s.set_nodelay(true);
                 });
-                tokio::spawn(async move { axum::serve(l, router).await });
+                tokio::spawn(async move { axum::serve(l, service).await });
             } else {
-                tokio::spawn(async move { axum::serve(listener, router).await });
+                tokio::spawn(async move { axum::serve(listener, service).await });
             }
             Ok::<_, String>((addr, token, store))
         })?;
@@ -230,6 +226,7 @@ struct CaseResult {
     rate_all_running: f64,
     rate_overall: f64,
     per_job_rate: f64,
+    slowest_p50_us: u64,
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
@@ -267,12 +264,10 @@ fn run_case(
     let first_token_delay = args.first_token_delay_ms.unwrap_or(2000 + 3 * jobs as u64);
     let srv = InProc::start(
         args,
-        json!({
-            "tokens": tokens,
-            "token_delay_ms": delay_ms,
-            "first_token_delay_ms": first_token_delay,
-            "behavior": "text",
-        }),
+        &format!(
+            "tokens = {tokens}\ntoken_delay_ms = {delay_ms}\n\
+             first_token_delay_ms = {first_token_delay}\nbehavior = \"text\""
+        ),
     )?;
     let (addr, token) = (srv.addr, srv.token.clone());
     let limit = Duration::from_millis(first_token_delay + args.duration_ms * 4 + 30_000);
@@ -419,6 +414,9 @@ fn run_case(
     let mut delays = Vec::with_capacity(receipts.iter().map(|(_, r)| r.seen.len()).sum());
     let (mut late, mut incomplete, mut in_window) = (0u64, 0usize, 0u64);
     let mut last_receipt = None::<Instant>;
+    // Per event, the delay of its slowest subscriber: how long one append takes to
+    // reach everyone.
+    let mut slowest: Vec<Vec<u64>> = appended.iter().map(|v| vec![0; v.len()]).collect();
     for (j, r) in &receipts {
         let times = &appended[*j];
         let complete = r.seen.len() == times.len()
@@ -440,7 +438,10 @@ fn run_case(
                 late += 1;
                 continue;
             }
-            delays.push(at.saturating_duration_since(*appended_at).as_micros() as u64);
+            let d = at.saturating_duration_since(*appended_at).as_micros() as u64;
+            delays.push(d);
+            let m = &mut slowest[*j][*seq as usize];
+            *m = (*m).max(d);
             if let (Some(a), Some(b)) = (all_start, all_end)
                 && *at >= a
                 && *at <= b
@@ -450,34 +451,12 @@ fn run_case(
             last_receipt = Some(last_receipt.map_or(*at, |l: Instant| l.max(*at)));
         }
     }
-    if let Ok(path) = std::env::var("GENSTREAM_BENCH_DUMP") {
-        // Debug: per seq of job 0, append offset and max/median delay.
-        let times = &appended[0];
-        let t0 = times[0];
-        let mut per: Vec<Vec<u64>> = vec![Vec::new(); times.len()];
-        for (j, r) in &receipts {
-            if *j != 0 {
-                continue;
-            }
-            for (seq, at) in &r.seen {
-                if let Some(a) = times.get(*seq as usize) {
-                    per[*seq as usize].push(at.saturating_duration_since(*a).as_micros() as u64);
-                }
-            }
-        }
-        let mut out = String::new();
-        for (i, v) in per.iter_mut().enumerate() {
-            v.sort_unstable();
-            out.push_str(&format!(
-                "{i} {} {} {}\n",
-                (times[i] - t0).as_micros(),
-                v.get(v.len() / 2).copied().unwrap_or(0),
-                v.last().copied().unwrap_or(0)
-            ));
-        }
-        let _ = std::fs::write(path, out);
-    }
     delays.sort_unstable();
+    let mut slowest: Vec<u64> = slowest
+        .iter()
+        .flat_map(|v| v.iter().skip(1).copied())
+        .collect();
+    slowest.sort_unstable();
     let delivered = delays.len() as u64;
     let rate_all_running = match (all_start, all_end) {
         (Some(a), Some(b)) if b > a => in_window as f64 / (b - a).as_secs_f64(),
@@ -505,6 +484,7 @@ fn run_case(
         rate_all_running,
         rate_overall,
         per_job_rate,
+        slowest_p50_us: quantile(&slowest, 0.50),
         p50_us: quantile(&delays, 0.50),
         p99_us: quantile(&delays, 0.99),
         p999_us: quantile(&delays, 0.999),
@@ -548,6 +528,7 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
                 ms(r.p99_us),
                 ms(r.p999_us),
                 ms(r.max_us),
+                ms(r.slowest_p50_us),
                 format!(
                     "{:.2} ({:.0}% sys)",
                     r.server_cpu,
@@ -576,6 +557,7 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
             "p99 ms",
             "p99.9 ms",
             "max ms",
+            "slowest sub p50 ms",
             "server CPU s",
             "server CPU s / M ev",
             "process CPU s / M ev",
@@ -594,6 +576,12 @@ fn run(title: &str, args: &FanoutArgs, jobs: usize, subs_per_job: usize) -> Resu
     let client_rt = client_runtime(args.client_threads)?;
     let mut results = Vec::new();
     for &d in &args.delays_ms {
+        let busy = sys::other_load(Duration::from_secs(2));
+        if busy > 0.2 {
+            eprintln!(
+                "warning: other processes use {busy:.2} cores; the figures will be disturbed"
+            );
+        }
         eprintln!("{title}: {jobs} job(s) × {subs_per_job} subscriber(s), token delay {d} ms …");
         results.push(run_case(args, &client_rt, jobs, subs_per_job, d)?);
     }

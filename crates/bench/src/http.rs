@@ -11,9 +11,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use std::time::Instant;
 
 /// Starts a chat; returns its stream id.
 pub async fn start_chat(

@@ -1,0 +1,410 @@
+//! Redis-mode and ledger benchmarks (issues 2/4 and 4/4).
+//!
+//! - `redis-fanout`: one job fanned out to N subscribers spread over 1 or 3 in-process
+//!   replicas sharing the real Redis at 127.0.0.1:6379, next to the memory store with
+//!   the same load: delivered events/s, append→receipt delay, and Redis commands per
+//!   event appended (from `INFO commandstats`, so it counts everything the replicas
+//!   sent: appends, mirror reads, the heal checks).
+//! - `resume-latency`: reconnect → first byte for a job of 10,000 events, on a replica
+//!   whose mirror is cold (it must read the whole stream from Redis first) and warm.
+//! - `abort-latency`: abort round trip across replicas (request on B, job on A) and
+//!   on the owner itself; the round trip includes stopping the generation, saving the
+//!   partial answer and appending `final`.
+//! - `ledger`: the latency of one `spend` (5 lines, one transaction) on SQLite and
+//!   PostgreSQL, and of a repeated (no-op) spend.
+//!
+//! Each replica is a full server (`build_state` + axum on its own 127.0.0.1 port) with
+//! its own Redis connections. The append instant of each seq is taken by a task on the
+//! owner replica watching its own log mirror, so the delay under-states by that task's
+//! wake-up latency (microseconds).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use genstream_engine::billing::{Line, TokenType};
+use genstream_engine::persist::{Persistence, SpendContext, SpendRequest};
+use genstream_server::config::{Config, LimitsConfig, ModelConfig};
+use genstream_server::{AppState, app};
+use serde_json::json;
+
+use crate::http;
+use crate::report::{ms, quantile, table, thousands};
+
+const SECRET: &str = "genstream-bench-secret-0123456789abcdef";
+
+fn redis_url() -> String {
+    std::env::var("GENSTREAM_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn pg_url() -> String {
+    std::env::var("GENSTREAM_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+struct Replica {
+    state: AppState,
+    addr: SocketAddr,
+}
+
+fn config(store: &str, prefix: &str, tokens: u32, delay_ms: u64) -> Config {
+    let mut c = Config::default();
+    c.bind = "127.0.0.1:0".into();
+    c.store = store.into();
+    c.database = "sqlite::memory:".into();
+    c.redis.key_prefix = prefix.into();
+    c.redis.timeout_ms = 10_000;
+    c.auth.jwt_secret = Some(SECRET.into());
+    c.limits = LimitsConfig::off();
+    c.jobs.max_events_per_job = 50_000;
+    c.jobs.max_live_jobs = 10_000;
+    c.models = vec![ModelConfig {
+        name: "bench".into(),
+        provider: "demo".into(),
+        tools: Vec::new(),
+        pricing: None,
+        options: json!({"tokens": tokens, "token_delay_ms": delay_ms, "first_token_delay_ms": 1500}),
+    }];
+    c
+}
+
+async fn replica(config: &Config) -> Result<Replica, String> {
+    let (state, _) = genstream_server::serve::build_state(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    state.manager.spawn_reaper();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let router = app(state.clone(), 1 << 20);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(Replica { state, addr })
+}
+
+fn token(state: &AppState) -> Result<String, String> {
+    state
+        .auth
+        .mint("bench", Duration::from_secs(3600))
+        .map_err(|e| e.to_string())
+}
+
+async fn redis_calls() -> u64 {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return 0;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// One fan-out run; returns a table row.
+async fn fanout_run(
+    store: &str,
+    replicas: usize,
+    subscribers: usize,
+    tokens: u32,
+    delay_ms: u64,
+) -> Result<Vec<String>, String> {
+    let prefix = format!("gsbench-{}", genstream_engine::new_id());
+    let cfg = config(store, &prefix, tokens, delay_ms);
+    let mut rs = Vec::new();
+    for _ in 0..replicas {
+        rs.push(replica(&cfg).await?);
+    }
+    let owner = &rs[0];
+    let tok = token(&owner.state)?;
+    let http_client = reqwest::Client::new();
+    let calls_before = redis_calls().await;
+    let sid = http::start_chat(
+        &http_client,
+        &format!("http://{}", owner.addr),
+        &tok,
+        "bench",
+        "fan out",
+    )
+    .await?;
+    // Append instants, as seen by the owner's own log.
+    let (_, log) = owner
+        .state
+        .manager
+        .job_for("bench", &sid)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stamps = tokio::spawn(async move {
+        let mut rx = log.watch();
+        let mut stamps: Vec<Instant> = Vec::new();
+        loop {
+            rx.borrow_and_update();
+            let len = log.len() as usize;
+            let now = Instant::now();
+            while stamps.len() < len {
+                stamps.push(now);
+            }
+            if log.terminal().is_some() {
+                return stamps;
+            }
+            if rx.changed().await.is_err() {
+                return stamps;
+            }
+        }
+    });
+    let mut subs = Vec::new();
+    for i in 0..subscribers {
+        let addr = rs[i % replicas].addr;
+        let stream = http::open_stream(addr, &sid, &tok, true).await?;
+        subs.push(tokio::spawn(http::read_ids(
+            stream,
+            Instant::now(),
+            Duration::from_secs(120),
+        )));
+    }
+    let mut receipts = Vec::new();
+    for s in subs {
+        receipts.push(s.await.map_err(|e| e.to_string())?);
+    }
+    let stamps = stamps.await.map_err(|e| e.to_string())?;
+    let calls = redis_calls().await.saturating_sub(calls_before);
+    let mut delays: Vec<u64> = Vec::new();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    for r in &receipts {
+        for (seq, at) in &r.seen {
+            if let Some(appended) = stamps.get(*seq as usize) {
+                delays.push(at.saturating_duration_since(*appended).as_micros() as u64);
+            }
+            first = Some(first.map_or(*at, |f: Instant| f.min(*at)));
+            last = Some(last.map_or(*at, |l: Instant| l.max(*at)));
+        }
+    }
+    delays.sort_unstable();
+    let secs = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f).as_secs_f64().max(1e-3),
+        _ => 1.0,
+    };
+    let events = stamps.len() as u64;
+    Ok(vec![
+        if store == "memory" {
+            "memory".into()
+        } else {
+            format!("redis, {replicas} replica(s)")
+        },
+        format!("{subscribers}"),
+        format!("{delay_ms} ms × {tokens}"),
+        thousands(delays.len() as u64),
+        thousands((delays.len() as f64 / secs) as u64),
+        ms(quantile(&delays, 0.5)),
+        ms(quantile(&delays, 0.99)),
+        ms(delays.last().copied().unwrap_or(0)),
+        if store == "memory" {
+            "—".into()
+        } else {
+            format!("{:.1}", calls as f64 / events.max(1) as f64)
+        },
+    ])
+}
+
+/// `redis-fanout`.
+pub fn redis_fanout(subscribers: usize, tokens: u32, delay_ms: u64) -> Result<(), String> {
+    let rt = runtime()?;
+    let mut rows = Vec::new();
+    for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
+        eprintln!("redis-fanout: {store} × {replicas}");
+        let store = if store == "redis" {
+            redis_url()
+        } else {
+            "memory".into()
+        };
+        rows.push(rt.block_on(fanout_run(&store, replicas, subscribers, tokens, delay_ms))?);
+    }
+    println!(
+        "\n### redis-fanout\n\none job, subscribers spread evenly over the replicas, the job on the first; in-process replicas on one 2-worker runtime\n"
+    );
+    table(
+        &[
+            "store",
+            "subscribers",
+            "token delay × tokens",
+            "events delivered",
+            "delivered ev/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "Redis commands / event appended",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Time to the first body byte of a stream request.
+async fn first_byte(
+    addr: SocketAddr,
+    sid: &str,
+    tok: &str,
+    cursor: Option<u64>,
+) -> Result<u64, String> {
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    let mut req = client
+        .get(format!("http://{addr}/api/chat/stream/{sid}"))
+        .bearer_auth(tok);
+    if let Some(c) = cursor {
+        req = req.header("last-event-id", c.to_string());
+    }
+    let mut resp = req.send().await.map_err(|e| e.to_string())?;
+    let _ = resp.chunk().await.map_err(|e| e.to_string())?;
+    Ok(t0.elapsed().as_micros() as u64)
+}
+
+/// `resume-latency`.
+pub fn resume_latency() -> Result<(), String> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let prefix = format!("gsbench-{}", genstream_engine::new_id());
+        let mut cfg = config(&redis_url(), &prefix, 9_995, 0);
+        cfg.models[0].options = json!({"tokens": 9_995, "token_delay_ms": 0});
+        let a = replica(&cfg).await?;
+        let b = replica(&cfg).await?;
+        let tok = token(&a.state)?;
+        let client = reqwest::Client::new();
+        let mut rows = Vec::new();
+        let mut samples: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+        for i in 0..10 {
+            let sid = http::start_chat(&client, &format!("http://{}", a.addr), &tok, "bench", &format!("long {i}")).await?;
+            // Let it finish (10,000 events).
+            loop {
+                let meta = a.state.manager.store().get_job(&sid).await.map_err(|e| e.to_string())?;
+                if meta.is_some_and(|m| m.status != genstream_engine::store::JobStatus::Running) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Cold: no subscriber has opened this log on the replica yet.
+            samples.entry("other replica, cold mirror, from seq 0").or_default().push(first_byte(b.addr, &sid, &tok, None).await?);
+            samples.entry("other replica, warm mirror, from seq 0").or_default().push(first_byte(b.addr, &sid, &tok, None).await?);
+            samples.entry("other replica, warm mirror, Last-Event-ID 9990").or_default().push(first_byte(b.addr, &sid, &tok, Some(9_990)).await?);
+            samples.entry("owner, cold mirror, Last-Event-ID 9990").or_default().push(first_byte(a.addr, &sid, &tok, Some(9_990)).await?);
+            samples.entry("owner, warm mirror, from seq 0").or_default().push(first_byte(a.addr, &sid, &tok, None).await?);
+        }
+        for (what, mut v) in samples {
+            v.sort_unstable();
+            rows.push(vec![what.to_string(), v.len().to_string(), ms(quantile(&v, 0.5)), ms(quantile(&v, 0.99)), ms(*v.last().unwrap_or(&0))]);
+        }
+        println!("\n### resume-latency\n\nreconnect → first body byte, job of 10,000 events (Redis store, 2 replicas)\n");
+        table(&["where", "samples", "p50 ms", "p99 ms", "max ms"], &rows);
+        Ok(())
+    })
+}
+
+/// `abort-latency`.
+pub fn abort_latency(n: usize) -> Result<(), String> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let prefix = format!("gsbench-{}", genstream_engine::new_id());
+        let mut cfg = config(&redis_url(), &prefix, 100_000, 10);
+        cfg.models[0].options = json!({"tokens": 100_000, "token_delay_ms": 10});
+        let a = replica(&cfg).await?;
+        let b = replica(&cfg).await?;
+        let tok = token(&a.state)?;
+        let client = reqwest::Client::new();
+        let mut rows = Vec::new();
+        for (label, from) in [("from another replica", &b), ("on the owner", &a)] {
+            let mut v = Vec::new();
+            for i in 0..n {
+                let sid = http::start_chat(&client, &format!("http://{}", a.addr), &tok, "bench", &format!("abort {i}")).await?;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let t0 = Instant::now();
+                let r = client
+                    .post(format!("http://{}/api/chat/abort", from.addr))
+                    .bearer_auth(&tok)
+                    .json(&json!({"streamId": sid}))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("abort: {}", r.status()));
+                }
+                v.push(t0.elapsed().as_micros() as u64);
+            }
+            v.sort_unstable();
+            rows.push(vec![label.to_string(), n.to_string(), ms(quantile(&v, 0.5)), ms(quantile(&v, 0.99)), ms(*v.last().unwrap_or(&0))]);
+        }
+        println!("\n### abort-latency\n\nabort request → answer (generation stopped, partial saved, `final` appended and seen by the asking replica); Redis store, 2 replicas, SQLite in memory\n");
+        table(&["abort", "aborts", "p50 ms", "p99 ms", "max ms"], &rows);
+        Ok(())
+    })
+}
+
+/// `ledger`.
+pub fn ledger(n: usize) -> Result<(), String> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let dir = std::env::temp_dir().join(format!("gsbench-ledger-{}", genstream_engine::new_id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let sqlite = format!("sqlite://{}", dir.join("ledger.db").display());
+        let schema = format!("gsbench_{}", genstream_engine::new_id().replace('-', "_"));
+        let mut rows = Vec::new();
+        for (label, db) in [
+            ("SQLite (file, WAL)", genstream_sql::connect(&sqlite, Default::default()).await),
+            ("PostgreSQL", genstream_sql::connect_with_schema(&pg_url(), &schema, Default::default()).await),
+        ] {
+            let db: Arc<dyn Persistence> = db.map_err(|e| e.to_string())?;
+            let now = genstream_engine::now_rfc3339();
+            db.ensure_balance("bench", 1_000_000_000_000, &now).await.map_err(|e| e.to_string())?;
+            let mut first = Vec::new();
+            let mut again = Vec::new();
+            for i in 0..n {
+                let req = SpendRequest {
+                    user_id: "bench".into(),
+                    conversation_id: "c".into(),
+                    stream_id: format!("s-{i}-{}", genstream_engine::new_id()),
+                    message_id: "m".into(),
+                    model: "bench".into(),
+                    context: SpendContext::Message,
+                    lines: [TokenType::Input, TokenType::Output, TokenType::Reasoning, TokenType::CacheWrite, TokenType::CacheRead]
+                        .into_iter()
+                        .map(|t| Line { call_index: 0, token_type: t, tokens: 1000, rate_micro: 3_000_000, amount_micro: 3_000_000_000, estimated: false })
+                        .collect(),
+                    created_at: genstream_engine::now_rfc3339(),
+                };
+                let t0 = Instant::now();
+                db.spend(&req).await.map_err(|e| e.to_string())?;
+                first.push(t0.elapsed().as_micros() as u64);
+                let t0 = Instant::now();
+                db.spend(&req).await.map_err(|e| e.to_string())?;
+                again.push(t0.elapsed().as_micros() as u64);
+            }
+            first.sort_unstable();
+            again.sort_unstable();
+            rows.push(vec![label.into(), "first spend (5 lines + balance)".into(), n.to_string(), ms(quantile(&first, 0.5)), ms(quantile(&first, 0.99))]);
+            rows.push(vec![label.into(), "repeated spend (no-op)".into(), n.to_string(), ms(quantile(&again, 0.5)), ms(quantile(&again, 0.99))]);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("\n### ledger\n\n`Persistence::spend` latency, sequential, one job's 5 lines per spend, on this machine's SQLite file and local PostgreSQL\n");
+        table(&["database", "call", "spends", "p50 ms", "p99 ms"], &rows);
+        Ok(())
+    })
+}
