@@ -23,25 +23,15 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use genstream_client::{Client, StreamEvent};
 use serde_json::{Value, json};
-use sqlx::Connection;
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
 const SECRET: &str = "replicas-test-secret-0123456789abcdef";
 const USER: &str = "alice";
 
-fn redis_url() -> String {
-    std::env::var("GENSTREAM_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
-}
-
-fn pg_admin_url() -> String {
-    std::env::var("GENSTREAM_TEST_POSTGRES_ADMIN_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+// The database and Redis helpers are shared with the server crate's tests.
+#[path = "../../server/tests/common/infra.rs"]
+mod infra;
+use infra::{TestDb, redis_url};
 
 fn token() -> String {
     genstream_server::auth::JwtKeys::new(SECRET)
@@ -51,63 +41,6 @@ fn token() -> String {
 
 // ---------------------------------------------------------------------------------
 // The database, the key prefix, a Redis of the test's own.
-
-/// `url` with its database name replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let (server, _) = base.rsplit_once('/').expect("a database URL with a path");
-    format!("{server}/{name}{query}")
-}
-
-/// A PostgreSQL database of this test's own, dropped (best effort) when it goes.
-struct TestDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> TestDb {
-        let admin = pg_admin_url();
-        let name = format!("gs_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let _ = conn.close().await;
-        let url = with_database(&admin, &name);
-        TestDb { admin, name, url }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Drop may run on the test's runtime: use a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut c)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
 
 /// The test's Redis key prefix on the Redis at `url`; its keys are deleted (best
 /// effort) when it goes.
