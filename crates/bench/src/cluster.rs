@@ -47,6 +47,8 @@ struct Replica {
     addr: SocketAddr,
 }
 
+// Field by field reads better than a nested struct literal for a dozen settings.
+#[allow(clippy::field_reassign_with_default)]
 fn config(store: &str, prefix: &str, tokens: u32, delay_ms: u64) -> Config {
     let mut c = Config::default();
     c.bind = "127.0.0.1:0".into();
