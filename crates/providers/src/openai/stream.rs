@@ -81,6 +81,7 @@ struct FunctionDelta {
 struct Usage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
     prompt_tokens_details: Option<PromptTokensDetails>,
     completion_tokens_details: Option<CompletionTokensDetails>,
     input_token_details: Option<InputTokenDetails>,
@@ -225,12 +226,26 @@ impl ChunkParser {
         let prompt = usage.prompt_tokens_details.unwrap_or_default();
         let input = usage.input_token_details.unwrap_or_default();
         let completion = usage.completion_tokens_details.unwrap_or_default();
+        let input_tokens = usage.prompt_tokens.unwrap_or(0);
+        let mut output_tokens = usage.completion_tokens.unwrap_or(0);
+        let mut reasoning_tokens = completion.reasoning_tokens.unwrap_or(0);
+        // Some OpenAI-compatible servers leave reasoning out of `completion_tokens` and
+        // only `total_tokens` shows it: the excess is reasoning, billed as output, never
+        // dropped (LibreChat #13014).
+        let excess = usage
+            .total_tokens
+            .unwrap_or(0)
+            .saturating_sub(input_tokens + output_tokens);
+        if excess > 0 {
+            output_tokens += excess;
+            reasoning_tokens = reasoning_tokens.max(excess);
+        }
         UsageRecord {
             call_index: self.call_index,
             model: self.model.clone(),
             provider: "openai".to_owned(),
-            input_tokens: usage.prompt_tokens.unwrap_or(0),
-            output_tokens: usage.completion_tokens.unwrap_or(0),
+            input_tokens,
+            output_tokens,
             cache_write_tokens: prompt
                 .cache_creation_tokens
                 .or(input.cache_creation)
@@ -240,7 +255,7 @@ impl ChunkParser {
                 .or(input.cache_read)
                 .or(usage.prompt_cache_hit_tokens)
                 .unwrap_or(0),
-            reasoning_tokens: completion.reasoning_tokens.unwrap_or(0),
+            reasoning_tokens,
             input_includes_cache: true,
             estimated: false,
         }
@@ -328,6 +343,35 @@ mod tests {
     use genstream_mock_upstream::{fixture, fixture_paths};
     use std::collections::BTreeMap;
     use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn usage_normalization_table() {
+        let p = ChunkParser::new("t", "m", 0);
+        let u = |v: serde_json::Value| p.usage_record(serde_json::from_value(v).unwrap());
+        // Cached tokens are inside prompt_tokens (OpenAI).
+        let r = u(
+            serde_json::json!({"prompt_tokens": 1000, "completion_tokens": 50,
+            "prompt_tokens_details": {"cached_tokens": 800}}),
+        );
+        assert_eq!(
+            (r.input_tokens, r.cache_read_tokens, r.input_includes_cache),
+            (1000, 800, true)
+        );
+        // Reasoning inside completion_tokens.
+        let r = u(
+            serde_json::json!({"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110,
+            "completion_tokens_details": {"reasoning_tokens": 64}}),
+        );
+        assert_eq!((r.output_tokens, r.reasoning_tokens), (100, 64));
+        // Reasoning only visible in total_tokens: kept, as output.
+        let r = u(
+            serde_json::json!({"prompt_tokens": 10, "completion_tokens": 40, "total_tokens": 90}),
+        );
+        assert_eq!((r.output_tokens, r.reasoning_tokens), (80, 40));
+        // Nothing reported: zeros, not a failure (the engine then estimates).
+        let r = u(serde_json::json!({}));
+        assert_eq!((r.input_tokens, r.output_tokens), (0, 0));
+    }
 
     /// Replays `text` through [`event_stream`], in chunks of `split` bytes (to exercise
     /// frames cut across reads).
@@ -584,7 +628,9 @@ mod tests {
                 u.cache_read_tokens,
                 u.reasoning_tokens
             ),
-            (291, 26, 290, 196)
+            // xAI leaves reasoning out of completion_tokens (26); total_tokens (513)
+            // shows it, and it is billed as output: 26 + 196.
+            (291, 222, 290, 196)
         );
         let s = summarize(
             replay(
