@@ -1,0 +1,700 @@
+//! The job task: one per job, the single writer of its log and response message. It
+//! calls the model (with retries), streams the answer into the log as run steps and
+//! deltas, runs tool calls in a loop, records usage, and on every way out saves the
+//! response and appends exactly one terminal event.
+
+use super::*;
+
+/// A retryable timeout error naming which budget ran out.
+fn timeout_error(what: &str, limit: Duration) -> ProviderError {
+    ProviderError::new(
+        crate::provider::ProviderErrorKind::Timeout,
+        format!(
+            "the upstream sent nothing within the {what} timeout of {} s",
+            limit.as_secs_f64()
+        ),
+    )
+}
+
+/// How one job's task ended.
+enum Outcome {
+    /// The answer is complete; `Some(reason)` when the tool loop hit its cap.
+    Complete(Option<&'static str>),
+    Stopped(EndReason),
+    Failed(ProviderError),
+    LogFull,
+    /// Someone else ended the log (a reaper on another replica); nothing to write.
+    Ended,
+    Internal(String),
+}
+
+/// Why one model call did not produce an answer.
+enum CallError {
+    /// The upstream failed; the retry layer decides what follows.
+    Provider(ProviderError),
+    /// The job must end now (abort, full log, store failure).
+    Stop(Outcome),
+}
+
+impl From<Outcome> for CallError {
+    fn from(o: Outcome) -> Self {
+        CallError::Stop(o)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Text,
+    Think,
+}
+
+/// A tool call of the current model call, as its fragments arrive.
+#[derive(Clone, Debug)]
+struct PendingCall {
+    step_id: String,
+    step_index: u32,
+    call: ToolCall,
+}
+
+/// The state of one running job, owned by its task.
+pub(super) struct JobRun {
+    manager: JobManager,
+    meta: JobMeta,
+    title: String,
+    model: ModelEntry,
+    /// The history sent upstream; grows by one assistant turn per tool round.
+    request: ModelRequest,
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<EndReason>>>,
+    last_progress: Arc<Mutex<Instant>>,
+    /// The fold of what this task appended: the answer so far.
+    aggregate: Aggregate,
+    /// Next content index (reset when a failed attempt's steps are discarded).
+    next_index: u32,
+    /// Next step id number (never reused).
+    next_step_id: u32,
+    /// Model calls made so far, failed attempts included (each has its own usage).
+    calls: u32,
+    current: Option<(String, PartKind)>,
+    /// Steps created by the current attempt, named in `discardStepIds` if it fails.
+    attempt_steps: Vec<String>,
+    /// Characters streamed by the current attempt (for a usage estimate).
+    attempt_chars: usize,
+    /// What the current attempt streamed (for a usage estimate).
+    attempt_text: String,
+    /// Text of the current model call (the assistant turn sent back with tool results).
+    call_text: String,
+    /// Tool calls of the current model call, by the upstream's index.
+    pending: std::collections::BTreeMap<u32, PendingCall>,
+}
+
+impl JobRun {
+    /// The task state of a job whose `created` event (seq 0) is in the log.
+    pub(super) fn new(
+        manager: JobManager,
+        meta: JobMeta,
+        title: String,
+        model: ModelEntry,
+        request: ModelRequest,
+        LiveJob {
+            cancel,
+            reason,
+            last_progress,
+        }: LiveJob,
+        created: &EventBody,
+    ) -> Self {
+        let mut aggregate = Aggregate::default();
+        aggregate.apply(0, created);
+        JobRun {
+            manager,
+            meta,
+            title,
+            model,
+            request,
+            cancel,
+            reason,
+            last_progress,
+            aggregate,
+            next_index: 0,
+            next_step_id: 0,
+            calls: 0,
+            current: None,
+            attempt_steps: Vec::new(),
+            attempt_chars: 0,
+            attempt_text: String::new(),
+            call_text: String::new(),
+            pending: Default::default(),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let outcome = self.generate().await;
+        let stream_id = self.meta.stream_id.clone();
+        if let Err(e) = self.finish(outcome).await {
+            // The database failed while saving the answer: still end the log, so no
+            // job is left `running` and every subscriber gets a terminal event.
+            tracing::error!(stream_id = %stream_id, error = %e, "could not save the answer");
+            let end = EventBody::Error(ErrorEvent {
+                code: "internal".into(),
+                message: format!("could not save the answer: {e}"),
+                response_message: None,
+            });
+            let _ = self
+                .manager
+                .inner
+                .store
+                .append(&stream_id, &end, None)
+                .await;
+        }
+        self.manager.inner.live.lock().remove(&stream_id);
+    }
+
+    fn stop_reason(&self) -> EndReason {
+        self.reason.lock().unwrap_or(EndReason::Abort)
+    }
+
+    fn stopped(&self) -> Outcome {
+        Outcome::Stopped(self.stop_reason())
+    }
+
+    /// Appends through the store, riding out a store outage of up to
+    /// `store_outage_grace` with backoff. The expected seq makes a retry whose first try
+    /// did land a no-op, so an outage never duplicates an event.
+    async fn append(&self, body: &EventBody) -> Result<Result<u64, AppendError>, EngineError> {
+        let expected = self.aggregate.last_seq().map_or(0, |s| s + 1);
+        let grace = self.manager.inner.config.store_outage_grace;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self
+                .manager
+                .inner
+                .store
+                .append(&self.meta.stream_id, body, Some(expected))
+                .await
+            {
+                Err(EngineError::Store(e)) if started.elapsed() < grace => {
+                    tracing::warn!(stream_id = %self.meta.stream_id, error = %e, "append failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
+        match self.append(&body).await {
+            Ok(Ok(seq)) => {
+                self.aggregate.apply(seq, &body);
+                *self.last_progress.lock() = Instant::now();
+                Ok(())
+            }
+            Ok(Err(AppendError::Full)) => Err(Outcome::LogFull),
+            Ok(Err(AppendError::Ended)) => Err(Outcome::Ended),
+            Err(e) => Err(Outcome::Internal(e.to_string())),
+        }
+    }
+
+    /// The agent loop: model call (with retries), then the tools it asked for, until
+    /// it answers without tools or `max_tool_iterations` model calls were made.
+    async fn generate(&mut self) -> Outcome {
+        let max = self.manager.inner.config.max_tool_iterations.max(1);
+        for iteration in 1..=max {
+            let calls = match self.call_with_retries().await {
+                Ok(c) => c,
+                Err(o) => return o,
+            };
+            if calls.is_empty() {
+                return Outcome::Complete(None);
+            }
+            if let Err(o) = self.run_tools(calls).await {
+                return o;
+            }
+            if iteration == max {
+                // Every tool call has its result, so the history stays valid; the
+                // cap ends the job with a terminal event (LESSONS: grimoire's
+                // "loading forever").
+                return Outcome::Complete(Some("max_tool_iterations"));
+            }
+        }
+        Outcome::Complete(None)
+    }
+
+    /// One model call through the retry layer (SPEC §6): retryable failures wait
+    /// (cut short by abort) and try again; each retry is a `retry` event naming the
+    /// failed attempt's steps, which the aggregator then drops.
+    async fn call_with_retries(&mut self) -> Result<Vec<PendingCall>, Outcome> {
+        let mut backoff = crate::retry::Backoff::new(self.model.retry, None);
+        let mut attempt = 1;
+        loop {
+            let index_before = self.next_index;
+            self.attempt_steps.clear();
+            self.attempt_chars = 0;
+            self.attempt_text.clear();
+            self.call_text.clear();
+            self.pending.clear();
+            self.current = None;
+            let error = match self.call_once().await {
+                Ok(calls) => return Ok(calls),
+                Err(CallError::Stop(o)) => return Err(o),
+                Err(CallError::Provider(e)) => e,
+            };
+            let delay = match backoff.next_delay(&error) {
+                Ok(d) => d,
+                Err(crate::retry::GiveUp::RetryAfterTooLong(d)) => {
+                    return Err(Outcome::Failed(ProviderError {
+                        message: format!(
+                            "{}; the upstream asked to wait {} s before retrying, more than the {} s allowed",
+                            error.message,
+                            d.as_secs_f64().ceil(),
+                            self.model.retry.ceiling_ms / 1000
+                        ),
+                        ..error
+                    }));
+                }
+                Err(_) => return Err(Outcome::Failed(error)),
+            };
+            let discard = std::mem::take(&mut self.attempt_steps);
+            self.next_index = index_before;
+            self.emit(EventBody::Retry(crate::event::Retry {
+                attempt,
+                max_attempts: backoff.max_attempts(),
+                delay_ms: delay.as_millis() as u64,
+                error: error.message.clone(),
+                discard_step_ids: discard,
+            }))
+            .await?;
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Err(self.stopped()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+        }
+    }
+
+    /// One attempt: stream the upstream's answer into the log under the first-byte
+    /// and idle-gap timeouts; returns the tool calls it asked for.
+    async fn call_once(&mut self) -> Result<Vec<PendingCall>, CallError> {
+        let mut request = self.request.clone();
+        request.model = self.model.name.clone();
+        request.call_index = self.calls;
+        self.calls += 1;
+        let first_byte = Duration::from_millis(self.model.timeouts.first_byte_ms);
+        let idle = Duration::from_millis(self.model.timeouts.idle_ms);
+        let provider = self.model.provider.clone();
+        let cancel = self.cancel.clone();
+        let started = Instant::now();
+        let stream = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(self.stopped().into()),
+            s = tokio::time::timeout(first_byte, provider.stream(request, cancel.child_token())) => s,
+        };
+        let mut stream = match stream {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(CallError::Provider(e)),
+            Err(_) => return Err(CallError::Provider(timeout_error("first byte", first_byte))),
+        };
+        let mut usage: Option<UsageRecord> = None;
+        let mut got_any = false;
+        loop {
+            // Until the first event the first-byte budget applies, then the idle gap.
+            let (limit, what) = if got_any {
+                (idle, "idle gap")
+            } else {
+                (first_byte.saturating_sub(started.elapsed()), "first byte")
+            };
+            let item = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    self.record_usage(usage.take(), true).await.ok();
+                    return Err(self.stopped().into());
+                }
+                item = tokio::time::timeout(limit, stream.next()) => item,
+            };
+            let event = match item {
+                Err(_) => {
+                    let what = if got_any { what } else { "first byte" };
+                    let limit = if got_any { idle } else { first_byte };
+                    self.record_usage(usage.take(), false).await?;
+                    return Err(CallError::Provider(timeout_error(what, limit)));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    self.record_usage(usage.take(), false).await?;
+                    return Err(CallError::Provider(e));
+                }
+                Ok(Some(Ok(ev))) => ev,
+            };
+            got_any = true;
+            match event {
+                ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await?,
+                ProviderEvent::Reasoning(t) => self.delta(PartKind::Think, t).await?,
+                ProviderEvent::ToolCall {
+                    index,
+                    id,
+                    name,
+                    args,
+                } => self.tool_delta(index, id, name, args).await?,
+                ProviderEvent::Usage(u) => usage = Some(u),
+                ProviderEvent::Finish(_) => {}
+            }
+        }
+        self.record_usage(usage, true).await?;
+        Ok(self.pending.values().cloned().collect())
+    }
+
+    /// Appends the call's usage record. Without one from the upstream, an estimate is
+    /// recorded if the call streamed anything (or `always`), so no spent tokens go
+    /// unrecorded.
+    async fn record_usage(
+        &mut self,
+        usage: Option<UsageRecord>,
+        always: bool,
+    ) -> Result<(), Outcome> {
+        let mut record = match usage {
+            Some(u) => u,
+            None if always || self.attempt_chars > 0 => self.estimate_usage(),
+            None => return Ok(()),
+        };
+        record.call_index = self.calls.saturating_sub(1);
+        if record.model.is_empty() {
+            record.model = self.model.name.clone();
+        }
+        if record.provider.is_empty() {
+            record.provider = self.model.provider.kind().to_string();
+        }
+        self.emit(EventBody::Usage(record)).await
+    }
+
+    /// An estimate (tiktoken `o200k_base`) for a call cut off before the upstream
+    /// reported usage; marked `estimated`.
+    fn estimate_usage(&self) -> UsageRecord {
+        let mut input = String::new();
+        if let Some(s) = &self.request.system_prompt {
+            input.push_str(s);
+        }
+        for m in &self.request.messages {
+            input.push_str(&m.text);
+            for c in &m.tool_calls {
+                input.push_str(&c.args);
+                input.push_str(c.output.as_deref().unwrap_or(""));
+            }
+        }
+        UsageRecord {
+            input_tokens: crate::usage::count_tokens(&input),
+            output_tokens: crate::usage::count_tokens(&self.attempt_text),
+            estimated: true,
+            ..UsageRecord::default()
+        }
+    }
+
+    fn new_step(&mut self) -> (String, u32) {
+        let index = self.next_index;
+        self.next_index += 1;
+        let id = format!("step_{}", self.next_step_id);
+        self.next_step_id += 1;
+        self.attempt_steps.push(id.clone());
+        (id, index)
+    }
+
+    fn run_id(&self) -> String {
+        format!("{}:{}", self.meta.stream_id, self.calls.saturating_sub(1))
+    }
+
+    async fn delta(&mut self, kind: PartKind, text: String) -> Result<(), Outcome> {
+        self.attempt_chars += text.chars().count();
+        self.attempt_text.push_str(&text);
+        if kind == PartKind::Text {
+            self.call_text.push_str(&text);
+        }
+        let step_id = match &self.current {
+            Some((id, k)) if *k == kind => id.clone(),
+            _ => {
+                let (id, index) = self.new_step();
+                let step = EventBody::RunStep(RunStep {
+                    id: id.clone(),
+                    run_id: self.run_id(),
+                    index,
+                    step_type: StepType::MessageCreation,
+                    step_details: StepDetails::MessageCreation {
+                        message_creation: MessageCreation {
+                            message_id: self.meta.response_message_id.clone(),
+                        },
+                    },
+                });
+                self.emit(step).await?;
+                self.current = Some((id.clone(), kind));
+                id
+            }
+        };
+        let part = match kind {
+            PartKind::Text => crate::event::ContentPart::Text { text },
+            PartKind::Think => crate::event::ContentPart::Think { think: text },
+        };
+        let delta = Delta {
+            id: step_id,
+            delta: DeltaContent {
+                content: vec![part],
+            },
+        };
+        self.emit(match kind {
+            PartKind::Text => EventBody::MessageDelta(delta),
+            PartKind::Think => EventBody::ReasoningDelta(delta),
+        })
+        .await
+    }
+
+    async fn tool_delta(
+        &mut self,
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        args: String,
+    ) -> Result<(), Outcome> {
+        self.attempt_chars += args.chars().count();
+        self.attempt_text.push_str(&args);
+        let step_id = match self.pending.get_mut(&index) {
+            Some(p) => {
+                if let Some(id) = &id {
+                    p.call.id.clone_from(id);
+                }
+                if let Some(name) = &name {
+                    p.call.name.clone_from(name);
+                }
+                p.call.args.push_str(&args);
+                p.step_id.clone()
+            }
+            None => {
+                let (step_id, step_index) = self.new_step();
+                let call = ToolCall {
+                    id: id.clone().unwrap_or_default(),
+                    name: name.clone().unwrap_or_default(),
+                    args: args.clone(),
+                    output: None,
+                };
+                let step = EventBody::RunStep(RunStep {
+                    id: step_id.clone(),
+                    run_id: self.run_id(),
+                    index: step_index,
+                    step_type: StepType::ToolCalls,
+                    step_details: StepDetails::ToolCalls {
+                        tool_calls: vec![ToolCall {
+                            args: String::new(),
+                            ..call.clone()
+                        }],
+                    },
+                });
+                self.emit(step).await?;
+                self.current = None;
+                self.pending.insert(
+                    index,
+                    PendingCall {
+                        step_id: step_id.clone(),
+                        step_index,
+                        call,
+                    },
+                );
+                step_id
+            }
+        };
+        self.emit(EventBody::RunStepDelta(RunStepDelta {
+            id: step_id,
+            delta: ToolCallsDelta {
+                kind: StepType::ToolCalls,
+                tool_calls: vec![ToolCallChunk {
+                    id,
+                    name,
+                    args,
+                    index,
+                }],
+            },
+        }))
+        .await
+    }
+
+    /// Runs the model's tool calls concurrently, records each result, and adds the
+    /// assistant turn with its results to the history. On abort every unfinished tool
+    /// is cancelled and gets `{"error":"cancelled"}`, so the saved history stays valid.
+    async fn run_tools(&mut self, calls: Vec<PendingCall>) -> Result<(), Outcome> {
+        self.pending.clear();
+        let registry = self.manager.inner.tools.clone();
+        let cancel = self.cancel.child_token();
+        let outputs = futures::future::join_all(calls.iter().map(|c| {
+            crate::tools::run_tool(&registry, &c.call.name, &c.call.args, cancel.clone())
+        }))
+        .await;
+        let mut done = Vec::new();
+        for (c, output) in calls.into_iter().zip(outputs) {
+            let call = ToolCall {
+                output: Some(output),
+                ..c.call
+            };
+            self.emit(EventBody::RunStepCompleted(
+                crate::event::RunStepCompleted {
+                    result: crate::event::StepResult {
+                        id: c.step_id,
+                        index: c.step_index,
+                        tool_call: call.clone(),
+                    },
+                },
+            ))
+            .await?;
+            done.push(call);
+        }
+        if self.cancel.is_cancelled() {
+            return Err(self.stopped());
+        }
+        self.request.messages.push(ChatMessage {
+            role: Role::Assistant,
+            text: std::mem::take(&mut self.call_text),
+            tool_calls: done,
+            tool_call_id: None,
+        });
+        Ok(())
+    }
+
+    /// Gives every tool call cut off mid-stream a "cancelled" result before the partial
+    /// answer is saved, so no stored tool call lacks its result.
+    async fn close_pending_tools(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (_, c) in pending {
+            let call = ToolCall {
+                output: Some(crate::tools::cancelled_result()),
+                ..c.call
+            };
+            let _ = self
+                .emit(EventBody::RunStepCompleted(
+                    crate::event::RunStepCompleted {
+                        result: crate::event::StepResult {
+                            id: c.step_id,
+                            index: c.step_index,
+                            tool_call: call,
+                        },
+                    },
+                ))
+                .await;
+        }
+    }
+
+    fn response_message(&self, unfinished: bool, error: bool) -> Message {
+        let content = self.aggregate.content();
+        Message {
+            message_id: self.meta.response_message_id.clone(),
+            conversation_id: self.meta.conversation_id.clone(),
+            parent_message_id: Some(self.meta.user_message_id.clone()),
+            sender: self.model.name.clone(),
+            text: text_of(&content),
+            content,
+            is_created_by_user: false,
+            model: Some(self.model.name.clone()),
+            unfinished,
+            error,
+            created_at: now_rfc3339(),
+        }
+    }
+
+    /// Saves the response (complete or partial) and then appends the terminal event:
+    /// the order SPEC §4 requires.
+    async fn finish(&mut self, outcome: Outcome) -> Result<(), EngineError> {
+        if !matches!(outcome, Outcome::Ended | Outcome::LogFull) {
+            self.close_pending_tools().await;
+        }
+        let context = match &outcome {
+            Outcome::Ended => return Ok(()),
+            Outcome::Complete(_) => SpendContext::Message,
+            Outcome::Stopped(EndReason::Abort | EndReason::Shutdown) => SpendContext::Abort,
+            _ => SpendContext::Error,
+        };
+        // Spend before the terminal event, on every path (SPEC §7); the database's
+        // unique key makes a second spend of the same calls a no-op.
+        let usage = spend_usage(
+            &self.manager.inner,
+            &self.meta,
+            self.model.pricing.as_ref(),
+            self.aggregate.usage(),
+            context,
+        )
+        .await?;
+        let terminal = match outcome {
+            Outcome::Ended => return Ok(()),
+            Outcome::Complete(reason) => {
+                let msg = self.response_message(false, false);
+                self.save(&msg).await?;
+                EventBody::Final(Final {
+                    status: FinalStatus::Complete,
+                    response_message: msg,
+                    conversation: self.conversation_ref(),
+                    usage,
+                    reason: reason.map(str::to_string),
+                })
+            }
+            Outcome::Stopped(EndReason::Abort) | Outcome::Stopped(EndReason::Shutdown) => {
+                let reason = match self.stop_reason() {
+                    EndReason::Shutdown => "shutdown",
+                    _ => "aborted",
+                };
+                let msg = self.response_message(true, false);
+                self.save(&msg).await?;
+                EventBody::Final(Final {
+                    status: FinalStatus::Aborted,
+                    response_message: msg,
+                    conversation: self.conversation_ref(),
+                    usage,
+                    reason: Some(reason.into()),
+                })
+            }
+            Outcome::Stopped(EndReason::Stalled) => {
+                let limit = self.manager.inner.config.stall_timeout;
+                self.error_end("stalled", format!("no progress for {} s", limit.as_secs()))
+                    .await?
+            }
+            Outcome::Failed(e) => self.error_end("upstream_error", e.message).await?,
+            Outcome::LogFull => {
+                self.error_end(
+                    "log_full",
+                    "the answer exceeded the server's per-job event log cap".into(),
+                )
+                .await?
+            }
+            Outcome::Internal(m) => self.error_end("internal", m).await?,
+        };
+        match self.append(&terminal).await? {
+            Ok(_) | Err(AppendError::Ended) => Ok(()),
+            Err(AppendError::Full) => Err(EngineError::Internal(
+                "terminal event refused as full".into(),
+            )),
+        }
+    }
+
+    async fn error_end(&mut self, code: &str, message: String) -> Result<EventBody, EngineError> {
+        let msg = self.response_message(true, true);
+        self.save(&msg).await?;
+        Ok(EventBody::Error(ErrorEvent {
+            code: code.into(),
+            message,
+            response_message: Some(msg),
+        }))
+    }
+
+    async fn save(&self, msg: &Message) -> Result<(), EngineError> {
+        let db = &self.manager.inner.db;
+        db.save_message(msg).await?;
+        db.save_conversation(&Conversation {
+            conversation_id: self.meta.conversation_id.clone(),
+            user_id: self.meta.user_id.clone(),
+            title: self.title.clone(),
+            created_at: msg.created_at.clone(),
+            updated_at: msg.created_at.clone(),
+        })
+        .await
+    }
+
+    fn conversation_ref(&self) -> ConversationRef {
+        ConversationRef {
+            conversation_id: self.meta.conversation_id.clone(),
+            title: self.title.clone(),
+        }
+    }
+}
