@@ -123,11 +123,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-/// One fan-out run; returns a table row.
+/// One fan-out run: `jobs` jobs, each with `subs_per_job` subscribers spread over the
+/// replicas; every job starts on the first replica. Returns a table row.
 async fn fanout_run(
     store: &str,
     replicas: usize,
-    subscribers: usize,
+    jobs: usize,
+    subs_per_job: usize,
     tokens: u32,
     delay_ms: u64,
 ) -> Result<Vec<String>, String> {
@@ -141,60 +143,65 @@ async fn fanout_run(
     let tok = token(&owner.state)?;
     let http_client = reqwest::Client::new();
     let calls_before = redis_calls().await;
-    let sid = http::start_chat(
-        &http_client,
-        &format!("http://{}", owner.addr),
-        &tok,
-        "bench",
-        "fan out",
-    )
-    .await?;
-    // Append instants, as seen by the owner's own log.
-    let (_, log) = owner
-        .state
-        .manager
-        .job_for("bench", &sid)
-        .await
-        .map_err(|e| e.to_string())?;
-    let stamps = tokio::spawn(async move {
-        let mut rx = log.watch();
-        let mut stamps: Vec<Instant> = Vec::new();
-        loop {
-            rx.borrow_and_update();
-            let len = log.len() as usize;
-            let now = Instant::now();
-            while stamps.len() < len {
-                stamps.push(now);
-            }
-            if log.terminal().is_some() {
-                return stamps;
-            }
-            if rx.changed().await.is_err() {
-                return stamps;
-            }
-        }
-    });
+    let mut stamp_tasks = Vec::new();
     let mut subs = Vec::new();
-    for i in 0..subscribers {
-        let addr = rs[i % replicas].addr;
-        let stream = http::open_stream(addr, &sid, &tok, true).await?;
-        subs.push(tokio::spawn(http::read_ids(
-            stream,
-            Instant::now(),
-            Duration::from_secs(120),
-        )));
+    let mut n = 0usize;
+    for j in 0..jobs {
+        let sid = http::start_chat(
+            &http_client,
+            &format!("http://{}", owner.addr),
+            &tok,
+            "bench",
+            &format!("fan out {j}"),
+        )
+        .await?;
+        // Append instants, as seen by the owner's own log.
+        let (_, log) = owner
+            .state
+            .manager
+            .job_for("bench", &sid)
+            .await
+            .map_err(|e| e.to_string())?;
+        stamp_tasks.push(tokio::spawn(async move {
+            let mut rx = log.watch();
+            let mut stamps: Vec<Instant> = Vec::new();
+            loop {
+                rx.borrow_and_update();
+                let len = log.len() as usize;
+                let now = Instant::now();
+                while stamps.len() < len {
+                    stamps.push(now);
+                }
+                if log.terminal().is_some() || rx.changed().await.is_err() {
+                    return stamps;
+                }
+            }
+        }));
+        for _ in 0..subs_per_job {
+            let addr = rs[n % replicas].addr;
+            n += 1;
+            let stream = http::open_stream(addr, &sid, &tok, true).await?;
+            subs.push((
+                j,
+                tokio::spawn(http::read_ids(
+                    stream,
+                    Instant::now(),
+                    Duration::from_secs(120),
+                )),
+            ));
+        }
     }
-    let mut receipts = Vec::new();
-    for s in subs {
-        receipts.push(s.await.map_err(|e| e.to_string())?);
+    let mut stamps = Vec::new();
+    for t in stamp_tasks {
+        stamps.push(t.await.map_err(|e| e.to_string())?);
     }
-    let stamps = stamps.await.map_err(|e| e.to_string())?;
     let calls = redis_calls().await.saturating_sub(calls_before);
     let mut delays: Vec<u64> = Vec::new();
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    for r in &receipts {
+    for (j, s) in subs {
+        let r = s.await.map_err(|e| e.to_string())?;
         for (seq, at) in &r.seen {
-            if let Some(appended) = stamps.get(*seq as usize) {
+            if let Some(appended) = stamps[j].get(*seq as usize) {
                 delays.push(at.saturating_duration_since(*appended).as_micros() as u64);
             }
             first = Some(first.map_or(*at, |f: Instant| f.min(*at)));
@@ -206,14 +213,14 @@ async fn fanout_run(
         (Some(f), Some(l)) => l.duration_since(f).as_secs_f64().max(1e-3),
         _ => 1.0,
     };
-    let events = stamps.len() as u64;
+    let events: u64 = stamps.iter().map(|s| s.len() as u64).sum();
     Ok(vec![
         if store == "memory" {
             "memory".into()
         } else {
             format!("redis, {replicas} replica(s)")
         },
-        format!("{subscribers}"),
+        format!("{jobs} × {subs_per_job}"),
         format!("{delay_ms} ms × {tokens}"),
         thousands(delays.len() as u64),
         thousands((delays.len() as f64 / secs) as u64),
@@ -228,26 +235,31 @@ async fn fanout_run(
     ])
 }
 
-/// `redis-fanout`.
+/// `redis-fanout`: 1 job × `subscribers` and `subscribers` jobs × 1, each on the
+/// memory store and on Redis with 1 and 3 replicas.
 pub fn redis_fanout(subscribers: usize, tokens: u32, delay_ms: u64) -> Result<(), String> {
     let rt = runtime()?;
     let mut rows = Vec::new();
-    for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
-        eprintln!("redis-fanout: {store} × {replicas}");
-        let store = if store == "redis" {
-            redis_url()
-        } else {
-            "memory".into()
-        };
-        rows.push(rt.block_on(fanout_run(&store, replicas, subscribers, tokens, delay_ms))?);
+    for (jobs, per_job) in [(1, subscribers), (subscribers, 1)] {
+        for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
+            eprintln!("redis-fanout: {jobs} × {per_job}, {store} × {replicas}");
+            let store = if store == "redis" {
+                redis_url()
+            } else {
+                "memory".into()
+            };
+            rows.push(rt.block_on(fanout_run(
+                &store, replicas, jobs, per_job, tokens, delay_ms,
+            ))?);
+        }
     }
     println!(
-        "\n### redis-fanout\n\none job, subscribers spread evenly over the replicas, the job on the first; in-process replicas on one 2-worker runtime\n"
+        "\n### redis-fanout\n\nsubscribers spread evenly over the replicas, every job on the first; in-process replicas on one 2-worker runtime\n"
     );
     table(
         &[
             "store",
-            "subscribers",
+            "jobs × subscribers",
             "token delay × tokens",
             "events delivered",
             "delivered ev/s",

@@ -54,13 +54,13 @@ enum Cmd {
     MemoryIdle(memory::IdleArgs),
     /// Server RSS per retained event of finished jobs (1,000 × ~1,000 events).
     MemoryRetained(memory::RetainedArgs),
-    /// Redis mode: one job fanned out over 1 and 3 replicas, next to the memory store.
+    /// Redis mode: 1 job × N and N jobs × 1 over 1 and 3 replicas, next to memory.
     RedisFanout {
-        #[arg(long, default_value_t = 300)]
-        subscribers: usize,
         #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 500)]
         tokens: u32,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 10)]
         delay_ms: u64,
     },
     /// Reconnect → first byte for a job of 10,000 events, on the owner and another replica.

@@ -638,8 +638,12 @@ pub fn baseline_serve() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         println!("genstream listening on http://{addr}");
-        axum::serve(listener, router)
-            .await
-            .map_err(|e| e.to_string())
+        // Served as `serve::run` serves genstream's router.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .map_err(|e| e.to_string())
     })
 }
