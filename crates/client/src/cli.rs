@@ -27,7 +27,7 @@ pub async fn run_chat(
         started.stream_id, started.conversation_id, started.response_message_id
     )?;
     err.flush()?;
-    stream(client, &started.stream_id, out, err).await
+    stream(client, &started.stream_id, None, out, err).await
 }
 
 /// `genstream attach STREAM_ID`: replays the stream from its start and follows it live
@@ -41,10 +41,11 @@ pub async fn run_chat(
 pub async fn run_attach(
     client: &Client,
     stream_id: &str,
+    cursor: Option<u64>,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<(), ClientError> {
-    stream(client, stream_id, out, err).await
+    stream(client, stream_id, cursor, out, err).await
 }
 
 /// `genstream abort STREAM_ID`: stops the generation (on whichever replica runs it);
@@ -78,6 +79,7 @@ pub async fn run_abort(
 async fn stream(
     client: &Client,
     stream_id: &str,
+    cursor: Option<u64>,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<(), ClientError> {
@@ -90,7 +92,7 @@ async fn stream(
         failed: None,
     };
     let terminal = client
-        .follow_with_updates(stream_id, None, |update| {
+        .follow_with_updates(stream_id, cursor, |update| {
             let result = match update {
                 FollowUpdate::Event(ev) => r.event(ev),
                 FollowUpdate::Reconnecting(rc) => {

@@ -142,6 +142,8 @@ pub struct Client {
 enum Failure {
     Transient(ClientError),
     Fatal(ClientError),
+    /// 204: the cursor already is the terminal event.
+    Ended,
 }
 
 impl Client {
@@ -279,6 +281,12 @@ impl Client {
             let failure = match self.follow_once(&url, &mut cursor, &mut on_update).await {
                 Ok(terminal) => return Ok(terminal),
                 Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Ended) => {
+                    return Err(ClientError::AlreadyEnded {
+                        stream_id: stream_id.to_owned(),
+                        cursor,
+                    });
+                }
                 Err(Failure::Transient(e)) => e,
             };
             if cursor != before {
@@ -342,6 +350,9 @@ impl Client {
             Ok(Ok(resp)) => resp,
         };
         let status = resp.status();
+        if status == StatusCode::NO_CONTENT {
+            return Err(Failure::Ended);
+        }
         if !status.is_success() {
             let e = api_error("GET", &path, resp).await;
             return Err(if is_transient_status(status) {

@@ -72,6 +72,16 @@ pub enum ClientError {
         /// The last failure.
         last: String,
     },
+    /// The server answered 204: the stream's terminal event is at or before the
+    /// cursor, so nothing follows it (SPEC §3; `genstream attach --cursor N` with N
+    /// the last seq).
+    #[error("stream {stream_id} has already ended; nothing follows seq {}", cursor.map_or("-".into(), |c| c.to_string()))]
+    AlreadyEnded {
+        /// The stream.
+        stream_id: String,
+        /// The cursor sent.
+        cursor: Option<u64>,
+    },
     /// The generation ended with an `error` event.
     #[error("generation failed: {code}: {message}")]
     Generation {

@@ -410,7 +410,7 @@ async fn forbidden_on_attach_is_fatal() {
     )
     .await;
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let e = run_attach(&client(&server), STREAM, &mut out, &mut err)
+    let e = run_attach(&client(&server), STREAM, None, &mut out, &mut err)
         .await
         .unwrap_err();
     assert_eq!(e.status().map(|s| s.as_u16()), Some(403));
@@ -430,7 +430,7 @@ async fn error_terminal_is_an_error_return() {
     );
     let (server, _) = serve(frames, vec![Plan::Drop(3)]).await;
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let e = run_attach(&client(&server), STREAM, &mut out, &mut err)
+    let e = run_attach(&client(&server), STREAM, None, &mut out, &mut err)
         .await
         .unwrap_err();
     assert!(
@@ -451,7 +451,7 @@ async fn aborted_final_is_an_error_return() {
     let frames = log(&["Hel"], final_event(FinalStatus::Aborted, "Hel"));
     let (server, _) = serve(frames, vec![]).await;
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let e = run_attach(&client(&server), STREAM, &mut out, &mut err)
+    let e = run_attach(&client(&server), STREAM, None, &mut out, &mut err)
         .await
         .unwrap_err();
     assert!(matches!(e, ClientError::Aborted { .. }), "{e:?}");
@@ -574,4 +574,40 @@ fn follow_and_run_futures_are_send() {
     is_send(&c.follow(STREAM, Some(3), |_| {}));
     let (mut out, mut err) = (Vec::new(), Vec::new());
     is_send(&run_chat(&c, &ChatRequest::new("x"), &mut out, &mut err));
+}
+
+#[tokio::test]
+async fn attach_from_a_cursor_prints_the_rest_and_reports_the_outcome() {
+    let frames = log(&["Hel", "lo"], final_event(FinalStatus::Aborted, "Hello"));
+    // Seq of the "Hel" delta: only "lo" comes after it.
+    let hel = frames
+        .iter()
+        .position(|f| String::from_utf8_lossy(&f.bytes).contains("\"Hel\""))
+        .unwrap() as u64;
+    let (server, fake) = serve(frames, vec![]).await;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let e = run_attach(&client(&server), STREAM, Some(hel), &mut out, &mut err)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Aborted { .. }), "{e:?}");
+    assert!(e.is_reported(), "the binary exits non-zero");
+    assert_eq!(String::from_utf8(out).unwrap(), "lo\n");
+    assert_eq!(
+        fake.cursors.lock().unwrap()[0].as_deref(),
+        Some(hel.to_string().as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_204_means_the_stream_already_ended() {
+    let (server, _) = serve(vec![], vec![Plan::Status(204, "")]).await;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let e = run_attach(&client(&server), STREAM, Some(9), &mut out, &mut err)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClientError::AlreadyEnded { cursor: Some(9), stream_id } if stream_id == STREAM),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("nothing follows seq 9"), "{e}");
 }

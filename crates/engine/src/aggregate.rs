@@ -37,6 +37,17 @@ pub enum TerminalKind {
     Error,
 }
 
+impl TerminalKind {
+    /// The job status it leaves: `complete`, `aborted` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TerminalKind::Complete => "complete",
+            TerminalKind::Aborted => "aborted",
+            TerminalKind::Error => "error",
+        }
+    }
+}
+
 /// The snapshot sent in a `sync` frame's `resumeState` (SPEC §3).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -211,13 +222,10 @@ impl Aggregate {
             response_message_id: created.map(|c| c.response_message_id.clone()),
             conversation_id: created.map(|c| c.conversation_id.clone()),
             sender: created.map(|c| c.sender.clone()),
-            status: match self.terminal {
-                None => "running",
-                Some(TerminalKind::Complete) => "complete",
-                Some(TerminalKind::Aborted) => "aborted",
-                Some(TerminalKind::Error) => "error",
-            }
-            .to_string(),
+            status: self
+                .terminal
+                .map_or("running", TerminalKind::as_str)
+                .to_string(),
         }
     }
 }

@@ -203,7 +203,13 @@ impl EventLog {
     /// (never the terminal event), `None` for an empty log.
     pub fn snapshot(&self) -> (Option<u64>, ResumeState) {
         let st = self.state.read();
-        (st.aggregate.last_seq(), st.aggregate.resume_state())
+        let mut state = st.aggregate.resume_state();
+        // The content stops before the terminal event, but the status is the job's: a
+        // client resuming a finished job must not be told it is still running.
+        if let Some(kind) = st.terminal {
+            state.status = kind.as_str().to_string();
+        }
+        (st.aggregate.last_seq(), state)
     }
 
     /// Runs `f` on the aggregate of all non-terminal events (the partial answer and

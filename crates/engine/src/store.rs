@@ -176,6 +176,8 @@ type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
 
 #[derive(Default)]
 struct MemInner {
+    /// The stored meta's `status` is never read: a job's status is its log's (see
+    /// [`current`]), so nobody can see `running` after the terminal event is in.
     jobs: HashMap<String, (JobMeta, Arc<EventLog>)>,
     /// conversation id → its latest job's stream id.
     latest: HashMap<String, String>,
@@ -209,6 +211,14 @@ impl MemoryStore {
     }
 }
 
+/// `meta` with the status its log says: `running` until the terminal event.
+fn current(meta: &JobMeta, log: &EventLog) -> JobMeta {
+    JobMeta {
+        status: log.terminal().map_or(JobStatus::Running, Into::into),
+        ..meta.clone()
+    }
+}
+
 #[async_trait]
 impl JobStore for MemoryStore {
     async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
@@ -217,7 +227,7 @@ impl JobStore for MemoryStore {
             let running = g
                 .jobs
                 .values()
-                .filter(|(m, _)| m.user_id == meta.user_id && m.status == JobStatus::Running)
+                .filter(|(m, l)| m.user_id == meta.user_id && l.terminal().is_none())
                 .count();
             if running >= max {
                 return Err(EngineError::TooManyConcurrent(max));
@@ -226,7 +236,7 @@ impl JobStore for MemoryStore {
         if let Some(prev) = g.latest.get(&meta.conversation_id)
             && g.jobs
                 .get(prev)
-                .is_some_and(|(m, _)| m.status == JobStatus::Running)
+                .is_some_and(|(_, l)| l.terminal().is_none())
         {
             return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
         }
@@ -245,7 +255,7 @@ impl JobStore for MemoryStore {
             .lock()
             .jobs
             .get(stream_id)
-            .map(|(m, _)| m.clone()))
+            .map(|(m, l)| current(m, l)))
     }
 
     async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError> {
@@ -253,7 +263,7 @@ impl JobStore for MemoryStore {
         Ok(g.latest
             .get(conversation_id)
             .and_then(|id| g.jobs.get(id))
-            .map(|(m, _)| m.clone()))
+            .map(|(m, l)| current(m, l)))
     }
 
     async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
@@ -261,8 +271,8 @@ impl JobStore for MemoryStore {
         let mut v: Vec<JobMeta> = g
             .jobs
             .values()
-            .filter(|(m, _)| m.user_id == user_id && m.status == JobStatus::Running)
-            .map(|(m, _)| m.clone())
+            .filter(|(m, l)| m.user_id == user_id && l.terminal().is_none())
+            .map(|(m, l)| current(m, l))
             .collect();
         v.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         Ok(v)
@@ -284,15 +294,9 @@ impl JobStore for MemoryStore {
         if let Some(seq) = expected_seq.filter(|s| log.len() > *s) {
             return Ok(Ok(seq)); // one process: cannot happen, but keep the contract
         }
-        let result = log.append(body);
-        if let Ok(frame) = &result
-            && frame.terminal
-            && let Some(kind) = log.terminal()
-            && let Some((meta, _)) = self.inner.lock().jobs.get_mut(stream_id)
-        {
-            meta.status = kind.into();
-        }
-        Ok(result.map(|f| f.seq))
+        // The status follows from the log itself, so it changes in the same step as the
+        // terminal event lands (before any subscriber is woken).
+        Ok(log.append(body).map(|f| f.seq))
     }
 
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError> {
@@ -356,9 +360,9 @@ impl JobStore for MemoryStore {
             .lock()
             .jobs
             .values()
-            .filter(|(m, _)| m.status == JobStatus::Running && !live.contains(&m.stream_id))
-            .map(|(m, _)| Orphan {
-                meta: m.clone(),
+            .filter(|(m, l)| l.terminal().is_none() && !live.contains(&m.stream_id))
+            .map(|(m, l)| Orphan {
+                meta: current(m, l),
                 reason: OrphanReason::Abandoned,
             })
             .collect())

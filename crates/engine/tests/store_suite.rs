@@ -22,3 +22,46 @@ async fn memory_store_limits() {
     user_cap_holds_under_racing_creates(capped()).await;
     rate_limit_is_gcra_per_key(capped()).await;
 }
+
+/// The job's status changes in the same step as its terminal event lands: a subscriber
+/// woken by the terminal event never sees `running`, and a follow-up in the same
+/// conversation is never refused as busy (a race the memory store had when it kept the
+/// status apart from the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_subscriber_never_sees_a_finished_job_running() {
+    use genstream_engine::event::{ErrorEvent, EventBody};
+    use genstream_engine::store::JobStatus;
+    use genstream_engine::suite::meta;
+    let store = Arc::new(MemoryStore::new(SUITE_LIMITS));
+    for _ in 0..200 {
+        let m = meta("u", &genstream_engine::new_id());
+        store.create_job(&m).await.unwrap();
+        let log = store.open_log(&m.stream_id).await.unwrap().unwrap();
+        let mut rx = log.watch();
+        rx.borrow_and_update();
+        let (s, id, conv) = (
+            store.clone(),
+            m.stream_id.clone(),
+            m.conversation_id.clone(),
+        );
+        let watcher = tokio::spawn(async move {
+            rx.changed().await.unwrap();
+            let status = s.get_job(&id).await.unwrap().unwrap().status;
+            let next = meta("u", &conv);
+            (status, s.create_job(&next).await)
+        });
+        let end = EventBody::Error(ErrorEvent {
+            code: "upstream_error".into(),
+            message: "x".into(),
+            response_message: None,
+        });
+        store
+            .append(&m.stream_id, &end, Some(0))
+            .await
+            .unwrap()
+            .unwrap();
+        let (status, next) = watcher.await.unwrap();
+        assert_eq!(status, JobStatus::Error);
+        assert!(next.is_ok(), "follow-up refused: {next:?}");
+    }
+}

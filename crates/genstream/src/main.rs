@@ -238,18 +238,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let c = client_for(&client).await?;
             let mut out = std::io::stdout();
             let mut err = std::io::stderr();
-            let result = match cursor {
-                None => genstream_client::run_attach(&c, &stream_id, &mut out, &mut err).await,
-                // Following from a cursor prints only what comes after it.
-                Some(_) => c
-                    .follow(&stream_id, cursor, |e| {
-                        use std::io::Write;
-                        let _ = write!(out, "{}", e.text());
-                        let _ = out.flush();
-                    })
-                    .await
-                    .map(|_| ()),
-            };
+            let result =
+                genstream_client::run_attach(&c, &stream_id, cursor, &mut out, &mut err).await;
             reported(result)
         }
         Command::Abort { stream_id, client } => {

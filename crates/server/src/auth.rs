@@ -20,7 +20,9 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
-    /// Issued at, seconds since the Unix epoch.
+    /// Issued at, seconds since the Unix epoch. Optional on tokens we verify: SPEC §4
+    /// asks only for `sub` and `exp`, and another issuer may leave it out.
+    #[serde(default)]
     pub iat: u64,
 }
 
@@ -48,7 +50,7 @@ impl JwtKeys {
         let claims = Claims {
             sub: user.to_string(),
             iat: now,
-            exp: now + ttl.as_secs(),
+            exp: now.saturating_add(ttl.as_secs()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }

@@ -313,9 +313,13 @@ impl Config {
             Env::prefixed("GENSTREAM_")
                 .filter(|k| {
                     let k = k.as_str().to_ascii_lowercase();
-                    // GENSTREAM_TEST_* are the test suite's; GENSTREAM_SERVER and
-                    // GENSTREAM_TOKEN are the CLI client's.
-                    !(k.starts_with("test_") || k == "server" || k == "token")
+                    // GENSTREAM_TEST_* are the test suite's, GENSTREAM_BENCH_* the
+                    // benchmark's; GENSTREAM_SERVER and GENSTREAM_TOKEN are the CLI
+                    // client's.
+                    !(k.starts_with("test_")
+                        || k.starts_with("bench_")
+                        || k == "server"
+                        || k == "token")
                 })
                 .map(|k| {
                     let k = k.as_str().to_ascii_lowercase();

@@ -25,6 +25,9 @@ pub enum ApiError {
     /// No such route (404).
     #[error("no route {0}")]
     NoRoute(String),
+    /// The route exists but not with this method (405).
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
 }
 
 impl ApiError {
@@ -53,6 +56,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
         }
     }

@@ -357,3 +357,11 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::NoRoute(uri.path().to_string())
 }
+
+/// A known path with the wrong method; axum adds the `Allow` header.
+pub async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}

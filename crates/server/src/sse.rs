@@ -6,15 +6,15 @@
 //! the cursor (cloning `Bytes` handles, never the bytes), write them, and sleep on the
 //! log's watch until it grows, sending `: ping` while idle. The subscriber keeps no
 //! queue of its own; the log is the only buffer. The response ends right after the
-//! terminal event.
+//! terminal event; a client whose cursor already is the terminal event gets 204.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use genstream_engine::EngineError;
 use genstream_engine::event::Frame;
@@ -84,6 +84,12 @@ pub async fn stream(
                     head: head.map_or(-1, |h| h as i64),
                 }
                 .into());
+            }
+            if log.terminal().is_some() && head == Some(c) {
+                // The client already has the terminal event: nothing will ever follow.
+                // 204 is what tells a browser's EventSource to stop reconnecting (WHATWG
+                // HTML, server-sent events); an empty 200 would be re-requested forever.
+                return Ok(StatusCode::NO_CONTENT.into_response());
             }
         }
         (cursor, None)
@@ -156,6 +162,11 @@ impl Subscriber {
             if !batch.frames.is_empty() {
                 self.pending = batch.frames.into_iter();
                 continue;
+            }
+            if self.log.terminal().is_some() {
+                // Nothing after the cursor in an ended log: the terminal event is behind
+                // us, so waiting could only ever send pings.
+                return None;
             }
             tokio::select! {
                 changed = self.rx.changed() => {

@@ -71,6 +71,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/conversations/x/messages"),
     ("DELETE", "/api/conversations/x"),
     ("GET", "/api/models"),
+    ("GET", "/api/balance"),
+    ("GET", "/api/usage"),
 ];
 
 #[tokio::test]
@@ -393,9 +395,195 @@ async fn finished_job_replays_and_resume_snapshot_excludes_terminal() {
         final_msg["content"]
     );
     assert_eq!(resumed[1], *all.last().unwrap());
+    // The content stops before the terminal event, the status does not.
+    assert_eq!(sync["resumeState"]["status"], "complete");
     // The reasoning model's content has a think part and then text.
     assert_eq!(final_msg["content"][0]["type"], "think");
     assert_eq!(final_msg["content"][1]["type"], "text");
+
+    let cid = started["conversationId"].as_str().unwrap();
+    let (s, status) = call(
+        &app,
+        "GET",
+        &format!("/api/chat/status/{cid}"),
+        Some(&token("alice")),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(status["active"], false, "{status}");
+    assert_eq!(status["status"], "complete");
+    assert_eq!(status["resumeState"]["status"], "complete", "{status}");
+}
+
+/// A client that already holds the terminal event (an EventSource reconnecting with
+/// the last id it saw) gets 204, which stops EventSource's reconnect loop, instead of
+/// an open stream that would only ever carry pings.
+#[tokio::test]
+async fn cursor_at_the_terminal_event_is_204_and_ends_at_once() {
+    let app = test_app(default_models());
+    let started = start(&app, "alice", json!({"text": "hi"})).await;
+    let sid = started["streamId"].as_str().unwrap();
+    let all = read_stream(&app, &format!("/api/chat/stream/{sid}"), "alice").await;
+    let last = all.last().unwrap().id.unwrap();
+    for uri in [
+        format!("/api/chat/stream/{sid}?cursor={last}"),
+        format!("/api/chat/stream/{sid}?cursor={last}&resume=false"),
+    ] {
+        let req = Request::get(&uri)
+            .header("authorization", format!("Bearer {}", token("alice")))
+            .body(Body::empty())
+            .unwrap();
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            app.router.clone().oneshot(req),
+        )
+        .await
+        .expect("answered at once")
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT, "{uri}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty());
+    }
+    // The same cursor given as Last-Event-ID.
+    let req = Request::get(format!("/api/chat/stream/{sid}"))
+        .header("authorization", format!("Bearer {}", token("alice")))
+        .header("last-event-id", last.to_string())
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    // One before the end still gets the terminal event, and then the stream ends.
+    let prev = read_stream(
+        &app,
+        &format!("/api/chat/stream/{sid}?cursor={}", last - 1),
+        "alice",
+    )
+    .await;
+    assert_eq!(prev.len(), 1);
+    assert!(is_terminal(&prev[0]));
+}
+
+/// SPEC §4 asks only for `sub` and `exp`; a token from another issuer without `iat`
+/// must work.
+#[tokio::test]
+async fn a_token_with_only_sub_and_exp_is_accepted() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let app = test_app(default_models());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let tok = encode(
+        &Header::default(),
+        &json!({"sub": "carol", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (s, v) = call(&app, "GET", "/api/conversations", Some(&tok), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Without `exp` it is refused.
+    let no_exp = encode(
+        &Header::default(),
+        &json!({"sub": "carol"}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (s, _) = call(&app, "GET", "/api/conversations", Some(&no_exp), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+/// `?access_token=` is for EventSource, so only the stream route takes it; and there
+/// it is checked like a header token.
+#[tokio::test]
+async fn access_token_query_only_on_the_stream_route_and_checked_there() {
+    let app = test_app(default_models());
+    let started = start(&app, "alice", json!({"text": "hi"})).await;
+    let sid = started["streamId"].as_str().unwrap();
+    let good = token("alice");
+    let wrong_key = genstream_server::auth::JwtKeys::new("another-secret")
+        .mint("alice", std::time::Duration::from_secs(60))
+        .unwrap();
+    let expired = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        encode(
+            &Header::default(),
+            &json!({"sub": "alice", "exp": 1}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    for (method, uri) in ROUTES {
+        if uri.starts_with("/api/chat/stream") {
+            continue;
+        }
+        let sep = if uri.contains('?') { '&' } else { '?' };
+        let (s, v) = call(
+            &app,
+            method,
+            &format!("{uri}{sep}access_token={good}"),
+            None,
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {uri}: {v}");
+    }
+    let stream = format!("/api/chat/stream/{sid}");
+    for bad in [wrong_key.as_str(), expired.as_str(), "garbage"] {
+        let (s, v) = call(
+            &app,
+            "GET",
+            &format!("{stream}?access_token={bad}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    }
+    let frames = {
+        let req = Request::get(format!("{stream}?access_token={good}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        take_frames(&mut bytes.to_vec())
+    };
+    assert!(is_terminal(frames.last().unwrap()));
+}
+
+#[tokio::test]
+async fn a_known_path_with_the_wrong_method_is_a_json_405() {
+    let app = test_app(default_models());
+    for (method, uri) in [
+        ("GET", "/api/chat"),
+        ("PUT", "/api/chat/abort"),
+        ("POST", "/api/conversations"),
+        ("DELETE", "/healthz"),
+    ] {
+        let (s, v) = call(&app, method, uri, Some(&token("alice")), None).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert_eq!(
+            v["error"]["code"], "method_not_allowed",
+            "{method} {uri}: {v}"
+        );
+    }
+}
+
+#[test]
+fn titles_are_the_first_50_characters_on_one_line() {
+    use genstream_engine::manager::title_of;
+    let long: String = "é".repeat(60);
+    assert_eq!(title_of(&long).chars().count(), 50);
+    assert_eq!(title_of("short"), "short");
+    assert_eq!(
+        title_of("  line one\n\tline   two  "),
+        "line one line two",
+        "whitespace runs become one space"
+    );
+    let exactly: String = "x".repeat(50);
+    assert_eq!(title_of(&format!("{exactly}tail")), exactly);
 }
 
 #[tokio::test]
