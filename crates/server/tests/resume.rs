@@ -5,10 +5,11 @@
 //!
 //! Plans (which resume mode, how many frames before each disconnect, how long to
 //! wait) come from a proptest strategy. 1,000 plans run per test run: 700 in-process
-//! through the router and 300 over real loopback HTTP, five readers per job, joining
-//! at random times so that some read a running job and some a finished one. The plans
-//! run concurrently, so proptest's sequential runner only generates them; a failure
-//! prints its plan.
+//! through the router and 300 over real loopback HTTP, five readers per job. Each job
+//! starts with its readers, who join at random times in its first 60 ms, so most
+//! connections meet a running job (the test asserts at least a quarter do, under load) and some a
+//! finished one. The plans run concurrently, so proptest's sequential runner only
+//! generates them; a failure prints its plan.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -140,21 +141,43 @@ async fn one_connection(
     got
 }
 
-/// Follows `plan` until the terminal event; returns every frame received.
-async fn read_with_plan(t: Transport, stream_id: String, plan: Plan) -> Vec<SseFrame> {
+/// What one reader got: every frame, and how many of its connections were opened while
+/// the job was still running (the live case of the snapshot/subscribe race).
+struct Reading {
+    frames: Vec<SseFrame>,
+    connections: usize,
+    live_connections: usize,
+}
+
+/// Follows `plan` until the terminal event.
+async fn read_with_plan(t: Transport, app: &TestApp, stream_id: String, plan: Plan) -> Reading {
     tokio::time::sleep(std::time::Duration::from_millis(plan.join_after_ms)).await;
     let mut cursor: Option<u64> = None;
-    let mut all = Vec::new();
+    let mut r = Reading {
+        frames: Vec::new(),
+        connections: 0,
+        live_connections: 0,
+    };
     let mut steps = plan.steps.clone().into_iter();
     loop {
         let (mode, limit, pause) = steps.next().unwrap_or((Mode::LastEventId, usize::MAX, 0));
+        let running = app
+            .state
+            .manager
+            .store()
+            .get_job(&stream_id)
+            .await
+            .unwrap()
+            .is_some_and(|m| m.status == genstream_engine::store::JobStatus::Running);
+        r.connections += 1;
+        r.live_connections += usize::from(running);
         let frames = one_connection(&t, &stream_id, mode, cursor, limit).await;
         for f in frames {
             cursor = f.id;
             let end = is_terminal(&f);
-            all.push(f);
+            r.frames.push(f);
             if end {
-                return all;
+                return r;
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
@@ -174,17 +197,30 @@ fn check(received: &[SseFrame], reference: &[SseFrame], plan: &Plan) {
         let id =
             f.id.unwrap_or_else(|| panic!("frame without id {f:?}; plan {plan:?}"));
         if f.event.as_deref() == Some("sync") {
+            // A snapshot never stands for less than the reader already has: that would
+            // make it replay events again (LibreChat #12225).
+            assert!(
+                cursor.is_none_or(|c| id >= c),
+                "snapshot at seq {id} behind the cursor {cursor:?}; plan {plan:?}"
+            );
             let events = events();
             let mut agg = Aggregate::default();
             for e in &events[..=id as usize] {
                 agg.apply(e.seq, &e.body);
             }
-            let snap = &f.data.as_ref().unwrap()["resumeState"];
-            assert_eq!(
-                snap["aggregatedContent"],
-                serde_json::to_value(agg.content()).unwrap(),
-                "plan {plan:?}"
-            );
+            let data = f.data.as_ref().unwrap();
+            assert_eq!(data["seq"], id, "sync data seq differs from its id");
+            let snap = &data["resumeState"];
+            let expected = serde_json::to_value(agg.resume_state()).unwrap();
+            for field in [
+                "aggregatedContent",
+                "runSteps",
+                "userMessage",
+                "responseMessageId",
+                "conversationId",
+            ] {
+                assert_eq!(snap[field], expected[field], "{field}; plan {plan:?}");
+            }
             assert!(
                 !events[id as usize].body.is_terminal(),
                 "snapshot folded the terminal event"
@@ -210,54 +246,88 @@ fn check(received: &[SseFrame], reference: &[SseFrame], plan: &Plan) {
     );
 }
 
+/// Models paced so that a job runs ~100-200 ms: long enough that most connections
+/// open while it runs, short enough for 1,000 plans.
+fn paced_models() -> Vec<genstream_engine::manager::ModelEntry> {
+    vec![
+        demo("paced", json!({"tokens": 40, "token_delay_ms": 5})),
+        demo(
+            "paced-reasoning",
+            json!({"tokens": 40, "token_delay_ms": 5, "behavior": "reasoning"}),
+        ),
+    ]
+}
+
+/// Each job starts together with its readers, so they join it while it runs, read
+/// it as it grows and some of them reconnect after it ended.
 async fn run_plans(t: Transport, app: &TestApp, plans: Vec<Plan>) {
     const READERS_PER_JOB: usize = 5;
-    let mut jobs = Vec::new();
-    for chunk in plans.chunks(READERS_PER_JOB) {
-        let model = if jobs.len() % 3 == 0 {
-            "reasoning"
-        } else {
-            "demo"
-        };
-        let started = app
-            .state
-            .manager
-            .start(genstream_engine::manager::StartRequest {
-                user_id: "alice".into(),
-                text: format!("question {}", jobs.len()),
-                model: Some(model.into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        jobs.push((started.stream_id, chunk.to_vec()));
-    }
-    let tasks = futures::stream::iter(jobs.into_iter().flat_map(|(sid, plans)| {
+    const JOBS_AT_ONCE: usize = 12;
+    let groups: Vec<(usize, Vec<Plan>)> = plans
+        .chunks(READERS_PER_JOB)
+        .map(<[Plan]>::to_vec)
+        .enumerate()
+        .collect();
+    let results = futures::stream::iter(groups.into_iter().map(|(n, plans)| {
         let t = t.clone();
-        plans.into_iter().map(move |p| {
-            let (t, sid) = (t.clone(), sid.clone());
-            async move { (sid.clone(), p.clone(), read_with_plan(t, sid, p).await) }
-        })
+        async move {
+            let model = if n % 3 == 0 {
+                "paced-reasoning"
+            } else {
+                "paced"
+            };
+            let sid = app
+                .state
+                .manager
+                .start(genstream_engine::manager::StartRequest {
+                    user_id: "alice".into(),
+                    text: format!("question {n}"),
+                    model: Some(model.into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .stream_id;
+            let readings = futures::future::join_all(
+                plans
+                    .iter()
+                    .map(|p| read_with_plan(t.clone(), app, sid.clone(), p.clone())),
+            )
+            .await;
+            let reference = one_connection(&t, &sid, Mode::LastEventId, None, usize::MAX).await;
+            assert!(is_terminal(reference.last().unwrap()));
+            let (mut conns, mut live) = (0, 0);
+            for (plan, r) in plans.iter().zip(&readings) {
+                check(&r.frames, &reference, plan);
+                conns += r.connections;
+                live += r.live_connections;
+            }
+            (conns, live)
+        }
     }))
-    .buffer_unordered(64)
+    .buffer_unordered(JOBS_AT_ONCE)
     .collect::<Vec<_>>()
     .await;
-    for (sid, plan, received) in tasks {
-        let reference = one_connection(&t, &sid, Mode::LastEventId, None, usize::MAX).await;
-        assert!(is_terminal(reference.last().unwrap()));
-        check(&received, &reference, &plan);
-    }
+    let connections: usize = results.iter().map(|r| r.0).sum();
+    let live: usize = results.iter().map(|r| r.1).sum();
+    eprintln!("{connections} connections, {live} opened while their job ran");
+    // The test is about live jobs: if most connections only replayed finished logs,
+    // the race it guards would go untested.
+    assert!(
+        live * 4 >= connections,
+        "only {live} of {connections} connections met a running job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_in_process_700_plans() {
-    let app = test_app(default_models());
+    let app = test_app(paced_models());
     run_plans(Transport::InProcess(app.router.clone()), &app, plans(700)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_over_http_300_plans() {
-    let app = test_app(default_models());
+    let app = test_app(paced_models());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = app.router.clone();
@@ -287,5 +357,8 @@ fn check_catches_a_duplicate_and_a_gap() {
     assert!(std::panic::catch_unwind(|| check(&dup, &reference, &plan)).is_err());
     let gap = vec![f(0, "usage"), f(2, "error")];
     assert!(std::panic::catch_unwind(|| check(&gap, &reference, &plan)).is_err());
+    // A snapshot behind the cursor would make the events after it come twice.
+    let stale = vec![f(0, "usage"), f(1, "usage"), f(0, "sync"), f(1, "usage")];
+    assert!(std::panic::catch_unwind(|| check(&stale, &reference, &plan)).is_err());
     check(&reference, &reference, &plan);
 }
