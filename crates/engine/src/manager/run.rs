@@ -208,14 +208,19 @@ impl JobRun {
             if calls.is_empty() {
                 return Outcome::Complete(None);
             }
+            if iteration == max {
+                // The model would never see these results: the tools are not run (no
+                // side effects for nothing), yet each call gets a result so the
+                // history stays valid, and the cap ends the job with a terminal event
+                // (LESSONS: grimoire's "loading forever").
+                let outputs = vec![crate::tools::not_run_result(); calls.len()];
+                if let Err(o) = self.complete_calls(calls, outputs).await {
+                    return o;
+                }
+                return Outcome::Complete(Some("max_tool_iterations"));
+            }
             if let Err(o) = self.run_tools(calls).await {
                 return o;
-            }
-            if iteration == max {
-                // Every tool call has its result, so the history stays valid; the
-                // cap ends the job with a terminal event (LESSONS: grimoire's
-                // "loading forever").
-                return Outcome::Complete(Some("max_tool_iterations"));
             }
         }
         Outcome::Complete(None)
@@ -515,17 +520,49 @@ impl JobRun {
     }
 
     /// Runs the model's tool calls concurrently, records each result, and adds the
-    /// assistant turn with its results to the history. On abort every unfinished tool
-    /// is cancelled and gets `{"error":"cancelled"}`, so the saved history stays valid.
+    /// assistant turn with its results to the history. Only the tools this job was
+    /// given (those in `request.tools`) run; a call of any other name — the model may
+    /// name a tool it was never shown — gets [`crate::tools::unavailable_result`]. On
+    /// abort every unfinished tool is cancelled and gets `{"error":"cancelled"}`, so
+    /// the saved history stays valid.
     async fn run_tools(&mut self, calls: Vec<PendingCall>) -> Result<(), Outcome> {
-        self.pending.clear();
-        let registry = self.manager.inner.tools.clone();
+        let registry = &self.manager.inner.tools;
+        let allowed = &self.request.tools;
         let cancel = self.cancel.child_token();
         let outputs = futures::future::join_all(calls.iter().map(|c| {
-            crate::tools::run_tool(&registry, &c.call.name, &c.call.args, cancel.clone())
+            let cancel = cancel.clone();
+            let name = c.call.name.as_str();
+            let given = allowed.iter().any(|t| t.name == name);
+            async move {
+                if !given {
+                    return crate::tools::unavailable_result(name);
+                }
+                crate::tools::run_tool(registry, name, &c.call.args, cancel).await
+            }
         }))
         .await;
-        let mut done = Vec::new();
+        let done = self.complete_calls(calls, outputs).await?;
+        if self.cancel.is_cancelled() {
+            return Err(self.stopped());
+        }
+        self.request.messages.push(ChatMessage {
+            role: Role::Assistant,
+            text: std::mem::take(&mut self.call_text),
+            tool_calls: done,
+            tool_call_id: None,
+        });
+        Ok(())
+    }
+
+    /// Records `outputs[i]` as the result of `calls[i]` (an `on_run_step_completed`
+    /// each); returns the calls with their outputs.
+    async fn complete_calls(
+        &mut self,
+        calls: Vec<PendingCall>,
+        outputs: Vec<String>,
+    ) -> Result<Vec<ToolCall>, Outcome> {
+        self.pending.clear();
+        let mut done = Vec::with_capacity(calls.len());
         for (c, output) in calls.into_iter().zip(outputs) {
             let call = ToolCall {
                 output: Some(output),
@@ -543,16 +580,7 @@ impl JobRun {
             .await?;
             done.push(call);
         }
-        if self.cancel.is_cancelled() {
-            return Err(self.stopped());
-        }
-        self.request.messages.push(ChatMessage {
-            role: Role::Assistant,
-            text: std::mem::take(&mut self.call_text),
-            tool_calls: done,
-            tool_call_id: None,
-        });
-        Ok(())
+        Ok(done)
     }
 
     /// Gives every tool call cut off mid-stream a "cancelled" result before the partial
@@ -578,8 +606,21 @@ impl JobRun {
         }
     }
 
+    /// The response as saved and sent in the terminal event: the aggregate's content,
+    /// with every tool call that has no output given the cancelled result. A job that
+    /// ends while a call is open (log full, a store or database failure, a call whose
+    /// `on_run_step_completed` could not be appended) would otherwise persist a call
+    /// without a result, and every later turn built on it would be refused upstream
+    /// (LESSONS: grimoire's 400s).
     fn response_message(&self, unfinished: bool, error: bool) -> Message {
-        let content = self.aggregate.content();
+        let mut content = self.aggregate.content();
+        for part in &mut content {
+            if let crate::event::ContentPart::ToolCall { tool_call } = part
+                && tool_call.output.is_none()
+            {
+                tool_call.output = Some(crate::tools::cancelled_result());
+            }
+        }
         Message {
             message_id: self.meta.response_message_id.clone(),
             conversation_id: self.meta.conversation_id.clone(),
