@@ -115,6 +115,13 @@ pub async fn run_tool(
 }
 
 /// The result recorded for a tool call cut off by an abort.
+///
+/// ```
+/// use genstream_engine::tools::{cancelled_result, is_error_result};
+/// assert_eq!(cancelled_result(), r#"{"error":"cancelled"}"#);
+/// assert!(is_error_result(&cancelled_result()));
+/// assert!(!is_error_result(r#"{"error":"x","data":1}"#) && !is_error_result("42"));
+/// ```
 pub fn cancelled_result() -> String {
     serde_json::json!({ "error": "cancelled" }).to_string()
 }
@@ -124,6 +131,21 @@ pub fn cancelled_result() -> String {
 /// registry holds.
 pub fn unavailable_result(name: &str) -> String {
     serde_json::json!({ "error": format!("tool {name} is not available") }).to_string()
+}
+
+/// Whether `output` is one of the error results the job task records
+/// (`{"error": …}`: a tool's error, bad arguments, cancelled, not available, not run):
+/// a JSON object whose only key is `error`. Providers whose API marks failed tool
+/// results (Anthropic's `is_error`) use it.
+pub fn is_error_result(output: &str) -> bool {
+    let trimmed = output.trim_start();
+    if !trimmed.starts_with('{') || !trimmed.contains("\"error\"") {
+        return false; // the common case, decided without parsing
+    }
+    matches!(
+        serde_json::from_str::<serde_json::Value>(output),
+        Ok(serde_json::Value::Object(map)) if map.len() == 1 && map.contains_key("error")
+    )
 }
 
 /// The result recorded for the calls of the last model call allowed

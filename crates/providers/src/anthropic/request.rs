@@ -17,6 +17,8 @@
 //!   calls (`ToolCall::output`, or else the `Tool` message for that call id) are all
 //!   put in one user message right after it; a call with neither gets an `is_error`
 //!   result saying it did not complete, so no `tool_use` is ever sent unanswered. A
+//!   result that is one of the job's error results (`{"error": …}`: the tool failed,
+//!   was cancelled, not available or not run) carries `is_error: true` too. A
 //!   `Tool` message already sent that way is not sent again; other `Tool` messages are
 //!   grouped with the results before them. A user message that follows tool results
 //!   joins their message, after them (the API wants `tool_result` blocks first).
@@ -168,6 +170,12 @@ impl Messages {
             Some("") => {}
             Some(text) => {
                 block.insert("content".into(), text.into());
+                // A failed call (the tool's error, bad arguments, cancelled, not
+                // available, not run) is flagged, as the API's docs ask, so the
+                // model does not read the error as the tool's answer.
+                if genstream_engine::tools::is_error_result(text) {
+                    block.insert("is_error".into(), true.into());
+                }
             }
             None => {
                 block.insert("content".into(), MISSING_RESULT.into());
@@ -237,6 +245,7 @@ mod tests {
             call("toolu_1", "add", r#"{"a":1,"b":2}"#, Some("3")),
             call("toolu_2", "now", "", None),
             call("toolu_3", "broken", "{\"x\":", None),
+            call("toolu_4", "add", "{}", Some(r#"{"error":"cancelled"}"#)),
         ];
         let request = ModelRequest {
             model: "configured".into(),
@@ -284,11 +293,13 @@ mod tests {
                         {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1, "b": 2}},
                         {"type": "tool_use", "id": "toolu_2", "name": "now", "input": {}},
                         {"type": "tool_use", "id": "toolu_3", "name": "broken", "input": {}},
+                        {"type": "tool_use", "id": "toolu_4", "name": "add", "input": {}},
                     ]},
                     {"role": "user", "content": [
                         {"type": "tool_result", "tool_use_id": "toolu_1", "content": "3"},
                         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "noon"},
                         {"type": "tool_result", "tool_use_id": "toolu_3", "content": MISSING_RESULT, "is_error": true},
+                        {"type": "tool_result", "tool_use_id": "toolu_4", "content": "{\"error\":\"cancelled\"}", "is_error": true},
                     ]},
                     {"role": "assistant", "content": [{"type": "text", "text": "It is noon; 1+2=3."}]},
                     {"role": "user", "content": "thanks"},
