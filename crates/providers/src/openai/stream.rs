@@ -10,14 +10,17 @@
 //!
 //! They are strict about what would lose data silently: a `data:` that is not JSON is a
 //! `Malformed` error, never skipped; a top-level `"error"` in a chunk (OpenRouter) or an
-//! `event: error` frame (Groq) is an `Upstream` error; a stream that ends with neither
-//! `[DONE]` nor a `finish_reason` is `Truncated`.
+//! `event: error` frame (Groq) is an `Upstream` error. A stream is complete only with
+//! both a `finish_reason` and `[DONE]`: a body that ends without `[DONE]` (even after a
+//! `finish_reason`: the usage chunk that follows it may be lost) or a `[DONE]` that
+//! came without any `finish_reason` is `Truncated`, a retryable failure, never a
+//! completed answer.
 //!
 //! Mapping: `delta.reasoning_content` (DeepSeek, xAI) or `delta.reasoning` (OpenRouter,
 //! Groq) → `Reasoning`; `delta.content` and `delta.refusal` → `Text`;
 //! `delta.tool_calls[]` → `ToolCall` fragments keyed by `index`; `usage` → `Usage`; the
-//! first non-empty `finish_reason` → one `Finish`, emitted last (after `[DONE]` or at
-//! the end of the body), so that usage sent after it still comes first. Only choice 0 is
+//! first non-empty `finish_reason` → one `Finish`, emitted last (at `[DONE]`), so that
+//! usage sent after it still comes first. Only choice 0 is
 //! read (genstream never asks for `n > 1`).
 
 use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent};
@@ -291,7 +294,16 @@ impl FrameParser for ChunkParser {
         }
         if data == "[DONE]" {
             self.done = true;
-            return self.finish_event().into_iter().map(Ok).collect();
+            return match self.finish_event() {
+                Some(finish) => vec![Ok(finish)],
+                None => vec![Err(ProviderError::new(
+                    ProviderErrorKind::Truncated,
+                    format!(
+                        "{}: upstream sent [DONE] without a finish_reason",
+                        self.provider
+                    ),
+                ))],
+            };
         }
         let chunk: Chunk = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
@@ -309,22 +321,24 @@ impl FrameParser for ChunkParser {
         self.on_chunk(chunk)
     }
 
-    /// The items for the end of the body (without `[DONE]`): the finish if a reason
-    /// came, else a `Truncated` error.
+    /// The items for the end of the body without `[DONE]`: a `Truncated` error, whether
+    /// or not a `finish_reason` came.
     fn on_end(&mut self) -> Vec<Item> {
         if self.done {
             return Vec::new();
         }
-        match self.finish_event() {
-            Some(finish) => vec![Ok(finish)],
-            None => vec![Err(ProviderError::new(
-                ProviderErrorKind::Truncated,
-                format!(
-                    "{}: upstream stream ended without [DONE] or a finish_reason",
-                    self.provider
-                ),
-            ))],
-        }
+        let after = if self.finish_event().is_some() {
+            " (after a finish_reason)"
+        } else {
+            ""
+        };
+        vec![Err(ProviderError::new(
+            ProviderErrorKind::Truncated,
+            format!(
+                "{}: upstream stream ended without [DONE]{after}",
+                self.provider
+            ),
+        ))]
     }
 
     /// True once `[DONE]` was seen.
@@ -722,15 +736,35 @@ mod tests {
         assert_eq!(s.order, "te");
     }
 
+    /// Complete only with a finish_reason *and* `[DONE]`; either alone is a truncated
+    /// stream.
     #[tokio::test]
-    async fn truncated_unless_finished() {
-        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
-        let s = summarize(replay(body, 4096).await);
-        assert_eq!(s.error.map(|e| e.kind), Some(ProviderErrorKind::Truncated));
-        let body =
-            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"}]}\n\n";
-        let s = summarize(replay(body, 4096).await);
-        assert_eq!(s.order, "tf");
+    async fn truncated_unless_finished_and_done() {
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let finish = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        let done = "data: [DONE]\n\n";
+        let truncated = |body: String| async move {
+            let s = summarize(replay(&body, 4096).await);
+            assert!(s.finish.is_none(), "{body}: {:?}", s.finish);
+            let e = s.error.unwrap_or_else(|| panic!("{body}: no error"));
+            assert_eq!(e.kind, ProviderErrorKind::Truncated, "{body}");
+            e.message
+        };
+        assert_eq!(
+            truncated(text.to_owned()).await,
+            "test: upstream stream ended without [DONE]"
+        );
+        assert_eq!(
+            truncated(format!("{text}{finish}")).await,
+            "test: upstream stream ended without [DONE] (after a finish_reason)"
+        );
+        assert_eq!(
+            truncated(format!("{text}{done}")).await,
+            "test: upstream sent [DONE] without a finish_reason"
+        );
+        let s = summarize(replay(&format!("{text}{finish}{done}"), 4096).await);
+        assert_eq!((s.order.as_str(), s.finish.as_deref()), ("tf", Some("stop")));
+        assert!(s.error.is_none());
     }
 
     #[tokio::test]
