@@ -6,8 +6,12 @@
 //! `retry` event's `discardStepIds`. Nothing else retries: the HTTP clients' own
 //! retries are off.
 //!
-//! Waits: exponential from `base` (doubling), with jitter (backon's, a random extra of
-//! up to the current delay), clamped to `cap`. An upstream's `Retry-After` (seconds or
+//! Waits: exponential from `base` (doubling), capped at `cap`, with "equal jitter": retry
+//! n waits a random time between half and all of `min(base × 2ⁿ⁻¹, cap)` — so with the
+//! defaults 0.5–1 s, 1–2 s, 2–4 s, …, and 15–30 s once the cap is reached. The jitter
+//! stays at the cap too, so many jobs failing together do not retry in lockstep (it
+//! is backon's jitter, a random extra of up to the delay, applied to a sequence of
+//! half-delays). An upstream's `Retry-After` (seconds or
 //! an HTTP date) or `retry-after-ms` replaces the computed wait; a value above `cap` is
 //! honoured up to `ceiling`, and beyond that the job fails with an error that says how
 //! long the upstream asked to wait (LESSONS: "a Retry-After longer than the cap cut
@@ -119,9 +123,11 @@ pub enum GiveUp {
 impl Backoff {
     /// A fresh sequence of waits for `policy`. `seed` fixes the jitter (tests).
     pub fn new(policy: RetryPolicy, seed: Option<u64>) -> Self {
+        // backon's jitter adds up to the delay again: over half-delays that gives
+        // [d/2, d), with d = min(base × 2ⁿ, cap) — jittered below and at the cap.
         let mut b = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(policy.base_ms))
-            .with_max_delay(Duration::from_millis(policy.cap_ms))
+            .with_min_delay(Duration::from_millis(policy.base_ms) / 2)
+            .with_max_delay(Duration::from_millis(policy.cap_ms) / 2)
             .with_factor(2.0)
             .with_max_times(policy.max_retries as usize)
             .with_jitter();
@@ -148,6 +154,7 @@ impl Backoff {
                 Err(GiveUp::RetryAfterTooLong(ra))
             }
             Some(ra) => Ok(ra),
+            // The guard only absorbs float rounding: `computed` is below `cap`.
             None => Ok(computed.min(cap)),
         }
     }
@@ -209,20 +216,27 @@ mod tests {
             cap_ms: 30_000,
             ceiling_ms: 60_000,
         };
-        let mut b = Backoff::new(policy, Some(7));
         let e = http(503, None);
-        let mut prev_floor = 0u64;
-        for i in 0..6u32 {
-            let d = b.next_delay(&e).unwrap().as_millis() as u64;
-            let floor = (1000u64 << i).min(30_000);
-            assert!(
-                d >= floor && d < (floor * 2).min(30_001),
-                "retry {i}: {d} ms not in [{floor}, 2×{floor})"
-            );
-            assert!(floor >= prev_floor);
-            prev_floor = floor;
+        let mut at_cap = std::collections::BTreeSet::new();
+        for seed in 0..50 {
+            let mut b = Backoff::new(policy, Some(seed));
+            for i in 0..6u32 {
+                let d = b.next_delay(&e).unwrap().as_millis() as u64;
+                let ceiling = (1000u64 << i).min(30_000);
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "seed {seed}, retry {i}: {d} ms not in [{}, {ceiling}]",
+                    ceiling / 2
+                );
+                if ceiling == 30_000 {
+                    at_cap.insert(d);
+                }
+            }
+            assert_eq!(b.next_delay(&e), Err(GiveUp::Exhausted));
         }
-        assert_eq!(b.next_delay(&e), Err(GiveUp::Exhausted));
+        // At the cap the waits still differ (no lockstep), and none reaches past it.
+        assert!(at_cap.len() >= 45, "{at_cap:?}");
+        assert!(at_cap.iter().all(|d| (15_000..=30_000).contains(d)));
     }
 
     #[test]
