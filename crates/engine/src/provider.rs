@@ -87,7 +87,7 @@ pub enum ProviderEvent {
 pub type ProviderStream = BoxStream<'static, Result<ProviderEvent, ProviderError>>;
 
 /// Kinds of upstream failure, which decide retryability (issue 3/4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderErrorKind {
     /// The upstream answered with a non-success HTTP status.
@@ -101,22 +101,34 @@ pub enum ProviderErrorKind {
     /// A chunk that is not what the protocol says.
     Malformed,
     /// An error reported inside the stream (`{"error": …}`, `event: error`).
+    #[default]
     Upstream,
     /// Configuration (missing API key, unknown model…).
     Config,
 }
 
 /// An upstream failure, with what the upstream said.
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Clone, Debug, Default, thiserror::Error)]
 #[error("{message}")]
 pub struct ProviderError {
     pub kind: ProviderErrorKind,
-    /// HTTP status, when there was one.
+    /// HTTP status, when there was one; for an error reported inside a stream, the
+    /// status the upstream gave it (OpenRouter's numeric `error.code`, or the status
+    /// Anthropic documents for its `error.type`).
     pub status: Option<u16>,
     /// Human-readable, quoting the upstream's own message where it gave one.
     pub message: String,
     /// The upstream's `Retry-After` / `retry-after-ms`, parsed.
     pub retry_after: Option<Duration>,
+    /// The upstream's structured identifiers of an error it reported, as given:
+    /// Anthropic's `error.type` (`overloaded_error`), OpenAI-compatible `error.type` and
+    /// string `error.code` (`server_error`, `rate_limit_exceeded`). With `status`, what
+    /// the retry layer classifies an in-stream error by.
+    pub codes: Vec<String>,
+    /// The upstream's own error text (`Overloaded`), without genstream's wording around
+    /// it: what the retry layer reads, as a last resort, when neither `status` nor
+    /// `codes` says whether the error is worth a retry.
+    pub detail: Option<String>,
 }
 
 impl ProviderError {
@@ -124,9 +136,8 @@ impl ProviderError {
     pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
         ProviderError {
             kind,
-            status: None,
             message: message.into(),
-            retry_after: None,
+            ..Default::default()
         }
     }
 }

@@ -98,6 +98,7 @@ fn http(status: u16, retry_after: Option<Duration>) -> ProviderError {
         status: Some(status),
         message: format!("upstream says {status}"),
         retry_after,
+        ..Default::default()
     }
 }
 fn tool_chunk(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> Step {
@@ -257,16 +258,8 @@ async fn retryable_failures_wait_exponentially_and_the_answer_has_no_duplicate_t
     assert_eq!(r.len(), 2);
     assert_eq!((r[0].attempt, r[0].max_attempts), (1, 4));
     // Equal jitter: retry n waits between half and all of base × 2ⁿ⁻¹.
-    assert!(
-        (500..=1000).contains(&r[0].delay_ms),
-        "{}",
-        r[0].delay_ms
-    );
-    assert!(
-        (1000..=2000).contains(&r[1].delay_ms),
-        "{}",
-        r[1].delay_ms
-    );
+    assert!((500..=1000).contains(&r[0].delay_ms), "{}", r[0].delay_ms);
+    assert!((1000..=2000).contains(&r[1].delay_ms), "{}", r[1].delay_ms);
     assert_eq!(
         r[0].discard_step_ids.len(),
         1,

@@ -139,7 +139,7 @@ impl Provider for DemoProvider {
                 kind: ProviderErrorKind::Http,
                 status: Some(500),
                 message: "demo: failure before stream".to_owned(),
-                retry_after: None,
+                ..Default::default()
             });
         }
         let chars: usize = request

@@ -143,13 +143,9 @@ async fn json_instead_of_stream(
     let body = response.bytes().await.unwrap_or_default();
     let error = serde_json::from_slice::<Value>(&body)
         .ok()
-        .filter(|v| v.get("error").is_some_and(|e| !e.is_null()))
-        .and_then(|v| describe(&v));
+        .filter(|v| v.get("error").is_some_and(|e| !e.is_null()));
     match error {
-        Some(message) => ProviderError::new(
-            ProviderErrorKind::Upstream,
-            format!("{provider}: upstream reported an error: {message}"),
-        ),
+        Some(value) => reported_error(provider, Some(&value), "", describe),
         None => ProviderError::new(
             ProviderErrorKind::Malformed,
             format!(
@@ -187,6 +183,7 @@ pub(crate) async fn status_error(
         status: Some(status.as_u16()),
         message,
         retry_after,
+        ..Default::default()
     }
 }
 
@@ -231,6 +228,71 @@ pub(crate) fn error_message(value: &Value) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The `Upstream` error for a failure the upstream reported inside a 2xx answer: an
+/// error chunk or event, or a JSON error body. `value` is its JSON (`None` when it was
+/// not JSON, then `raw` is quoted). The message quotes what `describe` reads; the
+/// structured parts the retry layer classifies by come from the error object (the
+/// value's `error` when that is an object, else the value itself; the first element
+/// of an array):
+/// - `status`: a numeric `code` (OpenRouter sends the HTTP status there), else a
+///   numeric `status_code` or `status`;
+/// - `codes`: the string `type`, `code` and `status` (`overloaded_error`,
+///   `rate_limit_exceeded`, Gemini's `UNAVAILABLE`);
+/// - `detail`: its `message` (or the error itself when it is a string; `raw` when the
+///   data was not JSON).
+pub(crate) fn reported_error(
+    provider: &str,
+    value: Option<&Value>,
+    raw: &str,
+    describe: Describe,
+) -> ProviderError {
+    let quoted = || truncate(raw.trim(), MAX_QUOTED_CHARS);
+    let text = value.and_then(describe).unwrap_or_else(quoted);
+    let mut error = ProviderError::new(
+        ProviderErrorKind::Upstream,
+        format!("{provider}: upstream reported an error: {text}"),
+    );
+    let Some(value) = value else {
+        error.detail = Some(quoted());
+        return error;
+    };
+    let mut object = value;
+    while let Some(first) = object.as_array().and_then(|a| a.first()) {
+        object = first;
+    }
+    match object.get("error") {
+        Some(Value::String(s)) => {
+            error.detail = Some(s.clone());
+            return error;
+        }
+        Some(inner @ Value::Object(_)) => object = inner,
+        _ => {}
+    }
+    let status_of = |v: &Value| {
+        match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        }
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|n| (100..=999).contains(n))
+    };
+    error.status = ["code", "status_code", "status"]
+        .iter()
+        .find_map(|key| object.get(*key).and_then(status_of));
+    error.codes = ["type", "code", "status"]
+        .iter()
+        .filter_map(|key| object.get(*key)?.as_str())
+        .filter(|s| !s.is_empty() && s.trim().parse::<u64>().is_err())
+        .map(str::to_owned)
+        .collect();
+    error.detail = object
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    error
 }
 
 /// The wait asked for by `retry-after-ms` or `Retry-After`, relative to `now` for an

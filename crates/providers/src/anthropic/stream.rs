@@ -63,7 +63,7 @@ use serde_json::{Map, Value};
 use sse_stream::Sse;
 
 use super::error_detail;
-use crate::http::truncate;
+use crate::http::{reported_error, truncate};
 use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// The event types this parser acts on; events named otherwise are skipped unread.
@@ -415,15 +415,17 @@ impl EventParser {
                 );
             }
             "error" => {
-                let detail = error_detail(&value).unwrap_or_else(|| truncate(data, SNIPPET_CHARS));
-                let mut error = self.upstream_error(&detail);
+                let mut error = reported_error(
+                    &self.provider,
+                    Some(&value),
+                    &truncate(data, SNIPPET_CHARS),
+                    error_detail,
+                );
                 // The status Anthropic uses for this error type over HTTP, so the retry
                 // layer classifies an in-stream error exactly like the HTTP one.
-                error.status = value
-                    .get("error")
-                    .and_then(|e| e.get("type"))
-                    .and_then(|t| t.as_str())
-                    .and_then(status_of_error_type);
+                if error.status.is_none() {
+                    error.status = error.codes.first().and_then(|t| status_of_error_type(t));
+                }
                 return Err(error);
             }
             // ping, and event types added after this was written.
@@ -458,13 +460,6 @@ impl EventParser {
     fn fail(&self, error: ProviderError) -> Vec<Item> {
         let usage = self.usage_event().filter(|_| self.final_usage);
         usage.map(Ok).into_iter().chain([Err(error)]).collect()
-    }
-
-    fn upstream_error(&self, detail: &str) -> ProviderError {
-        ProviderError::new(
-            ProviderErrorKind::Upstream,
-            format!("{}: upstream reported an error: {detail}", self.provider),
-        )
     }
 }
 
@@ -540,7 +535,12 @@ impl FrameParser for EventParser {
         let value: Value = match serde_json::from_str(data) {
             Ok(value) => value,
             Err(_) if event == Some("error") => {
-                let error = self.upstream_error(&truncate(data, SNIPPET_CHARS));
+                let error = reported_error(
+                    &self.provider,
+                    None,
+                    &truncate(data, SNIPPET_CHARS),
+                    error_detail,
+                );
                 return self.fail(error);
             }
             Err(e) => {
@@ -957,6 +957,10 @@ mod tests {
         assert_eq!(
             e.message,
             "test: upstream reported an error: overloaded_error: Overloaded (request_id req_1)"
+        );
+        assert_eq!(
+            (e.codes.as_slice(), e.detail.as_deref()),
+            (&["overloaded_error".to_owned()][..], Some("Overloaded"))
         );
         // Not JSON, and after final usage: the usage comes first.
         let body = "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n\

@@ -19,8 +19,7 @@ use genstream_engine::provider::{ModelRequest, Role};
 use serde_json::{Map, Value, json};
 
 /// The `tool` message content for a call that has no result in the history.
-pub(crate) const MISSING_RESULT: &str =
-    r#"{"error":"no result: the tool call did not complete"}"#;
+pub(crate) const MISSING_RESULT: &str = r#"{"error":"no result: the tool call did not complete"}"#;
 
 /// The JSON body of one streaming request for upstream model `model`.
 pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
@@ -70,7 +69,8 @@ pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
                         .as_deref()
                         .or_else(|| tool_messages.get(call.id.as_str()).copied())
                         .unwrap_or(MISSING_RESULT);
-                    messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": output}));
+                    messages
+                        .push(json!({"role": "tool", "tool_call_id": call.id, "content": output}));
                     answered.insert(call.id.as_str());
                 }
             }

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sse_stream::Sse;
 
-use crate::http::{error_message, truncate};
+use crate::http::{error_message, reported_error, truncate};
 use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// One `chat.completion.chunk`, leniently.
@@ -156,8 +156,14 @@ impl ChunkParser {
             if let Some(usage) = chunk.usage {
                 out.push(Ok(ProviderEvent::Usage(self.usage_record(usage))));
             }
-            let detail = error_message(&error).unwrap_or_else(|| error.to_string());
-            out.push(Err(self.upstream_error(&detail)));
+            let raw = error.to_string();
+            let chunk = serde_json::json!({ "error": error });
+            out.push(Err(reported_error(
+                &self.provider,
+                Some(&chunk),
+                &raw,
+                error_message,
+            )));
             return out;
         }
         for choice in chunk.choices.unwrap_or_default() {
@@ -218,13 +224,6 @@ impl ChunkParser {
         self.finish.take().map(ProviderEvent::Finish)
     }
 
-    fn upstream_error(&self, detail: &str) -> ProviderError {
-        ProviderError::new(
-            ProviderErrorKind::Upstream,
-            format!("{}: upstream reported an error: {detail}", self.provider),
-        )
-    }
-
     fn usage_record(&self, usage: Usage) -> UsageRecord {
         let prompt = usage.prompt_tokens_details.unwrap_or_default();
         let input = usage.input_token_details.unwrap_or_default();
@@ -276,11 +275,13 @@ impl FrameParser for ChunkParser {
             None | Some("" | "message") => {}
             Some("error") => {
                 let data = sse.data.as_deref().unwrap_or_default();
-                let detail = serde_json::from_str::<Value>(data)
-                    .ok()
-                    .and_then(|v| error_message(&v))
-                    .unwrap_or_else(|| truncate(data.trim(), SNIPPET_CHARS));
-                return vec![Err(self.upstream_error(&detail))];
+                let value = serde_json::from_str::<Value>(data).ok();
+                return vec![Err(reported_error(
+                    &self.provider,
+                    value.as_ref(),
+                    &truncate(data.trim(), SNIPPET_CHARS),
+                    error_message,
+                ))];
             }
             // Chat Completions sends no other event types; a client listens to
             // messages only (WHATWG HTML, "Server-sent events", dispatch by type).
@@ -691,6 +692,12 @@ mod tests {
         let e = s.error.unwrap();
         assert_eq!(e.kind, ProviderErrorKind::Upstream);
         assert!(e.message.contains("Token limit reached"), "{}", e.message);
+        // OpenRouter's numeric code is the HTTP status: a 400 is not retried.
+        assert_eq!(
+            (e.status, e.detail.as_deref()),
+            (Some(400), Some("Token limit reached"))
+        );
+        assert!(!genstream_engine::retry::is_retryable(&e));
         assert_eq!(s.usage.map(|u| u.output_tokens), Some(10));
         let s = summarize(
             replay(
@@ -706,6 +713,28 @@ mod tests {
             "{}",
             e.message
         );
+        assert_eq!(e.status, Some(400), "Groq's status_code");
+        assert_eq!(e.codes, ["invalid_request_error", "tool_use_failed"]);
+        assert!(!genstream_engine::retry::is_retryable(&e));
+        // The mock's OpenRouter-style overload chunk, and an error whose only clue is
+        // its text: classified by the upstream's words, never by the provider's name.
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+            data: {\"error\":{\"message\":\"Overloaded\",\"type\":\"overloaded_error\",\"code\":529},\"choices\":[]}\n\n";
+        let e = summarize(replay(body, 4096).await).error.unwrap();
+        assert_eq!(
+            (e.status, e.codes.as_slice()),
+            (Some(529), &["overloaded_error".to_owned()][..])
+        );
+        assert!(genstream_engine::retry::is_retryable(&e));
+        let body = "data: {\"error\":{\"message\":\"upstream timed out\"}}\n\n";
+        let e = summarize(replay(body, 4096).await).error.unwrap();
+        assert_eq!((e.status, e.codes.len()), (None, 0));
+        assert_eq!(e.detail.as_deref(), Some("upstream timed out"));
+        assert!(genstream_engine::retry::is_retryable(&e));
+        let body = "event: error\ndata: not json at all\n\n";
+        let e = summarize(replay(body, 4096).await).error.unwrap();
+        assert_eq!(e.detail.as_deref(), Some("not json at all"));
+        assert!(!genstream_engine::retry::is_retryable(&e));
     }
 
     #[tokio::test]
@@ -763,7 +792,10 @@ mod tests {
             "test: upstream sent [DONE] without a finish_reason"
         );
         let s = summarize(replay(&format!("{text}{finish}{done}"), 4096).await);
-        assert_eq!((s.order.as_str(), s.finish.as_deref()), ("tf", Some("stop")));
+        assert_eq!(
+            (s.order.as_str(), s.finish.as_deref()),
+            ("tf", Some("stop"))
+        );
         assert!(s.error.is_none());
     }
 
