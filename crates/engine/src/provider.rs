@@ -148,6 +148,15 @@ pub trait Provider: Send + Sync + 'static {
     /// The provider's kind as shown in `GET /api/models` (`demo`, `openai`, …).
     fn kind(&self) -> &str;
 
+    /// Whether the provider applies the first-byte and idle-gap timeouts itself. The
+    /// HTTP providers do, to the upstream's bytes, so that pings, SSE comments and
+    /// frames that make no event count as signs of life (a slow but live upstream is
+    /// not killed and retried). When false (the default), the engine applies them to
+    /// the provider's events, from its model's [`Timeouts`](crate::retry::Timeouts).
+    fn applies_timeouts(&self) -> bool {
+        false
+    }
+
     /// Starts one attempt. `cancel` fires on abort; a provider should stop promptly
     /// (dropping the returned stream also stops it).
     async fn stream(

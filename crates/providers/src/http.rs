@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use genstream_engine::provider::{ProviderError, ProviderErrorKind};
 
 use crate::BuildError;
+use crate::sse::{Deadlines, timeout_error};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -96,20 +97,22 @@ pub(crate) type Describe = fn(&Value) -> Option<String>;
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_QUOTED_CHARS: usize = 500;
 
-/// Sends one streaming request and waits for the head of the answer.
+/// Sends one streaming request and waits for the head of the answer, until the
+/// first-byte deadline of `deadlines`.
 ///
 /// `Ok(Some(response))` for a 2xx answer that is not JSON (the event stream);
 /// `Ok(None)` when `cancel` fired first (the request is dropped). `describe` reads the
 /// upstream's error bodies.
 ///
 /// # Errors
-/// `Connect`/`Timeout` (no answer), `Http` (non-2xx, with status, message and
+/// `Connect`/`Timeout` (no answer, or none by the deadline), `Http` (non-2xx, with status, message and
 /// `retry_after`), `Upstream` (a 2xx JSON error body: some servers answer a streaming
 /// request so), `Malformed` (a 2xx JSON body that is not an error).
 pub(crate) async fn open_stream(
     provider: &str,
     request: reqwest::RequestBuilder,
     cancel: &CancellationToken,
+    deadlines: Deadlines,
     describe: Describe,
 ) -> Result<Option<reqwest::Response>, ProviderError> {
     let answer = async {
@@ -127,10 +130,15 @@ pub(crate) async fn open_stream(
         }
         Ok(response)
     };
+    // The answer's head (and an error body) count against the first-byte budget.
+    let answer = tokio::time::timeout_at(deadlines.first_byte_deadline, answer);
     tokio::select! {
         biased;
         () = cancel.cancelled() => Ok(None),
-        response = answer => response.map(Some),
+        response = answer => match response {
+            Ok(response) => response.map(Some),
+            Err(_) => Err(timeout_error(provider, "first byte", deadlines.first_byte)),
+        },
     }
 }
 

@@ -601,3 +601,66 @@ async fn x_api_key_child() {
     // Anthropic takes the key in x-api-key, never as a bearer token.
     assert_eq!(header("authorization"), None);
 }
+
+/// A provider on `mock` with short first-byte and idle timeouts (400 ms each).
+fn impatient(mock: &MockUpstream, upstream_model: &str) -> Arc<dyn Provider> {
+    let providers = BTreeMap::from([(
+        "claude".to_owned(),
+        ProviderConfig {
+            kind: "anthropic".into(),
+            base_url: mock.base_url(),
+            timeouts: genstream_engine::retry::Timeouts {
+                connect_ms: 1000,
+                first_byte_ms: 400,
+                idle_ms: 400,
+            },
+            ..Default::default()
+        },
+    )]);
+    build("claude", &providers, &json!({"model": upstream_model})).unwrap()
+}
+
+/// Anthropic's `ping` events, before `message_start` or between events, keep a live
+/// upstream alive for three times the timeouts; the same stretch of silence is a
+/// timeout.
+#[tokio::test]
+async fn pings_are_not_timeouts_but_silence_is() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let cases = [
+        ("echo?lead_ms=1200&keepalive_ms=50", None),
+        ("echo?gap_ms=1200&keepalive_ms=50", None),
+        (
+            "echo?lead_ms=1200&keepalive_ms=0",
+            Some("first byte timeout of 0.4 s"),
+        ),
+        (
+            "echo?gap_ms=1200&keepalive_ms=0",
+            Some("idle gap timeout of 0.4 s"),
+        ),
+    ];
+    let runs = futures::future::join_all(cases.iter().map(|(model, _)| {
+        let p = impatient(&mock, model);
+        async move {
+            let t0 = std::time::Instant::now();
+            let stream = p.stream(request("alive and well"), CancellationToken::new());
+            let items: Vec<Item> = stream.await.unwrap().collect().await;
+            (summarize(items), t0.elapsed())
+        }
+    }))
+    .await;
+    for ((model, timeout), (s, took)) in cases.iter().zip(runs) {
+        match timeout {
+            None => {
+                assert!(s.error.is_none(), "{model}: {:?}", s.error);
+                assert_eq!(s.text, "alive and well", "{model}");
+                assert!(took >= Duration::from_millis(1200), "{model}: {took:?}");
+            }
+            Some(says) => {
+                let e = s.error.unwrap_or_else(|| panic!("{model}: no timeout"));
+                assert_eq!(e.kind, ProviderErrorKind::Timeout, "{model}: {}", e.message);
+                assert!(e.message.contains(says), "{model}: {}", e.message);
+                assert!(took < Duration::from_millis(1200), "{model}: {took:?}");
+            }
+        }
+    }
+}

@@ -280,7 +280,10 @@ impl JobRun {
     }
 
     /// One attempt: stream the upstream's answer into the log under the first-byte
-    /// and idle-gap timeouts; returns the tool calls it asked for.
+    /// and idle-gap timeouts; returns the tool calls it asked for. A provider that
+    /// applies the timeouts itself (the HTTP ones, to the upstream's bytes, so that
+    /// pings and comments count) reports them as `Timeout` errors; for the others they
+    /// are applied here, to the provider's events.
     async fn call_once(&mut self) -> Result<Vec<PendingCall>, CallError> {
         let mut request = self.request.clone();
         request.model = self.model.name.clone();
@@ -289,12 +292,20 @@ impl JobRun {
         let first_byte = Duration::from_millis(self.model.timeouts.first_byte_ms);
         let idle = Duration::from_millis(self.model.timeouts.idle_ms);
         let provider = self.model.provider.clone();
+        let timed_here = !provider.applies_timeouts();
         let cancel = self.cancel.clone();
         let started = Instant::now();
+        let opened = provider.stream(request, cancel.child_token());
         let stream = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(self.stopped().into()),
-            s = tokio::time::timeout(first_byte, provider.stream(request, cancel.child_token())) => s,
+            s = async {
+                if timed_here {
+                    tokio::time::timeout(first_byte, opened).await
+                } else {
+                    Ok(opened.await)
+                }
+            } => s,
         };
         let mut stream = match stream {
             Ok(Ok(s)) => s,
@@ -316,7 +327,13 @@ impl JobRun {
                     self.record_usage(usage.take(), true).await.ok();
                     return Err(self.stopped().into());
                 }
-                item = tokio::time::timeout(limit, stream.next()) => item,
+                item = async {
+                    if timed_here {
+                        tokio::time::timeout(limit, stream.next()).await
+                    } else {
+                        Ok(stream.next().await)
+                    }
+                } => item,
             };
             let event = match item {
                 Err(_) => {

@@ -606,6 +606,7 @@ mod tests {
             futures::stream::iter(bytes),
             parser,
             CancellationToken::new(),
+            crate::sse::Deadlines::relaxed(),
         )
         .collect()
         .await
@@ -1042,7 +1043,12 @@ mod tests {
             b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n",
         ))])
         .chain(futures::stream::pending());
-        let mut s = event_stream(body, EventParser::new("t", "m", 0), cancel.clone());
+        let mut s = event_stream(
+            body,
+            EventParser::new("t", "m", 0),
+            cancel.clone(),
+            crate::sse::Deadlines::relaxed(),
+        );
         assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
         cancel.cancel();
         assert!(s.next().await.is_none());

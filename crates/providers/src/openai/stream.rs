@@ -401,6 +401,7 @@ mod tests {
             futures::stream::iter(bytes),
             parser,
             CancellationToken::new(),
+            crate::sse::Deadlines::relaxed(),
         )
         .collect()
         .await
@@ -806,7 +807,12 @@ mod tests {
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
         ))])
         .chain(futures::stream::pending());
-        let mut s = event_stream(body, ChunkParser::new("t", "m", 0), cancel.clone());
+        let mut s = event_stream(
+            body,
+            ChunkParser::new("t", "m", 0),
+            cancel.clone(),
+            crate::sse::Deadlines::relaxed(),
+        );
         assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
         cancel.cancel();
         assert!(s.next().await.is_none());
