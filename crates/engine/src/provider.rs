@@ -40,6 +40,22 @@ pub struct ChatMessage {
     /// For `Tool`: the id of the call this answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// For `Assistant`: the signed and redacted thinking blocks that began this turn,
+    /// in order, for upstreams that need them back (Anthropic, with extended thinking
+    /// on, requires them at the start of a turn with tool calls). Unsigned reasoning is
+    /// not kept: it cannot be sent back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasoning: Vec<ReasoningBlock>,
+}
+
+/// A thinking block of an assistant turn, to be sent back as it came.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReasoningBlock {
+    /// Thinking text and the signature the upstream gave it.
+    Thinking { thinking: String, signature: String },
+    /// A redacted thinking block's opaque data.
+    Redacted { data: String },
 }
 
 /// A tool the model may call: name, description, JSON Schema of its arguments.
@@ -70,6 +86,12 @@ pub enum ProviderEvent {
     Text(String),
     /// Reasoning / thinking text.
     Reasoning(String),
+    /// The signature of the thinking block whose text just streamed (Anthropic's
+    /// `signature_delta`); it ends that block, so reasoning after it is a new block.
+    ReasoningSignature(String),
+    /// A whole redacted thinking block: its opaque data (Anthropic's
+    /// `redacted_thinking`).
+    RedactedReasoning(String),
     /// A fragment of tool call `index`; `id` and `name` may come in any fragment.
     ToolCall {
         index: u32,

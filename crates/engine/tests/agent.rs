@@ -18,7 +18,8 @@ use genstream_engine::log::{EventLog, LogLimits};
 use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, StartRequest};
 use genstream_engine::persist::{MemoryPersistence, Persistence};
 use genstream_engine::provider::{
-    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream, Role,
+    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
+    ReasoningBlock, Role,
 };
 use genstream_engine::retry::RetryPolicy;
 use genstream_engine::store::{JobStore, MemoryStore};
@@ -764,4 +765,98 @@ async fn abort_mid_stream_of_tool_arguments_closes_the_call_with_cancelled() {
         tool_call.output.as_deref(),
         Some("{\"error\":\"cancelled\"}")
     );
+}
+
+/// Anthropic's signed and redacted thinking blocks travel from the provider's events
+/// through the log into the content, the next model call of the tool loop and — via
+/// the saved message — the next turn's history, verbatim and in order; a failed
+/// attempt's blocks do not.
+#[tokio::test(start_paused = true)]
+async fn thinking_signatures_and_redacted_blocks_reach_the_next_calls() {
+    let reasoning = |t: &str| Step::Emit(ProviderEvent::Reasoning(t.into()));
+    let signature = |s: &str| Step::Emit(ProviderEvent::ReasoningSignature(s.into()));
+    let redacted = |d: &str| Step::Emit(ProviderEvent::RedactedReasoning(d.into()));
+    let p = Scripted::new(vec![
+        // A failed attempt: its thinking and signature are discarded with it.
+        vec![
+            reasoning("wrong "),
+            signature("EqStale"),
+            Step::Fail(http(529, None)),
+        ],
+        vec![
+            reasoning("I should "),
+            reasoning("add."),
+            signature("EqSig1"),
+            redacted("EmwKAhgB"),
+            tool_chunk(0, Some("c1"), Some("add"), "{\"a\":1,\"b\":2}"),
+            finish("tool_use"),
+        ],
+        vec![signature("EqOmitted"), text("3."), finish("end_turn")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, response_id, _) = run(&h).await;
+    let EventBody::Final(f) = last(&events) else {
+        panic!("{:?}", last(&events))
+    };
+    let think = |t: &str, s: &str| ContentPart::Think {
+        think: t.into(),
+        signature: Some(s.into()),
+    };
+    let content = &f.response_message.content;
+    assert_eq!(content[0], think("I should add.", "EqSig1"));
+    assert_eq!(
+        content[1],
+        ContentPart::RedactedThinking {
+            data: "EmwKAhgB".into()
+        }
+    );
+    assert!(matches!(&content[2], ContentPart::ToolCall { .. }));
+    // A block with no text (its thinking omitted) is a part of its own.
+    assert_eq!(content[3], think("", "EqOmitted"));
+    assert_eq!(content[4], ContentPart::Text { text: "3.".into() });
+    assert_eq!(content.len(), 5);
+    let blocks = vec![
+        ReasoningBlock::Thinking {
+            thinking: "I should add.".into(),
+            signature: "EqSig1".into(),
+        },
+        ReasoningBlock::Redacted {
+            data: "EmwKAhgB".into(),
+        },
+    ];
+    let reqs = p.requests.lock().clone();
+    assert_eq!(reqs.len(), 3);
+    let turn = reqs[2].messages.last().unwrap();
+    assert_eq!((turn.role, &turn.reasoning), (Role::Assistant, &blocks));
+    // The next turn rebuilds the same blocks from the saved message.
+    let saved = h.db.get_message(&response_id).await.unwrap().unwrap();
+    assert_eq!(&saved.content, content);
+    run_request(
+        &h,
+        StartRequest {
+            user_id: "u".into(),
+            text: "again".into(),
+            conversation_id: Some(saved.conversation_id.clone()),
+            parent_message_id: Some(response_id),
+            ..Default::default()
+        },
+    )
+    .await;
+    let reqs = p.requests.lock().clone();
+    let history = &reqs.last().unwrap().messages;
+    let assistants: Vec<_> = history
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .collect();
+    assert_eq!(assistants.len(), 2);
+    assert_eq!(assistants[0].reasoning, blocks);
+    assert_eq!(assistants[0].tool_calls.len(), 1);
+    assert_eq!(
+        assistants[1].reasoning,
+        [ReasoningBlock::Thinking {
+            thinking: String::new(),
+            signature: "EqOmitted".into()
+        }]
+    );
+    assert_eq!(assistants[1].text, "3.");
 }

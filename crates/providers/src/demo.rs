@@ -397,6 +397,7 @@ mod tests {
                 text: text.into(),
                 tool_calls: vec![],
                 tool_call_id: None,
+                reasoning: vec![],
             }],
             tools: vec![],
             call_index: 2,

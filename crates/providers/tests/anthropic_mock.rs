@@ -44,6 +44,7 @@ fn user(text: &str) -> ChatMessage {
         text: text.into(),
         tool_calls: vec![],
         tool_call_id: None,
+        reasoning: vec![],
     }
 }
 
@@ -73,6 +74,8 @@ async fn run(mock: &MockUpstream, model: &str) -> Result<Vec<Item>, ProviderErro
 struct Summary {
     text: String,
     reasoning: String,
+    signatures: Vec<String>,
+    redacted: Vec<String>,
     /// index → (id, name, args)
     tools: BTreeMap<u32, (String, String, String)>,
     usage: Option<UsageRecord>,
@@ -104,6 +107,8 @@ fn summarize(items: Vec<Item>) -> Summary {
                 s.reasoning.push_str(&t);
                 push(&mut s.order, 'r');
             }
+            Ok(ProviderEvent::ReasoningSignature(sig)) => s.signatures.push(sig),
+            Ok(ProviderEvent::RedactedReasoning(data)) => s.redacted.push(data),
             Ok(ProviderEvent::ToolCall {
                 index,
                 id,
@@ -435,6 +440,7 @@ async fn echo_and_request_body() {
             },
         ],
         tool_call_id: None,
+        reasoning: vec![],
     };
     let req = ModelRequest {
         model: "configured-name".into(),
@@ -447,6 +453,7 @@ async fn echo_and_request_body() {
                 text: "Sunny at noon.".into(),
                 tool_calls: vec![],
                 tool_call_id: None,
+                reasoning: vec![],
             },
             user("say these words"),
         ],

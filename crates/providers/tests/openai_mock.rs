@@ -46,6 +46,7 @@ fn request(text: &str) -> ModelRequest {
             text: text.into(),
             tool_calls: vec![],
             tool_call_id: None,
+            reasoning: vec![],
         }],
         tools: vec![],
         call_index: 0,
@@ -98,6 +99,12 @@ fn summarize(items: Vec<Item>) -> Summary {
             Ok(ProviderEvent::Reasoning(t)) => {
                 s.reasoning.push_str(&t);
                 push(&mut s.order, 'r');
+            }
+            Ok(
+                other
+                @ (ProviderEvent::ReasoningSignature(_) | ProviderEvent::RedactedReasoning(_)),
+            ) => {
+                panic!("not a Chat Completions event: {other:?}")
             }
             Ok(ProviderEvent::ToolCall {
                 index,

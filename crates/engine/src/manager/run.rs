@@ -4,6 +4,7 @@
 //! response and appends exactly one terminal event.
 
 use super::*;
+use crate::provider::ReasoningBlock;
 
 /// A retryable timeout error naming which budget ran out.
 fn timeout_error(what: &str, limit: Duration) -> ProviderError {
@@ -84,6 +85,9 @@ pub(super) struct JobRun {
     attempt_text: String,
     /// Text of the current model call (the assistant turn sent back with tool results).
     call_text: String,
+    /// Signed and redacted thinking blocks of the current model call, which begin the
+    /// assistant turn sent back with its tool results.
+    call_reasoning: Vec<ReasoningBlock>,
     /// Tool calls of the current model call, by the upstream's index.
     pending: std::collections::BTreeMap<u32, PendingCall>,
 }
@@ -123,6 +127,7 @@ impl JobRun {
             attempt_chars: 0,
             attempt_text: String::new(),
             call_text: String::new(),
+            call_reasoning: Vec::new(),
             pending: Default::default(),
         }
     }
@@ -238,6 +243,7 @@ impl JobRun {
             self.attempt_chars = 0;
             self.attempt_text.clear();
             self.call_text.clear();
+            self.call_reasoning.clear();
             self.pending.clear();
             self.current = None;
             let error = match self.call_once().await {
@@ -353,6 +359,8 @@ impl JobRun {
             match event {
                 ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await?,
                 ProviderEvent::Reasoning(t) => self.delta(PartKind::Think, t).await?,
+                ProviderEvent::ReasoningSignature(sig) => self.signature(sig).await?,
+                ProviderEvent::RedactedReasoning(data) => self.redacted(data).await?,
                 ProviderEvent::ToolCall {
                     index,
                     id,
@@ -431,29 +439,13 @@ impl JobRun {
         if kind == PartKind::Text {
             self.call_text.push_str(&text);
         }
-        let step_id = match &self.current {
-            Some((id, k)) if *k == kind => id.clone(),
-            _ => {
-                let (id, index) = self.new_step();
-                let step = EventBody::RunStep(RunStep {
-                    id: id.clone(),
-                    run_id: self.run_id(),
-                    index,
-                    step_type: StepType::MessageCreation,
-                    step_details: StepDetails::MessageCreation {
-                        message_creation: MessageCreation {
-                            message_id: self.meta.response_message_id.clone(),
-                        },
-                    },
-                });
-                self.emit(step).await?;
-                self.current = Some((id.clone(), kind));
-                id
-            }
-        };
+        let step_id = self.message_step(kind).await?;
         let part = match kind {
             PartKind::Text => crate::event::ContentPart::Text { text },
-            PartKind::Think => crate::event::ContentPart::Think { think: text },
+            PartKind::Think => crate::event::ContentPart::Think {
+                think: text,
+                signature: None,
+            },
         };
         let delta = Delta {
             id: step_id,
@@ -465,6 +457,76 @@ impl JobRun {
             PartKind::Text => EventBody::MessageDelta(delta),
             PartKind::Think => EventBody::ReasoningDelta(delta),
         })
+        .await
+    }
+
+    /// The step deltas of `kind` go to: the current one if it is of that kind, else a
+    /// new `message_creation` step.
+    async fn message_step(&mut self, kind: PartKind) -> Result<String, Outcome> {
+        if let Some((id, k)) = &self.current
+            && *k == kind
+        {
+            return Ok(id.clone());
+        }
+        let (id, index) = self.new_step();
+        let step = EventBody::RunStep(RunStep {
+            id: id.clone(),
+            run_id: self.run_id(),
+            index,
+            step_type: StepType::MessageCreation,
+            step_details: StepDetails::MessageCreation {
+                message_creation: MessageCreation {
+                    message_id: self.meta.response_message_id.clone(),
+                },
+            },
+        });
+        self.emit(step).await?;
+        self.current = Some((id.clone(), kind));
+        Ok(id)
+    }
+
+    /// The signature of the thinking block that just streamed: the last delta of its
+    /// `think` part (a part of its own if the block had no text), which it closes, so
+    /// the next thinking is a block of its own.
+    async fn signature(&mut self, signature: String) -> Result<(), Outcome> {
+        let step_id = self.message_step(PartKind::Think).await?;
+        self.emit(EventBody::ReasoningDelta(Delta {
+            id: step_id.clone(),
+            delta: DeltaContent {
+                content: vec![crate::event::ContentPart::Think {
+                    think: String::new(),
+                    signature: Some(signature),
+                }],
+            },
+        }))
+        .await?;
+        self.current = None;
+        if let Some(crate::event::ContentPart::Think {
+            think,
+            signature: Some(signature),
+        }) = self.aggregate.part(&step_id)
+        {
+            self.call_reasoning.push(ReasoningBlock::Thinking {
+                thinking: think.clone(),
+                signature: signature.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A redacted thinking block: a `redacted_thinking` part of its own.
+    async fn redacted(&mut self, data: String) -> Result<(), Outcome> {
+        self.current = None;
+        let step_id = self.message_step(PartKind::Think).await?;
+        self.current = None;
+        self.call_reasoning
+            .push(ReasoningBlock::Redacted { data: data.clone() });
+        self.emit(EventBody::ReasoningDelta(Delta {
+            id: step_id,
+            delta: DeltaContent {
+                content: vec![crate::event::ContentPart::RedactedThinking { data }],
+            },
+        }))
         .await
     }
 
@@ -567,6 +629,7 @@ impl JobRun {
             text: std::mem::take(&mut self.call_text),
             tool_calls: done,
             tool_call_id: None,
+            reasoning: std::mem::take(&mut self.call_reasoning),
         });
         Ok(())
     }

@@ -130,6 +130,7 @@ mod tests {
             text: text.into(),
             tool_calls: vec![],
             tool_call_id: None,
+            reasoning: vec![],
         }
     }
 

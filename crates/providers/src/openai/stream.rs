@@ -448,6 +448,12 @@ mod tests {
                     s.reasoning.push_str(&t);
                     s.order.push('r');
                 }
+                Ok(
+                    other @ (ProviderEvent::ReasoningSignature(_)
+                    | ProviderEvent::RedactedReasoning(_)),
+                ) => {
+                    panic!("not a Chat Completions event: {other:?}")
+                }
                 Ok(ProviderEvent::ToolCall {
                     index,
                     id,
