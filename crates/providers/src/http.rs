@@ -303,8 +303,11 @@ pub(crate) fn reported_error(
     error
 }
 
-/// The wait asked for by `retry-after-ms` or `Retry-After`, relative to `now` for an
-/// HTTP-date (a date in the past means no wait). `None` when absent or unparsable.
+/// The wait asked for by `retry-after-ms` or `Retry-After`. An HTTP-date is taken
+/// relative to the response's own `Date` header when it has one — the two come from
+/// the same clock, so a skew between the upstream's clock and ours does not change the
+/// wait — else to `now`; a date in the past means no wait. `None` when absent or
+/// unparsable.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         headers
@@ -331,6 +334,9 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
         return Duration::try_from_secs_f64(secs).ok();
     }
     let date = httpdate::parse_http_date(value).ok()?;
+    let now = header("date")
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        .unwrap_or(now);
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
@@ -409,6 +415,21 @@ mod tests {
         assert_eq!(
             at(&[("retry-after-ms", "-1"), ("retry-after", "9")]),
             Some(Duration::from_secs(9))
+        );
+        // Relative to the response's Date, whatever our clock says.
+        assert_eq!(
+            at(&[
+                ("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
+                ("date", "Wed, 21 Oct 2015 07:27:40 GMT")
+            ]),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(
+            at(&[
+                ("retry-after", "Wed, 21 Oct 2015 07:28:30 GMT"),
+                ("date", "not a date")
+            ]),
+            Some(Duration::from_secs(30))
         );
         assert_eq!(at(&[("retry-after", "soon")]), None);
         assert_eq!(at(&[("retry-after-ms", "1e300")]), None);
