@@ -671,3 +671,78 @@ async fn pings_are_not_timeouts_but_silence_is() {
         }
     }
 }
+
+/// With thinking on, a tool turn sent back with its signed thinking block is accepted
+/// with thinking on; one without (a model without thinking made it) is sent with
+/// thinking off — as Anthropic's own 400 advises — and accepted too, instead of being
+/// refused on every later turn.
+#[tokio::test]
+async fn thinking_tool_turns_are_accepted_signed_or_not() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let p = provider_with(
+        mock.base_url(),
+        json!({"model": "tools", "max_tokens": 4096, "thinking_budget_tokens": 1024}),
+        None,
+    );
+    let calculator = ToolSpec {
+        name: "calculator".into(),
+        description: "calculates".into(),
+        parameters: json!({"type": "object", "properties": {"expression": {"type": "string"}}}),
+    };
+    // The first call: the mock's tool turn, thinking first.
+    let first = ModelRequest {
+        messages: vec![user("compute")],
+        tools: vec![calculator.clone()],
+        ..request("")
+    };
+    let s = summarize(
+        p.stream(first, CancellationToken::new())
+            .await
+            .unwrap()
+            .collect()
+            .await,
+    );
+    assert!(s.error.is_none(), "{:?}", s.error);
+    assert_eq!((s.signatures.len(), s.redacted.len()), (1, 1));
+    let (id, name, args) = s.tools.values().next().unwrap().clone();
+    let turn = |reasoning| ChatMessage {
+        role: Role::Assistant,
+        text: String::new(),
+        tool_calls: vec![ToolCall {
+            id: id.clone(),
+            name: name.clone(),
+            args: args.clone(),
+            output: Some("42".into()),
+        }],
+        tool_call_id: None,
+        reasoning,
+    };
+    let signed = vec![
+        genstream_engine::provider::ReasoningBlock::Thinking {
+            thinking: s.reasoning.clone(),
+            signature: s.signatures[0].clone(),
+        },
+        genstream_engine::provider::ReasoningBlock::Redacted {
+            data: s.redacted[0].clone(),
+        },
+    ];
+    for (reasoning, thinking_on) in [(signed, true), (Vec::new(), false)] {
+        let next = ModelRequest {
+            messages: vec![user("compute"), turn(reasoning)],
+            tools: vec![calculator.clone()],
+            ..request("")
+        };
+        let s = summarize(
+            p.stream(next, CancellationToken::new())
+                .await
+                .unwrap()
+                .collect()
+                .await,
+        );
+        assert!(s.error.is_none(), "thinking {thinking_on}: {:?}", s.error);
+        assert_eq!(s.text, "The tools said: 42.");
+        let body = mock.requests().last().unwrap().clone();
+        assert_eq!(body.get("thinking").is_some(), thinking_on, "{body}");
+    }
+    assert!(mock.rejected().is_empty(), "{:?}", mock.rejected());
+}
