@@ -51,14 +51,20 @@ impl Default for RetryPolicy {
 }
 
 /// Timeouts of one provider. Defaults: connect 10 s, first byte 60 s, idle gap 60 s.
+/// The HTTP providers apply them to the upstream's bytes themselves
+/// ([`Provider::applies_timeouts`](crate::provider::Provider::applies_timeouts)); the
+/// engine applies them to the events of any other provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// TCP/TLS connect, in milliseconds (applied by the provider's HTTP client).
     pub connect_ms: u64,
-    /// From the start of an attempt to its first streamed event, in milliseconds.
+    /// From the start of an attempt to the first byte of the answer's body, in
+    /// milliseconds (for providers that do not see bytes, to their first event).
     pub first_byte_ms: u64,
-    /// Longest gap between two streamed events, in milliseconds.
+    /// Longest gap between two reads of the answer's body, in milliseconds: pings,
+    /// SSE comments and partial frames count (for providers that do not see bytes,
+    /// the gap between two events).
     pub idle_ms: u64,
 }
 

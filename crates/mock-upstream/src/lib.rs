@@ -34,7 +34,7 @@
 //! | `overloaded` | `message_start` and a few text deltas, then a mid-stream `event: error` with `overloaded_error` (synthetic: no real recording of one was found) |
 //! | `echo` | the last user message's text streamed back word by word as one text block, with `message_delta` (`end_turn`, usage) and `message_stop` |
 //! | `stall` | `message_start` and one text delta, then nothing, never closing |
-//! | `tools`, `tools-forever` | as on Chat Completions, in the Messages dialect |
+//! | `tools`, `tools-forever` | as on Chat Completions, in the Messages dialect; with extended thinking on (`thinking.type: "enabled"`), a tool turn starts with a signed thinking block (`thinking_delta`s, then a `signature_delta`) and a `redacted_thinking` block |
 //!
 //! ## Tool calling: `tools` and `tools-forever`
 //!
@@ -69,20 +69,28 @@
 //!
 //! | wrapper | its first `N` requests get |
 //! |---|---|
-//! | `flaky:<N>:<status>[+ra<S>\|+ram<MS>\|+radate<S>]:<rest>` | HTTP `<status>` with the dialect's error body (`mock upstream says <status>`); `Retry-After: <S>` (seconds), `retry-after-ms: <MS>`, or `Retry-After: <HTTP-date S seconds from now>` when asked — no wait header otherwise |
+//! | `flaky:<N>:<status>[+ra<S>\|+ram<MS>\|+radate<S>]:<rest>` | HTTP `<status>` with the dialect's error body (`mock upstream says <status>`); `Retry-After: <S>` (seconds), `retry-after-ms: <MS>`, or `Retry-After: <HTTP-date>` exactly `S` seconds after the response's own `Date` header (sent with it) when asked — no wait header otherwise |
 //! | `dropmid:<N>:<rest>` | the first half (at least 3) of `<rest>`'s frames before its end (`finish_reason`, `[DONE]`, `message_delta`, `message_stop`), then the connection is dropped (the body errors: no terminating chunk) |
 //! | `closemid:<N>:<rest>` | the same frames, then the body ends cleanly: no `[DONE]` / `message_stop` |
 //! | `stall:<N>:<rest>` | the same frames, then nothing, never closing (idle-gap timeout) |
 //! | `nobyte:<N>:<rest>` | status 200 and the headers, then no body byte, never closing (first-byte timeout) |
 //! | `malformedmid:<N>:<rest>` | the same frames, then `data: {not json` |
 //! | `overloaded:<N>:<rest>` | the same frames, then the upstream's mid-stream overload error: on Messages `event: error` with `overloaded_error`; on Chat Completions an OpenRouter-style chunk `{"error":{"message":"Overloaded","type":"overloaded_error","code":529}}` |
+//! | `noend:<N>:<rest>` | all of `<rest>`'s frames but its terminator (`[DONE]`, `message_stop`), then a clean end: on Chat Completions a `finish_reason` and usage without `[DONE]` |
 //! | `pass:<N>:<rest>` | `<rest>`'s base scenario, unwrapped (to script a failure on a later call: `pass:1:flaky:1:500:tools` fails the second request) |
 //!
 //! The frame-cutting wrappers need a streaming scenario at the end of `<rest>` (not
 //! `status:<code>`).
 //!
-//! Any model may end in options: `?delay_ms=N` puts a delay of `N` milliseconds between
-//! frames (not before the first); `?calls=N` sets the calls per tool of `tools`.
+//! Any model may end in options (joined by `&`): `?delay_ms=N` puts a delay of `N`
+//! milliseconds between frames (not before the first); `?calls=N` sets the calls per
+//! tool of `tools`; `?call=NAME` makes the `tools` turn also call tool `NAME`, which the
+//! request does not declare (arguments `{}`; a model may name any tool);
+//! `?lead_ms=N` and `?gap_ms=N` put `N` milliseconds of keep-alives only before the
+//! first frame and between the first two, one every `?keepalive_ms=N` (default 100; 0
+//! sends nothing: silence). A keep-alive is what the upstream sends while it has
+//! nothing to say: a `ping` event on Messages, the comment `: OPENROUTER PROCESSING` on
+//! Chat Completions.
 //! Unknown models answer 404, `model_not_found` on Chat Completions as OpenAI does,
 //! `not_found_error` on Messages as Anthropic does.
 //!
@@ -98,7 +106,13 @@
 //! - Messages: every `tool_use` block must be answered by a `tool_result` with its id
 //!   in the next message, a user message; a `tool_result` must answer a `tool_use` of the
 //!   previous message; `tool_result` blocks come first in their message; `tool_use`
-//!   input is an object; no message but a final assistant one has empty content.
+//!   input is an object; no message but a final assistant one has empty content; a
+//!   `thinking` block's `signature` is the one the mock gave its text, a
+//!   `redacted_thinking` block has `data`; and with thinking on, when the last message
+//!   holds tool results, the assistant message before it starts with a thinking or
+//!   redacted thinking block (Anthropic's 400 text otherwise: "Expected `thinking` or
+//!   `redacted_thinking`, but found `tool_use`. When `thinking` is enabled, a final
+//!   `assistant` message must start with a thinking block…").
 //!
 //! Every request is recorded (path, headers, JSON body) before it is answered, so a
 //! test can assert what its client sent: [`MockUpstream::requests`] and
@@ -762,7 +776,7 @@ fn unknown_model(dialect: Dialect, model: &str, why: &str) -> Response {
                 "The model `{model}` does not exist (mock upstream: {why}; use \
                  fixture:<path>, status:<code>, malformed, truncated, echo, stall, tools, \
                  tools-forever, optionally wrapped in flaky/dropmid/closemid/stall/nobyte/\
-                 malformedmid/overloaded/pass)"
+                 malformedmid/overloaded/noend/pass)"
             ),
         ),
         Dialect::Messages => anthropic_error(
@@ -772,7 +786,7 @@ fn unknown_model(dialect: Dialect, model: &str, why: &str) -> Response {
                 "model: {model} (mock upstream: {why}; use fixture:<path>, status:<code>, \
                  malformed, truncated, overloaded, echo, stall, tools or tools-forever, \
                  optionally wrapped in flaky/dropmid/closemid/stall/nobyte/malformedmid/\
-                 overloaded/pass)"
+                 overloaded/noend/pass)"
             ),
         ),
     }
