@@ -250,6 +250,7 @@ fn log(pieces: &[&str], terminal: EventBody) -> Vec<Frame> {
         }),
         EventBody::ReasoningDelta(delta(ContentPart::Think {
             think: "pondering".into(),
+            signature: None,
         })),
         EventBody::RunStep(RunStep {
             id: "step1".into(),

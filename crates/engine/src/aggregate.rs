@@ -99,15 +99,26 @@ impl Aggregate {
             EventBody::ReasoningDelta(d) => {
                 if let Some(slot) = self.slot(&d.id) {
                     for c in &d.delta.content {
-                        if let ContentPart::Think { think } = c {
-                            match slot {
-                                Some(ContentPart::Think { think: t }) => t.push_str(think),
-                                _ => {
-                                    *slot = Some(ContentPart::Think {
-                                        think: think.clone(),
-                                    })
+                        match (c, &mut *slot) {
+                            (
+                                ContentPart::Think { think, signature },
+                                Some(ContentPart::Think {
+                                    think: t,
+                                    signature: s,
+                                }),
+                            ) => {
+                                t.push_str(think);
+                                if signature.is_some() {
+                                    s.clone_from(signature);
                                 }
                             }
+                            (
+                                ContentPart::Think { .. } | ContentPart::RedactedThinking { .. },
+                                _,
+                            ) => {
+                                *slot = Some(c.clone());
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -160,6 +171,15 @@ impl Aggregate {
             .rev()
             .find(|(id, _, _)| id == step_id)
             .map(|(_, _, p)| p)
+    }
+
+    /// The content part of live step `step_id`, once its first delta came.
+    pub fn part(&self, step_id: &str) -> Option<&ContentPart> {
+        self.parts
+            .iter()
+            .rev()
+            .find(|(id, _, _)| id == step_id)
+            .and_then(|(_, _, p)| p.as_ref())
     }
 
     /// The response's content parts, ordered by step index.
@@ -294,7 +314,10 @@ mod tests {
         EventBody::ReasoningDelta(Delta {
             id: id.into(),
             delta: DeltaContent {
-                content: vec![ContentPart::Think { think: t.into() }],
+                content: vec![ContentPart::Think {
+                    think: t.into(),
+                    signature: None,
+                }],
             },
         })
     }
@@ -346,7 +369,8 @@ mod tests {
             a.content(),
             vec![
                 ContentPart::Think {
-                    think: "hmm ok".into()
+                    think: "hmm ok".into(),
+                    signature: None,
                 },
                 ContentPart::Text {
                     text: "Hello".into()
@@ -363,6 +387,75 @@ mod tests {
         );
         assert_eq!(a.text(), "Hello");
         assert_eq!(a.run_steps().len(), 3);
+    }
+
+    /// A thinking block's signature comes as the part's last delta and is kept; a
+    /// redacted block is a part of its own; both survive into the content verbatim.
+    #[test]
+    fn signatures_and_redacted_thinking_are_kept() {
+        let signed = |id: &str, sig: &str| {
+            EventBody::ReasoningDelta(Delta {
+                id: id.into(),
+                delta: DeltaContent {
+                    content: vec![ContentPart::Think {
+                        think: String::new(),
+                        signature: Some(sig.into()),
+                    }],
+                },
+            })
+        };
+        let a = fold(&[
+            step("s0", 0, StepType::MessageCreation),
+            think("s0", "let me "),
+            think("s0", "see"),
+            signed("s0", "EqSig=="),
+            step("s1", 1, StepType::MessageCreation),
+            EventBody::ReasoningDelta(Delta {
+                id: "s1".into(),
+                delta: DeltaContent {
+                    content: vec![ContentPart::RedactedThinking {
+                        data: "EmwKAhgB".into(),
+                    }],
+                },
+            }),
+            step("s2", 2, StepType::MessageCreation),
+            signed("s2", "EqEmpty=="),
+            step("s3", 3, StepType::MessageCreation),
+            text("s3", "Hi"),
+        ]);
+        assert_eq!(
+            a.content(),
+            vec![
+                ContentPart::Think {
+                    think: "let me see".into(),
+                    signature: Some("EqSig==".into()),
+                },
+                ContentPart::RedactedThinking {
+                    data: "EmwKAhgB".into()
+                },
+                ContentPart::Think {
+                    think: String::new(),
+                    signature: Some("EqEmpty==".into()),
+                },
+                ContentPart::Text { text: "Hi".into() },
+            ]
+        );
+        let json = serde_json::to_value(a.content()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"type": "think", "think": "let me see", "signature": "EqSig=="},
+                {"type": "redacted_thinking", "data": "EmwKAhgB"},
+                {"type": "think", "think": "", "signature": "EqEmpty=="},
+                {"type": "text", "text": "Hi"},
+            ])
+        );
+        // Unsigned reasoning keeps LibreChat's shape exactly.
+        let plain = fold(&[step("s", 0, StepType::MessageCreation), think("s", "x")]);
+        assert_eq!(
+            serde_json::to_value(plain.content()).unwrap(),
+            serde_json::json!([{"type": "think", "think": "x"}])
+        );
     }
 
     #[test]

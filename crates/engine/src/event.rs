@@ -252,13 +252,35 @@ pub struct ErrorEvent {
     pub response_message: Option<Message>,
 }
 
-/// One content part of a message (LibreChat's shapes).
+/// One content part of a message (LibreChat's shapes, and one of our own).
+///
+/// Beyond LibreChat's: a `think` part may carry the `signature` Anthropic gives a
+/// thinking block, and `redacted_thinking` holds a thinking block Anthropic sent
+/// encrypted (`data`, opaque). Both must go back to Anthropic verbatim at the start of
+/// an assistant turn with tool calls when extended thinking is on, so they travel
+/// through the log (in `on_reasoning_delta`), the snapshot and the saved message into
+/// the next request's history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    Text { text: String },
-    Think { think: String },
-    ToolCall { tool_call: ToolCall },
+    Text {
+        text: String,
+    },
+    Think {
+        think: String,
+        /// The thinking block's signature (Anthropic's `signature_delta`): set on the
+        /// part's last delta (`think: ""`), absent for unsigned reasoning (OpenAI-style
+        /// upstreams, or a block cut off before its signature).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+    },
+    /// A thinking block the upstream redacted: its encrypted `data`, as received.
+    RedactedThinking {
+        data: String,
+    },
+    ToolCall {
+        tool_call: ToolCall,
+    },
 }
 
 /// A persisted message, user's or assistant's; also the wire shape of `userMessage`

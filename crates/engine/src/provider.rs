@@ -40,6 +40,22 @@ pub struct ChatMessage {
     /// For `Tool`: the id of the call this answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// For `Assistant`: the signed and redacted thinking blocks that began this turn,
+    /// in order, for upstreams that need them back (Anthropic, with extended thinking
+    /// on, requires them at the start of a turn with tool calls). Unsigned reasoning is
+    /// not kept: it cannot be sent back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasoning: Vec<ReasoningBlock>,
+}
+
+/// A thinking block of an assistant turn, to be sent back as it came.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReasoningBlock {
+    /// Thinking text and the signature the upstream gave it.
+    Thinking { thinking: String, signature: String },
+    /// A redacted thinking block's opaque data.
+    Redacted { data: String },
 }
 
 /// A tool the model may call: name, description, JSON Schema of its arguments.
@@ -70,6 +86,12 @@ pub enum ProviderEvent {
     Text(String),
     /// Reasoning / thinking text.
     Reasoning(String),
+    /// The signature of the thinking block whose text just streamed (Anthropic's
+    /// `signature_delta`); it ends that block, so reasoning after it is a new block.
+    ReasoningSignature(String),
+    /// A whole redacted thinking block: its opaque data (Anthropic's
+    /// `redacted_thinking`).
+    RedactedReasoning(String),
     /// A fragment of tool call `index`; `id` and `name` may come in any fragment.
     ToolCall {
         index: u32,
@@ -87,7 +109,7 @@ pub enum ProviderEvent {
 pub type ProviderStream = BoxStream<'static, Result<ProviderEvent, ProviderError>>;
 
 /// Kinds of upstream failure, which decide retryability (issue 3/4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderErrorKind {
     /// The upstream answered with a non-success HTTP status.
@@ -101,22 +123,34 @@ pub enum ProviderErrorKind {
     /// A chunk that is not what the protocol says.
     Malformed,
     /// An error reported inside the stream (`{"error": …}`, `event: error`).
+    #[default]
     Upstream,
     /// Configuration (missing API key, unknown model…).
     Config,
 }
 
 /// An upstream failure, with what the upstream said.
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Clone, Debug, Default, thiserror::Error)]
 #[error("{message}")]
 pub struct ProviderError {
     pub kind: ProviderErrorKind,
-    /// HTTP status, when there was one.
+    /// HTTP status, when there was one; for an error reported inside a stream, the
+    /// status the upstream gave it (OpenRouter's numeric `error.code`, or the status
+    /// Anthropic documents for its `error.type`).
     pub status: Option<u16>,
     /// Human-readable, quoting the upstream's own message where it gave one.
     pub message: String,
     /// The upstream's `Retry-After` / `retry-after-ms`, parsed.
     pub retry_after: Option<Duration>,
+    /// The upstream's structured identifiers of an error it reported, as given:
+    /// Anthropic's `error.type` (`overloaded_error`), OpenAI-compatible `error.type` and
+    /// string `error.code` (`server_error`, `rate_limit_exceeded`). With `status`, what
+    /// the retry layer classifies an in-stream error by.
+    pub codes: Vec<String>,
+    /// The upstream's own error text (`Overloaded`), without genstream's wording around
+    /// it: what the retry layer reads, as a last resort, when neither `status` nor
+    /// `codes` says whether the error is worth a retry.
+    pub detail: Option<String>,
 }
 
 impl ProviderError {
@@ -124,9 +158,8 @@ impl ProviderError {
     pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
         ProviderError {
             kind,
-            status: None,
             message: message.into(),
-            retry_after: None,
+            ..Default::default()
         }
     }
 }
@@ -136,6 +169,15 @@ impl ProviderError {
 pub trait Provider: Send + Sync + 'static {
     /// The provider's kind as shown in `GET /api/models` (`demo`, `openai`, …).
     fn kind(&self) -> &str;
+
+    /// Whether the provider applies the first-byte and idle-gap timeouts itself. The
+    /// HTTP providers do, to the upstream's bytes, so that pings, SSE comments and
+    /// frames that make no event count as signs of life (a slow but live upstream is
+    /// not killed and retried). When false (the default), the engine applies them to
+    /// the provider's events, from its model's [`Timeouts`](crate::retry::Timeouts).
+    fn applies_timeouts(&self) -> bool {
+        false
+    }
 
     /// Starts one attempt. `cancel` fires on abort; a provider should stop promptly
     /// (dropping the returned stream also stops it).

@@ -6,8 +6,12 @@
 //! `retry` event's `discardStepIds`. Nothing else retries: the HTTP clients' own
 //! retries are off.
 //!
-//! Waits: exponential from `base` (doubling), with jitter (backon's, a random extra of
-//! up to the current delay), clamped to `cap`. An upstream's `Retry-After` (seconds or
+//! Waits: exponential from `base` (doubling), capped at `cap`, with "equal jitter": retry
+//! n waits a random time between half and all of `min(base × 2ⁿ⁻¹, cap)` — so with the
+//! defaults 0.5–1 s, 1–2 s, 2–4 s, …, and 15–30 s once the cap is reached. The jitter
+//! stays at the cap too, so many jobs failing together do not retry in lockstep (it
+//! is backon's jitter, a random extra of up to the delay, applied to a sequence of
+//! half-delays). An upstream's `Retry-After` (seconds or
 //! an HTTP date) or `retry-after-ms` replaces the computed wait; a value above `cap` is
 //! honoured up to `ceiling`, and beyond that the job fails with an error that says how
 //! long the upstream asked to wait (LESSONS: "a Retry-After longer than the cap cut
@@ -47,14 +51,20 @@ impl Default for RetryPolicy {
 }
 
 /// Timeouts of one provider. Defaults: connect 10 s, first byte 60 s, idle gap 60 s.
+/// The HTTP providers apply them to the upstream's bytes themselves
+/// ([`Provider::applies_timeouts`](crate::provider::Provider::applies_timeouts)); the
+/// engine applies them to the events of any other provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// TCP/TLS connect, in milliseconds (applied by the provider's HTTP client).
     pub connect_ms: u64,
-    /// From the start of an attempt to its first streamed event, in milliseconds.
+    /// From the start of an attempt to the first byte of the answer's body, in
+    /// milliseconds (for providers that do not see bytes, to their first event).
     pub first_byte_ms: u64,
-    /// Longest gap between two streamed events, in milliseconds.
+    /// Longest gap between two reads of the answer's body, in milliseconds: pings,
+    /// SSE comments and partial frames count (for providers that do not see bytes,
+    /// the gap between two events).
     pub idle_ms: u64,
 }
 
@@ -71,32 +81,118 @@ impl Default for Timeouts {
 /// Whether a failure is worth another attempt: 408, 409, 429, 5xx, 529, connect errors,
 /// timeouts, truncated or malformed streams, and in-stream errors that say the upstream
 /// is overloaded or failed on its side. Never other 4xx, never configuration errors.
+///
+/// An in-stream (`Upstream`) error is classified by what the upstream said in
+/// structured form, in this order: its `status` (an HTTP status the upstream gave the
+/// error); its `codes` (error types and codes: [`code_is_retryable`] — a code known
+/// not to be worth a retry wins over one that is); and only when none of those is
+/// known, words in the upstream's own `detail` text ("overloaded", "rate limit",
+/// "server error", "timeout", …). genstream's own wording — the provider's name
+/// included — is never read, so a provider called `rate-limited-proxy` does not make
+/// every error retryable.
 pub fn is_retryable(e: &ProviderError) -> bool {
-    let status_retryable = |s: u16| matches!(s, 408 | 409 | 429 | 500..=599);
     match e.kind {
-        ProviderErrorKind::Http => e.status.is_some_and(status_retryable),
+        ProviderErrorKind::Http => e.status.is_some_and(status_is_retryable),
         ProviderErrorKind::Connect
         | ProviderErrorKind::Timeout
         | ProviderErrorKind::Truncated
         | ProviderErrorKind::Malformed => true,
-        ProviderErrorKind::Upstream => match e.status {
-            Some(s) => status_retryable(s),
-            None => {
-                let m = e.message.to_ascii_lowercase();
-                [
-                    "overloaded",
-                    "rate_limit",
-                    "rate limit",
-                    "server_error",
-                    "api_error",
-                    "timeout",
-                ]
-                .iter()
-                .any(|k| m.contains(k))
+        ProviderErrorKind::Upstream => {
+            if let Some(s) = e.status {
+                return status_is_retryable(s);
             }
-        },
+            let verdicts: Vec<bool> = e
+                .codes
+                .iter()
+                .filter_map(|c| code_is_retryable(c))
+                .collect();
+            if !verdicts.is_empty() {
+                return verdicts.iter().all(|v| *v);
+            }
+            e.detail.as_deref().is_some_and(detail_sounds_transient)
+        }
         ProviderErrorKind::Config => false,
     }
+}
+
+/// 408, 409, 429, 500–599 (529, Anthropic's overload, included).
+pub fn status_is_retryable(status: u16) -> bool {
+    matches!(status, 408 | 409 | 429 | 500..=599)
+}
+
+/// What an upstream error type or code says about a retry: `Some(true)` for transient
+/// failures (Anthropic `overloaded_error`, `api_error`, `rate_limit_error`; OpenAI and
+/// compatible `server_error`, `rate_limit_exceeded`, `timeout`, …; a numeric code read
+/// as an HTTP status), `Some(false)` for errors a retry cannot fix
+/// (`invalid_request_error`, `authentication_error`, `insufficient_quota`,
+/// `context_length_exceeded`, …), `None` for a code not known here. Case is ignored.
+pub fn code_is_retryable(code: &str) -> Option<bool> {
+    let code = code.trim().to_ascii_lowercase();
+    if let Ok(status) = code.parse::<u16>() {
+        return Some(status_is_retryable(status));
+    }
+    match code.as_str() {
+        "overloaded_error"
+        | "overloaded"
+        | "engine_overloaded"
+        | "api_error"
+        | "server_error"
+        | "internal_error"
+        | "internal_server_error"
+        | "service_unavailable"
+        | "unavailable"
+        | "bad_gateway"
+        | "gateway_timeout"
+        | "timeout"
+        | "timeout_error"
+        | "rate_limit_error"
+        | "rate_limit_exceeded"
+        | "rate_limited"
+        | "too_many_requests"
+        | "resource_exhausted" => Some(true),
+        "invalid_request_error"
+        | "invalid_request"
+        | "authentication_error"
+        | "permission_error"
+        | "permission_denied"
+        | "not_found_error"
+        | "not_found"
+        | "model_not_found"
+        | "request_too_large"
+        | "billing_error"
+        | "insufficient_quota"
+        | "invalid_api_key"
+        | "context_length_exceeded"
+        | "content_filter"
+        | "content_policy_violation"
+        | "invalid_argument"
+        | "tool_use_failed"
+        | "unsupported_parameter"
+        | "unsupported_value" => Some(false),
+        _ => None,
+    }
+}
+
+/// The last resort for an in-stream error with no known status or code: whether the
+/// upstream's own text says it is overloaded, rate limited, failing or slow.
+fn detail_sounds_transient(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    [
+        "overloaded",
+        "rate limit",
+        "rate_limit",
+        "too many requests",
+        "server error",
+        "server_error",
+        "internal error",
+        "temporarily unavailable",
+        "service unavailable",
+        "timeout",
+        "timed out",
+        "try again",
+    ]
+    .iter()
+    .any(|k| d.contains(k))
 }
 
 /// The waits of one job's retries, in order.
@@ -119,9 +215,11 @@ pub enum GiveUp {
 impl Backoff {
     /// A fresh sequence of waits for `policy`. `seed` fixes the jitter (tests).
     pub fn new(policy: RetryPolicy, seed: Option<u64>) -> Self {
+        // backon's jitter adds up to the delay again: over half-delays that gives
+        // [d/2, d), with d = min(base × 2ⁿ, cap) — jittered below and at the cap.
         let mut b = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(policy.base_ms))
-            .with_max_delay(Duration::from_millis(policy.cap_ms))
+            .with_min_delay(Duration::from_millis(policy.base_ms) / 2)
+            .with_max_delay(Duration::from_millis(policy.cap_ms) / 2)
             .with_factor(2.0)
             .with_max_times(policy.max_retries as usize)
             .with_jitter();
@@ -148,6 +246,7 @@ impl Backoff {
                 Err(GiveUp::RetryAfterTooLong(ra))
             }
             Some(ra) => Ok(ra),
+            // The guard only absorbs float rounding: `computed` is below `cap`.
             None => Ok(computed.min(cap)),
         }
     }
@@ -168,6 +267,7 @@ mod tests {
             status: Some(status),
             message: format!("status {status}"),
             retry_after,
+            ..Default::default()
         }
     }
 
@@ -191,14 +291,65 @@ mod tests {
             ProviderErrorKind::Config,
             "x"
         )));
-        assert!(is_retryable(&ProviderError::new(
-            ProviderErrorKind::Upstream,
-            "overloaded_error: Overloaded"
-        )));
-        assert!(!is_retryable(&ProviderError::new(
-            ProviderErrorKind::Upstream,
-            "invalid_request_error: bad"
-        )));
+    }
+
+    fn upstream(status: Option<u16>, codes: &[&str], detail: Option<&str>) -> ProviderError {
+        ProviderError {
+            kind: ProviderErrorKind::Upstream,
+            status,
+            // genstream's wording, provider name included, is never read.
+            message: "rate-limit-proxy: upstream reported an error: overloaded".into(),
+            codes: codes.iter().map(|c| (*c).to_owned()).collect(),
+            detail: detail.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn in_stream_errors_are_classified_by_status_then_code_then_detail() {
+        let yes = |e: ProviderError| assert!(is_retryable(&e), "{e:?}");
+        let no = |e: ProviderError| assert!(!is_retryable(&e), "{e:?}");
+        // The status the upstream gave the error decides first.
+        yes(upstream(Some(529), &["invalid_request_error"], None));
+        no(upstream(Some(400), &["server_error"], Some("overloaded")));
+        // Anthropic's error types.
+        for t in ["overloaded_error", "api_error", "rate_limit_error"] {
+            yes(upstream(None, &[t], Some("whatever")));
+        }
+        for t in [
+            "invalid_request_error",
+            "authentication_error",
+            "not_found_error",
+        ] {
+            no(upstream(None, &[t], Some("Overloaded")));
+        }
+        // OpenAI / OpenRouter: string codes, numeric codes, and a client error that
+        // wins over a transient-sounding type.
+        yes(upstream(None, &["server_error"], None));
+        yes(upstream(None, &["502"], None));
+        no(upstream(None, &["400"], Some("rate limit")));
+        no(upstream(
+            None,
+            &["rate_limit_exceeded", "insufficient_quota"],
+            None,
+        ));
+        yes(upstream(None, &["Rate_Limit_Exceeded"], None));
+        // Unknown codes: the upstream's own text decides.
+        yes(upstream(
+            None,
+            &["brand_new_code"],
+            Some("The server is overloaded"),
+        ));
+        no(upstream(
+            None,
+            &["brand_new_code"],
+            Some("Token limit reached"),
+        ));
+        // Nothing structured and no text: not retried, whatever genstream's message
+        // (and the provider's name) says.
+        no(upstream(None, &[], None));
+        yes(upstream(None, &[], Some("Request timed out, try again")));
+        assert_eq!(code_is_retryable("never_heard_of_it"), None);
     }
 
     #[test]
@@ -209,20 +360,27 @@ mod tests {
             cap_ms: 30_000,
             ceiling_ms: 60_000,
         };
-        let mut b = Backoff::new(policy, Some(7));
         let e = http(503, None);
-        let mut prev_floor = 0u64;
-        for i in 0..6u32 {
-            let d = b.next_delay(&e).unwrap().as_millis() as u64;
-            let floor = (1000u64 << i).min(30_000);
-            assert!(
-                d >= floor && d < (floor * 2).min(30_001),
-                "retry {i}: {d} ms not in [{floor}, 2×{floor})"
-            );
-            assert!(floor >= prev_floor);
-            prev_floor = floor;
+        let mut at_cap = std::collections::BTreeSet::new();
+        for seed in 0..50 {
+            let mut b = Backoff::new(policy, Some(seed));
+            for i in 0..6u32 {
+                let d = b.next_delay(&e).unwrap().as_millis() as u64;
+                let ceiling = (1000u64 << i).min(30_000);
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "seed {seed}, retry {i}: {d} ms not in [{}, {ceiling}]",
+                    ceiling / 2
+                );
+                if ceiling == 30_000 {
+                    at_cap.insert(d);
+                }
+            }
+            assert_eq!(b.next_delay(&e), Err(GiveUp::Exhausted));
         }
-        assert_eq!(b.next_delay(&e), Err(GiveUp::Exhausted));
+        // At the cap the waits still differ (no lockstep), and none reaches past it.
+        assert!(at_cap.len() >= 45, "{at_cap:?}");
+        assert!(at_cap.iter().all(|d| (15_000..=30_000).contains(d)));
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! itself. Cancellation (abort) makes the result `{"error":"cancelled"}`, so every tool
 //! call in the history has a result and the next request stays valid (LESSONS:
 //! grimoire's 400s after an abort during a tool).
+//!
+//! The registry holds every tool the server knows; a job may only run the ones it was
+//! given (its model's `tools`, narrowed by the request). A call of any other name —
+//! a model may name a tool it was never shown — is answered with
+//! [`unavailable_result`] and never run.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -110,6 +115,42 @@ pub async fn run_tool(
 }
 
 /// The result recorded for a tool call cut off by an abort.
+///
+/// ```
+/// use genstream_engine::tools::{cancelled_result, is_error_result};
+/// assert_eq!(cancelled_result(), r#"{"error":"cancelled"}"#);
+/// assert!(is_error_result(&cancelled_result()));
+/// assert!(!is_error_result(r#"{"error":"x","data":1}"#) && !is_error_result("42"));
+/// ```
 pub fn cancelled_result() -> String {
     serde_json::json!({ "error": "cancelled" }).to_string()
+}
+
+/// The result given for a call of a tool the job was not given,
+/// `{"error":"tool NAME is not available"}`: the tool is not run, whatever the
+/// registry holds.
+pub fn unavailable_result(name: &str) -> String {
+    serde_json::json!({ "error": format!("tool {name} is not available") }).to_string()
+}
+
+/// Whether `output` is one of the error results the job task records
+/// (`{"error": …}`: a tool's error, bad arguments, cancelled, not available, not run):
+/// a JSON object whose only key is `error`. Providers whose API marks failed tool
+/// results (Anthropic's `is_error`) use it.
+pub fn is_error_result(output: &str) -> bool {
+    let trimmed = output.trim_start();
+    if !trimmed.starts_with('{') || !trimmed.contains("\"error\"") {
+        return false; // the common case, decided without parsing
+    }
+    matches!(
+        serde_json::from_str::<serde_json::Value>(output),
+        Ok(serde_json::Value::Object(map)) if map.len() == 1 && map.contains_key("error")
+    )
+}
+
+/// The result recorded for the calls of the last model call allowed
+/// (`max_tool_iterations`): the model would never see their results, so they are not
+/// run (no side effects), yet every call in the history has a result.
+pub fn not_run_result() -> String {
+    serde_json::json!({ "error": "not run: max_tool_iterations reached" }).to_string()
 }

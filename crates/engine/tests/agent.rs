@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +18,8 @@ use genstream_engine::log::{EventLog, LogLimits};
 use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, StartRequest};
 use genstream_engine::persist::{MemoryPersistence, Persistence};
 use genstream_engine::provider::{
-    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream, Role,
+    ModelRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
+    ReasoningBlock, Role,
 };
 use genstream_engine::retry::RetryPolicy;
 use genstream_engine::store::{JobStore, MemoryStore};
@@ -97,6 +99,7 @@ fn http(status: u16, retry_after: Option<Duration>) -> ProviderError {
         status: Some(status),
         message: format!("upstream says {status}"),
         retry_after,
+        ..Default::default()
     }
 }
 fn tool_chunk(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> Step {
@@ -111,10 +114,11 @@ fn finish(r: &str) -> Step {
     Step::Emit(ProviderEvent::Finish(r.into()))
 }
 
-/// Adds two numbers; `slow` sleeps a minute first.
+/// Adds two numbers after `delay`; counts its runs.
 struct Add {
     name: &'static str,
     delay: Duration,
+    runs: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -133,6 +137,7 @@ impl Tool for Add {
         args: serde_json::Value,
         _cancel: CancellationToken,
     ) -> Result<String, String> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         match (args["a"].as_f64(), args["b"].as_f64()) {
             (Some(a), Some(b)) => Ok((a + b).to_string()),
@@ -144,11 +149,25 @@ impl Tool for Add {
 struct H {
     manager: JobManager,
     db: Arc<MemoryPersistence>,
+    /// Runs of each tool of the registry, by name.
+    runs: std::collections::HashMap<&'static str, Arc<AtomicUsize>>,
 }
 
+impl H {
+    fn runs(&self, tool: &str) -> usize {
+        self.runs[tool].load(Ordering::SeqCst)
+    }
+}
+
+/// A manager over `provider` whose model `m` may use `add`, `slow_add` (a minute
+/// slow) and `spy`; the registry also holds `secret`, which no model is given.
 fn harness(provider: Arc<Scripted>, config: ManagerConfig) -> H {
+    harness_with_limits(provider, config, LogLimits::default())
+}
+
+fn harness_with_limits(provider: Arc<Scripted>, config: ManagerConfig, limits: LogLimits) -> H {
     let db = Arc::new(MemoryPersistence::default());
-    let store: Arc<dyn JobStore> = Arc::new(MemoryStore::new(LogLimits::default()));
+    let store: Arc<dyn JobStore> = Arc::new(MemoryStore::new(limits));
     let mut model = ModelEntry::new("m", provider);
     model.retry = RetryPolicy {
         max_retries: 3,
@@ -158,16 +177,23 @@ fn harness(provider: Arc<Scripted>, config: ManagerConfig) -> H {
     };
     model.timeouts.first_byte_ms = 5_000;
     model.timeouts.idle_ms = 2_000;
-    model.tools = vec!["add".into(), "slow_add".into()];
+    model.tools = vec!["add".into(), "slow_add".into(), "spy".into()];
     let mut tools = ToolRegistry::new();
-    tools.register(Arc::new(Add {
-        name: "add",
-        delay: Duration::ZERO,
-    }));
-    tools.register(Arc::new(Add {
-        name: "slow_add",
-        delay: Duration::from_secs(60),
-    }));
+    let mut runs = std::collections::HashMap::new();
+    for (name, delay) in [
+        ("add", Duration::ZERO),
+        ("slow_add", Duration::from_secs(60)),
+        ("spy", Duration::ZERO),
+        ("secret", Duration::ZERO),
+    ] {
+        let counter = Arc::new(AtomicUsize::new(0));
+        runs.insert(name, counter.clone());
+        tools.register(Arc::new(Add {
+            name,
+            delay,
+            runs: counter,
+        }));
+    }
     let manager = JobManager::with_tools(
         store,
         db.clone() as Arc<dyn Persistence>,
@@ -175,19 +201,23 @@ fn harness(provider: Arc<Scripted>, config: ManagerConfig) -> H {
         tools,
         config,
     );
-    H { manager, db }
+    H { manager, db, runs }
 }
 
 async fn run(h: &H) -> (Vec<Event>, String, Arc<EventLog>) {
-    let s = h
-        .manager
-        .start(StartRequest {
+    run_request(
+        h,
+        StartRequest {
             user_id: "u".into(),
             text: "hi".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+}
+
+async fn run_request(h: &H, request: StartRequest) -> (Vec<Event>, String, Arc<EventLog>) {
+    let s = h.manager.start(request).await.unwrap();
     let log = h.manager.job_for("u", &s.stream_id).await.unwrap().1;
     let mut rx = log.watch();
     while log.terminal().is_none() {
@@ -228,16 +258,9 @@ async fn retryable_failures_wait_exponentially_and_the_answer_has_no_duplicate_t
     let r = retries(&events);
     assert_eq!(r.len(), 2);
     assert_eq!((r[0].attempt, r[0].max_attempts), (1, 4));
-    assert!(
-        r[0].delay_ms >= 1000 && r[0].delay_ms < 2000,
-        "{}",
-        r[0].delay_ms
-    );
-    assert!(
-        r[1].delay_ms >= 2000 && r[1].delay_ms < 4000,
-        "{}",
-        r[1].delay_ms
-    );
+    // Equal jitter: retry n waits between half and all of base × 2ⁿ⁻¹.
+    assert!((500..=1000).contains(&r[0].delay_ms), "{}", r[0].delay_ms);
+    assert!((1000..=2000).contains(&r[1].delay_ms), "{}", r[1].delay_ms);
     assert_eq!(
         r[0].discard_step_ids.len(),
         1,
@@ -427,7 +450,7 @@ async fn tool_calls_split_across_chunks_run_in_parallel_and_feed_back() {
     // The second call got the assistant turn with both results.
     let reqs = p.requests.lock().clone();
     assert_eq!(reqs.len(), 2);
-    assert_eq!(reqs[0].tools.len(), 2);
+    assert_eq!(reqs[0].tools.len(), 3);
     let turn = reqs[1].messages.last().unwrap();
     assert_eq!(turn.role, Role::Assistant);
     assert_eq!(turn.text, "Let me add. ");
@@ -470,7 +493,69 @@ async fn tool_errors_and_bad_arguments_go_back_to_the_model() {
         .collect();
     assert!(outputs[0].contains("not valid JSON"), "{}", outputs[0]);
     assert!(outputs[1].contains("must be numbers"));
-    assert!(outputs[2].contains("unknown tool"));
+    assert_eq!(outputs[2], r#"{"error":"tool nope is not available"}"#);
+}
+
+/// A model may name any tool, including ones it was never shown: only the tools the
+/// job was given run (the model's list, narrowed by the request); any other call is
+/// answered "not available" and never reaches the tool, although the server's registry
+/// holds it.
+#[tokio::test(start_paused = true)]
+async fn a_tool_the_job_was_not_given_is_not_run() {
+    let p = Scripted::new(vec![
+        vec![
+            tool_chunk(0, Some("c1"), Some("add"), "{\"a\":1,\"b\":2}"),
+            // In the registry, but no model may use it.
+            tool_chunk(1, Some("c2"), Some("secret"), "{\"a\":1,\"b\":2}"),
+            // The model may use it, but this request narrowed the tools to `add`.
+            tool_chunk(2, Some("c3"), Some("spy"), "{\"a\":1,\"b\":2}"),
+            finish("tool_calls"),
+        ],
+        vec![text("done"), finish("stop")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, _, _) = run_request(
+        &h,
+        StartRequest {
+            user_id: "u".into(),
+            text: "hi".into(),
+            tools: vec!["add".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let EventBody::Final(f) = last(&events) else {
+        panic!("{:?}", last(&events))
+    };
+    assert_eq!(f.status, FinalStatus::Complete);
+    let outputs: Vec<Option<String>> = f
+        .response_message
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentPart::ToolCall { tool_call } => Some(tool_call.output.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            Some("3".to_owned()),
+            Some(r#"{"error":"tool secret is not available"}"#.to_owned()),
+            Some(r#"{"error":"tool spy is not available"}"#.to_owned()),
+        ]
+    );
+    assert_eq!((h.runs("add"), h.runs("secret"), h.runs("spy")), (1, 0, 0));
+    // Only `add` was offered, and the results went back to the model.
+    let reqs = p.requests.lock().clone();
+    let offered: Vec<&str> = reqs[0].tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(offered, ["add"]);
+    let turn = reqs[1].messages.last().unwrap();
+    assert_eq!(turn.tool_calls.len(), 3);
+    assert_eq!(
+        turn.tool_calls[1].output.as_deref(),
+        Some(r#"{"error":"tool secret is not available"}"#)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -492,11 +577,102 @@ async fn the_iteration_cap_ends_the_job_with_a_terminal_event() {
     };
     assert_eq!(f.reason.as_deref(), Some("max_tool_iterations"));
     assert_eq!(p.requests.lock().len(), 3);
-    // Every stored tool call has its result.
-    assert!(f.response_message.content.iter().all(|c| match c {
-        ContentPart::ToolCall { tool_call } => tool_call.output.is_some(),
-        _ => true,
-    }));
+    // Every stored tool call has its result; the last round's tools did not run, as
+    // the model would never have seen their results.
+    let outputs: Vec<Option<&str>> = f
+        .response_message
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentPart::ToolCall { tool_call } => Some(tool_call.output.as_deref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            Some("2"),
+            Some("2"),
+            Some(r#"{"error":"not run: max_tool_iterations reached"}"#)
+        ]
+    );
+    assert_eq!(h.runs("add"), 2, "the capped round's tool ran");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::RunStepCompleted(_)))
+            .count(),
+        3
+    );
+}
+
+/// A job that ends while a tool call is still open — here the log fills up while its
+/// arguments stream, so not even a "cancelled" `on_run_step_completed` fits — saves the
+/// call with the cancelled result: a stored call without a result would make every
+/// later turn fail upstream (LESSONS: grimoire).
+#[tokio::test(start_paused = true)]
+async fn a_call_left_open_by_a_full_log_is_saved_with_a_result() {
+    let mut script = vec![tool_chunk(0, Some("c"), Some("add"), "{\"a\":")];
+    script.extend((0..40).map(|_| tool_chunk(0, None, None, " ")));
+    script.push(tool_chunk(0, None, None, "1,\"b\":2}"));
+    script.push(finish("tool_calls"));
+    let p = Scripted::new(vec![script, vec![text("fine"), finish("stop")]]);
+    let h = harness_with_limits(
+        p.clone(),
+        ManagerConfig::default(),
+        LogLimits {
+            max_events: 12,
+            ..LogLimits::default()
+        },
+    );
+    let (events, response_id, _) = run(&h).await;
+    let EventBody::Error(e) = last(&events) else {
+        panic!("{:?}", last(&events))
+    };
+    assert_eq!(e.code, "log_full");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.body, EventBody::RunStepCompleted(_))),
+        "no room for a completion in the log"
+    );
+    let cancelled = Some(r#"{"error":"cancelled"}"#);
+    let calls_of = |content: &[ContentPart]| -> Vec<Option<String>> {
+        content
+            .iter()
+            .filter_map(|c| match c {
+                ContentPart::ToolCall { tool_call } => Some(tool_call.output.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let sent = e.response_message.as_ref().unwrap();
+    assert_eq!(calls_of(&sent.content), [cancelled.map(str::to_owned)]);
+    let saved = h.db.get_message(&response_id).await.unwrap().unwrap();
+    assert_eq!(saved.content, sent.content);
+    assert_eq!(h.runs("add"), 0);
+    // The next turn's history pairs the call with that result.
+    let conversation_id = saved.conversation_id.clone();
+    run_request(
+        &h,
+        StartRequest {
+            user_id: "u".into(),
+            text: "again".into(),
+            conversation_id: Some(conversation_id),
+            parent_message_id: Some(response_id),
+            ..Default::default()
+        },
+    )
+    .await;
+    let reqs = p.requests.lock().clone();
+    let assistant = reqs
+        .last()
+        .unwrap()
+        .messages
+        .iter()
+        .find(|m| m.role == Role::Assistant)
+        .unwrap();
+    assert_eq!(assistant.tool_calls[0].output.as_deref(), cancelled);
 }
 
 #[tokio::test(start_paused = true)]
@@ -589,4 +765,98 @@ async fn abort_mid_stream_of_tool_arguments_closes_the_call_with_cancelled() {
         tool_call.output.as_deref(),
         Some("{\"error\":\"cancelled\"}")
     );
+}
+
+/// Anthropic's signed and redacted thinking blocks travel from the provider's events
+/// through the log into the content, the next model call of the tool loop and — via
+/// the saved message — the next turn's history, verbatim and in order; a failed
+/// attempt's blocks do not.
+#[tokio::test(start_paused = true)]
+async fn thinking_signatures_and_redacted_blocks_reach_the_next_calls() {
+    let reasoning = |t: &str| Step::Emit(ProviderEvent::Reasoning(t.into()));
+    let signature = |s: &str| Step::Emit(ProviderEvent::ReasoningSignature(s.into()));
+    let redacted = |d: &str| Step::Emit(ProviderEvent::RedactedReasoning(d.into()));
+    let p = Scripted::new(vec![
+        // A failed attempt: its thinking and signature are discarded with it.
+        vec![
+            reasoning("wrong "),
+            signature("EqStale"),
+            Step::Fail(http(529, None)),
+        ],
+        vec![
+            reasoning("I should "),
+            reasoning("add."),
+            signature("EqSig1"),
+            redacted("EmwKAhgB"),
+            tool_chunk(0, Some("c1"), Some("add"), "{\"a\":1,\"b\":2}"),
+            finish("tool_use"),
+        ],
+        vec![signature("EqOmitted"), text("3."), finish("end_turn")],
+    ]);
+    let h = harness(p.clone(), ManagerConfig::default());
+    let (events, response_id, _) = run(&h).await;
+    let EventBody::Final(f) = last(&events) else {
+        panic!("{:?}", last(&events))
+    };
+    let think = |t: &str, s: &str| ContentPart::Think {
+        think: t.into(),
+        signature: Some(s.into()),
+    };
+    let content = &f.response_message.content;
+    assert_eq!(content[0], think("I should add.", "EqSig1"));
+    assert_eq!(
+        content[1],
+        ContentPart::RedactedThinking {
+            data: "EmwKAhgB".into()
+        }
+    );
+    assert!(matches!(&content[2], ContentPart::ToolCall { .. }));
+    // A block with no text (its thinking omitted) is a part of its own.
+    assert_eq!(content[3], think("", "EqOmitted"));
+    assert_eq!(content[4], ContentPart::Text { text: "3.".into() });
+    assert_eq!(content.len(), 5);
+    let blocks = vec![
+        ReasoningBlock::Thinking {
+            thinking: "I should add.".into(),
+            signature: "EqSig1".into(),
+        },
+        ReasoningBlock::Redacted {
+            data: "EmwKAhgB".into(),
+        },
+    ];
+    let reqs = p.requests.lock().clone();
+    assert_eq!(reqs.len(), 3);
+    let turn = reqs[2].messages.last().unwrap();
+    assert_eq!((turn.role, &turn.reasoning), (Role::Assistant, &blocks));
+    // The next turn rebuilds the same blocks from the saved message.
+    let saved = h.db.get_message(&response_id).await.unwrap().unwrap();
+    assert_eq!(&saved.content, content);
+    run_request(
+        &h,
+        StartRequest {
+            user_id: "u".into(),
+            text: "again".into(),
+            conversation_id: Some(saved.conversation_id.clone()),
+            parent_message_id: Some(response_id),
+            ..Default::default()
+        },
+    )
+    .await;
+    let reqs = p.requests.lock().clone();
+    let history = &reqs.last().unwrap().messages;
+    let assistants: Vec<_> = history
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .collect();
+    assert_eq!(assistants.len(), 2);
+    assert_eq!(assistants[0].reasoning, blocks);
+    assert_eq!(assistants[0].tool_calls.len(), 1);
+    assert_eq!(
+        assistants[1].reasoning,
+        [ReasoningBlock::Thinking {
+            thinking: String::new(),
+            signature: "EqOmitted".into()
+        }]
+    );
+    assert_eq!(assistants[1].text, "3.");
 }

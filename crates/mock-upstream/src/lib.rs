@@ -34,7 +34,7 @@
 //! | `overloaded` | `message_start` and a few text deltas, then a mid-stream `event: error` with `overloaded_error` (synthetic: no real recording of one was found) |
 //! | `echo` | the last user message's text streamed back word by word as one text block, with `message_delta` (`end_turn`, usage) and `message_stop` |
 //! | `stall` | `message_start` and one text delta, then nothing, never closing |
-//! | `tools`, `tools-forever` | as on Chat Completions, in the Messages dialect |
+//! | `tools`, `tools-forever` | as on Chat Completions, in the Messages dialect; with extended thinking on (`thinking.type: "enabled"`), a tool turn starts with a signed thinking block (`thinking_delta`s, then a `signature_delta`) and a `redacted_thinking` block |
 //!
 //! ## Tool calling: `tools` and `tools-forever`
 //!
@@ -69,20 +69,28 @@
 //!
 //! | wrapper | its first `N` requests get |
 //! |---|---|
-//! | `flaky:<N>:<status>[+ra<S>\|+ram<MS>\|+radate<S>]:<rest>` | HTTP `<status>` with the dialect's error body (`mock upstream says <status>`); `Retry-After: <S>` (seconds), `retry-after-ms: <MS>`, or `Retry-After: <HTTP-date S seconds from now>` when asked — no wait header otherwise |
+//! | `flaky:<N>:<status>[+ra<S>\|+ram<MS>\|+radate<S>]:<rest>` | HTTP `<status>` with the dialect's error body (`mock upstream says <status>`); `Retry-After: <S>` (seconds), `retry-after-ms: <MS>`, or `Retry-After: <HTTP-date>` exactly `S` seconds after the response's own `Date` header (sent with it) when asked — no wait header otherwise |
 //! | `dropmid:<N>:<rest>` | the first half (at least 3) of `<rest>`'s frames before its end (`finish_reason`, `[DONE]`, `message_delta`, `message_stop`), then the connection is dropped (the body errors: no terminating chunk) |
 //! | `closemid:<N>:<rest>` | the same frames, then the body ends cleanly: no `[DONE]` / `message_stop` |
 //! | `stall:<N>:<rest>` | the same frames, then nothing, never closing (idle-gap timeout) |
 //! | `nobyte:<N>:<rest>` | status 200 and the headers, then no body byte, never closing (first-byte timeout) |
 //! | `malformedmid:<N>:<rest>` | the same frames, then `data: {not json` |
 //! | `overloaded:<N>:<rest>` | the same frames, then the upstream's mid-stream overload error: on Messages `event: error` with `overloaded_error`; on Chat Completions an OpenRouter-style chunk `{"error":{"message":"Overloaded","type":"overloaded_error","code":529}}` |
+//! | `noend:<N>:<rest>` | all of `<rest>`'s frames but its terminator (`[DONE]`, `message_stop`), then a clean end: on Chat Completions a `finish_reason` and usage without `[DONE]` |
 //! | `pass:<N>:<rest>` | `<rest>`'s base scenario, unwrapped (to script a failure on a later call: `pass:1:flaky:1:500:tools` fails the second request) |
 //!
 //! The frame-cutting wrappers need a streaming scenario at the end of `<rest>` (not
 //! `status:<code>`).
 //!
-//! Any model may end in options: `?delay_ms=N` puts a delay of `N` milliseconds between
-//! frames (not before the first); `?calls=N` sets the calls per tool of `tools`.
+//! Any model may end in options (joined by `&`): `?delay_ms=N` puts a delay of `N`
+//! milliseconds between frames (not before the first); `?calls=N` sets the calls per
+//! tool of `tools`; `?call=NAME` makes the `tools` turn also call tool `NAME`, which the
+//! request does not declare (arguments `{}`; a model may name any tool);
+//! `?lead_ms=N` and `?gap_ms=N` put `N` milliseconds of keep-alives only before the
+//! first frame and between the first two, one every `?keepalive_ms=N` (default 100; 0
+//! sends nothing: silence). A keep-alive is what the upstream sends while it has
+//! nothing to say: a `ping` event on Messages, the comment `: OPENROUTER PROCESSING` on
+//! Chat Completions.
 //! Unknown models answer 404, `model_not_found` on Chat Completions as OpenAI does,
 //! `not_found_error` on Messages as Anthropic does.
 //!
@@ -98,7 +106,13 @@
 //! - Messages: every `tool_use` block must be answered by a `tool_result` with its id
 //!   in the next message, a user message; a `tool_result` must answer a `tool_use` of the
 //!   previous message; `tool_result` blocks come first in their message; `tool_use`
-//!   input is an object; no message but a final assistant one has empty content.
+//!   input is an object; no message but a final assistant one has empty content; a
+//!   `thinking` block's `signature` is the one the mock gave its text, a
+//!   `redacted_thinking` block has `data`; and with thinking on, when the last message
+//!   holds tool results, the assistant message before it starts with a thinking or
+//!   redacted thinking block (Anthropic's 400 text otherwise: "Expected `thinking` or
+//!   `redacted_thinking`, but found `tool_use`. When `thinking` is enabled, a final
+//!   `assistant` message must start with a thinking block…").
 //!
 //! Every request is recorded (path, headers, JSON body) before it is answered, so a
 //! test can assert what its client sent: [`MockUpstream::requests`] and
@@ -419,6 +433,8 @@ enum Fault {
     NoByte,
     MalformedMid,
     OverloadedMid,
+    /// Every frame but the terminator (`[DONE]` / `message_stop`), then a clean end.
+    NoTerminator,
     /// Answers with the base scenario.
     Pass,
 }
@@ -432,6 +448,22 @@ struct Plan {
     delay: Duration,
     /// Calls per declared tool in a `tools` turn.
     calls: u32,
+    /// A tool the `tools` turn also calls, though the request does not declare it.
+    undeclared: Option<String>,
+    quiet: Quiet,
+}
+
+/// Stretches of a stream with nothing but keep-alives, or with nothing at all
+/// (options `lead_ms`, `gap_ms`, `keepalive_ms`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Quiet {
+    /// Before the first frame.
+    lead: Duration,
+    /// Between the first and the second frame.
+    gap: Duration,
+    /// A keep-alive this often during those stretches (the first at once); zero sends
+    /// none: silence.
+    every: Duration,
 }
 
 impl Plan {
@@ -466,20 +498,31 @@ fn parse_model(model: &str) -> Result<Plan, String> {
     };
     let mut delay = Duration::ZERO;
     let mut calls = 2;
+    let mut undeclared = None;
+    let mut quiet = Quiet {
+        every: Duration::from_millis(100),
+        ..Quiet::default()
+    };
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
         let number = |v: &str, what: &str| {
             v.parse::<u64>()
                 .map_err(|_| format!("{what} must be an integer, got `{v}`"))
         };
+        let ms = |v: &str, what: &str| number(v, what).map(Duration::from_millis);
         match pair.split_once('=') {
-            Some(("delay_ms", ms)) => delay = Duration::from_millis(number(ms, "delay_ms")?),
+            Some(("delay_ms", v)) => delay = ms(v, "delay_ms")?,
+            Some(("lead_ms", v)) => quiet.lead = ms(v, "lead_ms")?,
+            Some(("gap_ms", v)) => quiet.gap = ms(v, "gap_ms")?,
+            Some(("keepalive_ms", v)) => quiet.every = ms(v, "keepalive_ms")?,
             Some(("calls", n)) => {
                 calls = u32::try_from(number(n, "calls")?)
                     .map_err(|_| format!("calls too large: {n}"))?;
             }
+            Some(("call", name)) if !name.is_empty() => undeclared = Some(name.to_owned()),
             _ => {
                 return Err(format!(
-                    "unknown model option `{pair}` (known: delay_ms, calls)"
+                    "unknown model option `{pair}` (known: delay_ms, lead_ms, gap_ms, \
+                     keepalive_ms, calls, call)"
                 ));
             }
         }
@@ -495,6 +538,7 @@ fn parse_model(model: &str) -> Result<Plan, String> {
             "nobyte" => Some(Fault::NoByte),
             "malformedmid" => Some(Fault::MalformedMid),
             "overloaded" => Some(Fault::OverloadedMid),
+            "noend" => Some(Fault::NoTerminator),
             "pass" => Some(Fault::Pass),
             _ => break,
         };
@@ -540,6 +584,8 @@ fn parse_model(model: &str) -> Result<Plan, String> {
         scenario,
         delay,
         calls,
+        undeclared,
+        quiet,
     })
 }
 
@@ -669,13 +715,21 @@ fn handle(
     };
     let fault = plan.fault_for(recorder.next_index(model));
     let base = || base_answer(dialect, model, &plan, &body);
+    let stream = |frames, tail| stream_response(frames, plan.delay, plan.quiet, dialect, tail);
     match fault {
         None | Some(Fault::Pass) => match base() {
-            Ok((frames, tail)) => stream_response(frames, plan.delay, tail),
+            Ok((frames, tail)) => stream(frames, tail),
             Err(response) => *response,
         },
         Some(Fault::Status(code, retry_after)) => status_answer(dialect, code, Some(retry_after)),
-        Some(Fault::NoByte) => stream_response(Vec::new(), plan.delay, Tail::Hang),
+        Some(Fault::NoByte) => stream(Vec::new(), Tail::Hang),
+        Some(Fault::NoTerminator) => match base() {
+            Ok((mut frames, tail)) => {
+                frames.retain(|f| !is_terminator(f));
+                stream(frames, tail)
+            }
+            Err(response) => *response,
+        },
         Some(fault) => {
             let Ok((frames, _)) = base() else {
                 return dialect_error(
@@ -707,7 +761,7 @@ fn handle(
                 }
                 _ => Tail::End, // CloseMid
             };
-            stream_response(frames, plan.delay, tail)
+            stream(frames, tail)
         }
     }
 }
@@ -722,7 +776,7 @@ fn unknown_model(dialect: Dialect, model: &str, why: &str) -> Response {
                 "The model `{model}` does not exist (mock upstream: {why}; use \
                  fixture:<path>, status:<code>, malformed, truncated, echo, stall, tools, \
                  tools-forever, optionally wrapped in flaky/dropmid/closemid/stall/nobyte/\
-                 malformedmid/overloaded/pass)"
+                 malformedmid/overloaded/noend/pass)"
             ),
         ),
         Dialect::Messages => anthropic_error(
@@ -732,7 +786,7 @@ fn unknown_model(dialect: Dialect, model: &str, why: &str) -> Response {
                 "model: {model} (mock upstream: {why}; use fixture:<path>, status:<code>, \
                  malformed, truncated, overloaded, echo, stall, tools or tools-forever, \
                  optionally wrapped in flaky/dropmid/closemid/stall/nobyte/malformedmid/\
-                 overloaded/pass)"
+                 overloaded/noend/pass)"
             ),
         ),
     }
@@ -835,9 +889,14 @@ fn base_answer(
         }
         (Scenario::Echo, Dialect::ChatCompletions) => echo_frames(model, body),
         (Scenario::Echo, Dialect::Messages) => anthropic_echo_frames(model, body),
-        (Scenario::Tools { forever }, _) => {
-            tools_frames(dialect, model, body, *forever, plan.calls)
-        }
+        (Scenario::Tools { forever }, _) => tools_frames(
+            dialect,
+            model,
+            body,
+            *forever,
+            plan.calls,
+            plan.undeclared.as_deref(),
+        ),
     };
     Ok((frames, Tail::End))
 }
@@ -888,6 +947,14 @@ fn is_end_frame(frame: &str, dialect: Dialect) -> bool {
             Some("message_delta" | "message_stop")
         ),
     }
+}
+
+/// Whether a frame is a stream's terminator: `data: [DONE]` or `message_stop`.
+fn is_terminator(frame: &str) -> bool {
+    frame.lines().any(|l| {
+        let l = l.trim();
+        l == "data: [DONE]" || l == "event: message_stop" || l.contains("\"type\":\"message_stop\"")
+    })
 }
 
 /// The upstream's mid-stream overload error in `dialect`.
@@ -948,16 +1015,76 @@ enum Tail {
     Abort,
 }
 
+/// What a streamed body sends, in order.
+enum Piece {
+    Bytes(String),
+    Wait(Duration),
+}
+
+/// The keep-alive an upstream sends while it has nothing to say: Anthropic's `ping`
+/// event on Messages; on Chat Completions the SSE comment OpenRouter sends while a
+/// model is slow to start.
+fn keepalive(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Messages => "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        Dialect::ChatCompletions => ": OPENROUTER PROCESSING\n\n",
+    }
+}
+
+/// `length` of keep-alives every `quiet.every` (the first at once), or of silence.
+fn quiet_pieces(out: &mut Vec<Piece>, length: Duration, quiet: Quiet, dialect: Dialect) {
+    if length.is_zero() {
+        return;
+    }
+    if quiet.every.is_zero() {
+        out.push(Piece::Wait(length));
+        return;
+    }
+    let mut left = length;
+    while !left.is_zero() {
+        out.push(Piece::Bytes(keepalive(dialect).to_owned()));
+        let step = quiet.every.min(left);
+        out.push(Piece::Wait(step));
+        left -= step;
+    }
+}
+
 /// A streaming `text/event-stream` response sending `frames` with `delay` between
-/// them, then ending as `tail` says.
-fn stream_response(frames: Vec<String>, delay: Duration, tail: Tail) -> Response {
-    let frames =
-        futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, frame)| async move {
-            if i > 0 && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+/// them (and the `quiet` stretches before the first and after the first), then ending
+/// as `tail` says.
+fn stream_response(
+    frames: Vec<String>,
+    delay: Duration,
+    quiet: Quiet,
+    dialect: Dialect,
+    tail: Tail,
+) -> Response {
+    let mut pieces = Vec::with_capacity(frames.len() * 2 + 2);
+    if frames.is_empty() {
+        quiet_pieces(&mut pieces, quiet.lead, quiet, dialect);
+    }
+    for (i, frame) in frames.into_iter().enumerate() {
+        match i {
+            0 => quiet_pieces(&mut pieces, quiet.lead, quiet, dialect),
+            1 => quiet_pieces(&mut pieces, quiet.gap, quiet, dialect),
+            _ => {}
+        }
+        if i > 0 && !delay.is_zero() {
+            pieces.push(Piece::Wait(delay));
+        }
+        pieces.push(Piece::Bytes(frame));
+    }
+    let frames = futures::stream::iter(pieces)
+        .then(|piece| async move {
+            match piece {
+                Piece::Wait(d) => {
+                    tokio::time::sleep(d).await;
+                    None
+                }
+                Piece::Bytes(b) => Some(Ok::<_, std::io::Error>(Bytes::from(b))),
             }
-            Ok::<_, std::io::Error>(Bytes::from(frame))
-        });
+        })
+        .filter_map(std::future::ready);
     let body = match tail {
         Tail::End => Body::from_stream(frames),
         Tail::Hang => Body::from_stream(frames.chain(futures::stream::pending())),
@@ -1042,9 +1169,18 @@ fn status_answer(dialect: Dialect, code: u16, retry_after: Option<RetryAfter>) -
             }
         }
         RetryAfter::DateIn(s) => {
-            let at = SystemTime::now() + Duration::from_secs(s);
-            if let Some(v) = value(http_date(at)) {
-                headers.insert(header::RETRY_AFTER, v);
+            // The response's own `Date` is sent too (the second it was made, as
+            // servers send it), so the date is exactly `s` seconds after it.
+            let since = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            if let (Some(date), Some(at)) = (
+                value(http_date(now)),
+                value(http_date(now + Duration::from_secs(s))),
+            ) {
+                headers.insert(header::DATE, date);
+                headers.insert(header::RETRY_AFTER, at);
             }
         }
     }
@@ -1313,6 +1449,7 @@ fn tools_frames(
     body: &Value,
     forever: bool,
     calls_per_tool: u32,
+    undeclared: Option<&str>,
 ) -> Vec<String> {
     let tools = declared_tools(dialect, body);
     if !forever && let Some(results) = trailing_tool_results(dialect, body) {
@@ -1341,6 +1478,14 @@ fn tools_frames(
             };
             calls.push((id, tool.name.clone(), pieces_of(&args, 4)));
         }
+    }
+    if let Some(name) = undeclared {
+        let j = calls.len();
+        let id = match dialect {
+            Dialect::ChatCompletions => format!("call_mock_{turn}_{j}"),
+            Dialect::Messages => format!("toolu_mock_{turn}_{j}"),
+        };
+        calls.push((id, name.to_owned(), pieces_of("{}", 4)));
     }
     let output_tokens = calls.iter().map(|c| c.2.len()).sum::<usize>();
     let prompt_chars = body.to_string().chars().count();
@@ -1380,7 +1525,17 @@ fn tools_frames(
         Dialect::Messages => {
             let input_tokens = prompt_chars.div_ceil(4);
             let mut frames = vec![event_frame(&message_start(model, input_tokens))];
+            // With extended thinking on, the turn starts as Claude's do: a signed
+            // thinking block, here followed by a redacted one.
+            let first_call = if thinking_enabled(body) {
+                frames.extend(thinking_frames(0, &thinking_text(turn)));
+                frames.extend(redacted_thinking_frames(1, &redacted_data(turn)));
+                2
+            } else {
+                0
+            };
             for (j, (id, name, pieces)) in calls.iter().enumerate() {
+                let j = j + first_call;
                 frames.push(event_frame(
                     &json!({"type": "content_block_start", "index": j,
                     "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
@@ -1408,6 +1563,64 @@ fn tools_frames(
             frames
         }
     }
+}
+
+/// Whether a Messages request turns on extended thinking.
+fn thinking_enabled(body: &Value) -> bool {
+    body.pointer("/thinking/type").and_then(Value::as_str) == Some("enabled")
+}
+
+/// The thinking of tool turn `turn`.
+fn thinking_text(turn: usize) -> String {
+    format!("Turn {turn}: the user wants numbers, so I call every tool I have.")
+}
+
+/// The opaque data of tool turn `turn`'s redacted thinking block.
+fn redacted_data(turn: usize) -> String {
+    format!("mock-redacted-{turn}-EmwKAhgBEgy3va3pzix")
+}
+
+/// The signature the mock gives a thinking block: a hash of its text, so that a
+/// thinking block sent back with other text, or with another block's signature, is
+/// refused as Anthropic refuses it.
+fn signature_of(thinking: &str) -> String {
+    // FNV-1a, 64 bits.
+    let hash = thinking.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("EqMock{hash:016x}")
+}
+
+/// A thinking block at `index`: `thinking_delta`s of a few words, then its
+/// `signature_delta`, as the API streams them.
+fn thinking_frames(index: usize, thinking: &str) -> Vec<String> {
+    let mut frames = vec![event_frame(
+        &json!({"type": "content_block_start", "index": index,
+            "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+    )];
+    for piece in word_pieces(thinking) {
+        frames.push(event_frame(
+            &json!({"type": "content_block_delta", "index": index,
+            "delta": {"type": "thinking_delta", "thinking": piece}}),
+        ));
+    }
+    frames.push(event_frame(
+        &json!({"type": "content_block_delta", "index": index,
+        "delta": {"type": "signature_delta", "signature": signature_of(thinking)}}),
+    ));
+    frames.push(event_frame(
+        &json!({"type": "content_block_stop", "index": index}),
+    ));
+    frames
+}
+
+/// A redacted thinking block at `index`: its data comes whole in the block start.
+fn redacted_thinking_frames(index: usize, data: &str) -> Vec<String> {
+    vec![
+        event_frame(&json!({"type": "content_block_start", "index": index,
+            "content_block": {"type": "redacted_thinking", "data": data}})),
+        event_frame(&json!({"type": "content_block_stop", "index": index})),
+    ]
 }
 
 /// The blocks of type `kind` in a Messages message's content.
@@ -1561,6 +1774,24 @@ fn validate_messages_history(body: &Value) -> Result<(), String> {
                 ));
             }
         }
+        for (k, block) in blocks(message, "thinking").enumerate() {
+            let text = block.get("thinking").and_then(Value::as_str).unwrap_or("");
+            let signature = block.get("signature").and_then(Value::as_str).unwrap_or("");
+            if signature != signature_of(text) {
+                return Err(format!(
+                    "messages.{i}.content.{k}: Invalid `signature` in `thinking` block"
+                ));
+            }
+        }
+        if blocks(message, "redacted_thinking").any(|b| {
+            b.get("data")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        }) {
+            return Err(format!(
+                "messages.{i}.content: Invalid `data` in `redacted_thinking` block"
+            ));
+        }
         if role == "assistant" {
             let uses = ids(message, "tool_use", "id");
             if uses.is_empty() {
@@ -1587,6 +1818,34 @@ fn validate_messages_history(body: &Value) -> Result<(), String> {
                     missing.join(", ")
                 ));
             }
+        }
+    }
+    // With thinking on, the assistant turn the last tool results answer must start
+    // with its thinking (Anthropic docs, "Extended thinking with tool use": the signed
+    // block is sent back as it came).
+    let last = messages.len().wrapping_sub(1);
+    if thinking_enabled(body)
+        && let Some(results) = messages.get(last)
+        && blocks(results, "tool_result").next().is_some()
+        && last > 0
+    {
+        let first = messages[last - 1]
+            .get("content")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first())
+            .and_then(|b| b.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("text");
+        if first != "thinking" && first != "redacted_thinking" {
+            return Err(format!(
+                "messages.{}.content.0.type: Expected `thinking` or `redacted_thinking`, but \
+                 found `{first}`. When `thinking` is enabled, a final `assistant` message must \
+                 start with a thinking block (preceeding the lastmost set of `tool_use` and \
+                 `tool_result` blocks). We recommend you include thinking blocks from previous \
+                 turns. To avoid this requirement, disable `thinking`. Please consult our \
+                 documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking",
+                last - 1
+            ));
         }
     }
     Ok(())
@@ -1735,6 +1994,11 @@ mod tests {
             scenario,
             delay: Duration::from_millis(delay_ms),
             calls: 2,
+            undeclared: None,
+            quiet: Quiet {
+                every: Duration::from_millis(100),
+                ..Quiet::default()
+            },
         }
     }
 
@@ -1909,7 +2173,7 @@ mod tests {
         ]);
         let body = json!({"model": "tools", "tools": tools,
             "messages": [{"role": "user", "content": "go"}]});
-        let frames = tools_frames(Dialect::ChatCompletions, "tools", &body, false, 2);
+        let frames = tools_frames(Dialect::ChatCompletions, "tools", &body, false, 2, None);
         assert_eq!(
             chat_calls(&frames),
             vec![
@@ -1964,16 +2228,17 @@ mod tests {
             {"role": "tool", "tool_call_id": "call_mock_0_0", "content": "42"},
             {"role": "tool", "tool_call_id": "call_mock_0_1", "content": "49"},
         ]);
-        let text: String = tools_frames(Dialect::ChatCompletions, "tools", &answered, false, 2)
-            .iter()
-            .filter_map(|f| f.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-            .filter_map(|v| {
-                v.pointer("/choices/0/delta/content")?
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
+        let text: String =
+            tools_frames(Dialect::ChatCompletions, "tools", &answered, false, 2, None)
+                .iter()
+                .filter_map(|f| f.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+                .filter_map(|v| {
+                    v.pointer("/choices/0/delta/content")?
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect();
         assert_eq!(text, "The tools said: 42; 49.");
         // Forever: a second turn of calls, with new ids and arguments.
         let again = tools_frames(
@@ -1982,6 +2247,7 @@ mod tests {
             &answered,
             true,
             1,
+            None,
         );
         assert_eq!(
             chat_calls(&again),
@@ -2005,7 +2271,7 @@ mod tests {
         let body = json!({"model": "tools", "tools": [{"name": "calculator",
             "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}}}}],
             "messages": [{"role": "user", "content": "go"}]});
-        let frames = tools_frames(Dialect::Messages, "tools", &body, false, 2);
+        let frames = tools_frames(Dialect::Messages, "tools", &body, false, 2, None);
         let payloads: Vec<Value> = frames
             .iter()
             .filter_map(|f| f.split_once("data: "))
@@ -2038,7 +2304,7 @@ mod tests {
                 {"type": "tool_result", "tool_use_id": "toolu_mock_0_1", "content": [{"type": "text", "text": "49"}]}]},
         ]});
         assert_eq!(validate_messages_history(&answered), Ok(()));
-        let text: String = tools_frames(Dialect::Messages, "tools", &answered, false, 2)
+        let text: String = tools_frames(Dialect::Messages, "tools", &answered, false, 2, None)
             .iter()
             .filter_map(|f| f.split_once("data: "))
             .filter_map(|(_, d)| serde_json::from_str::<Value>(d.trim()).ok())
@@ -2054,7 +2320,7 @@ mod tests {
             .unwrap()
             .push(json!({"type": "text", "text": "and again"}));
         assert_eq!(validate_messages_history(&next), Ok(()));
-        let frames = tools_frames(Dialect::Messages, "tools", &next, false, 1);
+        let frames = tools_frames(Dialect::Messages, "tools", &next, false, 1, None);
         assert!(
             frames.concat().contains("\"id\":\"toolu_mock_1_0\""),
             "{frames:?}"
@@ -2106,6 +2372,142 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.contains("role 'tool'"), "{e}");
+    }
+
+    /// With thinking on, the tool turn starts with a signed thinking block and a
+    /// redacted one; its results are accepted only after that turn sent back as it
+    /// came, with Anthropic's words otherwise.
+    #[test]
+    fn thinking_tool_turns_need_their_signed_blocks_back() {
+        let body = json!({"model": "tools", "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "tools": [{"name": "calculator",
+            "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}}}}],
+            "messages": [{"role": "user", "content": "go"}]});
+        let payloads: Vec<Value> = tools_frames(Dialect::Messages, "tools", &body, false, 1, None)
+            .iter()
+            .filter_map(|f| f.split_once("data: "))
+            .filter_map(|(_, d)| serde_json::from_str(d.trim()).ok())
+            .collect();
+        let starts: Vec<&str> = payloads
+            .iter()
+            .filter(|p| p["type"] == "content_block_start")
+            .filter_map(|p| p.pointer("/content_block/type")?.as_str())
+            .collect();
+        assert_eq!(starts, ["thinking", "redacted_thinking", "tool_use"]);
+        let thinking: String = payloads
+            .iter()
+            .filter_map(|p| p.pointer("/delta/thinking")?.as_str())
+            .collect();
+        assert_eq!(thinking, thinking_text(0));
+        let signature = payloads
+            .iter()
+            .find_map(|p| p.pointer("/delta/signature")?.as_str())
+            .unwrap();
+        assert_eq!(signature, signature_of(&thinking));
+        assert_eq!(
+            payloads[1..]
+                .iter()
+                .filter(|p| p["index"] == 2 && p["type"] == "content_block_start")
+                .count(),
+            1
+        );
+
+        let turn = |assistant: Value| {
+            json!({"model": "tools", "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": assistant},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_mock_0_0", "content": "42"}]},
+            ]})
+        };
+        let use_ =
+            json!({"type": "tool_use", "id": "toolu_mock_0_0", "name": "calculator", "input": {}});
+        let signed = json!({"type": "thinking", "thinking": thinking, "signature": signature});
+        let redacted = json!({"type": "redacted_thinking", "data": redacted_data(0)});
+        assert_eq!(
+            validate_messages_history(&turn(json!([signed, redacted, use_]))),
+            Ok(())
+        );
+        assert_eq!(
+            validate_messages_history(&turn(json!([redacted, use_]))),
+            Ok(())
+        );
+        let e = validate_messages_history(&turn(json!([use_]))).unwrap_err();
+        assert!(
+            e.starts_with(
+                "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but \
+                 found `tool_use`. When `thinking` is enabled, a final `assistant` message must \
+                 start with a thinking block"
+            ),
+            "{e}"
+        );
+        let tampered = json!({"type": "thinking", "thinking": "other", "signature": signature});
+        let e = validate_messages_history(&turn(json!([tampered, use_]))).unwrap_err();
+        assert!(e.contains("Invalid `signature`"), "{e}");
+        let unsigned = json!({"type": "thinking", "thinking": thinking});
+        assert!(validate_messages_history(&turn(json!([unsigned, use_]))).is_err());
+        // Without thinking, nothing of the kind is asked for.
+        let mut off = turn(json!([use_]));
+        off.as_object_mut().unwrap().remove("thinking");
+        assert_eq!(validate_messages_history(&off), Ok(()));
+    }
+
+    #[test]
+    fn quiet_stretches_send_keepalives_or_nothing() {
+        let quiet = Quiet {
+            lead: Duration::from_millis(250),
+            gap: Duration::ZERO,
+            every: Duration::from_millis(100),
+        };
+        let mut pieces = Vec::new();
+        quiet_pieces(&mut pieces, quiet.lead, quiet, Dialect::ChatCompletions);
+        let shape: Vec<String> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Bytes(b) => b.clone(),
+                Piece::Wait(d) => d.as_millis().to_string(),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ": OPENROUTER PROCESSING\n\n",
+                "100",
+                ": OPENROUTER PROCESSING\n\n",
+                "100",
+                ": OPENROUTER PROCESSING\n\n",
+                "50"
+            ]
+        );
+        let mut pieces = Vec::new();
+        let silent = Quiet {
+            every: Duration::ZERO,
+            ..quiet
+        };
+        quiet_pieces(&mut pieces, silent.lead, silent, Dialect::Messages);
+        assert!(matches!(pieces.as_slice(), [Piece::Wait(d)] if d.as_millis() == 250));
+        assert_eq!(
+            keepalive(Dialect::Messages),
+            "event: ping\ndata: {\"type\": \"ping\"}\n\n"
+        );
+        let plan =
+            parse_model("noend:1:echo?lead_ms=5&gap_ms=7&keepalive_ms=0&call=lookup").unwrap();
+        assert_eq!(plan.wrappers, vec![(1, Fault::NoTerminator)]);
+        assert_eq!(
+            plan.quiet,
+            Quiet {
+                lead: Duration::from_millis(5),
+                gap: Duration::from_millis(7),
+                every: Duration::ZERO
+            }
+        );
+        assert_eq!(plan.undeclared.as_deref(), Some("lookup"));
+        assert!(is_terminator("data: [DONE]\n\n"));
+        assert!(is_terminator(
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        ));
+        assert!(!is_terminator("data: {\"choices\":[]}\n\n"));
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Provider for DemoProvider {
                 kind: ProviderErrorKind::Http,
                 status: Some(500),
                 message: "demo: failure before stream".to_owned(),
-                retry_after: None,
+                ..Default::default()
             });
         }
         let chars: usize = request
@@ -397,6 +397,7 @@ mod tests {
                 text: text.into(),
                 tool_calls: vec![],
                 tool_call_id: None,
+                reasoning: vec![],
             }],
             tools: vec![],
             call_index: 2,

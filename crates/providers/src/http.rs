@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use genstream_engine::provider::{ProviderError, ProviderErrorKind};
 
 use crate::BuildError;
+use crate::sse::{Deadlines, timeout_error};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -96,20 +97,22 @@ pub(crate) type Describe = fn(&Value) -> Option<String>;
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_QUOTED_CHARS: usize = 500;
 
-/// Sends one streaming request and waits for the head of the answer.
+/// Sends one streaming request and waits for the head of the answer, until the
+/// first-byte deadline of `deadlines`.
 ///
 /// `Ok(Some(response))` for a 2xx answer that is not JSON (the event stream);
 /// `Ok(None)` when `cancel` fired first (the request is dropped). `describe` reads the
 /// upstream's error bodies.
 ///
 /// # Errors
-/// `Connect`/`Timeout` (no answer), `Http` (non-2xx, with status, message and
+/// `Connect`/`Timeout` (no answer, or none by the deadline), `Http` (non-2xx, with status, message and
 /// `retry_after`), `Upstream` (a 2xx JSON error body: some servers answer a streaming
 /// request so), `Malformed` (a 2xx JSON body that is not an error).
 pub(crate) async fn open_stream(
     provider: &str,
     request: reqwest::RequestBuilder,
     cancel: &CancellationToken,
+    deadlines: Deadlines,
     describe: Describe,
 ) -> Result<Option<reqwest::Response>, ProviderError> {
     let answer = async {
@@ -127,10 +130,15 @@ pub(crate) async fn open_stream(
         }
         Ok(response)
     };
+    // The answer's head (and an error body) count against the first-byte budget.
+    let answer = tokio::time::timeout_at(deadlines.first_byte_deadline, answer);
     tokio::select! {
         biased;
         () = cancel.cancelled() => Ok(None),
-        response = answer => response.map(Some),
+        response = answer => match response {
+            Ok(response) => response.map(Some),
+            Err(_) => Err(timeout_error(provider, "first byte", deadlines.first_byte)),
+        },
     }
 }
 
@@ -143,13 +151,9 @@ async fn json_instead_of_stream(
     let body = response.bytes().await.unwrap_or_default();
     let error = serde_json::from_slice::<Value>(&body)
         .ok()
-        .filter(|v| v.get("error").is_some_and(|e| !e.is_null()))
-        .and_then(|v| describe(&v));
+        .filter(|v| v.get("error").is_some_and(|e| !e.is_null()));
     match error {
-        Some(message) => ProviderError::new(
-            ProviderErrorKind::Upstream,
-            format!("{provider}: upstream reported an error: {message}"),
-        ),
+        Some(value) => reported_error(provider, Some(&value), "", describe),
         None => ProviderError::new(
             ProviderErrorKind::Malformed,
             format!(
@@ -187,6 +191,7 @@ pub(crate) async fn status_error(
         status: Some(status.as_u16()),
         message,
         retry_after,
+        ..Default::default()
     }
 }
 
@@ -233,8 +238,76 @@ pub(crate) fn error_message(value: &Value) -> Option<String> {
     }
 }
 
-/// The wait asked for by `retry-after-ms` or `Retry-After`, relative to `now` for an
-/// HTTP-date (a date in the past means no wait). `None` when absent or unparsable.
+/// The `Upstream` error for a failure the upstream reported inside a 2xx answer: an
+/// error chunk or event, or a JSON error body. `value` is its JSON (`None` when it was
+/// not JSON, then `raw` is quoted). The message quotes what `describe` reads; the
+/// structured parts the retry layer classifies by come from the error object (the
+/// value's `error` when that is an object, else the value itself; the first element
+/// of an array):
+/// - `status`: a numeric `code` (OpenRouter sends the HTTP status there), else a
+///   numeric `status_code` or `status`;
+/// - `codes`: the string `type`, `code` and `status` (`overloaded_error`,
+///   `rate_limit_exceeded`, Gemini's `UNAVAILABLE`);
+/// - `detail`: its `message` (or the error itself when it is a string; `raw` when the
+///   data was not JSON).
+pub(crate) fn reported_error(
+    provider: &str,
+    value: Option<&Value>,
+    raw: &str,
+    describe: Describe,
+) -> ProviderError {
+    let quoted = || truncate(raw.trim(), MAX_QUOTED_CHARS);
+    let text = value.and_then(describe).unwrap_or_else(quoted);
+    let mut error = ProviderError::new(
+        ProviderErrorKind::Upstream,
+        format!("{provider}: upstream reported an error: {text}"),
+    );
+    let Some(value) = value else {
+        error.detail = Some(quoted());
+        return error;
+    };
+    let mut object = value;
+    while let Some(first) = object.as_array().and_then(|a| a.first()) {
+        object = first;
+    }
+    match object.get("error") {
+        Some(Value::String(s)) => {
+            error.detail = Some(s.clone());
+            return error;
+        }
+        Some(inner @ Value::Object(_)) => object = inner,
+        _ => {}
+    }
+    let status_of = |v: &Value| {
+        match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        }
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|n| (100..=999).contains(n))
+    };
+    error.status = ["code", "status_code", "status"]
+        .iter()
+        .find_map(|key| object.get(*key).and_then(status_of));
+    error.codes = ["type", "code", "status"]
+        .iter()
+        .filter_map(|key| object.get(*key)?.as_str())
+        .filter(|s| !s.is_empty() && s.trim().parse::<u64>().is_err())
+        .map(str::to_owned)
+        .collect();
+    error.detail = object
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    error
+}
+
+/// The wait asked for by `retry-after-ms` or `Retry-After`. An HTTP-date is taken
+/// relative to the response's own `Date` header when it has one — the two come from
+/// the same clock, so a skew between the upstream's clock and ours does not change the
+/// wait — else to `now`; a date in the past means no wait. `None` when absent or
+/// unparsable.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         headers
@@ -261,6 +334,9 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
         return Duration::try_from_secs_f64(secs).ok();
     }
     let date = httpdate::parse_http_date(value).ok()?;
+    let now = header("date")
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        .unwrap_or(now);
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
@@ -339,6 +415,21 @@ mod tests {
         assert_eq!(
             at(&[("retry-after-ms", "-1"), ("retry-after", "9")]),
             Some(Duration::from_secs(9))
+        );
+        // Relative to the response's Date, whatever our clock says.
+        assert_eq!(
+            at(&[
+                ("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
+                ("date", "Wed, 21 Oct 2015 07:27:40 GMT")
+            ]),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(
+            at(&[
+                ("retry-after", "Wed, 21 Oct 2015 07:28:30 GMT"),
+                ("date", "not a date")
+            ]),
+            Some(Duration::from_secs(30))
         );
         assert_eq!(at(&[("retry-after", "soon")]), None);
         assert_eq!(at(&[("retry-after-ms", "1e300")]), None);

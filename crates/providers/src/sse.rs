@@ -7,6 +7,16 @@
 //! as the job's cancellation token fires, and it maps a broken body onto
 //! `Truncated`/`Timeout` and invalid SSE onto `Malformed`.
 //!
+//! It also applies the first-byte and idle-gap timeouts, to the body's *bytes*: the
+//! first body byte must come by the attempt's first-byte deadline, and no gap between
+//! two reads may exceed the idle timeout. A keep-alive is a sign of life although it
+//! yields no event: Anthropic's `ping` events, the `: OPENROUTER PROCESSING` comments
+//! OpenRouter sends while a model is slow to start (which `sse-stream` drops), empty
+//! `data:` frames, or half a frame. Timing events instead would kill such a live
+//! upstream and retry it. The clock is only read while waiting for the body, so a
+//! reader that is slow to ask for the next read never times out on data that is
+//! already there.
+//!
 //! One leniency beyond the SSE standard: an event whose last line is not followed by a
 //! blank line when the body ends cleanly is still dispatched (the standard discards it).
 //! Servers end every event with a blank line, but a body cut by a proxy, or a recording
@@ -20,10 +30,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream};
+use genstream_engine::retry::Timeouts;
 use sse_stream::{Sse, SseStream};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{error_chain, truncate};
@@ -50,6 +65,50 @@ pub(crate) trait FrameParser: Send + 'static {
     fn is_done(&self) -> bool;
 }
 
+/// The deadlines of one attempt's body: the first byte by `first_byte_deadline`, then
+/// no gap longer than `idle`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadlines {
+    /// When the first byte must have come: the attempt's start plus `first_byte`.
+    pub(crate) first_byte_deadline: Instant,
+    /// The first-byte timeout, for messages.
+    pub(crate) first_byte: Duration,
+    /// The longest gap between two reads of the body.
+    pub(crate) idle: Duration,
+}
+
+impl Deadlines {
+    /// The deadlines of an attempt that started at `started`, under `timeouts`.
+    pub(crate) fn new(started: Instant, timeouts: &Timeouts) -> Self {
+        let first_byte = Duration::from_millis(timeouts.first_byte_ms);
+        Deadlines {
+            first_byte_deadline: started + first_byte,
+            first_byte,
+            idle: Duration::from_millis(timeouts.idle_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Deadlines {
+    /// The default deadlines from now, for replays that never wait.
+    pub(crate) fn relaxed() -> Self {
+        Deadlines::new(Instant::now(), &Timeouts::default())
+    }
+}
+
+/// The `Timeout` error of provider `provider` whose `what` budget (`first byte`, `idle
+/// gap`) of `limit` ran out.
+pub(crate) fn timeout_error(provider: &str, what: &str, limit: Duration) -> ProviderError {
+    ProviderError::new(
+        ProviderErrorKind::Timeout,
+        format!(
+            "{provider}: the upstream sent nothing within the {what} timeout of {} s",
+            limit.as_secs_f64()
+        ),
+    )
+}
+
 /// The state of [`event_stream`].
 struct Run<S, P> {
     frames: Option<Pin<Box<S>>>,
@@ -62,20 +121,28 @@ struct Run<S, P> {
 }
 
 /// The provider stream over an HTTP body: SSE frames parsed by `sse-stream`, events by
-/// `parser`. It ends after the parser's terminator, after the first error, at the end
-/// of the body, or as soon as `cancel` fires (then without further items); dropping it
-/// closes the body.
-pub(crate) fn event_stream<B, E, P>(body: B, parser: P, cancel: CancellationToken) -> ProviderStream
+/// `parser`, the body's bytes timed by `deadlines`. It ends after the parser's
+/// terminator, after the first error, at the end of the body, or as soon as `cancel`
+/// fires (then without further items); dropping it closes the body.
+pub(crate) fn event_stream<B, E, P>(
+    body: B,
+    parser: P,
+    cancel: CancellationToken,
+    deadlines: Deadlines,
+) -> ProviderStream
 where
     B: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
     P: FrameParser,
 {
     let flushed = Arc::new(AtomicBool::new(false));
-    let body = FlushAtEnd {
+    let body = Watched {
         body: Box::pin(body),
         ended: false,
         flushed: flushed.clone(),
+        timer: Box::pin(tokio::time::sleep_until(deadlines.first_byte_deadline)),
+        got_bytes: false,
+        deadlines,
     };
     let run = Run {
         frames: Some(Box::pin(SseStream::from_bytes_stream(body))),
@@ -147,25 +214,44 @@ fn unterminated_last_frame<P: FrameParser>(parser: &mut P, sse: &Sse) -> Vec<Ite
     ))]
 }
 
-/// The body, then — if it ended without error — two line feeds, so that `sse-stream`
-/// dispatches a last event that had no blank line after it. Harmless after a complete
-/// event: blank lines with no event pending dispatch nothing.
-struct FlushAtEnd<B> {
+/// Why the body could not be read further.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// The HTTP body broke off.
+    #[error(transparent)]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+    /// No byte within the first-byte timeout, or a gap longer than the idle timeout.
+    #[error("the upstream sent nothing within the {what} timeout of {} s", limit.as_secs_f64())]
+    Timeout { what: &'static str, limit: Duration },
+}
+
+/// The body, timed: its reads under the first-byte and idle deadlines; then — if it
+/// ended without error — two line feeds, so that `sse-stream` dispatches a last event
+/// that had no blank line after it (harmless after a complete event: blank lines with
+/// no event pending dispatch nothing).
+struct Watched<B> {
     body: Pin<Box<B>>,
     ended: bool,
     flushed: Arc<AtomicBool>,
+    /// Fires at the first-byte deadline, then `idle` after each read.
+    timer: Pin<Box<Sleep>>,
+    got_bytes: bool,
+    deadlines: Deadlines,
 }
 
-impl<B, E> Stream for FlushAtEnd<B>
+impl<B, E> Stream for Watched<B>
 where
     B: Stream<Item = Result<Bytes, E>>,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    type Item = Result<Bytes, E>;
+    type Item = Result<Bytes, BodyError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.ended {
             return Poll::Ready(None);
         }
+        // The body first: bytes already there count even if the timer ran out while
+        // nobody was reading.
         match self.body.as_mut().poll_next(cx) {
             Poll::Ready(None) => {
                 self.ended = true;
@@ -174,9 +260,28 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 self.ended = true;
-                Poll::Ready(Some(Err(e)))
+                Poll::Ready(Some(Err(BodyError::Read(Box::new(e)))))
             }
-            other => other,
+            Poll::Ready(Some(Ok(bytes))) => {
+                if !bytes.is_empty() {
+                    self.got_bytes = true;
+                    let next = Instant::now() + self.deadlines.idle;
+                    self.timer.as_mut().reset(next);
+                }
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.ended = true;
+                    let (what, limit) = if self.got_bytes {
+                        ("idle gap", self.deadlines.idle)
+                    } else {
+                        ("first byte", self.deadlines.first_byte)
+                    };
+                    Poll::Ready(Some(Err(BodyError::Timeout { what, limit })))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }
@@ -185,9 +290,15 @@ where
 fn frame_error(provider: &str, error: sse_stream::Error) -> ProviderError {
     match error {
         sse_stream::Error::Body(e) => {
-            let timeout = e
-                .downcast_ref::<reqwest::Error>()
-                .is_some_and(reqwest::Error::is_timeout);
+            if let Some(BodyError::Timeout { what, limit }) = e.downcast_ref::<BodyError>() {
+                return timeout_error(provider, what, *limit);
+            }
+            let timeout = match e.downcast_ref::<BodyError>() {
+                Some(BodyError::Read(inner)) => inner
+                    .downcast_ref::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_timeout),
+                _ => false,
+            };
             let kind = if timeout {
                 ProviderErrorKind::Timeout
             } else {
@@ -245,14 +356,128 @@ mod tests {
         let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from_static(
             text.as_bytes(),
         ))]);
-        event_stream(body, Echo { done: false }, CancellationToken::new())
-            .map(|item| match item {
-                Ok(ProviderEvent::Text(t)) => t,
-                Ok(other) => format!("{other:?}"),
-                Err(e) => format!("{:?}: {}", e.kind, e.message),
-            })
-            .collect()
-            .await
+        event_stream(
+            body,
+            Echo { done: false },
+            CancellationToken::new(),
+            Deadlines::relaxed(),
+        )
+        .map(|item| match item {
+            Ok(ProviderEvent::Text(t)) => t,
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("{:?}: {}", e.kind, e.message),
+        })
+        .collect()
+        .await
+    }
+
+    /// A body that sends each `(wait, bytes)` after its wait, then ends — or hangs.
+    fn timed_body(
+        parts: Vec<(u64, &'static str)>,
+        hang: bool,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let parts = futures::stream::iter(parts).then(|(ms, bytes)| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Bytes::from_static(bytes.as_bytes()))
+        });
+        let tail = if hang {
+            futures::stream::pending().boxed()
+        } else {
+            futures::stream::empty().boxed()
+        };
+        parts.chain(tail)
+    }
+
+    /// First byte within 3 s, gaps of at most 2 s.
+    fn deadlines() -> Deadlines {
+        Deadlines::new(
+            Instant::now(),
+            &Timeouts {
+                connect_ms: 1000,
+                first_byte_ms: 3000,
+                idle_ms: 2000,
+            },
+        )
+    }
+
+    async fn timed(parts: Vec<(u64, &'static str)>, hang: bool) -> (Vec<String>, Duration) {
+        let t0 = Instant::now();
+        let items = event_stream(
+            timed_body(parts, hang),
+            Echo { done: false },
+            CancellationToken::new(),
+            deadlines(),
+        )
+        .map(|item| match item {
+            Ok(ProviderEvent::Text(t)) => t,
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("{:?}: {}", e.kind, e.message),
+        })
+        .collect()
+        .await;
+        (items, t0.elapsed())
+    }
+
+    /// Keep-alives that make no event — SSE comments (OpenRouter's `: OPENROUTER
+    /// PROCESSING`), empty frames, an event cut in pieces — keep a slow upstream alive
+    /// past both timeouts, before the first event and between events.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_that_make_no_event_are_signs_of_life() {
+        let mut parts = vec![(1500, ": OPENROUTER PROCESSING\n\n")];
+        parts.extend((0..8).map(|_| (1500, ": OPENROUTER PROCESSING\n\n")));
+        parts.push((1500, "data: first\n\n"));
+        parts.extend((0..8).map(|_| (1500, "\n")));
+        parts.push((1500, "data: sec"));
+        parts.push((1500, "ond\n"));
+        parts.push((1500, "\ndata: [DONE]\n\n"));
+        let (items, took) = timed(parts, false).await;
+        assert_eq!(items, ["first", "second"]);
+        assert_eq!(took, Duration::from_millis(1500 * 21));
+    }
+
+    /// Silence is a timeout, exactly when its budget runs out: the first byte's from the
+    /// attempt's start, the idle gap's from the last byte.
+    #[tokio::test(start_paused = true)]
+    async fn silence_times_out_at_the_deadline() {
+        let (items, took) = timed(vec![(10_000, "data: late\n\n")], false).await;
+        assert_eq!(
+            items,
+            ["Timeout: echo: the upstream sent nothing within the first byte timeout of 3 s"]
+        );
+        assert_eq!(took, Duration::from_secs(3));
+        let (items, took) = timed(
+            vec![
+                (2900, "data: a\n\n"),
+                (1000, ": ping\n\n"),
+                (1999, "data: b\n\n"),
+            ],
+            true,
+        )
+        .await;
+        assert_eq!(
+            items,
+            [
+                "a",
+                "b",
+                "Timeout: echo: the upstream sent nothing within the idle gap timeout of 2 s"
+            ]
+        );
+        assert_eq!(took, Duration::from_millis(2900 + 1000 + 1999 + 2000));
+    }
+
+    /// The clock runs only while the body is awaited: data that arrived while the
+    /// reader was busy is read, not timed out.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_does_not_time_out_buffered_data() {
+        let mut s = event_stream(
+            timed_body(vec![(0, "data: a\n\n"), (0, "data: b\n\n")], true),
+            Echo { done: false },
+            CancellationToken::new(),
+            deadlines(),
+        );
+        assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(t))) if t == "a"));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(t))) if t == "b"));
     }
 
     #[tokio::test]

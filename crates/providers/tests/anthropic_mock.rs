@@ -44,6 +44,7 @@ fn user(text: &str) -> ChatMessage {
         text: text.into(),
         tool_calls: vec![],
         tool_call_id: None,
+        reasoning: vec![],
     }
 }
 
@@ -73,6 +74,8 @@ async fn run(mock: &MockUpstream, model: &str) -> Result<Vec<Item>, ProviderErro
 struct Summary {
     text: String,
     reasoning: String,
+    signatures: Vec<String>,
+    redacted: Vec<String>,
     /// index → (id, name, args)
     tools: BTreeMap<u32, (String, String, String)>,
     usage: Option<UsageRecord>,
@@ -104,6 +107,8 @@ fn summarize(items: Vec<Item>) -> Summary {
                 s.reasoning.push_str(&t);
                 push(&mut s.order, 'r');
             }
+            Ok(ProviderEvent::ReasoningSignature(sig)) => s.signatures.push(sig),
+            Ok(ProviderEvent::RedactedReasoning(data)) => s.redacted.push(data),
             Ok(ProviderEvent::ToolCall {
                 index,
                 id,
@@ -435,6 +440,7 @@ async fn echo_and_request_body() {
             },
         ],
         tool_call_id: None,
+        reasoning: vec![],
     };
     let req = ModelRequest {
         model: "configured-name".into(),
@@ -447,6 +453,7 @@ async fn echo_and_request_body() {
                 text: "Sunny at noon.".into(),
                 tool_calls: vec![],
                 tool_call_id: None,
+                reasoning: vec![],
             },
             user("say these words"),
         ],
@@ -600,4 +607,142 @@ async fn x_api_key_child() {
     assert_eq!(header("anthropic-version"), Some("2023-06-01"));
     // Anthropic takes the key in x-api-key, never as a bearer token.
     assert_eq!(header("authorization"), None);
+}
+
+/// A provider on `mock` with short first-byte and idle timeouts (400 ms each).
+fn impatient(mock: &MockUpstream, upstream_model: &str) -> Arc<dyn Provider> {
+    let providers = BTreeMap::from([(
+        "claude".to_owned(),
+        ProviderConfig {
+            kind: "anthropic".into(),
+            base_url: mock.base_url(),
+            timeouts: genstream_engine::retry::Timeouts {
+                connect_ms: 1000,
+                first_byte_ms: 400,
+                idle_ms: 400,
+            },
+            ..Default::default()
+        },
+    )]);
+    build("claude", &providers, &json!({"model": upstream_model})).unwrap()
+}
+
+/// Anthropic's `ping` events, before `message_start` or between events, keep a live
+/// upstream alive for three times the timeouts; the same stretch of silence is a
+/// timeout.
+#[tokio::test]
+async fn pings_are_not_timeouts_but_silence_is() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let cases = [
+        ("echo?lead_ms=1200&keepalive_ms=50", None),
+        ("echo?gap_ms=1200&keepalive_ms=50", None),
+        (
+            "echo?lead_ms=1200&keepalive_ms=0",
+            Some("first byte timeout of 0.4 s"),
+        ),
+        (
+            "echo?gap_ms=1200&keepalive_ms=0",
+            Some("idle gap timeout of 0.4 s"),
+        ),
+    ];
+    let runs = futures::future::join_all(cases.iter().map(|(model, _)| {
+        let p = impatient(&mock, model);
+        async move {
+            let t0 = std::time::Instant::now();
+            let stream = p.stream(request("alive and well"), CancellationToken::new());
+            let items: Vec<Item> = stream.await.unwrap().collect().await;
+            (summarize(items), t0.elapsed())
+        }
+    }))
+    .await;
+    for ((model, timeout), (s, took)) in cases.iter().zip(runs) {
+        match timeout {
+            None => {
+                assert!(s.error.is_none(), "{model}: {:?}", s.error);
+                assert_eq!(s.text, "alive and well", "{model}");
+                assert!(took >= Duration::from_millis(1200), "{model}: {took:?}");
+            }
+            Some(says) => {
+                let e = s.error.unwrap_or_else(|| panic!("{model}: no timeout"));
+                assert_eq!(e.kind, ProviderErrorKind::Timeout, "{model}: {}", e.message);
+                assert!(e.message.contains(says), "{model}: {}", e.message);
+                assert!(took < Duration::from_millis(1200), "{model}: {took:?}");
+            }
+        }
+    }
+}
+
+/// With thinking on, a tool turn sent back with its signed thinking block is accepted
+/// with thinking on; one without (a model without thinking made it) is sent with
+/// thinking off — as Anthropic's own 400 advises — and accepted too, instead of being
+/// refused on every later turn.
+#[tokio::test]
+async fn thinking_tool_turns_are_accepted_signed_or_not() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let p = provider_with(
+        mock.base_url(),
+        json!({"model": "tools", "max_tokens": 4096, "thinking_budget_tokens": 1024}),
+        None,
+    );
+    let calculator = ToolSpec {
+        name: "calculator".into(),
+        description: "calculates".into(),
+        parameters: json!({"type": "object", "properties": {"expression": {"type": "string"}}}),
+    };
+    // The first call: the mock's tool turn, thinking first.
+    let first = ModelRequest {
+        messages: vec![user("compute")],
+        tools: vec![calculator.clone()],
+        ..request("")
+    };
+    let s = summarize(
+        p.stream(first, CancellationToken::new())
+            .await
+            .unwrap()
+            .collect()
+            .await,
+    );
+    assert!(s.error.is_none(), "{:?}", s.error);
+    assert_eq!((s.signatures.len(), s.redacted.len()), (1, 1));
+    let (id, name, args) = s.tools.values().next().unwrap().clone();
+    let turn = |reasoning| ChatMessage {
+        role: Role::Assistant,
+        text: String::new(),
+        tool_calls: vec![ToolCall {
+            id: id.clone(),
+            name: name.clone(),
+            args: args.clone(),
+            output: Some("42".into()),
+        }],
+        tool_call_id: None,
+        reasoning,
+    };
+    let signed = vec![
+        genstream_engine::provider::ReasoningBlock::Thinking {
+            thinking: s.reasoning.clone(),
+            signature: s.signatures[0].clone(),
+        },
+        genstream_engine::provider::ReasoningBlock::Redacted {
+            data: s.redacted[0].clone(),
+        },
+    ];
+    for (reasoning, thinking_on) in [(signed, true), (Vec::new(), false)] {
+        let next = ModelRequest {
+            messages: vec![user("compute"), turn(reasoning)],
+            tools: vec![calculator.clone()],
+            ..request("")
+        };
+        let s = summarize(
+            p.stream(next, CancellationToken::new())
+                .await
+                .unwrap()
+                .collect()
+                .await,
+        );
+        assert!(s.error.is_none(), "thinking {thinking_on}: {:?}", s.error);
+        assert_eq!(s.text, "The tools said: 42.");
+        let body = mock.requests().last().unwrap().clone();
+        assert_eq!(body.get("thinking").is_some(), thinking_on, "{body}");
+    }
+    assert!(mock.rejected().is_empty(), "{:?}", mock.rejected());
 }

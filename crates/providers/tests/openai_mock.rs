@@ -46,6 +46,7 @@ fn request(text: &str) -> ModelRequest {
             text: text.into(),
             tool_calls: vec![],
             tool_call_id: None,
+            reasoning: vec![],
         }],
         tools: vec![],
         call_index: 0,
@@ -98,6 +99,12 @@ fn summarize(items: Vec<Item>) -> Summary {
             Ok(ProviderEvent::Reasoning(t)) => {
                 s.reasoning.push_str(&t);
                 push(&mut s.order, 'r');
+            }
+            Ok(
+                other
+                @ (ProviderEvent::ReasoningSignature(_) | ProviderEvent::RedactedReasoning(_)),
+            ) => {
+                panic!("not a Chat Completions event: {other:?}")
             }
             Ok(ProviderEvent::ToolCall {
                 index,
@@ -464,4 +471,67 @@ async fn bearer_key_child() {
         recorded[0].headers.get("authorization").map(String::as_str),
         Some("Bearer sk-test-from-env")
     );
+}
+
+/// A provider on `mock` with short first-byte and idle timeouts (400 ms each).
+fn impatient(mock: &MockUpstream, upstream_model: &str) -> Arc<dyn Provider> {
+    let providers = BTreeMap::from([(
+        "mock".to_owned(),
+        ProviderConfig {
+            kind: "openai".into(),
+            base_url: mock.base_url(),
+            timeouts: genstream_engine::retry::Timeouts {
+                connect_ms: 1000,
+                first_byte_ms: 400,
+                idle_ms: 400,
+            },
+            ..Default::default()
+        },
+    )]);
+    build("mock", &providers, &json!({"model": upstream_model})).unwrap()
+}
+
+/// OpenRouter's `: OPENROUTER PROCESSING` comments, before the first chunk or between
+/// chunks, keep a live upstream alive for three times the timeouts; the same stretch of
+/// silence is a timeout.
+#[tokio::test]
+async fn keepalive_comments_are_not_timeouts_but_silence_is() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let cases = [
+        ("echo?lead_ms=1200&keepalive_ms=50", None),
+        ("echo?gap_ms=1200&keepalive_ms=50", None),
+        (
+            "echo?lead_ms=1200&keepalive_ms=0",
+            Some("first byte timeout of 0.4 s"),
+        ),
+        (
+            "echo?gap_ms=1200&keepalive_ms=0",
+            Some("idle gap timeout of 0.4 s"),
+        ),
+    ];
+    let runs = futures::future::join_all(cases.iter().map(|(model, _)| {
+        let p = impatient(&mock, model);
+        async move {
+            let t0 = std::time::Instant::now();
+            let stream = p.stream(request("alive and well"), CancellationToken::new());
+            let items: Vec<Item> = stream.await.unwrap().collect().await;
+            (summarize(items), t0.elapsed())
+        }
+    }))
+    .await;
+    for ((model, timeout), (s, took)) in cases.iter().zip(runs) {
+        match timeout {
+            None => {
+                assert!(s.error.is_none(), "{model}: {:?}", s.error);
+                assert_eq!(s.text, "alive and well", "{model}");
+                assert!(took >= Duration::from_millis(1200), "{model}: {took:?}");
+            }
+            Some(says) => {
+                let e = s.error.unwrap_or_else(|| panic!("{model}: no timeout"));
+                assert_eq!(e.kind, ProviderErrorKind::Timeout, "{model}: {}", e.message);
+                assert!(e.message.contains(says), "{model}: {}", e.message);
+                assert!(took < Duration::from_millis(1200), "{model}: {took:?}");
+            }
+        }
+    }
 }

@@ -14,16 +14,14 @@
 //! parallel calls whose arguments are split inside JSON strings (built-in and HTTP
 //! tools), a retry after tool arguments streamed, the iteration cap, abort during a slow
 //! HTTP tool, and the next turn of each, which the mock's history validation (every
-//! tool call followed by its result) accepts; the demo model's tool behaviour.
+//! tool call followed by its result) accepts; a tool the job was not given; Anthropic
+//! extended thinking through a tool loop; keep-alives that outlast the timeouts; a
+//! saved call without output; the demo model's tool behaviour.
 //!
 //! Exact delays are asserted at the engine level with paused time (engine
 //! `tests/agent.rs`); here time bounds are loose so the suite does not flake. Retry
 //! waits are kept small (`base_ms` 20, `cap_ms` 200) and so are the timeouts
 //! (`first_byte_ms` 1200, `idle_ms` 800: short, with room for a loaded 2-core machine).
-//!
-//! Two tests are ignored, each for an engine bug it demonstrates (run them with
-//! `--run-ignored all`): the first usage estimate of a process freezes the runtime,
-//! and a later turn replays a multi-call answer out of order.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -137,7 +135,6 @@ struct Ev {
 /// A server on a local port, built from a config exactly as `serve` builds it.
 struct Server {
     url: String,
-    #[allow(dead_code)]
     state: AppState,
     token: String,
     http: reqwest::Client,
@@ -536,8 +533,6 @@ async fn check_persisted(server: &Server, turn: &Turn, message: &Value, unfinish
 enum Wait {
     /// Exactly this many milliseconds (the upstream said so).
     Exactly(u64),
-    /// Between these (an HTTP date, to the second).
-    Between(u64, u64),
     /// Computed: from `base_ms` to `cap_ms`.
     Backoff,
 }
@@ -548,11 +543,12 @@ async fn retryable_statuses(kind: Kind) {
         ("flaky:1:429+ra1:echo".into(), 1, 429, Wait::Exactly(1000)),
         ("flaky:2:429+ram150:echo".into(), 2, 429, Wait::Exactly(150)),
         ("flaky:2:429:echo".into(), 2, 429, Wait::Backoff),
+        // The date is exactly 1 s after the response's own Date header.
         (
             "flaky:1:503+radate1:echo".into(),
             1,
             503,
-            Wait::Between(0, 2000),
+            Wait::Exactly(1000),
         ),
         ("flaky:2:500:echo".into(), 2, 500, Wait::Backoff),
         ("flaky:2:503:echo".into(), 2, 503, Wait::Backoff),
@@ -606,8 +602,8 @@ async fn retryable_statuses(kind: Kind) {
                 let d = r["delayMs"].as_u64().unwrap();
                 match wait {
                     Wait::Exactly(ms) => assert_eq!(d, *ms, "{ctx}"),
-                    Wait::Between(lo, hi) => assert!((*lo..=*hi).contains(&d), "{ctx}: {d}"),
-                    Wait::Backoff => assert!((20..=200).contains(&d), "{ctx}: {d}"),
+                    // Equal jitter: from half of base_ms up to cap_ms.
+                    Wait::Backoff => assert!((10..=200).contains(&d), "{ctx}: {d}"),
                 }
                 waited += d;
             }
@@ -718,8 +714,18 @@ async fn transport_failures(kind: Kind) {
     let mock = genstream_mock_upstream::spawn().await;
     // (model, what the retry's error says, whether the failed attempt streamed text,
     // how long the attempt must have lasted)
-    let cases: [(&str, &[&str], bool, u64); 6] = [
+    let cases: [(&str, &[&str], bool, u64); 7] = [
         ("dropmid:1:echo", &["broke off"], true, 0),
+        // Everything but the terminator: for OpenAI a finish_reason without [DONE].
+        (
+            "noend:1:echo",
+            match kind {
+                Kind::OpenAi => &["ended without [DONE] (after a finish_reason)"],
+                Kind::Anthropic => &["message_stop"],
+            },
+            true,
+            0,
+        ),
         (
             "closemid:1:echo",
             match kind {
@@ -1266,7 +1272,14 @@ async fn iteration_cap(kind: Kind) {
     assert_eq!(mock.count("tools-forever"), 2);
     let calls = tool_calls_of(&fin["responseMessage"]);
     assert_eq!(calls.len(), 4, "two calls in each of two rounds");
-    assert!(calls.values().all(|c| c.2.is_some()), "{calls:?}");
+    // The last round's tools did not run: the model would never see their results.
+    let not_run = r#"{"error":"not run: max_tool_iterations reached"}"#;
+    let outputs: Vec<Option<&str>> = calls.values().map(|c| c.2.as_deref()).collect();
+    assert_eq!(
+        outputs,
+        [Some("42"), Some("49"), Some(not_run), Some(not_run)],
+        "{calls:?}"
+    );
     assert_eq!(of(&events, "on_run_step_completed").len(), 4);
     check_persisted(&server, &turn, &fin["responseMessage"], false).await;
 
@@ -1280,7 +1293,24 @@ async fn iteration_cap(kind: Kind) {
     assert!(mock.rejected().is_empty(), "{:?}", mock.rejected());
     let first = &mock.requests_for("tools-forever")[2];
     check_history(kind, first, 0, &["calculator", "calculator"], &["42", "49"]);
-    check_history(kind, first, 1, &["calculator", "calculator"], &["48", "56"]);
+    check_history(
+        kind,
+        first,
+        1,
+        &["calculator", "calculator"],
+        &[not_run, not_run],
+    );
+    if kind == Kind::Anthropic {
+        // Sent as failed results.
+        let flagged = first["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|m| m["content"].as_array().into_iter().flatten())
+            .filter(|b| b["type"] == "tool_result" && b["is_error"] == true)
+            .count();
+        assert_eq!(flagged, 2, "{first}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1436,4 +1466,231 @@ async fn the_demo_tools_model_answers_with_the_product() {
         fin["responseMessage"]["text"],
         format!("The answer is {product}.")
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Keep-alives, tools the job was not given, extended thinking, calls without output
+// ---------------------------------------------------------------------------------
+
+/// A live upstream that sends only keep-alives for longer than both timeouts —
+/// Anthropic's `ping` events, OpenRouter's `: OPENROUTER PROCESSING` comments — before
+/// its first event or between two events is waited for, not timed out and retried;
+/// the same stretch of silence is a timeout, retried.
+async fn keepalives(kind: Kind) {
+    let mock = genstream_mock_upstream::spawn().await;
+    // Three times the idle timeout, twice the first-byte one.
+    let quiet = 2 * FIRST_BYTE_MS;
+    let cases = [
+        (format!("echo?lead_ms={quiet}&keepalive_ms=100"), None),
+        (format!("echo?gap_ms={quiet}&keepalive_ms=100"), None),
+        (
+            format!("echo?lead_ms={quiet}&keepalive_ms=0"),
+            Some("first byte"),
+        ),
+        (
+            format!("echo?gap_ms={quiet}&keepalive_ms=0"),
+            Some("idle gap"),
+        ),
+    ];
+    let server = serve(mock_config(
+        kind,
+        &mock,
+        cases.iter().map(|c| model(&c.0, &[])).collect(),
+    ))
+    .await;
+    join_all(cases.iter().map(|(name, timeout)| {
+        let server = &server;
+        async move {
+            let ctx = format!("{kind:?} {name}");
+            let (_, events) = server.run(name, TEXT).await;
+            let retries = check_discards(&events);
+            match timeout {
+                None => assert!(retries.is_empty(), "{ctx}: {events:?}"),
+                Some(says) => {
+                    // Every attempt is as quiet: retried until the retries run out.
+                    assert_eq!(retries.len(), 3, "{ctx}: {events:?}");
+                    let error = retries[0].data["error"].as_str().unwrap();
+                    assert!(error.contains(says), "{ctx}: {error}");
+                }
+            }
+            if timeout.is_none() {
+                let fin = final_of(&events, "complete");
+                assert_eq!(fin["responseMessage"]["text"], TEXT, "{ctx}");
+            } else {
+                assert_eq!(error_of(&events)["code"], "upstream_error", "{ctx}");
+            }
+        }
+    }))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_are_not_timeouts_but_silence_is() {
+    join_all(KINDS.map(keepalives)).await;
+}
+
+/// The model calls an HTTP tool the server knows but this job was not given: the call
+/// is answered "not available" and the tool's endpoint is never reached.
+async fn a_tool_not_given(kind: Kind) {
+    let mock = genstream_mock_upstream::spawn().await;
+    let (tool_url, mut hits, _endpoint) = tool_endpoint().await;
+    let name = "tools?call=lookup";
+    let server = serve(config(
+        json!({"mock": provider(kind, &mock.base_url(), 30_000)}),
+        vec![
+            model(name, &["calculator"]),
+            // Another model may use it: the registry holds it.
+            model("echo", &["lookup"]),
+        ],
+        vec![http_tool("lookup", &format!("{tool_url}/slow"))],
+        json!({}),
+    ))
+    .await;
+    let (_, events) = server.run(name, "compute").await;
+    let not_available = r#"{"error":"tool lookup is not available"}"#;
+    let fin = final_of(&events, "complete");
+    let calls = tool_calls_of(&fin["responseMessage"]);
+    let expected = [
+        ("calculator", expected_args("calculator", 0, 0), "42"),
+        ("calculator", expected_args("calculator", 0, 1), "49"),
+        ("lookup", "{}".to_owned(), not_available),
+    ];
+    for (j, (name, args, output)) in expected.iter().enumerate() {
+        let (n, a, o) = &calls[&kind.call_id(0, j)];
+        assert_eq!(
+            (n.as_str(), a, o.as_deref()),
+            (*name, args, Some(*output)),
+            "{kind:?}: call {j}"
+        );
+    }
+    assert_eq!(
+        fin["responseMessage"]["text"],
+        format!("The tools said: 42; 49; {not_available}."),
+        "{kind:?}"
+    );
+    assert!(
+        hits.try_recv().is_err(),
+        "{kind:?}: the tool that was not given was called"
+    );
+    // Only the tools it was given were offered.
+    let offered = mock.requests_for(name)[0]["tools"].to_string();
+    assert!(!offered.contains("lookup"), "{offered}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_the_job_was_not_given_is_never_called() {
+    join_all(KINDS.map(a_tool_not_given)).await;
+}
+
+/// Anthropic with extended thinking through a whole tool loop, then the next turn:
+/// the tool turn's signed thinking block and redacted block go back verbatim at the
+/// start of its assistant message, which the mock (like Anthropic) requires before it
+/// accepts the tool results — in the loop and from the saved message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_thinking_survives_the_tool_loop_and_the_next_turn() {
+    let mock = genstream_mock_upstream::spawn().await;
+    let server = serve(mock_config(
+        Kind::Anthropic,
+        &mock,
+        vec![
+            json!({"name": "thinker", "provider": "mock", "tools": ["calculator"],
+            "options": {"model": "tools", "max_tokens": 4096, "thinking_budget_tokens": 1024}}),
+        ],
+    ))
+    .await;
+    let (turn, events) = server.run("thinker", "compute").await;
+    assert!(mock.rejected().is_empty(), "{:?}", mock.rejected());
+    let fin = final_of(&events, "complete");
+    assert_eq!(fin["responseMessage"]["text"], "The tools said: 42; 49.");
+    let content = fin["responseMessage"]["content"].as_array().unwrap();
+    assert_eq!(content[0]["type"], "think", "{content:?}");
+    let thinking = content[0]["think"].as_str().unwrap().to_owned();
+    let signature = content[0]["signature"].as_str().unwrap().to_owned();
+    assert!(thinking.starts_with("Turn 0:") && signature.starts_with("EqMock"));
+    assert_eq!(content[1]["type"], "redacted_thinking");
+    let data = content[1]["data"].as_str().unwrap().to_owned();
+    // The signature streamed as the think part's last delta.
+    let signed = of(&events, "on_reasoning_delta")
+        .iter()
+        .filter(|d| d["delta"]["content"][0]["signature"] == signature.as_str())
+        .count();
+    assert_eq!(signed, 1);
+    check_persisted(&server, &turn, &fin["responseMessage"], false).await;
+    let sent = mock.requests_for("tools");
+    assert_eq!(sent.len(), 2);
+    let expected = json!([
+        {"type": "thinking", "thinking": thinking, "signature": signature},
+        {"type": "redacted_thinking", "data": data},
+    ]);
+    let first_blocks =
+        |request: &Value| request["messages"][1]["content"].as_array().unwrap()[..2].to_vec();
+    assert_eq!(sent[1]["thinking"]["type"], "enabled", "{}", sent[1]);
+    assert_eq!(
+        first_blocks(&sent[1]),
+        expected.as_array().unwrap()[..],
+        "{}",
+        sent[1]
+    );
+
+    // The next turn: its history comes from the saved message, blocks included.
+    let next = server.follow_up(&turn, "thinker", "and again").await;
+    let events = server.events(&next.stream_id).await;
+    assert_eq!(
+        final_of(&events, "complete")["responseMessage"]["text"],
+        "The tools said: 48; 56."
+    );
+    assert!(mock.rejected().is_empty(), "{:?}", mock.rejected());
+    let sent = mock.requests_for("tools");
+    assert_eq!(sent.len(), 4);
+    for request in &sent[2..] {
+        assert_eq!(request["thinking"]["type"], "enabled");
+        assert_eq!(
+            first_blocks(request),
+            expected.as_array().unwrap()[..],
+            "{request}"
+        );
+    }
+}
+
+/// A saved answer whose tool call has no output (as an ended job could leave before
+/// the fix) still gives a next turn the upstream accepts: the request builders answer
+/// every call.
+async fn a_call_saved_without_output(kind: Kind) {
+    let mock = genstream_mock_upstream::spawn().await;
+    let server = serve(mock_config(kind, &mock, vec![model("echo", &[])])).await;
+    let (turn, _) = server.run("echo", "first").await;
+    let db = server.state.manager.db();
+    let mut answer = db.get_message(&turn.response_id).await.unwrap().unwrap();
+    answer.content = vec![genstream_engine::event::ContentPart::ToolCall {
+        tool_call: genstream_engine::event::ToolCall {
+            id: kind.call_id(0, 0),
+            name: "calculator".into(),
+            args: r#"{"expression": "6 *"#.into(),
+            output: None,
+        },
+    }];
+    answer.unfinished = true;
+    db.save_message(&answer).await.unwrap();
+    let next = server.follow_up(&turn, "echo", TEXT).await;
+    let events = server.events(&next.stream_id).await;
+    assert_eq!(
+        final_of(&events, "complete")["responseMessage"]["text"],
+        TEXT,
+        "{kind:?}"
+    );
+    assert!(
+        mock.rejected().is_empty(),
+        "{kind:?}: {:?}",
+        mock.rejected()
+    );
+    let request = mock.requests_for("echo").last().unwrap().to_string();
+    assert!(
+        request.contains("the tool call did not complete"),
+        "{request}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_saved_without_output_gives_a_valid_next_turn() {
+    join_all(KINDS.map(a_call_saved_without_output)).await;
 }

@@ -115,6 +115,7 @@ pub fn rich_message(id: &str, conversation_id: &str, parent: Option<&str>) -> Me
         content: vec![
             ContentPart::Think {
                 think: "Let me think…\n'step 1'".to_string(),
+                signature: Some("EqQBCkgIBRABGAIiQL+/sig==".to_string()),
             },
             ContentPart::ToolCall {
                 tool_call: ToolCall {

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::event::Message;
-use crate::provider::{ChatMessage, Role};
+use crate::event::{ContentPart, Message};
+use crate::provider::{ChatMessage, ReasoningBlock, Role};
 
 /// The first 50 characters of the first message, on one line.
 pub fn title_of(text: &str) -> String {
@@ -34,37 +34,151 @@ pub(super) fn history_to(all: &[Message], parent: Option<&str>) -> Vec<ChatMessa
                 text: m.text.clone(),
                 tool_calls: Vec::new(),
                 tool_call_id: None,
+                reasoning: Vec::new(),
             });
         } else {
-            // One assistant turn per model call, in order: a text part after tool
+            // One assistant turn per model call, in order: text or thinking after tool
             // calls begins the next call's turn, so each round's calls are followed by
-            // their results before the text that quotes them.
+            // their results before what the model said next, and each turn starts with
+            // its own thinking.
             let new_turn = || ChatMessage {
                 role: Role::Assistant,
                 text: String::new(),
                 tool_calls: Vec::new(),
                 tool_call_id: None,
+                reasoning: Vec::new(),
             };
             let mut turn = new_turn();
+            let turns_before = out.len();
             for part in &m.content {
+                let starts_turn = matches!(
+                    part,
+                    ContentPart::Text { .. }
+                        | ContentPart::Think { .. }
+                        | ContentPart::RedactedThinking { .. }
+                );
+                if starts_turn && !turn.tool_calls.is_empty() {
+                    out.push(std::mem::replace(&mut turn, new_turn()));
+                }
                 match part {
-                    crate::event::ContentPart::Text { text } => {
-                        if !turn.tool_calls.is_empty() {
-                            out.push(std::mem::replace(&mut turn, new_turn()));
-                        }
-                        turn.text.push_str(text);
-                    }
-                    crate::event::ContentPart::ToolCall { tool_call } => {
+                    ContentPart::Text { text } => turn.text.push_str(text),
+                    ContentPart::ToolCall { tool_call } => {
                         turn.tool_calls.push(tool_call.clone());
                     }
-                    crate::event::ContentPart::Think { .. } => {}
+                    // Only signed thinking can go back upstream.
+                    ContentPart::Think {
+                        think,
+                        signature: Some(signature),
+                    } => turn.reasoning.push(ReasoningBlock::Thinking {
+                        thinking: think.clone(),
+                        signature: signature.clone(),
+                    }),
+                    ContentPart::Think {
+                        signature: None, ..
+                    } => {}
+                    ContentPart::RedactedThinking { data } => {
+                        turn.reasoning
+                            .push(ReasoningBlock::Redacted { data: data.clone() });
+                    }
                 }
             }
             if m.content.is_empty() {
                 turn.text.clone_from(&m.text);
             }
-            out.push(turn);
+            // A last turn with nothing to send (cut off while thinking, unsigned) is
+            // left out, unless it is the message's only one.
+            let empty =
+                turn.text.is_empty() && turn.tool_calls.is_empty() && turn.reasoning.is_empty();
+            if !empty || out.len() == turns_before {
+                out.push(turn);
+            }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ToolCall;
+
+    fn message(id: &str, parent: Option<&str>, content: Vec<ContentPart>) -> Message {
+        Message {
+            message_id: id.into(),
+            conversation_id: "c".into(),
+            parent_message_id: parent.map(Into::into),
+            sender: "m".into(),
+            text: String::new(),
+            content,
+            is_created_by_user: false,
+            model: None,
+            unfinished: false,
+            error: false,
+            created_at: String::new(),
+        }
+    }
+
+    /// Each model call's turn starts with its own signed and redacted thinking;
+    /// unsigned reasoning is not sent back, and a trailing turn with nothing in it is
+    /// left out.
+    #[test]
+    fn thinking_blocks_begin_their_turn() {
+        let call = |id: &str| ContentPart::ToolCall {
+            tool_call: ToolCall {
+                id: id.into(),
+                name: "add".into(),
+                args: "{}".into(),
+                output: Some("1".into()),
+            },
+        };
+        let think = |t: &str, s: Option<&str>| ContentPart::Think {
+            think: t.into(),
+            signature: s.map(Into::into),
+        };
+        let mut user = message("u", None, Vec::new());
+        user.is_created_by_user = true;
+        user.text = "hi".into();
+        let answer = message(
+            "a",
+            Some("u"),
+            vec![
+                think("first", Some("sig1")),
+                ContentPart::RedactedThinking {
+                    data: "opaque".into(),
+                },
+                ContentPart::Text {
+                    text: "Let me add.".into(),
+                },
+                call("c1"),
+                think("second", Some("sig2")),
+                call("c2"),
+                think("unsigned", None),
+            ],
+        );
+        let history = history_to(&[user, answer], Some("a"));
+        assert_eq!(history.len(), 3, "{history:#?}");
+        assert_eq!(history[0].role, Role::User);
+        assert_eq!(
+            history[1].reasoning,
+            [
+                ReasoningBlock::Thinking {
+                    thinking: "first".into(),
+                    signature: "sig1".into()
+                },
+                ReasoningBlock::Redacted {
+                    data: "opaque".into()
+                },
+            ]
+        );
+        assert_eq!(history[1].text, "Let me add.");
+        assert_eq!(history[1].tool_calls[0].id, "c1");
+        assert_eq!(
+            history[2].reasoning,
+            [ReasoningBlock::Thinking {
+                thinking: "second".into(),
+                signature: "sig2".into()
+            }]
+        );
+        assert_eq!(history[2].tool_calls[0].id, "c2");
+    }
 }

@@ -484,6 +484,7 @@ impl JobManager {
             text: req.text.clone(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            reasoning: Vec::new(),
         });
         let started = Started {
             stream_id: stream_id.clone(),

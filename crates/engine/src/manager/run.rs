@@ -4,6 +4,7 @@
 //! response and appends exactly one terminal event.
 
 use super::*;
+use crate::provider::ReasoningBlock;
 
 /// A retryable timeout error naming which budget ran out.
 fn timeout_error(what: &str, limit: Duration) -> ProviderError {
@@ -84,6 +85,9 @@ pub(super) struct JobRun {
     attempt_text: String,
     /// Text of the current model call (the assistant turn sent back with tool results).
     call_text: String,
+    /// Signed and redacted thinking blocks of the current model call, which begin the
+    /// assistant turn sent back with its tool results.
+    call_reasoning: Vec<ReasoningBlock>,
     /// Tool calls of the current model call, by the upstream's index.
     pending: std::collections::BTreeMap<u32, PendingCall>,
 }
@@ -123,6 +127,7 @@ impl JobRun {
             attempt_chars: 0,
             attempt_text: String::new(),
             call_text: String::new(),
+            call_reasoning: Vec::new(),
             pending: Default::default(),
         }
     }
@@ -208,14 +213,19 @@ impl JobRun {
             if calls.is_empty() {
                 return Outcome::Complete(None);
             }
+            if iteration == max {
+                // The model would never see these results: the tools are not run (no
+                // side effects for nothing), yet each call gets a result so the
+                // history stays valid, and the cap ends the job with a terminal event
+                // (LESSONS: grimoire's "loading forever").
+                let outputs = vec![crate::tools::not_run_result(); calls.len()];
+                if let Err(o) = self.complete_calls(calls, outputs).await {
+                    return o;
+                }
+                return Outcome::Complete(Some("max_tool_iterations"));
+            }
             if let Err(o) = self.run_tools(calls).await {
                 return o;
-            }
-            if iteration == max {
-                // Every tool call has its result, so the history stays valid; the
-                // cap ends the job with a terminal event (LESSONS: grimoire's
-                // "loading forever").
-                return Outcome::Complete(Some("max_tool_iterations"));
             }
         }
         Outcome::Complete(None)
@@ -233,6 +243,7 @@ impl JobRun {
             self.attempt_chars = 0;
             self.attempt_text.clear();
             self.call_text.clear();
+            self.call_reasoning.clear();
             self.pending.clear();
             self.current = None;
             let error = match self.call_once().await {
@@ -275,7 +286,10 @@ impl JobRun {
     }
 
     /// One attempt: stream the upstream's answer into the log under the first-byte
-    /// and idle-gap timeouts; returns the tool calls it asked for.
+    /// and idle-gap timeouts; returns the tool calls it asked for. A provider that
+    /// applies the timeouts itself (the HTTP ones, to the upstream's bytes, so that
+    /// pings and comments count) reports them as `Timeout` errors; for the others they
+    /// are applied here, to the provider's events.
     async fn call_once(&mut self) -> Result<Vec<PendingCall>, CallError> {
         let mut request = self.request.clone();
         request.model = self.model.name.clone();
@@ -284,12 +298,20 @@ impl JobRun {
         let first_byte = Duration::from_millis(self.model.timeouts.first_byte_ms);
         let idle = Duration::from_millis(self.model.timeouts.idle_ms);
         let provider = self.model.provider.clone();
+        let timed_here = !provider.applies_timeouts();
         let cancel = self.cancel.clone();
         let started = Instant::now();
+        let opened = provider.stream(request, cancel.child_token());
         let stream = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(self.stopped().into()),
-            s = tokio::time::timeout(first_byte, provider.stream(request, cancel.child_token())) => s,
+            s = async {
+                if timed_here {
+                    tokio::time::timeout(first_byte, opened).await
+                } else {
+                    Ok(opened.await)
+                }
+            } => s,
         };
         let mut stream = match stream {
             Ok(Ok(s)) => s,
@@ -311,7 +333,13 @@ impl JobRun {
                     self.record_usage(usage.take(), true).await.ok();
                     return Err(self.stopped().into());
                 }
-                item = tokio::time::timeout(limit, stream.next()) => item,
+                item = async {
+                    if timed_here {
+                        tokio::time::timeout(limit, stream.next()).await
+                    } else {
+                        Ok(stream.next().await)
+                    }
+                } => item,
             };
             let event = match item {
                 Err(_) => {
@@ -331,6 +359,8 @@ impl JobRun {
             match event {
                 ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await?,
                 ProviderEvent::Reasoning(t) => self.delta(PartKind::Think, t).await?,
+                ProviderEvent::ReasoningSignature(sig) => self.signature(sig).await?,
+                ProviderEvent::RedactedReasoning(data) => self.redacted(data).await?,
                 ProviderEvent::ToolCall {
                     index,
                     id,
@@ -409,29 +439,13 @@ impl JobRun {
         if kind == PartKind::Text {
             self.call_text.push_str(&text);
         }
-        let step_id = match &self.current {
-            Some((id, k)) if *k == kind => id.clone(),
-            _ => {
-                let (id, index) = self.new_step();
-                let step = EventBody::RunStep(RunStep {
-                    id: id.clone(),
-                    run_id: self.run_id(),
-                    index,
-                    step_type: StepType::MessageCreation,
-                    step_details: StepDetails::MessageCreation {
-                        message_creation: MessageCreation {
-                            message_id: self.meta.response_message_id.clone(),
-                        },
-                    },
-                });
-                self.emit(step).await?;
-                self.current = Some((id.clone(), kind));
-                id
-            }
-        };
+        let step_id = self.message_step(kind).await?;
         let part = match kind {
             PartKind::Text => crate::event::ContentPart::Text { text },
-            PartKind::Think => crate::event::ContentPart::Think { think: text },
+            PartKind::Think => crate::event::ContentPart::Think {
+                think: text,
+                signature: None,
+            },
         };
         let delta = Delta {
             id: step_id,
@@ -443,6 +457,76 @@ impl JobRun {
             PartKind::Text => EventBody::MessageDelta(delta),
             PartKind::Think => EventBody::ReasoningDelta(delta),
         })
+        .await
+    }
+
+    /// The step deltas of `kind` go to: the current one if it is of that kind, else a
+    /// new `message_creation` step.
+    async fn message_step(&mut self, kind: PartKind) -> Result<String, Outcome> {
+        if let Some((id, k)) = &self.current
+            && *k == kind
+        {
+            return Ok(id.clone());
+        }
+        let (id, index) = self.new_step();
+        let step = EventBody::RunStep(RunStep {
+            id: id.clone(),
+            run_id: self.run_id(),
+            index,
+            step_type: StepType::MessageCreation,
+            step_details: StepDetails::MessageCreation {
+                message_creation: MessageCreation {
+                    message_id: self.meta.response_message_id.clone(),
+                },
+            },
+        });
+        self.emit(step).await?;
+        self.current = Some((id.clone(), kind));
+        Ok(id)
+    }
+
+    /// The signature of the thinking block that just streamed: the last delta of its
+    /// `think` part (a part of its own if the block had no text), which it closes, so
+    /// the next thinking is a block of its own.
+    async fn signature(&mut self, signature: String) -> Result<(), Outcome> {
+        let step_id = self.message_step(PartKind::Think).await?;
+        self.emit(EventBody::ReasoningDelta(Delta {
+            id: step_id.clone(),
+            delta: DeltaContent {
+                content: vec![crate::event::ContentPart::Think {
+                    think: String::new(),
+                    signature: Some(signature),
+                }],
+            },
+        }))
+        .await?;
+        self.current = None;
+        if let Some(crate::event::ContentPart::Think {
+            think,
+            signature: Some(signature),
+        }) = self.aggregate.part(&step_id)
+        {
+            self.call_reasoning.push(ReasoningBlock::Thinking {
+                thinking: think.clone(),
+                signature: signature.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A redacted thinking block: a `redacted_thinking` part of its own.
+    async fn redacted(&mut self, data: String) -> Result<(), Outcome> {
+        self.current = None;
+        let step_id = self.message_step(PartKind::Think).await?;
+        self.current = None;
+        self.call_reasoning
+            .push(ReasoningBlock::Redacted { data: data.clone() });
+        self.emit(EventBody::ReasoningDelta(Delta {
+            id: step_id,
+            delta: DeltaContent {
+                content: vec![crate::event::ContentPart::RedactedThinking { data }],
+            },
+        }))
         .await
     }
 
@@ -515,17 +599,50 @@ impl JobRun {
     }
 
     /// Runs the model's tool calls concurrently, records each result, and adds the
-    /// assistant turn with its results to the history. On abort every unfinished tool
-    /// is cancelled and gets `{"error":"cancelled"}`, so the saved history stays valid.
+    /// assistant turn with its results to the history. Only the tools this job was
+    /// given (those in `request.tools`) run; a call of any other name — the model may
+    /// name a tool it was never shown — gets [`crate::tools::unavailable_result`]. On
+    /// abort every unfinished tool is cancelled and gets `{"error":"cancelled"}`, so
+    /// the saved history stays valid.
     async fn run_tools(&mut self, calls: Vec<PendingCall>) -> Result<(), Outcome> {
-        self.pending.clear();
-        let registry = self.manager.inner.tools.clone();
+        let registry = &self.manager.inner.tools;
+        let allowed = &self.request.tools;
         let cancel = self.cancel.child_token();
         let outputs = futures::future::join_all(calls.iter().map(|c| {
-            crate::tools::run_tool(&registry, &c.call.name, &c.call.args, cancel.clone())
+            let cancel = cancel.clone();
+            let name = c.call.name.as_str();
+            let given = allowed.iter().any(|t| t.name == name);
+            async move {
+                if !given {
+                    return crate::tools::unavailable_result(name);
+                }
+                crate::tools::run_tool(registry, name, &c.call.args, cancel).await
+            }
         }))
         .await;
-        let mut done = Vec::new();
+        let done = self.complete_calls(calls, outputs).await?;
+        if self.cancel.is_cancelled() {
+            return Err(self.stopped());
+        }
+        self.request.messages.push(ChatMessage {
+            role: Role::Assistant,
+            text: std::mem::take(&mut self.call_text),
+            tool_calls: done,
+            tool_call_id: None,
+            reasoning: std::mem::take(&mut self.call_reasoning),
+        });
+        Ok(())
+    }
+
+    /// Records `outputs[i]` as the result of `calls[i]` (an `on_run_step_completed`
+    /// each); returns the calls with their outputs.
+    async fn complete_calls(
+        &mut self,
+        calls: Vec<PendingCall>,
+        outputs: Vec<String>,
+    ) -> Result<Vec<ToolCall>, Outcome> {
+        self.pending.clear();
+        let mut done = Vec::with_capacity(calls.len());
         for (c, output) in calls.into_iter().zip(outputs) {
             let call = ToolCall {
                 output: Some(output),
@@ -543,16 +660,7 @@ impl JobRun {
             .await?;
             done.push(call);
         }
-        if self.cancel.is_cancelled() {
-            return Err(self.stopped());
-        }
-        self.request.messages.push(ChatMessage {
-            role: Role::Assistant,
-            text: std::mem::take(&mut self.call_text),
-            tool_calls: done,
-            tool_call_id: None,
-        });
-        Ok(())
+        Ok(done)
     }
 
     /// Gives every tool call cut off mid-stream a "cancelled" result before the partial
@@ -578,8 +686,21 @@ impl JobRun {
         }
     }
 
+    /// The response as saved and sent in the terminal event: the aggregate's content,
+    /// with every tool call that has no output given the cancelled result. A job that
+    /// ends while a call is open (log full, a store or database failure, a call whose
+    /// `on_run_step_completed` could not be appended) would otherwise persist a call
+    /// without a result, and every later turn built on it would be refused upstream
+    /// (LESSONS: grimoire's 400s).
     fn response_message(&self, unfinished: bool, error: bool) -> Message {
-        let content = self.aggregate.content();
+        let mut content = self.aggregate.content();
+        for part in &mut content {
+            if let crate::event::ContentPart::ToolCall { tool_call } = part
+                && tool_call.output.is_none()
+            {
+                tool_call.output = Some(crate::tools::cancelled_result());
+            }
+        }
         Message {
             message_id: self.meta.response_message_id.clone(),
             conversation_id: self.meta.conversation_id.clone(),

@@ -45,6 +45,8 @@ pub struct AnthropicProvider {
     name: String,
     endpoint: reqwest::Url,
     api_key_env: Option<String>,
+    /// First-byte and idle-gap timeouts, applied to the upstream's bytes.
+    timeouts: genstream_engine::retry::Timeouts,
     options: AnthropicModelOptions,
     client: reqwest::Client,
 }
@@ -77,6 +79,7 @@ impl AnthropicProvider {
             name: name.to_owned(),
             endpoint,
             api_key_env: config.api_key_env.clone(),
+            timeouts: config.timeouts,
             options,
             client,
         })
@@ -95,6 +98,13 @@ impl AnthropicProvider {
 
 #[async_trait]
 impl Provider for AnthropicProvider {
+    /// True: the first-byte and idle-gap timeouts are applied to the upstream's bytes
+    /// (see the crate's `sse` module), so pings and SSE comments keep a slow but live
+    /// upstream alive.
+    fn applies_timeouts(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &str {
         "anthropic"
     }
@@ -115,6 +125,7 @@ impl Provider for AnthropicProvider {
         request: ModelRequest,
         cancel: CancellationToken,
     ) -> Result<ProviderStream, ProviderError> {
+        let deadlines = crate::sse::Deadlines::new(tokio::time::Instant::now(), &self.timeouts);
         let key = http::api_key(&self.name, self.api_key_env.as_deref())?;
         let body = request::request_body(&self.options, &request);
         let mut builder = self
@@ -126,7 +137,8 @@ impl Provider for AnthropicProvider {
         if let Some(key) = key {
             builder = builder.header("x-api-key", key);
         }
-        let Some(response) = http::open_stream(&self.name, builder, &cancel, error_detail).await?
+        let Some(response) =
+            http::open_stream(&self.name, builder, &cancel, deadlines, error_detail).await?
         else {
             return Ok(futures::stream::empty().boxed());
         };
@@ -135,6 +147,7 @@ impl Provider for AnthropicProvider {
             response.bytes_stream(),
             parser,
             cancel,
+            deadlines,
         ))
     }
 }

@@ -17,16 +17,31 @@
 //!   calls (`ToolCall::output`, or else the `Tool` message for that call id) are all
 //!   put in one user message right after it; a call with neither gets an `is_error`
 //!   result saying it did not complete, so no `tool_use` is ever sent unanswered. A
+//!   result that is one of the job's error results (`{"error": …}`: the tool failed,
+//!   was cancelled, not available or not run) carries `is_error: true` too. A
 //!   `Tool` message already sent that way is not sent again; other `Tool` messages are
 //!   grouped with the results before them. A user message that follows tool results
 //!   joins their message, after them (the API wants `tool_result` blocks first).
 //!
 //! An assistant message with neither text nor tool calls (an answer cut off before its
 //! first token) is left out: the API rejects empty content.
+//!
+//! Extended thinking (Anthropic docs, "Extended thinking", "Preserving thinking
+//! blocks"): with `thinking` on, the assistant turn that the last tool results answer
+//! must start with the thinking block(s) the model produced for it — `{"type":
+//! "thinking", thinking, signature}` and `{"type": "redacted_thinking", data}`, sent
+//! back verbatim — or the API answers 400 ("Expected `thinking` or
+//! `redacted_thinking`, but found `tool_use`…"). So each assistant message starts with
+//! its [`ReasoningBlock`]s when thinking is on (earlier turns' blocks are accepted and
+//! ignored by the API). With thinking off none is sent: a thinking block is refused in
+//! a request without thinking. When thinking is on but that last tool turn has no
+//! signed block — it came from a model without thinking, or was saved before
+//! signatures were kept — the request is sent with thinking off, as the API's own
+//! message advises, rather than fail every later turn of the conversation.
 
 use std::collections::{HashMap, HashSet};
 
-use genstream_engine::provider::{ModelRequest, Role};
+use genstream_engine::provider::{ModelRequest, ReasoningBlock, Role};
 use serde_json::{Map, Value, json};
 
 use crate::config::AnthropicModelOptions;
@@ -36,53 +51,11 @@ pub(crate) const MISSING_RESULT: &str = "no result: the tool call did not comple
 
 /// The JSON body of one streaming request for the model of `options`.
 pub(crate) fn request_body(options: &AnthropicModelOptions, request: &ModelRequest) -> Value {
-    // Tool results by call id, from `Tool` messages (the first one for an id wins).
-    let mut tool_messages: HashMap<&str, &str> = HashMap::new();
-    for message in &request.messages {
-        if message.role == Role::Tool {
-            let id = message.tool_call_id.as_deref().unwrap_or_default();
-            tool_messages.entry(id).or_insert(message.text.as_str());
-        }
-    }
-    let mut messages = Messages::default();
-    // Calls whose result was sent right after their tool_use.
-    let mut answered: HashSet<&str> = HashSet::new();
-    for message in &request.messages {
-        match message.role {
-            Role::User => messages.user_text(&message.text),
-            Role::Assistant => {
-                let mut content = Vec::with_capacity(message.tool_calls.len() + 1);
-                if !message.text.is_empty() {
-                    content.push(json!({"type": "text", "text": message.text}));
-                }
-                for call in &message.tool_calls {
-                    content.push(json!({
-                        "type": "tool_use",
-                        "id": call.id,
-                        "name": call.name,
-                        "input": tool_input(&call.args),
-                    }));
-                }
-                if content.is_empty() {
-                    continue;
-                }
-                messages.assistant(content);
-                for call in &message.tool_calls {
-                    let result = call
-                        .output
-                        .as_deref()
-                        .or_else(|| tool_messages.get(call.id.as_str()).copied());
-                    messages.tool_result(&call.id, result);
-                    answered.insert(call.id.as_str());
-                }
-            }
-            Role::Tool => {
-                let id = message.tool_call_id.as_deref().unwrap_or_default();
-                if !answered.contains(id) {
-                    messages.tool_result(id, Some(&message.text));
-                }
-            }
-        }
+    let mut thinking = options.thinking_budget_tokens.is_some();
+    let mut messages = messages(request, thinking);
+    if thinking && !last_tool_turn_starts_with_thinking(&messages) {
+        thinking = false;
+        messages = self::messages(request, false);
     }
 
     let mut body = Map::new();
@@ -92,7 +65,7 @@ pub(crate) fn request_body(options: &AnthropicModelOptions, request: &ModelReque
     if let Some(system) = request.system_prompt.as_deref().filter(|s| !s.is_empty()) {
         body.insert("system".into(), Value::String(system.to_owned()));
     }
-    body.insert("messages".into(), Value::Array(messages.finish()));
+    body.insert("messages".into(), Value::Array(messages));
     if !request.tools.is_empty() {
         let tools = request
             .tools
@@ -114,13 +87,110 @@ pub(crate) fn request_body(options: &AnthropicModelOptions, request: &ModelReque
             .collect();
         body.insert("tools".into(), Value::Array(tools));
     }
-    if let Some(budget) = options.thinking_budget_tokens {
+    if let Some(budget) = options.thinking_budget_tokens.filter(|_| thinking) {
         body.insert(
             "thinking".into(),
             json!({"type": "enabled", "budget_tokens": budget}),
         );
     }
     Value::Object(body)
+}
+
+/// Whether the API's rule for thinking holds: when the last message holds tool
+/// results, the assistant message before it starts with a thinking block.
+fn last_tool_turn_starts_with_thinking(messages: &[Value]) -> bool {
+    let [.., assistant, last] = messages else {
+        return true;
+    };
+    let is_result = |b: &Value| b.get("type").and_then(Value::as_str) == Some("tool_result");
+    let has_results = last
+        .get("content")
+        .and_then(Value::as_array)
+        .is_some_and(|blocks| blocks.iter().any(is_result));
+    if !has_results {
+        return true;
+    }
+    let first = assistant
+        .get("content")
+        .and_then(Value::as_array)
+        .and_then(|blocks| blocks.first())
+        .and_then(|b| b.get("type"))
+        .and_then(Value::as_str);
+    matches!(first, Some("thinking" | "redacted_thinking"))
+}
+
+/// The `messages` array of `request`, assistant turns starting with their thinking
+/// blocks when `thinking` is on.
+fn messages(request: &ModelRequest, thinking: bool) -> Vec<Value> {
+    // Tool results by call id, from `Tool` messages (the first one for an id wins).
+    let mut tool_messages: HashMap<&str, &str> = HashMap::new();
+    for message in &request.messages {
+        if message.role == Role::Tool {
+            let id = message.tool_call_id.as_deref().unwrap_or_default();
+            tool_messages.entry(id).or_insert(message.text.as_str());
+        }
+    }
+    let mut messages = Messages::default();
+    // Calls whose result was sent right after their tool_use.
+    let mut answered: HashSet<&str> = HashSet::new();
+    for message in &request.messages {
+        match message.role {
+            Role::User => messages.user_text(&message.text),
+            Role::Assistant => {
+                if message.text.is_empty() && message.tool_calls.is_empty() {
+                    continue;
+                }
+                let reasoning = if thinking {
+                    message.reasoning.as_slice()
+                } else {
+                    &[]
+                };
+                let mut content =
+                    Vec::with_capacity(reasoning.len() + message.tool_calls.len() + 1);
+                for block in reasoning {
+                    content.push(match block {
+                        ReasoningBlock::Thinking {
+                            thinking: text,
+                            signature,
+                        } => {
+                            json!({"type": "thinking", "thinking": text, "signature": signature})
+                        }
+                        ReasoningBlock::Redacted { data } => {
+                            json!({"type": "redacted_thinking", "data": data})
+                        }
+                    });
+                }
+                if !message.text.is_empty() {
+                    content.push(json!({"type": "text", "text": message.text}));
+                }
+                for call in &message.tool_calls {
+                    content.push(json!({
+                        "type": "tool_use",
+                        "id": call.id,
+                        "name": call.name,
+                        "input": tool_input(&call.args),
+                    }));
+                }
+                messages.assistant(content);
+                for call in &message.tool_calls {
+                    let result = call
+                        .output
+                        .as_deref()
+                        .or_else(|| tool_messages.get(call.id.as_str()).copied());
+                    messages.tool_result(&call.id, result);
+                    answered.insert(call.id.as_str());
+                }
+            }
+            Role::Tool => {
+                let id = message.tool_call_id.as_deref().unwrap_or_default();
+                if !answered.contains(id) {
+                    messages.tool_result(id, Some(&message.text));
+                }
+            }
+        }
+    }
+
+    messages.finish()
 }
 
 /// A tool call's arguments as the `input` object of a `tool_use` block.
@@ -168,6 +238,12 @@ impl Messages {
             Some("") => {}
             Some(text) => {
                 block.insert("content".into(), text.into());
+                // A failed call (the tool's error, bad arguments, cancelled, not
+                // available, not run) is flagged, as the API's docs ask, so the
+                // model does not read the error as the tool's answer.
+                if genstream_engine::tools::is_error_result(text) {
+                    block.insert("is_error".into(), true.into());
+                }
             }
             None => {
                 block.insert("content".into(), MISSING_RESULT.into());
@@ -203,6 +279,7 @@ mod tests {
             text: text.into(),
             tool_calls: vec![],
             tool_call_id: None,
+            reasoning: vec![],
         }
     }
 
@@ -237,6 +314,7 @@ mod tests {
             call("toolu_1", "add", r#"{"a":1,"b":2}"#, Some("3")),
             call("toolu_2", "now", "", None),
             call("toolu_3", "broken", "{\"x\":", None),
+            call("toolu_4", "add", "{}", Some(r#"{"error":"cancelled"}"#)),
         ];
         let request = ModelRequest {
             model: "configured".into(),
@@ -284,11 +362,13 @@ mod tests {
                         {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1, "b": 2}},
                         {"type": "tool_use", "id": "toolu_2", "name": "now", "input": {}},
                         {"type": "tool_use", "id": "toolu_3", "name": "broken", "input": {}},
+                        {"type": "tool_use", "id": "toolu_4", "name": "add", "input": {}},
                     ]},
                     {"role": "user", "content": [
                         {"type": "tool_result", "tool_use_id": "toolu_1", "content": "3"},
                         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "noon"},
                         {"type": "tool_result", "tool_use_id": "toolu_3", "content": MISSING_RESULT, "is_error": true},
+                        {"type": "tool_result", "tool_use_id": "toolu_4", "content": "{\"error\":\"cancelled\"}", "is_error": true},
                     ]},
                     {"role": "assistant", "content": [{"type": "text", "text": "It is noon; 1+2=3."}]},
                     {"role": "user", "content": "thanks"},
@@ -301,6 +381,77 @@ mod tests {
                 ],
             })
         );
+    }
+
+    /// With thinking on, each assistant turn starts with its signed and redacted
+    /// blocks, verbatim; with thinking off, none is sent; and when the tool turn the
+    /// last results answer has none, thinking is turned off for the request.
+    #[test]
+    fn thinking_blocks_go_back_only_with_thinking_on() {
+        let signed = ReasoningBlock::Thinking {
+            thinking: "I should add.".into(),
+            signature: "EqSig==".into(),
+        };
+        let redacted = ReasoningBlock::Redacted {
+            data: "EmwKAhgB".into(),
+        };
+        let mut assistant = msg(Role::Assistant, "");
+        assistant.tool_calls = vec![call("toolu_1", "add", "{}", Some("3"))];
+        assistant.reasoning = vec![signed, redacted];
+        let request = ModelRequest {
+            messages: vec![msg(Role::User, "add"), assistant.clone()],
+            ..ModelRequest::default()
+        };
+        let thinking = AnthropicModelOptions {
+            max_tokens: 8000,
+            thinking_budget_tokens: Some(2048),
+            ..options()
+        };
+        let body = request_body(&thinking, &request);
+        assert_eq!(
+            body["thinking"],
+            json!({"type": "enabled", "budget_tokens": 2048})
+        );
+        assert_eq!(
+            body["messages"][1],
+            json!({"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "I should add.", "signature": "EqSig=="},
+                {"type": "redacted_thinking", "data": "EmwKAhgB"},
+                {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}},
+            ]})
+        );
+        let body = request_body(&options(), &request);
+        assert!(body.get("thinking").is_none());
+        assert_eq!(
+            body["messages"][1]["content"],
+            json!([{"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}}])
+        );
+        // The last tool turn has no signed block (a model without thinking made it):
+        // thinking off for this request, and no thinking block anywhere.
+        let mut unsigned = assistant.clone();
+        unsigned.reasoning.clear();
+        unsigned.tool_calls[0].id = "toolu_2".into();
+        let request = ModelRequest {
+            messages: vec![
+                msg(Role::User, "add"),
+                assistant.clone(),
+                msg(Role::User, "again"),
+                unsigned,
+                msg(Role::User, "and now?"),
+            ],
+            ..ModelRequest::default()
+        };
+        let body = request_body(&thinking, &request);
+        assert!(body.get("thinking").is_none(), "{body}");
+        assert!(!body.to_string().contains("\"thinking\""), "{body}");
+        // An unsigned earlier turn does not matter when the last message is a question.
+        let mut plain = msg(Role::Assistant, "3");
+        plain.reasoning.clear();
+        let request = ModelRequest {
+            messages: vec![msg(Role::User, "add"), plain, msg(Role::User, "thanks")],
+            ..ModelRequest::default()
+        };
+        assert!(request_body(&thinking, &request).get("thinking").is_some());
     }
 
     #[test]

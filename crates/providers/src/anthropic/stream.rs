@@ -21,8 +21,12 @@
 //!
 //! Mapping, by delta type (a block's deltas all have its type):
 //! - `text_delta` → `Text`; `thinking_delta` → `Reasoning` (empty ones are dropped);
-//!   `signature_delta` (the thinking block's signature) is ignored for now, as are
-//!   `redacted_thinking` blocks (opaque, no deltas) and `citations_delta`.
+//!   `signature_delta` (the thinking block's signature, its last delta) →
+//!   `ReasoningSignature`, and a `redacted_thinking` block (opaque `data` in its start,
+//!   no deltas) → `RedactedReasoning`: with extended thinking on, the API wants both
+//!   back verbatim at the start of an assistant turn with tool calls, or it refuses the
+//!   tool results (see `request`). A thinking block whose start already holds its text
+//!   or signature gives them too. `citations_delta` is ignored.
 //! - A `tool_use` block → `ToolCall` fragments with `index` = the block's index: the
 //!   first `input_json_delta` carries the `id` and `name` from `content_block_start`,
 //!   later non-empty `partial_json` fragments the rest of the arguments. A call with no
@@ -63,7 +67,7 @@ use serde_json::{Map, Value};
 use sse_stream::Sse;
 
 use super::error_detail;
-use crate::http::truncate;
+use crate::http::{reported_error, truncate};
 use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// The event types this parser acts on; events named otherwise are skipped unread.
@@ -109,6 +113,8 @@ struct ContentBlock {
     input: Option<Value>,
     text: Option<String>,
     thinking: Option<String>,
+    signature: Option<String>,
+    data: Option<String>,
 }
 
 /// `content_block_delta`.
@@ -126,6 +132,7 @@ struct Delta {
     kind: Option<String>,
     text: Option<String>,
     thinking: Option<String>,
+    signature: Option<String>,
     partial_json: Option<String>,
 }
 
@@ -312,6 +319,11 @@ impl EventParser {
                     }
                     Some("thinking") => {
                         push_text(&mut out, ProviderEvent::Reasoning, block.thinking);
+                        push_text(&mut out, ProviderEvent::ReasoningSignature, block.signature);
+                        Block::Other
+                    }
+                    Some("redacted_thinking") => {
+                        push_text(&mut out, ProviderEvent::RedactedReasoning, block.data);
                         Block::Other
                     }
                     Some("tool_use") => {
@@ -340,6 +352,9 @@ impl EventParser {
                     Some("text_delta") => push_text(&mut out, ProviderEvent::Text, delta.text),
                     Some("thinking_delta") => {
                         push_text(&mut out, ProviderEvent::Reasoning, delta.thinking);
+                    }
+                    Some("signature_delta") => {
+                        push_text(&mut out, ProviderEvent::ReasoningSignature, delta.signature);
                     }
                     Some("input_json_delta") => match self.blocks.get_mut(&index) {
                         Some(Block::ToolUse {
@@ -377,7 +392,7 @@ impl EventParser {
                             ));
                         }
                     },
-                    // signature_delta, citations_delta, compaction_delta, future types.
+                    // citations_delta, compaction_delta, future types.
                     _ => {}
                 }
             }
@@ -415,15 +430,17 @@ impl EventParser {
                 );
             }
             "error" => {
-                let detail = error_detail(&value).unwrap_or_else(|| truncate(data, SNIPPET_CHARS));
-                let mut error = self.upstream_error(&detail);
+                let mut error = reported_error(
+                    &self.provider,
+                    Some(&value),
+                    &truncate(data, SNIPPET_CHARS),
+                    error_detail,
+                );
                 // The status Anthropic uses for this error type over HTTP, so the retry
                 // layer classifies an in-stream error exactly like the HTTP one.
-                error.status = value
-                    .get("error")
-                    .and_then(|e| e.get("type"))
-                    .and_then(|t| t.as_str())
-                    .and_then(status_of_error_type);
+                if error.status.is_none() {
+                    error.status = error.codes.first().and_then(|t| status_of_error_type(t));
+                }
                 return Err(error);
             }
             // ping, and event types added after this was written.
@@ -458,13 +475,6 @@ impl EventParser {
     fn fail(&self, error: ProviderError) -> Vec<Item> {
         let usage = self.usage_event().filter(|_| self.final_usage);
         usage.map(Ok).into_iter().chain([Err(error)]).collect()
-    }
-
-    fn upstream_error(&self, detail: &str) -> ProviderError {
-        ProviderError::new(
-            ProviderErrorKind::Upstream,
-            format!("{}: upstream reported an error: {detail}", self.provider),
-        )
     }
 }
 
@@ -540,7 +550,12 @@ impl FrameParser for EventParser {
         let value: Value = match serde_json::from_str(data) {
             Ok(value) => value,
             Err(_) if event == Some("error") => {
-                let error = self.upstream_error(&truncate(data, SNIPPET_CHARS));
+                let error = reported_error(
+                    &self.provider,
+                    None,
+                    &truncate(data, SNIPPET_CHARS),
+                    error_detail,
+                );
                 return self.fail(error);
             }
             Err(e) => {
@@ -606,6 +621,7 @@ mod tests {
             futures::stream::iter(bytes),
             parser,
             CancellationToken::new(),
+            crate::sse::Deadlines::relaxed(),
         )
         .collect()
         .await
@@ -635,6 +651,9 @@ mod tests {
     struct Summary {
         text: String,
         reasoning: String,
+        /// `ReasoningSignature`s, and how much reasoning had streamed before each.
+        signatures: Vec<(String, usize)>,
+        redacted: Vec<String>,
         tools: BTreeMap<u32, (String, String, String)>,
         usage: Option<UsageRecord>,
         usages: usize,
@@ -656,6 +675,14 @@ mod tests {
                 Ok(ProviderEvent::Reasoning(t)) => {
                     s.reasoning.push_str(&t);
                     'r'
+                }
+                Ok(ProviderEvent::ReasoningSignature(sig)) => {
+                    s.signatures.push((sig, s.reasoning.len()));
+                    continue;
+                }
+                Ok(ProviderEvent::RedactedReasoning(data)) => {
+                    s.redacted.push(data);
+                    continue;
                 }
                 Ok(ProviderEvent::ToolCall {
                     index,
@@ -924,14 +951,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reasoning_then_text_without_signatures() {
+    async fn reasoning_then_text_with_signatures_apart() {
         let s = run("anthropic/messages-thinking-text.chunks.jsonl").await;
         assert!(s.reasoning.starts_with("The previous result was 925."));
         assert!(s.reasoning.ends_with("= 185"));
         assert!(!s.reasoning.contains("EvQB"), "the signature leaked");
         assert_eq!(s.text, "925 ÷ 5 = 185");
+        // The signature comes once, after all of its block's thinking.
+        assert_eq!(s.signatures.len(), 1);
+        assert!(s.signatures[0].0.starts_with("EvQBCkYICxgCKkAxhD4N"));
+        assert_eq!(s.signatures[0].1, s.reasoning.len());
+        for path in [
+            "anthropic/messages-thinking-text.sse",
+            "anthropic/messages-thinking-tool-use.sse",
+        ] {
+            let s = run(path).await;
+            assert_eq!(s.signatures.len(), 1, "{path}");
+            assert!(s.signatures[0].0.starts_with("E"), "{path}");
+            assert_eq!(s.signatures[0].1, s.reasoning.len(), "{path}");
+        }
+        // Redacted blocks: their data, whole and in order, and no reasoning text.
         let s = run("anthropic/messages-redacted-thinking.sse").await;
         assert!(s.reasoning.is_empty());
+        assert_eq!(s.redacted.len(), 2);
+        assert!(s.redacted[0].starts_with("EqkECkYIBxgCKkA8AZ4noDfV5VcOJe/p3JTRB6Xz"));
+        assert!(s.redacted[1].starts_with("EtgBCkYIBxgCKkDQfGkwzflEJP5asG3oQfJXcTwJ"));
+        let raw = fixture("anthropic/messages-redacted-thinking.sse").unwrap();
+        assert!(
+            s.redacted
+                .iter()
+                .all(|d| raw.contains(&format!("\"data\":\"{d}\"")))
+        );
+        // A server that sends a thinking block whole in its start.
+        let body = "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"hm\",\"signature\":\"EqW\"}}\n\n\
+            data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+            data: {\"type\":\"message_stop\"}\n\n";
+        let s = summarize(replay(body, 4096).await);
+        assert_eq!(
+            (s.reasoning.as_str(), s.signatures),
+            ("hm", vec![("EqW".to_owned(), 2)])
+        );
     }
 
     #[tokio::test]
@@ -957,6 +1016,10 @@ mod tests {
         assert_eq!(
             e.message,
             "test: upstream reported an error: overloaded_error: Overloaded (request_id req_1)"
+        );
+        assert_eq!(
+            (e.codes.as_slice(), e.detail.as_deref()),
+            (&["overloaded_error".to_owned()][..], Some("Overloaded"))
         );
         // Not JSON, and after final usage: the usage comes first.
         let body = "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n\
@@ -1038,7 +1101,12 @@ mod tests {
             b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n",
         ))])
         .chain(futures::stream::pending());
-        let mut s = event_stream(body, EventParser::new("t", "m", 0), cancel.clone());
+        let mut s = event_stream(
+            body,
+            EventParser::new("t", "m", 0),
+            cancel.clone(),
+            crate::sse::Deadlines::relaxed(),
+        );
         assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
         cancel.cancel();
         assert!(s.next().await.is_none());

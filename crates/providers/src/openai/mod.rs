@@ -38,6 +38,8 @@ pub struct OpenAiProvider {
     name: String,
     endpoint: reqwest::Url,
     api_key_env: Option<String>,
+    /// First-byte and idle-gap timeouts, applied to the upstream's bytes.
+    timeouts: genstream_engine::retry::Timeouts,
     model: String,
     client: reqwest::Client,
 }
@@ -63,6 +65,7 @@ impl OpenAiProvider {
             name: name.to_owned(),
             endpoint,
             api_key_env: config.api_key_env.clone(),
+            timeouts: config.timeouts,
             model: options.model,
             client,
         })
@@ -81,6 +84,13 @@ impl OpenAiProvider {
 
 #[async_trait]
 impl Provider for OpenAiProvider {
+    /// True: the first-byte and idle-gap timeouts are applied to the upstream's bytes
+    /// (see the crate's `sse` module), so pings and SSE comments keep a slow but live
+    /// upstream alive.
+    fn applies_timeouts(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &str {
         "openai"
     }
@@ -99,6 +109,7 @@ impl Provider for OpenAiProvider {
         request: ModelRequest,
         cancel: CancellationToken,
     ) -> Result<ProviderStream, ProviderError> {
+        let deadlines = crate::sse::Deadlines::new(tokio::time::Instant::now(), &self.timeouts);
         let key = http::api_key(&self.name, self.api_key_env.as_deref())?;
         let body = request::request_body(&self.model, &request);
         let mut builder = self
@@ -110,7 +121,7 @@ impl Provider for OpenAiProvider {
             builder = builder.bearer_auth(key);
         }
         let Some(response) =
-            http::open_stream(&self.name, builder, &cancel, http::error_message).await?
+            http::open_stream(&self.name, builder, &cancel, deadlines, http::error_message).await?
         else {
             return Ok(futures::stream::empty().boxed());
         };
@@ -119,6 +130,7 @@ impl Provider for OpenAiProvider {
             response.bytes_stream(),
             parser,
             cancel,
+            deadlines,
         ))
     }
 }

@@ -4,19 +4,36 @@
 //! History maps onto OpenAI's message roles: the system prompt becomes a first
 //! `system` message; an assistant message with tool calls carries them as
 //! `tool_calls: [{id, type: "function", function: {name, arguments}}]` and is followed by
-//! one `tool` message (`tool_call_id`, `content` = the output) for each call that has an
-//! output, as the API requires tool results right after the call that asked for them.
+//! one `tool` message (`tool_call_id`, `content`) for *each* call, as the API answers
+//! 400 to any call without a result right after it (LESSONS: grimoire's 400s). The
+//! content is the call's output, else the `Tool` message for that id, else
+//! [`MISSING_RESULT`]: a call never goes unanswered, even one saved without output. A
+//! `Tool` message already sent that way is not sent again. `arguments` is the call's
+//! text when it is a JSON object, else `{}` (a call cut off mid-arguments, or one with
+//! no parameters, which streams none): the API wants an object's JSON text there.
+//! Reasoning is not sent back (DeepSeek rejects its own `reasoning_content` in input).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use genstream_engine::provider::{ModelRequest, Role};
 use serde_json::{Map, Value, json};
+
+/// The `tool` message content for a call that has no result in the history.
+pub(crate) const MISSING_RESULT: &str = r#"{"error":"no result: the tool call did not complete"}"#;
 
 /// The JSON body of one streaming request for upstream model `model`.
 pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
     let mut messages = Vec::with_capacity(request.messages.len() + 1);
     if let Some(system) = request.system_prompt.as_deref().filter(|s| !s.is_empty()) {
         messages.push(json!({"role": "system", "content": system}));
+    }
+    // Tool results by call id, from `Tool` messages (the first one for an id wins).
+    let mut tool_messages: HashMap<&str, &str> = HashMap::new();
+    for message in &request.messages {
+        if message.role == Role::Tool {
+            let id = message.tool_call_id.as_deref().unwrap_or_default();
+            tool_messages.entry(id).or_insert(message.text.as_str());
+        }
     }
     // Tool results already sent after their assistant message; a later `Tool` message
     // for the same call would be a duplicate the API rejects.
@@ -32,17 +49,10 @@ pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
                     .tool_calls
                     .iter()
                     .map(|call| {
-                        // The API wants a JSON object text; a call with no arguments
-                        // streamed none.
-                        let arguments = if call.args.trim().is_empty() {
-                            "{}"
-                        } else {
-                            call.args.as_str()
-                        };
                         json!({
                             "id": call.id,
                             "type": "function",
-                            "function": {"name": call.name, "arguments": arguments},
+                            "function": {"name": call.name, "arguments": arguments(&call.args)},
                         })
                     })
                     .collect();
@@ -54,12 +64,14 @@ pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
                 messages
                     .push(json!({"role": "assistant", "content": content, "tool_calls": calls}));
                 for call in &message.tool_calls {
-                    if let Some(output) = &call.output {
-                        messages.push(
-                            json!({"role": "tool", "tool_call_id": call.id, "content": output}),
-                        );
-                        answered.insert(call.id.as_str());
-                    }
+                    let output = call
+                        .output
+                        .as_deref()
+                        .or_else(|| tool_messages.get(call.id.as_str()).copied())
+                        .unwrap_or(MISSING_RESULT);
+                    messages
+                        .push(json!({"role": "tool", "tool_call_id": call.id, "content": output}));
+                    answered.insert(call.id.as_str());
                 }
             }
             Role::Tool => {
@@ -97,6 +109,14 @@ pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
     Value::Object(body)
 }
 
+/// A call's `arguments` as sent: its text when that is a JSON object, else `{}`.
+fn arguments(args: &str) -> &str {
+    match serde_json::from_str::<Value>(args) {
+        Ok(Value::Object(_)) => args,
+        _ => "{}",
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -110,6 +130,7 @@ mod tests {
             text: text.into(),
             tool_calls: vec![],
             tool_call_id: None,
+            reasoning: vec![],
         }
     }
 
@@ -128,6 +149,20 @@ mod tests {
                 name: "now".into(),
                 args: String::new(),
                 output: None,
+            },
+            // Cut off inside its arguments, and saved without output.
+            ToolCall {
+                id: "call_3".into(),
+                name: "add".into(),
+                args: r#"{"a": "#.into(),
+                output: None,
+            },
+            // Arguments that are JSON, but not an object.
+            ToolCall {
+                id: "call_4".into(),
+                name: "add".into(),
+                args: "[1, 2]".into(),
+                output: Some(r#"{"error":"arguments must be a JSON object"}"#.into()),
             },
         ];
         let mut dup = msg(Role::Tool, "2");
@@ -158,9 +193,13 @@ mod tests {
                     {"role": "assistant", "content": null, "tool_calls": [
                         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\":1}"}},
                         {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+                        {"id": "call_3", "type": "function", "function": {"name": "add", "arguments": "{}"}},
+                        {"id": "call_4", "type": "function", "function": {"name": "add", "arguments": "{}"}},
                     ]},
                     {"role": "tool", "tool_call_id": "call_1", "content": "2"},
                     {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+                    {"role": "tool", "tool_call_id": "call_3", "content": MISSING_RESULT},
+                    {"role": "tool", "tool_call_id": "call_4", "content": "{\"error\":\"arguments must be a JSON object\"}"},
                 ],
                 "tools": [{"type": "function", "function": {
                     "name": "add", "description": "adds", "parameters": {"type": "object"}}}],

@@ -10,14 +10,17 @@
 //!
 //! They are strict about what would lose data silently: a `data:` that is not JSON is a
 //! `Malformed` error, never skipped; a top-level `"error"` in a chunk (OpenRouter) or an
-//! `event: error` frame (Groq) is an `Upstream` error; a stream that ends with neither
-//! `[DONE]` nor a `finish_reason` is `Truncated`.
+//! `event: error` frame (Groq) is an `Upstream` error. A stream is complete only with
+//! both a `finish_reason` and `[DONE]`: a body that ends without `[DONE]` (even after a
+//! `finish_reason`: the usage chunk that follows it may be lost) or a `[DONE]` that
+//! came without any `finish_reason` is `Truncated`, a retryable failure, never a
+//! completed answer.
 //!
 //! Mapping: `delta.reasoning_content` (DeepSeek, xAI) or `delta.reasoning` (OpenRouter,
 //! Groq) → `Reasoning`; `delta.content` and `delta.refusal` → `Text`;
 //! `delta.tool_calls[]` → `ToolCall` fragments keyed by `index`; `usage` → `Usage`; the
-//! first non-empty `finish_reason` → one `Finish`, emitted last (after `[DONE]` or at
-//! the end of the body), so that usage sent after it still comes first. Only choice 0 is
+//! first non-empty `finish_reason` → one `Finish`, emitted last (at `[DONE]`), so that
+//! usage sent after it still comes first. Only choice 0 is
 //! read (genstream never asks for `n > 1`).
 
 use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent};
@@ -26,7 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sse_stream::Sse;
 
-use crate::http::{error_message, truncate};
+use crate::http::{error_message, reported_error, truncate};
 use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// One `chat.completion.chunk`, leniently.
@@ -153,8 +156,14 @@ impl ChunkParser {
             if let Some(usage) = chunk.usage {
                 out.push(Ok(ProviderEvent::Usage(self.usage_record(usage))));
             }
-            let detail = error_message(&error).unwrap_or_else(|| error.to_string());
-            out.push(Err(self.upstream_error(&detail)));
+            let raw = error.to_string();
+            let chunk = serde_json::json!({ "error": error });
+            out.push(Err(reported_error(
+                &self.provider,
+                Some(&chunk),
+                &raw,
+                error_message,
+            )));
             return out;
         }
         for choice in chunk.choices.unwrap_or_default() {
@@ -215,13 +224,6 @@ impl ChunkParser {
         self.finish.take().map(ProviderEvent::Finish)
     }
 
-    fn upstream_error(&self, detail: &str) -> ProviderError {
-        ProviderError::new(
-            ProviderErrorKind::Upstream,
-            format!("{}: upstream reported an error: {detail}", self.provider),
-        )
-    }
-
     fn usage_record(&self, usage: Usage) -> UsageRecord {
         let prompt = usage.prompt_tokens_details.unwrap_or_default();
         let input = usage.input_token_details.unwrap_or_default();
@@ -273,11 +275,13 @@ impl FrameParser for ChunkParser {
             None | Some("" | "message") => {}
             Some("error") => {
                 let data = sse.data.as_deref().unwrap_or_default();
-                let detail = serde_json::from_str::<Value>(data)
-                    .ok()
-                    .and_then(|v| error_message(&v))
-                    .unwrap_or_else(|| truncate(data.trim(), SNIPPET_CHARS));
-                return vec![Err(self.upstream_error(&detail))];
+                let value = serde_json::from_str::<Value>(data).ok();
+                return vec![Err(reported_error(
+                    &self.provider,
+                    value.as_ref(),
+                    &truncate(data.trim(), SNIPPET_CHARS),
+                    error_message,
+                ))];
             }
             // Chat Completions sends no other event types; a client listens to
             // messages only (WHATWG HTML, "Server-sent events", dispatch by type).
@@ -291,7 +295,16 @@ impl FrameParser for ChunkParser {
         }
         if data == "[DONE]" {
             self.done = true;
-            return self.finish_event().into_iter().map(Ok).collect();
+            return match self.finish_event() {
+                Some(finish) => vec![Ok(finish)],
+                None => vec![Err(ProviderError::new(
+                    ProviderErrorKind::Truncated,
+                    format!(
+                        "{}: upstream sent [DONE] without a finish_reason",
+                        self.provider
+                    ),
+                ))],
+            };
         }
         let chunk: Chunk = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
@@ -309,22 +322,24 @@ impl FrameParser for ChunkParser {
         self.on_chunk(chunk)
     }
 
-    /// The items for the end of the body (without `[DONE]`): the finish if a reason
-    /// came, else a `Truncated` error.
+    /// The items for the end of the body without `[DONE]`: a `Truncated` error, whether
+    /// or not a `finish_reason` came.
     fn on_end(&mut self) -> Vec<Item> {
         if self.done {
             return Vec::new();
         }
-        match self.finish_event() {
-            Some(finish) => vec![Ok(finish)],
-            None => vec![Err(ProviderError::new(
-                ProviderErrorKind::Truncated,
-                format!(
-                    "{}: upstream stream ended without [DONE] or a finish_reason",
-                    self.provider
-                ),
-            ))],
-        }
+        let after = if self.finish_event().is_some() {
+            " (after a finish_reason)"
+        } else {
+            ""
+        };
+        vec![Err(ProviderError::new(
+            ProviderErrorKind::Truncated,
+            format!(
+                "{}: upstream stream ended without [DONE]{after}",
+                self.provider
+            ),
+        ))]
     }
 
     /// True once `[DONE]` was seen.
@@ -386,6 +401,7 @@ mod tests {
             futures::stream::iter(bytes),
             parser,
             CancellationToken::new(),
+            crate::sse::Deadlines::relaxed(),
         )
         .collect()
         .await
@@ -431,6 +447,12 @@ mod tests {
                 Ok(ProviderEvent::Reasoning(t)) => {
                     s.reasoning.push_str(&t);
                     s.order.push('r');
+                }
+                Ok(
+                    other @ (ProviderEvent::ReasoningSignature(_)
+                    | ProviderEvent::RedactedReasoning(_)),
+                ) => {
+                    panic!("not a Chat Completions event: {other:?}")
                 }
                 Ok(ProviderEvent::ToolCall {
                     index,
@@ -677,6 +699,12 @@ mod tests {
         let e = s.error.unwrap();
         assert_eq!(e.kind, ProviderErrorKind::Upstream);
         assert!(e.message.contains("Token limit reached"), "{}", e.message);
+        // OpenRouter's numeric code is the HTTP status: a 400 is not retried.
+        assert_eq!(
+            (e.status, e.detail.as_deref()),
+            (Some(400), Some("Token limit reached"))
+        );
+        assert!(!genstream_engine::retry::is_retryable(&e));
         assert_eq!(s.usage.map(|u| u.output_tokens), Some(10));
         let s = summarize(
             replay(
@@ -692,6 +720,28 @@ mod tests {
             "{}",
             e.message
         );
+        assert_eq!(e.status, Some(400), "Groq's status_code");
+        assert_eq!(e.codes, ["invalid_request_error", "tool_use_failed"]);
+        assert!(!genstream_engine::retry::is_retryable(&e));
+        // The mock's OpenRouter-style overload chunk, and an error whose only clue is
+        // its text: classified by the upstream's words, never by the provider's name.
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+            data: {\"error\":{\"message\":\"Overloaded\",\"type\":\"overloaded_error\",\"code\":529},\"choices\":[]}\n\n";
+        let e = summarize(replay(body, 4096).await).error.unwrap();
+        assert_eq!(
+            (e.status, e.codes.as_slice()),
+            (Some(529), &["overloaded_error".to_owned()][..])
+        );
+        assert!(genstream_engine::retry::is_retryable(&e));
+        let body = "data: {\"error\":{\"message\":\"upstream timed out\"}}\n\n";
+        let e = summarize(replay(body, 4096).await).error.unwrap();
+        assert_eq!((e.status, e.codes.len()), (None, 0));
+        assert_eq!(e.detail.as_deref(), Some("upstream timed out"));
+        assert!(genstream_engine::retry::is_retryable(&e));
+        let body = "event: error\ndata: not json at all\n\n";
+        let e = summarize(replay(body, 4096).await).error.unwrap();
+        assert_eq!(e.detail.as_deref(), Some("not json at all"));
+        assert!(!genstream_engine::retry::is_retryable(&e));
     }
 
     #[tokio::test]
@@ -722,15 +772,38 @@ mod tests {
         assert_eq!(s.order, "te");
     }
 
+    /// Complete only with a finish_reason *and* `[DONE]`; either alone is a truncated
+    /// stream.
     #[tokio::test]
-    async fn truncated_unless_finished() {
-        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
-        let s = summarize(replay(body, 4096).await);
-        assert_eq!(s.error.map(|e| e.kind), Some(ProviderErrorKind::Truncated));
-        let body =
-            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"}]}\n\n";
-        let s = summarize(replay(body, 4096).await);
-        assert_eq!(s.order, "tf");
+    async fn truncated_unless_finished_and_done() {
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let finish = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        let done = "data: [DONE]\n\n";
+        let truncated = |body: String| async move {
+            let s = summarize(replay(&body, 4096).await);
+            assert!(s.finish.is_none(), "{body}: {:?}", s.finish);
+            let e = s.error.unwrap_or_else(|| panic!("{body}: no error"));
+            assert_eq!(e.kind, ProviderErrorKind::Truncated, "{body}");
+            e.message
+        };
+        assert_eq!(
+            truncated(text.to_owned()).await,
+            "test: upstream stream ended without [DONE]"
+        );
+        assert_eq!(
+            truncated(format!("{text}{finish}")).await,
+            "test: upstream stream ended without [DONE] (after a finish_reason)"
+        );
+        assert_eq!(
+            truncated(format!("{text}{done}")).await,
+            "test: upstream sent [DONE] without a finish_reason"
+        );
+        let s = summarize(replay(&format!("{text}{finish}{done}"), 4096).await);
+        assert_eq!(
+            (s.order.as_str(), s.finish.as_deref()),
+            ("tf", Some("stop"))
+        );
+        assert!(s.error.is_none());
     }
 
     #[tokio::test]
@@ -740,7 +813,12 @@ mod tests {
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
         ))])
         .chain(futures::stream::pending());
-        let mut s = event_stream(body, ChunkParser::new("t", "m", 0), cancel.clone());
+        let mut s = event_stream(
+            body,
+            ChunkParser::new("t", "m", 0),
+            cancel.clone(),
+            crate::sse::Deadlines::relaxed(),
+        );
         assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
         cancel.cancel();
         assert!(s.next().await.is_none());
