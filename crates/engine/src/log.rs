@@ -166,6 +166,16 @@ impl EventLog {
         ReadBatch { frames, ended }
     }
 
+    /// The frame right after `cursor` (the first frame when `cursor` is `None`), if it
+    /// is in the log yet: a clone of its `Bytes` handle, no copy and no allocation. The
+    /// SSE subscriber reads one frame per poll this way, so an idle subscriber holds no
+    /// buffer of frames it has already sent.
+    pub fn frame_after(&self, cursor: Option<u64>) -> Option<Frame> {
+        let next = cursor.map_or(Some(0), |c| c.checked_add(1))?;
+        let st = self.state.read();
+        st.frames.get(usize::try_from(next).ok()?).cloned()
+    }
+
     /// A handle that wakes when the log grows. Call `borrow_and_update` before
     /// reading and `changed().await` after, and no append can slip between.
     pub fn watch(&self) -> watch::Receiver<u64> {

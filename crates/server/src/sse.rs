@@ -17,7 +17,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use genstream_engine::EngineError;
-use genstream_engine::event::Frame;
 use genstream_engine::log::EventLog;
 use serde::Deserialize;
 use serde_json::json;
@@ -27,9 +26,6 @@ use tokio::time::{Instant, Interval};
 use crate::AppState;
 use crate::auth::StreamUser;
 use crate::error::ApiError;
-
-/// Frames read from the log per wake-up, at most.
-const READ_BATCH: usize = 256;
 
 #[derive(Deserialize)]
 pub struct StreamQuery {
@@ -99,7 +95,6 @@ pub async fn stream(
         rx: log.watch(),
         log,
         cursor,
-        pending: Vec::new().into_iter(),
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
         first,
@@ -134,8 +129,6 @@ struct Subscriber {
     rx: watch::Receiver<u64>,
     /// Seq of the last frame handed to the socket.
     cursor: Option<u64>,
-    /// Frames read but not yet yielded (handles into the log's shared bytes).
-    pending: std::vec::IntoIter<Frame>,
     done: bool,
     ping: Interval,
     first: Option<Bytes>,
@@ -146,22 +139,19 @@ impl Subscriber {
         if let Some(b) = self.first.take() {
             return Some((Ok(b), self));
         }
+        if self.done {
+            return None;
+        }
         loop {
-            if let Some(f) = self.pending.next() {
-                self.cursor = Some(f.seq);
-                self.done = f.terminal;
-                return Some((Ok(f.bytes), self));
-            }
-            if self.done {
-                return None;
-            }
             // Mark the current version seen *before* reading, so an append that lands
             // after the read still wakes us.
             self.rx.borrow_and_update();
-            let batch = self.log.read_after(self.cursor, READ_BATCH);
-            if !batch.frames.is_empty() {
-                self.pending = batch.frames.into_iter();
-                continue;
+            // One frame per poll, straight from the log: hyper takes one chunk at a
+            // time anyway, and the subscriber keeps no batch of frames alive.
+            if let Some(f) = self.log.frame_after(self.cursor) {
+                self.cursor = Some(f.seq);
+                self.done = f.terminal;
+                return Some((Ok(f.bytes), self));
             }
             if self.log.terminal().is_some() {
                 // Nothing after the cursor in an ended log: the terminal event is behind
