@@ -155,7 +155,10 @@ struct Inner {
     cfg: RedisConfig,
     replica_id: String,
     client: redis::Client,
-    conn: ConnectionManager,
+    /// The multiplexed command connection. Replaced when it stops answering: the
+    /// manager reconnects by itself after an I/O error, not after timeouts (a half-open
+    /// connection gives nothing else).
+    conn: RwLock<ConnectionManager>,
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
     abort_handler: RwLock<Option<AbortHandler>>,
@@ -215,20 +218,9 @@ impl RedisStore {
             EngineError::Store(format!("could not connect to Redis at {shown}: {e}"))
         };
         let client = redis::Client::open(cfg.url.as_str()).map_err(fail)?;
-        let mgr_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.timeout))
-            .set_response_timeout(Some(cfg.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let mut conn = tokio::time::timeout(
-            cfg.timeout,
-            client.get_connection_manager_with_config(mgr_cfg),
-        )
-        .await
-        .map_err(|_| {
-            EngineError::Store(format!("could not connect to Redis at {shown}: timed out"))
-        })?
-        .map_err(fail)?;
+        let mut conn = command_connection(&client, cfg.timeout)
+            .await
+            .map_err(fail)?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
@@ -239,7 +231,7 @@ impl RedisStore {
                 replica_id: uuid::Uuid::now_v7().to_string(),
                 cfg,
                 client,
-                conn,
+                conn: RwLock::new(conn),
                 sink: tokio::sync::Mutex::new(None),
                 mirrors: Mutex::new(HashMap::new()),
                 abort_handler: RwLock::new(None),
@@ -290,7 +282,7 @@ impl RedisStore {
         format!("{}:replica:{rid}", self.inner.cfg.key_prefix)
     }
     fn conn(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+        self.inner.conn.read().clone()
     }
 
     /// Runs an `FCALL`; if Redis no longer has the function (it restarted without
@@ -334,17 +326,18 @@ impl RedisStore {
     }
 
     async fn renew_lease(&self) -> Result<(), EngineError> {
+        self.try_renew_lease().await.map_err(store_err)
+    }
+
+    async fn try_renew_lease(&self) -> redis::RedisResult<()> {
         let ms = self.inner.cfg.lease_ttl.as_millis() as u64;
-        let _: () = self
-            .conn()
+        self.conn()
             .set_options(
                 self.lease_key(&self.inner.replica_id),
                 1,
                 redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ms)),
             )
             .await
-            .map_err(store_err)?;
-        Ok(())
     }
 
     /// A fresh pub/sub connection subscribed to the control channel and to every
@@ -536,21 +529,37 @@ impl RedisStore {
 
     /// Renews the lease every third of its TTL, in a task of its own so that nothing
     /// else (a slow heal pass) can delay it past the point where peers reap live jobs.
+    /// Two renewals in a row that time out replace the command connection.
     async fn lease_loop(self) {
         let every = (self.inner.cfg.lease_ttl / 3).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut timeouts = 0;
         loop {
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.renew_lease().await {
+            match self.try_renew_lease().await {
                 Err(e) => {
                     self.mark_unhealthy();
                     tracing::warn!(error = %e, "could not renew the replica lease");
+                    timeouts = if e.is_timeout() { timeouts + 1 } else { 0 };
+                    if timeouts >= 2 {
+                        match command_connection(&self.inner.client, self.inner.cfg.timeout).await {
+                            Ok(c) => {
+                                tracing::warn!(
+                                    "the Redis command connection stopped answering; replaced it"
+                                );
+                                *self.inner.conn.write() = c;
+                                timeouts = 0;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "could not reconnect"),
+                        }
+                    }
                 }
                 Ok(()) => {
+                    timeouts = 0;
                     let mut h = self.inner.healthy_since.lock();
                     if h.is_none() && self.inner.pubsub_up.load(Ordering::SeqCst) {
                         *h = Some(tokio::time::Instant::now());
@@ -877,6 +886,22 @@ impl RedisStore {
         }
         Err(EngineError::ConversationBusy(meta.conversation_id.clone()))
     }
+}
+
+/// A multiplexed command connection that reconnects by itself after I/O errors, with
+/// `timeout` to connect and for every command.
+async fn command_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let mgr_cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1));
+    tokio::time::timeout(timeout, client.get_connection_manager_with_config(mgr_cfg))
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))?
 }
 
 /// `FUNCTION LOAD REPLACE` of the library.
