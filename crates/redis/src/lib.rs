@@ -651,15 +651,22 @@ impl RedisStore {
     /// Compares the mirrors with their jobs' hashes (one pipelined round trip) and
     /// catches up those behind; ends those whose log Redis no longer has.
     async fn resync(&self, mirrors: Vec<(String, Arc<Mirror>)>) -> Result<(), EngineError> {
-        let mirrors: Vec<(String, Arc<Mirror>)> = mirrors
+        // Each mirror's length before Redis is asked: a mirror only ever holds a prefix
+        // of the log, so Redis answering less than that (read later) means it lost
+        // events, while the mirror growing meanwhile means nothing.
+        let mirrors: Vec<(String, Arc<Mirror>, u64)> = mirrors
             .into_iter()
             .filter(|(_, m)| m.ready.get().is_some() && m.log.terminal().is_none())
+            .map(|(sid, m)| {
+                let have = m.log.len();
+                (sid, m, have)
+            })
             .collect();
         if mirrors.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (sid, _) in &mirrors {
+        for (sid, _, _) in &mirrors {
             pipe.cmd("HMGET")
                 .arg(self.key("job", sid))
                 .arg("len")
@@ -669,8 +676,7 @@ impl RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(store_err)?;
-        for ((sid, m), (len, ended)) in mirrors.into_iter().zip(heads) {
-            let have = m.log.len();
+        for ((sid, m, have), (len, ended)) in mirrors.into_iter().zip(heads) {
             let ended = ended.as_deref() == Some("1");
             match len {
                 None => self.end_lost_mirror(&sid, &m, "Redis no longer has this job"),

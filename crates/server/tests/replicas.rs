@@ -870,9 +870,7 @@ async fn racing_reapers_end_each_orphan_once() {
 }
 
 /// As above, and the database holds exactly the message the terminal event carries
-/// (LESSONS: one writer per message). Fails today: the losing reaper saves its own copy
-/// of the partial answer (another `createdAt`) after the winner, because
-/// `JobManager::reap_orphans` saves before it knows its append wins.
+/// (LESSONS: one writer per message): only the reaper that won the end claim saves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_reapers_write_the_partial_message_once() {
     racing_reapers(true).await;
@@ -998,10 +996,16 @@ async fn racing_reapers(strict: bool) {
             .into_iter()
             .map(parse_frame)
             .collect();
-        assert_eq!(stored.len(), 4);
+        // created, step, delta, the winner's estimate of the cut-off call, error.
+        assert_eq!(stored.len(), 5);
         assert_eq!(stored.iter().filter(|f| f.is_terminal()).count(), 1);
-        let end = &stored[3].data.as_ref().unwrap()["data"];
-        assert_eq!(stored[3].event.as_deref(), Some("error"));
+        assert_eq!(stored[3].event.as_deref(), Some("usage"));
+        let estimate = &stored[3].data.as_ref().unwrap()["data"];
+        assert_eq!(estimate["estimated"], true, "{estimate}");
+        assert_eq!(estimate["callIndex"], 0, "{estimate}");
+        assert!(estimate["outputTokens"].as_u64().unwrap() > 0, "{estimate}");
+        let end = &stored[4].data.as_ref().unwrap()["data"];
+        assert_eq!(stored[4].event.as_deref(), Some("error"));
         assert_eq!(end["code"], "replica_lost");
         let partial = &end["responseMessage"];
         assert_eq!(partial["unfinished"], true);
