@@ -614,7 +614,8 @@ impl RedisStore {
                     None => true,
                 }
             };
-            if !answered && self.inner.pubsub_up.load(Ordering::SeqCst) {
+            // Once per dead connection: the flag is set again by the next one.
+            if !answered && self.inner.pubsub_up.swap(false, Ordering::SeqCst) {
                 tracing::warn!("the Redis pub/sub connection did not answer PING");
                 self.inner.reconnect.notify_one();
             }
