@@ -124,17 +124,31 @@ pub trait JobStore: Send + Sync + 'static {
     /// Succeeds when the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), EngineError>;
 
-    /// Asks the job's owner, wherever it runs, to abort it. The memory store has one
-    /// replica, whose manager aborts locally, so its default does nothing.
+    /// Asks the job's owner, wherever it runs, to abort it: the owner's store calls its
+    /// abort handler (see [`JobStore::set_abort_handler`]) with the stream id, even if
+    /// a message between the replicas is lost on the way. Nothing happens for a job
+    /// that ended. The default does nothing (one replica, whose manager aborts locally).
     async fn request_abort(&self, _stream_id: &str) -> Result<(), EngineError> {
         Ok(())
     }
 
-    /// Claims an orphan for this replica's reaper, so that exactly one reaper saves its
-    /// partial answer and ends it (one writer per message), and a falsely presumed
-    /// dead owner appends nothing more. False if it ended or another reaper has it.
-    /// The memory store has one process and one reaper, so its default says yes.
+    /// Claims an orphan's end for this replica's reaper, so that exactly one reaper
+    /// saves its partial answer and ends it (one writer per message), and a falsely
+    /// presumed dead owner appends nothing more. A reaper may retry its own claim (an
+    /// earlier try failed half-way); a claim whose holder's lease lapsed, or a reaper's
+    /// claim older than a lease TTL, may be taken over. False if the job ended, is
+    /// unknown, or someone else holds the claim.
     async fn claim_orphan(&self, _stream_id: &str) -> Result<bool, EngineError> {
+        Ok(true)
+    }
+
+    /// The owner's side of the same end claim: taken by a job's own task before it
+    /// saves its response message, so that the owner and the reapers agree on who
+    /// writes it (one writer per message). True if the caller is to end the job: it
+    /// holds the claim now (a retry holds it again), or the store no longer knows the
+    /// job (it lost it, so nobody else can end it). False if the job ended or a reaper
+    /// holds the claim; the caller then saves and appends nothing.
+    async fn claim_end(&self, _stream_id: &str) -> Result<bool, EngineError> {
         Ok(true)
     }
 
@@ -170,6 +184,7 @@ pub struct MemoryStore {
     max_running_per_user: Option<usize>,
     inner: Mutex<MemInner>,
     rate_limiters: Mutex<HashMap<(u32, Duration), Arc<KeyedLimiter>>>,
+    abort_handler: Mutex<Option<AbortHandler>>,
 }
 
 type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
@@ -191,7 +206,18 @@ impl MemoryStore {
             max_running_per_user: None,
             inner: Mutex::new(MemInner::default()),
             rate_limiters: Mutex::new(HashMap::new()),
+            abort_handler: Mutex::new(None),
         }
+    }
+
+    /// The job's log if it is known and still running.
+    fn running_log(&self, stream_id: &str) -> Option<Arc<EventLog>> {
+        self.inner
+            .lock()
+            .jobs
+            .get(stream_id)
+            .map(|(_, log)| log.clone())
+            .filter(|log| log.terminal().is_none())
     }
 
     /// Caps the running jobs per user (`None`: no cap).
@@ -352,6 +378,31 @@ impl JobStore for MemoryStore {
                 Some(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
             }
         })
+    }
+
+    // One process, one reaper and at most one task per job: the end claims need no
+    // holder, only a running job.
+    async fn claim_orphan(&self, stream_id: &str) -> Result<bool, EngineError> {
+        Ok(self.running_log(stream_id).is_some())
+    }
+
+    async fn claim_end(&self, stream_id: &str) -> Result<bool, EngineError> {
+        let known = self.inner.lock().jobs.contains_key(stream_id);
+        Ok(!known || self.running_log(stream_id).is_some())
+    }
+
+    async fn request_abort(&self, stream_id: &str) -> Result<(), EngineError> {
+        if self.running_log(stream_id).is_some() {
+            let handler = self.abort_handler.lock().clone();
+            if let Some(h) = handler {
+                h(stream_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_abort_handler(&self, handler: AbortHandler) {
+        *self.abort_handler.lock() = Some(handler);
     }
 
     async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError> {

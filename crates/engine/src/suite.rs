@@ -319,6 +319,84 @@ pub async fn orphans_are_running_jobs_nobody_runs(store: Arc<dyn JobStore>) {
     assert!(!orphans.iter().any(|o| o.meta.stream_id == m.stream_id));
 }
 
+/// The end claim, as one store (one replica) sees it: a running job's end can be
+/// claimed, by the owner and by a reaper, and claimed again by the same replica (a
+/// retry); the claimant still appends; once the terminal event is in, nobody claims
+/// it. An unknown job has nothing to reap, while its owner may end it (the store lost
+/// it, so nobody else can).
+pub async fn end_claims(store: Arc<dyn JobStore>) {
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    store
+        .append(&m.stream_id, &step(), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.claim_orphan(&m.stream_id).await.unwrap());
+    assert!(store.claim_orphan(&m.stream_id).await.unwrap(), "a retry");
+    assert!(store.claim_end(&m.stream_id).await.unwrap());
+    assert_eq!(
+        store.append(&m.stream_id, &usage(), Some(1)).await.unwrap(),
+        Ok(1),
+        "the claimant appends"
+    );
+    assert_eq!(
+        store
+            .append(&m.stream_id, &error_end(), Some(2))
+            .await
+            .unwrap(),
+        Ok(2)
+    );
+    assert!(!store.claim_orphan(&m.stream_id).await.unwrap(), "ended");
+    assert!(!store.claim_end(&m.stream_id).await.unwrap(), "ended");
+    assert!(!store.claim_orphan("no-such-job").await.unwrap());
+    assert!(store.claim_end("no-such-job").await.unwrap());
+}
+
+/// An abort request reaches the abort handler with the stream id (on this replica
+/// here: the owner and the asker are the same store); a finished job is not asked.
+pub async fn abort_requests_reach_the_handler(store: Arc<dyn JobStore>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    store.set_abort_handler(Arc::new(move |sid: &str| {
+        let _ = tx.send(sid.to_string());
+    }));
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    store
+        .append(&m.stream_id, &step(), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    store.request_abort(&m.stream_id).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the abort request reaches the handler")
+        .unwrap();
+    assert_eq!(got, m.stream_id);
+    store
+        .append(&m.stream_id, &error_end(), Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    // Drain repeats of the first request (a store may publish it more than once).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    while rx.try_recv().is_ok() {}
+    let done = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&done).await.unwrap();
+    store
+        .append(&done.stream_id, &error_end(), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    store.request_abort(&done.stream_id).await.unwrap();
+    store.request_abort("no-such-job").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "a finished or unknown job is not asked"
+    );
+}
+
 /// With `max_running_per_user = 2`: 30 racing creates for one user (different
 /// conversations) let exactly 2 through; a slot comes back when a job ends.
 pub async fn user_cap_holds_under_racing_creates(store: Arc<dyn JobStore>) {
@@ -401,4 +479,6 @@ where
     caps_refuse_all_but_the_terminal_event(make().await).await;
     readers_follow_live_appends(make().await).await;
     orphans_are_running_jobs_nobody_runs(make().await).await;
+    end_claims(make().await).await;
+    abort_requests_reach_the_handler(make().await).await;
 }

@@ -3,14 +3,21 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, or `GENSTREAM_TEST_POSTGRES_ADMIN_URL`,
 //! and dropped at the end), each test under a Redis key prefix of its own.
 //!
-//! - SIGKILL the owner mid-generation: the other replicas notice the lapsed lease and
-//!   end the job with `error` `replica_lost` and the partial answer, saved, within the
-//!   lease plus slack; one terminal event although two reapers raced (SPEC §5; LESSONS:
-//!   "a replica that died left its jobs running for 20 minutes").
+//! - SIGKILL the owner mid-generation, with the default lease TTL and reap interval:
+//!   the other replicas notice the lapsed lease and end the job with `error`
+//!   `replica_lost` and the partial answer, saved, within 15 s; one terminal event
+//!   although two reapers raced (SPEC §5; LESSONS: "a replica that died left its jobs
+//!   running for 20 minutes").
 //! - Redis restarted while jobs stream (a redis-server of the test's own, with an
 //!   append-only file so its data survives): every job ends, every subscriber's events
 //!   are exactly the log, readiness and `POST /api/chat` report the outage as 503 and
 //!   recover.
+//! - Redis restarted without persistence (as this machine's Redis keeps nothing on
+//!   disk): the jobs whose logs vanished end for every subscriber with one terminal
+//!   `error` `store_unavailable` at the next seq, their partial answers are saved,
+//!   nothing is left running, and the replicas load their Redis functions again (new
+//!   chats work, `/readyz` is 200).
+//! - Redis unreachable at start: `serve` exits with one line naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -113,18 +120,25 @@ impl Drop for Prefix {
 }
 
 /// A redis-server of the test's own on a free port, with an append-only file so its
-/// data survives a restart. Killed when dropped, also on panic.
+/// data survives a restart, or (`persistent: false`) keeping nothing on disk, so a
+/// restart loses every key and function. Killed when dropped, also on panic.
 struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
+    persistent: bool,
     child: Option<Child>,
 }
 
 impl OwnRedis {
     fn start() -> OwnRedis {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> OwnRedis {
         let mut r = OwnRedis {
             port: 0,
             dir: tempfile::tempdir().unwrap(),
+            persistent,
             child: None,
         };
         for _ in 0..5 {
@@ -149,14 +163,12 @@ impl OwnRedis {
     fn launch(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                &["--appendonly", "yes", "--appendfsync", "always"][..]
+            } else {
+                &["--appendonly", "no"][..]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -251,8 +263,12 @@ impl Drop for Replica {
 /// Starts the three replicas at once (they race to migrate the fresh database) and
 /// waits for each to print its address.
 fn spawn_replicas(config: &Path) -> Vec<Replica> {
+    spawn_named(config, &["A", "B", "C"])
+}
+
+fn spawn_named(config: &Path, names: &[&'static str]) -> Vec<Replica> {
     let mut pending = Vec::new();
-    for name in ["A", "B", "C"] {
+    for &name in names {
         let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--config")
@@ -420,12 +436,11 @@ async fn killed_owner_is_reaped_by_the_others_with_replica_lost() {
         &redis_url(),
         &db.url,
         &prefix.name,
+        // The default lease TTL (8 s) and reap interval (5 s): what a user gets.
         r#"[redis]
 key_prefix = "@PREFIX@"
-lease_ttl_ms = 3000
 
 [jobs]
-reap_interval_ms = 500
 retention_secs = 600
 
 [limits]
@@ -483,7 +498,8 @@ token_delay_ms = 20
             .unwrap();
         let after = ended.duration_since(killed);
         eprintln!(
-            "{name}: terminal event {after:?} after the kill (lease 3 s, reaper every 0.5 s)"
+            "{name}: terminal event {after:?} after the kill (default lease 8 s, reaper \
+             every 5 s)"
         );
         assert!(after < Duration::from_secs(15), "{name} waited {after:?}");
         for (i, f) in frames.iter().enumerate() {
@@ -558,9 +574,9 @@ token_delay_ms = 20
             r.name
         );
     }
-    // Give the losing reaper a couple of sweeps: still one terminal event, and exactly
-    // one replica reports having ended the job.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Give the losing reaper a sweep of its own (every 5 s): still one terminal event,
+    // and exactly one replica reports having ended the job.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     let stored_later = prefix.log(&sid).await;
     assert_eq!(stored_later, stored, "something was appended after the end");
     let reaped: Vec<(&str, usize)> = replicas[1..]
@@ -593,10 +609,8 @@ async fn redis_restart_mid_stream_loses_nothing() {
 
 /// An outage longer than the lease must not end jobs whose owners are alive: the
 /// owners ride it out (`store_outage_grace`, 30 s) and renew their leases once Redis
-/// is back. Fails today: when Redis comes back every lease has expired, and whichever
-/// reaper sweeps before the owner renews ends the owner's live jobs with
-/// `replica_lost` (RedisStore::orphaned_jobs trusts a missing lease right after
-/// reconnecting).
+/// is back. When Redis comes back every lease has expired, so a replica judges leases
+/// only after a whole lease TTL of health (`RedisStore::may_judge_leases`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_longer_than_the_lease_keeps_live_jobs_running() {
     redis_restart(Some(1500), Duration::from_secs(3)).await;
@@ -803,4 +817,232 @@ token_delay_ms = 10
     );
     drop(replicas);
     redis.kill();
+}
+
+// ---------------------------------------------------------------------------------
+// Redis restarted without persistence.
+
+/// Two replicas on a Redis of the test's own that keeps nothing on disk; it is killed
+/// and started again on the same port while two jobs stream (one owned by each
+/// replica), each followed from both replicas. Every log is gone, so what a user can
+/// be given is the end of each stream: one terminal `error` `store_unavailable` with
+/// the next seq, no event lost or repeated before it, the partial answer saved by the
+/// owner (`unfinished`, `error`), nothing left running. Then the replicas load their
+/// functions again: `/readyz` is 200 and a new chat completes, watched from the other
+/// replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_without_persistence_ends_the_lost_jobs_and_recovers() {
+    let mut redis = OwnRedis::start_with(false);
+    let db = TestDb::create().await;
+    let prefix = Prefix::new(&redis.url());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &redis.url(),
+        &db.url,
+        &prefix.name,
+        r#"[redis]
+key_prefix = "@PREFIX@"
+timeout_ms = 1000
+
+[jobs]
+reap_interval_ms = 500
+retention_secs = 600
+
+[limits]
+concurrent_per_user = 0
+messages_per_user_per_minute = 0
+messages_per_ip_per_minute = 0
+
+[[models]]
+name = "long"
+provider = "demo"
+[models.options]
+tokens = 100000
+token_delay_ms = 10
+
+[[models]]
+name = "short"
+provider = "demo"
+[models.options]
+tokens = 30
+token_delay_ms = 5
+"#,
+    );
+    let replicas = spawn_named(&config, &["A", "B"]);
+    let mut jobs = Vec::new();
+    for (j, r) in replicas.iter().enumerate() {
+        let (s, v) = post(
+            r,
+            "/api/chat",
+            json!({"text": format!("question {j}"), "model": "long"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        jobs.push(v);
+    }
+    let mut followers = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let sid = job["streamId"].as_str().unwrap().to_string();
+        for r in &replicas {
+            let client = Client::new(&r.url, &token()).unwrap().with_backoff(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                Duration::from_secs(30),
+            );
+            let (tx, rx) = tokio::sync::watch::channel(0usize);
+            let sid = sid.clone();
+            let task = tokio::spawn(async move {
+                let mut events: Vec<StreamEvent> = Vec::new();
+                let end = client
+                    .follow(&sid, None, |ev| {
+                        events.push(ev.clone());
+                        let _ = tx.send(events.len());
+                    })
+                    .await;
+                (end, events)
+            });
+            followers.push((j, r.name, task, rx));
+        }
+    }
+    for (j, name, _, rx) in &mut followers {
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n >= 20))
+            .await
+            .unwrap_or_else(|_| panic!("job {j} streams to {name}"))
+            .unwrap();
+    }
+
+    redis.kill();
+    let at_kill: Vec<usize> = followers.iter().map(|(_, _, _, rx)| *rx.borrow()).collect();
+    redis.restart();
+    let up = Instant::now();
+
+    for (i, (j, name, task, _)) in followers.into_iter().enumerate() {
+        let (end, events) = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap_or_else(|_| panic!("job {j} did not end for {name}"))
+            .unwrap();
+        let end = end.unwrap_or_else(|e| panic!("job {j} on {name}: {e}"));
+        assert!(
+            at_kill[i] < events.len(),
+            "job {j} on {name}: not mid-stream"
+        );
+        for (seq, ev) in events.iter().enumerate() {
+            assert_eq!(ev.seq, seq as u64, "job {j} on {name}: gap or duplicate");
+        }
+        assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+        assert_eq!(events.last().unwrap(), &end);
+        assert_eq!(end.event, "error", "job {j} on {name}: {:?}", end.data);
+        assert_eq!(end.data["code"], "store_unavailable", "job {j} on {name}");
+        eprintln!(
+            "job {j} on {name}: {} events, ended {:?} after Redis came back",
+            events.len(),
+            up.elapsed()
+        );
+    }
+
+    // Ready again; the owners saved their partial answers; nothing runs.
+    for r in &replicas {
+        loop {
+            let (s, body) = get(r, "/readyz").await;
+            if s == 200 {
+                break;
+            }
+            assert!(
+                up.elapsed() < Duration::from_secs(10),
+                "{} not ready {:?} after Redis came back: {body}",
+                r.name,
+                up.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for (j, job) in jobs.iter().enumerate() {
+        let cid = job["conversationId"].as_str().unwrap();
+        let rid = job["responseMessageId"].as_str().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, msgs) = get(
+                &replicas[1 - j],
+                &format!("/api/conversations/{cid}/messages"),
+            )
+            .await;
+            let saved = msgs["messages"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["messageId"] == rid).cloned());
+            if let Some(saved) = saved {
+                assert_eq!(saved["unfinished"], true, "{saved}");
+                assert_eq!(saved["error"], true, "{saved}");
+                assert!(!saved["text"].as_str().unwrap().is_empty());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {j}: no partial answer saved: {msgs}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (s, gone) = get(
+            &replicas[j],
+            &format!("/api/chat/stream/{}", job["streamId"].as_str().unwrap()),
+        )
+        .await;
+        assert_eq!(s, 404, "the lost log is gone: {gone}");
+    }
+    for r in &replicas {
+        let (_, active) = get(r, "/api/chat/active").await;
+        assert_eq!(active["activeJobIds"], json!([]), "{}: {active}", r.name);
+    }
+
+    // New chats work (the functions are loaded again), watched from the other replica;
+    // a lost job's conversation takes a new turn.
+    let (s, v) = post(
+        &replicas[0],
+        "/api/chat",
+        json!({"text": "after", "model": "short", "conversationId": jobs[0]["conversationId"]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let client = Client::new(&replicas[1].url, &token()).unwrap();
+    let end = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.follow(v["streamId"].as_str().unwrap(), None, |_| {}),
+    )
+    .await
+    .expect("the new chat ends")
+    .unwrap();
+    assert_eq!(end.event, "final", "{:?}", end.data);
+    assert_eq!(end.data["status"], "complete");
+    drop(replicas);
+    redis.kill();
+}
+
+/// Redis unreachable at start: `serve` exits non-zero with one line on stderr that
+/// names Redis and its address.
+#[test]
+fn serve_exits_with_one_line_when_redis_is_unreachable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // closed again: nothing listens there
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("redis://127.0.0.1:{port}");
+    let db = format!("sqlite://{}", dir.path().join("g.db").display());
+    let config = write_config(dir.path(), &store, &db, "unused", "");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("genstream: "), "{stderr}");
+    assert!(lines[0].contains("Redis"), "{stderr}");
+    assert!(lines[0].contains(&store), "{stderr}");
+    eprintln!("{}", lines[0]);
 }

@@ -1,11 +1,31 @@
-#!lua name=genstream_v1
--- genstream's Redis functions, version 1. The library name and every function name
+#!lua name=genstream_v2
+-- genstream's Redis functions, version 2. The library name and every function name
 -- carry the version, so that replicas of two releases can run side by side during a
--- rolling deploy: a new release loads genstream_v2 next to this one.
+-- rolling deploy: a new release loads genstream_v3 next to this one.
+--
+-- Fields of the job hash these functions read and write (besides the metadata):
+--   len, bytes        the log's length (the next seq) and total frame bytes
+--   ended, status     "1" and the final status once the terminal event is in
+--   reaper, reaperAt  who claimed the job's end (its owner about to save its answer,
+--                     or a reaper of an orphan), and when (ms, Redis clock). Only the
+--                     claimant may append from then on. The name predates the owner's
+--                     claim; it is kept so that genstream_v1 appends honour a claim.
+--   abortRequested    "1" once any replica asked to abort; every append reports it
+
+-- Now in ms on the Redis clock, so that claim ages never depend on replicas' clocks.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function frame_of(seq, name, body)
+  return 'id: ' .. seq .. '\nevent: ' .. name .. '\ndata: {"seq":' .. seq .. ','
+    .. string.sub(body, 2) .. '\n\n'
+end
 
 -- Appends one event to a job's log, atomically:
 --   assign the next seq, check the caps, build the SSE frame, XADD it with stream id
---   0-(seq+1), update the job hash, refresh TTLs, PUBLISH the frame.
+--   0-(seq+1) and the writer's id, update the job hash, refresh TTLs, PUBLISH.
 -- There is never a seq without a log entry, nor an entry without a publish.
 --
 -- KEYS[1] job hash   KEYS[2] log stream   (both with the {streamId} hash tag)
@@ -16,28 +36,53 @@
 -- ARGV[6] TTL ms while running   ARGV[7] TTL ms once finished
 -- ARGV[8] pub/sub channel
 -- ARGV[9] job status to set if terminal   ARGV[10] now (ms since epoch)
--- ARGV[11] expected seq, or "" (the owner passes it so a retried append whose first
---          try did land is not appended twice)
--- ARGV[12] the appending replica's id; once a reaper has claimed the job (field
---          `reaper`), only that reaper may append
--- Returns {"ok", seq, frame} | {"dup", seq} | {"ended"} | {"full"} | {"missing"}
+-- ARGV[11] expected seq, or "": the seq the writer believes comes next. If the log is
+--          already past it and the entry there is this writer's with these very bytes,
+--          an earlier try landed (its reply was lost): "dup", nothing appended. If the
+--          entry is someone else's, the writer lost the job. A non-terminal event whose
+--          expected seq is beyond the log means the store lost entries: "lost".
+-- ARGV[12] the writer's id (a replica id); once the end is claimed (`reaper`), only
+--          the claimant may append
+-- Returns {"ok", seq, frame, abort} | {"dup", seq, abort} | {"ended"} | {"full"}
+--       | {"missing"} | {"lost"} | {"conflict"}   (abort: 1 if abortRequested)
 local function append(keys, args)
   local job, log = keys[1], keys[2]
-  if redis.call('EXISTS', job) == 0 then return {'missing'} end
-  local len = tonumber(redis.call('HGET', job, 'len') or '0')
-  if args[11] ~= '' and len > tonumber(args[11]) then return {'dup', tonumber(args[11])} end
-  if redis.call('HGET', job, 'ended') == '1' then return {'ended'} end
-  local reaper = redis.call('HGET', job, 'reaper')
-  if reaper and reaper ~= args[12] then return {'ended'} end
+  local h = redis.call('HMGET', job, 'len', 'ended', 'reaper', 'bytes', 'abortRequested')
+  if not h[1] then return {'missing'} end
+  local len = tonumber(h[1])
+  local writer = args[12]
+  local abort = 0
+  if h[5] == '1' then abort = 1 end
+  local expected = nil
+  if args[11] ~= '' then expected = tonumber(args[11]) end
+  if expected and len > expected then
+    local id = '0-' .. (expected + 1)
+    local e = redis.call('XRANGE', log, id, id)
+    if e[1] then
+      local f, w = nil, nil
+      local fields = e[1][2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'f' then f = fields[i + 1] elseif fields[i] == 'w' then w = fields[i + 1] end
+      end
+      if w == writer and f == frame_of(expected, args[1], args[2]) then
+        return {'dup', expected, abort}
+      end
+    end
+    if h[2] == '1' or (h[3] and h[3] ~= writer) then return {'ended'} end
+    return {'conflict'}
+  end
+  if h[2] == '1' then return {'ended'} end
+  if h[3] and h[3] ~= writer then return {'ended'} end
   local terminal = args[3] == '1'
+  -- A terminal event still lands (at the log's own head), so its readers see it end.
+  if expected and expected > len and not terminal then return {'lost'} end
   local seq = len
-  local frame = 'id: ' .. seq .. '\nevent: ' .. args[1] .. '\ndata: {"seq":' .. seq .. ','
-    .. string.sub(args[2], 2) .. '\n\n'
-  local bytes = tonumber(redis.call('HGET', job, 'bytes') or '0')
+  local frame = frame_of(seq, args[1], args[2])
+  local bytes = tonumber(h[4] or '0')
   if not terminal and (seq + 1 > tonumber(args[4]) or bytes + #frame > tonumber(args[5])) then
     return {'full'}
   end
-  redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame)
+  redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame, 'w', writer)
   redis.call('HSET', job, 'len', seq + 1, 'bytes', bytes + #frame, 'progressAt', args[10])
   local ttl = args[6]
   if terminal then
@@ -47,7 +92,7 @@ local function append(keys, args)
   redis.call('PEXPIRE', job, ttl)
   redis.call('PEXPIRE', log, ttl)
   redis.call('PUBLISH', args[8], frame)
-  return {'ok', seq, frame}
+  return {'ok', seq, frame, abort}
 end
 
 -- Makes KEYS[1] (a conversation's latest-job pointer) point to ARGV[1] if it still
@@ -59,13 +104,38 @@ local function claim(keys, args)
   return 1
 end
 
--- Claims a running job for the reaper ARGV[1], so that exactly one reaper saves its
--- partial answer and ends it, and its owner (if it was alive after all) appends nothing
--- more. Returns 1 if claimed, 0 if the job ended or another reaper has it.
-local function claim_orphan(keys, args)
-  if redis.call('EXISTS', keys[1]) == 0 then return 0 end
-  if redis.call('HGET', keys[1], 'ended') == '1' then return 0 end
-  if redis.call('HSETNX', keys[1], 'reaper', args[1]) == 0 then return 0 end
+-- Claims the end of job KEYS[1] for ARGV[1]: the one decision of who saves the
+-- response message and appends the terminal event, taken by the owner before it saves
+-- its answer and by a reaper before it saves a partial one. The claimant wins if
+-- nobody holds the claim, if it holds it already (a retry), if the holder is ARGV[2]
+-- (the caller saw that replica's lease lapse; "" = none), or if the holder is a reaper
+-- (not the owner) whose claim is older than ARGV[3] ms (0 = never) — a reaper that is
+-- alive but stopped trying. A won claim is stamped with the Redis clock.
+-- Returns "ok" | "taken" | "ended" | "missing".
+local function claim_end(keys, args)
+  local h = redis.call('HMGET', keys[1], 'len', 'ended', 'reaper', 'reaperAt', 'owner')
+  if not h[1] then return 'missing' end
+  if h[2] == '1' then return 'ended' end
+  local now = now_ms()
+  local cur = h[3]
+  if cur and cur ~= args[1] and cur ~= args[2] then
+    local at = tonumber(h[4] or '0')
+    local stale = tonumber(args[3])
+    if cur == h[5] or stale <= 0 or at <= 0 or now - at <= stale then return 'taken' end
+  end
+  redis.call('HSET', keys[1], 'reaper', args[1], 'reaperAt', now)
+  return 'ok'
+end
+
+-- Asks for job KEYS[1] to be aborted: sets abortRequested (which every later append
+-- reports to its writer, so the owner learns it even if the publish is lost) and
+-- publishes the stream id ARGV[2] on the control channel ARGV[1]. Returns 1, or 0 if
+-- the job ended or is unknown (nothing to abort).
+local function request_abort(keys, args)
+  local h = redis.call('HMGET', keys[1], 'len', 'ended')
+  if not h[1] or h[2] == '1' then return 0 end
+  redis.call('HSET', keys[1], 'abortRequested', '1')
+  redis.call('PUBLISH', args[1], args[2])
   return 1
 end
 
@@ -93,8 +163,9 @@ local function rate_limit(keys, args)
   return 0
 end
 
-redis.register_function('genstream_acquire_slot_v1', acquire_slot)
-redis.register_function('genstream_rate_limit_v1', rate_limit)
-redis.register_function('genstream_append_v1', append)
-redis.register_function('genstream_claim_orphan_v1', claim_orphan)
-redis.register_function('genstream_claim_v1', claim)
+redis.register_function('genstream_acquire_slot_v2', acquire_slot)
+redis.register_function('genstream_rate_limit_v2', rate_limit)
+redis.register_function('genstream_append_v2', append)
+redis.register_function('genstream_claim_end_v2', claim_end)
+redis.register_function('genstream_request_abort_v2', request_abort)
+redis.register_function('genstream_claim_v2', claim)

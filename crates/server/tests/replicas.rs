@@ -870,9 +870,7 @@ async fn racing_reapers_end_each_orphan_once() {
 }
 
 /// As above, and the database holds exactly the message the terminal event carries
-/// (LESSONS: one writer per message). Fails today: the losing reaper saves its own copy
-/// of the partial answer (another `createdAt`) after the winner, because
-/// `JobManager::reap_orphans` saves before it knows its append wins.
+/// (LESSONS: one writer per message): only the reaper that won the end claim saves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_reapers_write_the_partial_message_once() {
     racing_reapers(true).await;
@@ -998,10 +996,16 @@ async fn racing_reapers(strict: bool) {
             .into_iter()
             .map(parse_frame)
             .collect();
-        assert_eq!(stored.len(), 4);
+        // created, step, delta, the winner's estimate of the cut-off call, error.
+        assert_eq!(stored.len(), 5);
         assert_eq!(stored.iter().filter(|f| f.is_terminal()).count(), 1);
-        let end = &stored[3].data.as_ref().unwrap()["data"];
-        assert_eq!(stored[3].event.as_deref(), Some("error"));
+        assert_eq!(stored[3].event.as_deref(), Some("usage"));
+        let estimate = &stored[3].data.as_ref().unwrap()["data"];
+        assert_eq!(estimate["estimated"], true, "{estimate}");
+        assert_eq!(estimate["callIndex"], 0, "{estimate}");
+        assert!(estimate["outputTokens"].as_u64().unwrap() > 0, "{estimate}");
+        let end = &stored[4].data.as_ref().unwrap()["data"];
+        assert_eq!(stored[4].event.as_deref(), Some("error"));
         assert_eq!(end["code"], "replica_lost");
         let partial = &end["responseMessage"];
         assert_eq!(partial["unfinished"], true);
@@ -1090,4 +1094,167 @@ fn check_catches_a_duplicate_a_gap_and_a_wrong_snapshot() {
     );
     let with_sync = vec![bad_sync, f(2, "error")];
     assert!(std::panic::catch_unwind(|| check(&with_sync, &reference, &plan)).is_err());
+}
+
+// ---------------------------------------------------------------------------------
+// PostgreSQL lost while running.
+
+/// A TCP proxy to the machine's PostgreSQL that the test can cut (every connection
+/// closed, new ones closed at once) and restore, so the database "goes away" without
+/// disturbing the PostgreSQL other tests share.
+struct CutProxy {
+    addr: SocketAddr,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(target: SocketAddr) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let c = cut.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut rx = c.subscribe();
+                if *rx.borrow_and_update() {
+                    continue; // dropped: closed at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        CutProxy { addr, cut, task }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The database goes away while a replica runs: `/readyz` answers 503 naming the
+/// database, a new chat gets 503 `database_unavailable`; when it is back, both recover
+/// by themselves and a chat completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_lost_while_running_is_503_and_recovers() {
+    let db = TestDb::create().await;
+    let pg: SocketAddr = {
+        let hostport = db
+            .url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.rsplit_once('@').map_or(Some(r), |(_, h)| Some(h)))
+            .and_then(|h| h.split('/').next())
+            .unwrap()
+            .to_string();
+        tokio::net::lookup_host(hostport)
+            .await
+            .unwrap()
+            .next()
+            .unwrap()
+    };
+    let proxy = CutProxy::start(pg).await;
+    let url = db.url.replacen(&pg.to_string(), &proxy.addr.to_string(), 1);
+    let url = if url == db.url {
+        // The admin URL named the host differently (e.g. `localhost`).
+        let (scheme_user, rest) = db.url.rsplit_once('@').unwrap();
+        let path = rest.split_once('/').map_or("", |(_, p)| p);
+        format!("{scheme_user}@{}/{path}", proxy.addr)
+    } else {
+        url
+    };
+    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
+    let mut config = replica_config(
+        &prefix.0,
+        &url,
+        vec![demo_model(
+            "demo",
+            json!({"tokens": 20, "token_delay_ms": 1}),
+        )],
+    );
+    config.pool.acquire_timeout_ms = 1000;
+    let (state, _) = build_state(&config).await.expect("replica starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app(state.clone(), config.http.max_body_bytes);
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let get = |path: &str| {
+        let req = http
+            .get(format!("http://{addr}{path}"))
+            .bearer_auth(token(USER));
+        async move {
+            let r = req.send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let chat = || {
+        let req = http
+            .post(format!("http://{addr}/api/chat"))
+            .bearer_auth(token(USER))
+            .json(&json!({"text": "hello", "model": "demo"}));
+        async move {
+            let r = req.send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(get("/readyz").await.0, 200);
+    assert_eq!(chat().await.0, 200);
+
+    proxy.set_cut(true);
+    let cut_at = Instant::now();
+    let (s, body) = get("/readyz").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["store"], "ok", "{body}");
+    assert_ne!(body["database"], "ok", "{body}");
+    let (s, e) = chat().await;
+    assert_eq!(s, 503, "{e}");
+    assert_eq!(e["error"]["code"], "database_unavailable", "{e}");
+    eprintln!(
+        "database cut: readyz and chat 503 within {:?}",
+        cut_at.elapsed()
+    );
+
+    proxy.set_cut(false);
+    let back = Instant::now();
+    loop {
+        let (s, body) = get("/readyz").await;
+        if s == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "not ready {:?} after the database came back: {body}",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = chat().await;
+    assert_eq!(s, 200, "{v}");
+    let sid = v["streamId"].as_str().unwrap().to_string();
+    let frames = one_connection(&http, addr, &sid, Mode::LastEventId, None, usize::MAX).await;
+    assert_eq!(frames.last().unwrap().event.as_deref(), Some("final"));
+    eprintln!("database back: ready again after {:?}", back.elapsed());
 }

@@ -728,6 +728,11 @@ impl JobRun {
             Outcome::Stopped(EndReason::Abort | EndReason::Shutdown) => SpendContext::Abort,
             _ => SpendContext::Error,
         };
+        // One writer per response message: the owner takes the same end claim as the
+        // reapers before it spends or saves; a reaper that holds it ends the job.
+        if !self.claim_end().await? {
+            return Ok(());
+        }
         // Spend before the terminal event, on every path (SPEC §7); the database's
         // unique key makes a second spend of the same calls a no-op.
         let usage = spend_usage(
@@ -781,11 +786,38 @@ impl JobRun {
             }
             Outcome::Internal(m) => self.error_end("internal", m).await?,
         };
-        match self.append(&terminal).await? {
-            Ok(_) | Err(AppendError::Ended) => Ok(()),
-            Err(AppendError::Full) => Err(EngineError::Internal(
+        match self.append(&terminal).await {
+            Ok(Ok(_)) | Ok(Err(AppendError::Ended)) => Ok(()),
+            Ok(Err(AppendError::Full)) => Err(EngineError::Internal(
                 "terminal event refused as full".into(),
             )),
+            // The store lost the job (Redis restarted without its data): the answer is
+            // saved, and no log is left to end.
+            Err(EngineError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`JobStore::claim_end`], riding out a store outage like [`JobRun::append`].
+    async fn claim_end(&self) -> Result<bool, EngineError> {
+        let grace = self.manager.inner.config.store_outage_grace;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self
+                .manager
+                .inner
+                .store
+                .claim_end(&self.meta.stream_id)
+                .await
+            {
+                Err(EngineError::Store(e)) if started.elapsed() < grace => {
+                    tracing::warn!(stream_id = %self.meta.stream_id, error = %e, "end claim failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
         }
     }
 

@@ -1,0 +1,305 @@
+//! Unit tests of the store's internals against the real Redis (127.0.0.1:6379, or
+//! `GENSTREAM_TEST_REDIS_URL`), each under a key prefix of its own. They hold a
+//! background task at a named [`RedisStore::pause_point`] to force the interleavings
+//! that once lost events.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::*;
+use genstream_engine::event::{ContentPart, Delta, DeltaContent};
+
+/// A one-shot gate: the task reaching its point waits until released.
+pub(crate) struct Gate {
+    pub(crate) reached: Notify,
+    pub(crate) release: tokio::sync::Semaphore,
+}
+
+fn redis_url() -> String {
+    std::env::var("GENSTREAM_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
+}
+
+fn config(prefix: &str) -> RedisConfig {
+    let mut cfg = RedisConfig::new(&redis_url());
+    cfg.key_prefix = prefix.to_string();
+    cfg.running_ttl = Duration::from_secs(120);
+    cfg.retention = Duration::from_secs(60);
+    // No healer pass after the first: it would repair what these tests check is
+    // never broken in the first place.
+    cfg.heal_interval = Duration::from_secs(3600);
+    cfg
+}
+
+fn prefix() -> String {
+    format!("gstest-{}", uuid::Uuid::now_v7())
+}
+
+impl RedisStore {
+    /// Holds the next task that reaches `point`; returns its gate.
+    fn gate(&self, point: &'static str) -> Arc<Gate> {
+        let g = Arc::new(Gate {
+            reached: Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        self.inner.gates.lock().insert(point, g.clone());
+        g
+    }
+}
+
+fn meta() -> JobMeta {
+    JobMeta {
+        stream_id: uuid::Uuid::now_v7().to_string(),
+        user_id: format!("u-{}", uuid::Uuid::now_v7()),
+        conversation_id: uuid::Uuid::now_v7().to_string(),
+        user_message_id: uuid::Uuid::now_v7().to_string(),
+        response_message_id: uuid::Uuid::now_v7().to_string(),
+        model: "demo".into(),
+        status: JobStatus::Running,
+        created_at: "2026-01-01T00:00:00.000Z".into(),
+    }
+}
+
+fn delta(text: &str) -> EventBody {
+    EventBody::MessageDelta(Delta {
+        id: "step_0".into(),
+        delta: DeltaContent {
+            content: vec![ContentPart::Text { text: text.into() }],
+        },
+    })
+}
+
+/// Waits up to `within` for `log` to hold `n` events.
+async fn has_len(log: &EventLog, n: u64, within: Duration) -> bool {
+    let mut rx = log.watch();
+    tokio::time::timeout(within, async {
+        loop {
+            rx.borrow_and_update();
+            if log.len() >= n {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+        && log.len() >= n
+}
+
+#[test]
+fn redacts_passwords() {
+    assert_eq!(
+        redact_url("redis://u:secret@h:6379/0"),
+        "redis://u:***@h:6379/0"
+    );
+    assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+}
+
+/// A frame published after the mirror's range read but before it is marked ready is
+/// buffered and merged, not dropped until the next frame or the healer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_published_while_a_mirror_opens_is_not_dropped() {
+    let p = prefix();
+    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let reader = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    owner.create_job(&m).await.unwrap();
+    owner
+        .append(&m.stream_id, &delta("a"), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let gate = reader.gate("open.after_range");
+    let opening = {
+        let reader = reader.clone();
+        let sid = m.stream_id.clone();
+        tokio::spawn(async move { reader.open_log(&sid).await })
+    };
+    gate.reached.notified().await;
+    // The range read is done (one event); this one is only published.
+    owner
+        .append(&m.stream_id, &delta("b"), Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the publish arrives
+    gate.release.add_permits(1);
+    let log = opening.await.unwrap().unwrap().unwrap();
+    assert!(
+        has_len(&log, 2, Duration::from_millis(300)).await,
+        "the mirror holds {} of 2 events: the frame published during the open was lost",
+        log.len()
+    );
+    owner.close();
+    reader.close();
+}
+
+/// The healer drops an unused mirror; a subscriber opens the same job again before
+/// the healer's UNSUBSCRIBE went out. The new mirror must still get live frames
+/// (Redis subscriptions are not counted: a late UNSUBSCRIBE cancels the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribing_a_dropped_mirror_does_not_cancel_a_new_one() {
+    let p = prefix();
+    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let reader = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    owner.create_job(&m).await.unwrap();
+    owner
+        .append(&m.stream_id, &delta("a"), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    let first = reader.open_log(&m.stream_id).await.unwrap().unwrap();
+    drop(first); // nobody reads it: the healer's to drop
+
+    let gate = reader.gate("heal.after_remove");
+    let healer = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.heal_mirrors().await })
+    };
+    gate.reached.notified().await;
+    assert!(
+        reader.inner.mirrors.lock().is_empty(),
+        "the mirror was dropped"
+    );
+    let opening = {
+        let reader = reader.clone();
+        let sid = m.stream_id.clone();
+        tokio::spawn(async move { reader.open_log(&sid).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.release.add_permits(1);
+    healer.await.unwrap();
+    let log = opening.await.unwrap().unwrap().unwrap();
+    assert_eq!(log.len(), 1);
+    owner
+        .append(&m.stream_id, &delta("b"), Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        has_len(&log, 2, Duration::from_secs(1)).await,
+        "the reopened mirror gets no live frames: its subscription was cancelled"
+    );
+    owner.close();
+    reader.close();
+}
+
+/// A heal pass that hangs must not delay the lease: peers would reap live jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_heal_pass_does_not_delay_the_lease() {
+    let p = prefix();
+    let mut cfg = config(&p);
+    cfg.lease_ttl = Duration::from_millis(600);
+    cfg.heal_interval = Duration::from_millis(50);
+    cfg.timeout = Duration::from_secs(5); // the heal pass is cut after 5.05 s
+    let store = RedisStore::connect(cfg).await.unwrap();
+    let gate = store.gate("heal.pass");
+    gate.reached.notified().await;
+    let mut conn = store.conn();
+    let key = store.lease_key(store.replica_id());
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let alive: bool = conn.exists(&key).await.unwrap();
+        assert!(
+            alive,
+            "the lease lapsed {:?} into a stuck heal pass",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gate.release.add_permits(1);
+    store.close();
+}
+
+/// An abort request whose publish the owner missed (its pub/sub connection was
+/// reconnecting) still reaches it: with its next append, and by the requester
+/// publishing again while the job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
+    let p = prefix();
+    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let asker = RedisStore::connect(config(&p)).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    owner.set_abort_handler(Arc::new(move |sid: &str| {
+        let _ = tx.send(sid.to_string());
+    }));
+    let m = meta();
+    owner.create_job(&m).await.unwrap();
+    owner
+        .append(&m.stream_id, &delta("a"), Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    // The owner stops hearing the control channel.
+    let ctl = owner.ctl_channel();
+    owner
+        .inner
+        .sink
+        .lock()
+        .await
+        .as_mut()
+        .unwrap()
+        .unsubscribe(&ctl)
+        .await
+        .unwrap();
+    asker.request_abort(&m.stream_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "the publish did not reach the owner"
+    );
+    owner
+        .append(&m.stream_id, &delta("b"), Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rx.try_recv().ok().as_deref(),
+        Some(m.stream_id.as_str()),
+        "the append reports the abort request"
+    );
+    // Back on the control channel (as after a reconnect): the request is published
+    // again while the job runs.
+    owner
+        .inner
+        .sink
+        .lock()
+        .await
+        .as_mut()
+        .unwrap()
+        .subscribe(&ctl)
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("the request is published again")
+        .unwrap();
+    assert_eq!(again, m.stream_id);
+    // Once the job ended, nothing more.
+    owner
+        .append(
+            &m.stream_id,
+            &EventBody::Error(ErrorEvent {
+                code: "x".into(),
+                message: "x".into(),
+                response_message: None,
+            }),
+            Some(2),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    while rx.try_recv().is_ok() {}
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "published again after the job ended"
+    );
+    owner.close();
+    asker.close();
+}
