@@ -154,8 +154,8 @@ pub struct PoolSection {
 pub struct LimitsConfig {
     /// Running generations per user; more → 429 `too_many_concurrent`. Default 2.
     pub concurrent_per_user: usize,
-    /// Chats a user may start per minute (a burst of this many, then evenly
-    /// spread); more → 429 `rate_limited` with `Retry-After`. Default 40.
+    /// Chats a user may start in any 60 s (a sliding window); more → 429
+    /// `rate_limited` with `Retry-After`. Default 40.
     pub messages_per_user_per_minute: u32,
     /// The same per client IP address. Default 40.
     pub messages_per_ip_per_minute: u32,

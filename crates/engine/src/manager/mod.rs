@@ -68,9 +68,10 @@ pub struct ManagerConfig {
     pub balance: Option<BalancePolicy>,
 }
 
-/// Message rate limits (GCRA: a burst of the limit, then evenly spread), shared by all
-/// replicas through the job store. Off by default in the engine; the server's
-/// `[limits]` defaults to 40 per minute per user and per IP.
+/// Message rate limits: at most the limit in any `period` (a sliding window, see
+/// [`JobStore::rate_limit`]), shared by all replicas through the job store. Off by
+/// default in the engine; the server's `[limits]` defaults to 40 per minute per user
+/// and per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimits {
     pub per_user: Option<u32>,
@@ -556,7 +557,9 @@ impl JobManager {
             if let Some(wait) = self.inner.store.rate_limit(&key, limit, l.period).await? {
                 return Err(EngineError::RateLimited {
                     scope: format!("{scope} ({limit} per {} s)", l.period.as_secs()),
-                    retry_after_ms: wait.as_millis() as u64,
+                    // Rounded up, so that waiting this long is always enough.
+                    retry_after_ms: u64::try_from(wait.as_micros().div_ceil(1000))
+                        .unwrap_or(u64::MAX),
                 });
             }
         }
