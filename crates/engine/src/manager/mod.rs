@@ -293,13 +293,21 @@ impl JobManager {
         self.inner.live.lock().len()
     }
 
-    /// Starts a job: validates, reserves the conversation, saves the user message,
-    /// appends `created` (seq 0) and spawns the generation — in that order, so the
-    /// user message exists before anything can refer to it.
+    /// Starts a job: validates, checks the limits, reserves the conversation, saves the
+    /// user message, appends `created` (seq 0) and spawns the generation — in that
+    /// order, so the user message exists before anything can refer to it.
     ///
-    /// Errors: `BadRequest` (text, model, parentMessageId), `NotFound`/`Forbidden` for
-    /// the conversation, `ConversationBusy`, `ServerBusy`, `ShuttingDown`, and store or
-    /// database failures.
+    /// The checks run in this order, each only if the ones before passed, so that a
+    /// refused request spends no budget it was refused before: shutting down → the
+    /// request itself (text, model, tools, conversation, parentMessageId) → the rate
+    /// limits (per IP, then per user; a hit that passes counts from here on) → the
+    /// balance → this replica's live-job bound → the per-user concurrency limit and the
+    /// conversation's one running job (one atomic step in the store).
+    ///
+    /// Errors: `ShuttingDown`; `BadRequest` (text, model, tools, parentMessageId),
+    /// `NotFound`/`Forbidden` for the conversation; `RateLimited`;
+    /// `InsufficientBalance`; `ServerBusy`; `TooManyConcurrent`, `ConversationBusy`;
+    /// and store or database failures.
     pub async fn start(&self, req: StartRequest) -> Result<Started, EngineError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::SeqCst) {
@@ -308,8 +316,6 @@ impl JobManager {
         if req.text.trim().is_empty() {
             return Err(EngineError::bad_request("text", "must not be empty"));
         }
-        self.check_rate_limits(&req).await?;
-        self.check_balance(&req.user_id).await?;
         let model = match &req.model {
             None => inner.models.first(),
             Some(name) => inner.models.iter().find(|m| &m.name == name),
@@ -380,6 +386,10 @@ impl JobManager {
             }
             _ => history.last().map(|m| m.message_id.clone()),
         };
+
+        // Only a valid request spends rate budget: a 400 or 404 costs nothing.
+        self.check_rate_limits(&req).await?;
+        self.check_balance(&req.user_id).await?;
 
         let stream_id = new_id();
         let created_at = now_rfc3339();
