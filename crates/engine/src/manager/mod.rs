@@ -706,6 +706,12 @@ fn cancel_local(inner: &Inner, stream_id: &str, reason: EndReason) -> bool {
 
 /// Prices the job's usage records and spends them (exactly once, by the database's
 /// unique key); returns the totals with the job's whole cost in credits.
+///
+/// A database failure is retried with backoff (50 ms doubling to 2 s, jittered) for up
+/// to `store_outage_grace` in all: the spend is keyed by (job, model call, token type),
+/// so a retry of a spend that did land, its answer lost, charges nothing more. Errors:
+/// the last [`EngineError::Persistence`] once the grace is used up; any other error at
+/// once (e.g. a line that does not fit the ledger).
 async fn spend_usage(
     inner: &Inner,
     meta: &JobMeta,
@@ -713,6 +719,7 @@ async fn spend_usage(
     records: &[UsageRecord],
     context: SpendContext,
 ) -> Result<UsageTotals, EngineError> {
+    use backon::Retryable;
     let lines: Vec<crate::billing::Line> = records
         .iter()
         .flat_map(|r| crate::billing::price(r, pricing))
@@ -723,25 +730,32 @@ async fn spend_usage(
         totals.add(r);
     }
     totals.credits = crate::billing::credits(total);
-    if !lines.is_empty() {
-        inner
-            .db
-            .spend(&crate::persist::SpendRequest {
-                user_id: meta.user_id.clone(),
-                conversation_id: meta.conversation_id.clone(),
-                stream_id: meta.stream_id.clone(),
-                message_id: meta.response_message_id.clone(),
-                model: meta.model.clone(),
-                context,
-                lines,
-                created_at: now_rfc3339(),
-            })
-            .await?;
+    if lines.is_empty() {
+        return Ok(totals);
     }
+    let req = crate::persist::SpendRequest {
+        user_id: meta.user_id.clone(),
+        conversation_id: meta.conversation_id.clone(),
+        stream_id: meta.stream_id.clone(),
+        message_id: meta.response_message_id.clone(),
+        model: meta.model.clone(),
+        context,
+        lines,
+        created_at: now_rfc3339(),
+    };
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(inner.config.store_outage_grace));
+    (|| inner.db.spend(&req))
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|e| matches!(e, EngineError::Persistence(_)))
+        .notify(|e, wait| {
+            tracing::warn!(stream_id = %meta.stream_id, error = %e, ?wait, "spend failed; retrying");
+        })
+        .await?;
     Ok(totals)
-}
-
-/// Now minus `d`, in the fixed-width RFC 3339 form of [`now_rfc3339`].
-fn rfc3339_before(d: Duration) -> String {
-    crate::rfc3339(time::OffsetDateTime::now_utc() - d)
 }
