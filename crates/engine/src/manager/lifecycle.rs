@@ -85,26 +85,29 @@ impl JobManager {
             };
             // The call the owner was in when it died reported no usage: estimate it
             // from what it streamed, so the reaper spends it too.
-            let records = log.with_aggregate(|agg| {
-                let mut records = agg.usage().to_vec();
+            let (mut records, cut_off) = log.with_aggregate(|agg| {
+                let records = agg.usage().to_vec();
                 let last_call = agg
                     .run_steps()
                     .iter()
                     .filter_map(|s| s.run_id.rsplit(':').next()?.parse::<u32>().ok())
                     .max();
-                if let Some(call) =
-                    last_call.filter(|c| !records.iter().any(|r| r.call_index == *c))
-                {
-                    records.push(UsageRecord {
-                        call_index: call,
-                        model: meta.model.clone(),
-                        output_tokens: crate::usage::count_tokens(&agg.text()),
-                        estimated: true,
-                        ..UsageRecord::default()
-                    });
-                }
-                records
+                let cut_off = last_call
+                    .filter(|c| !records.iter().any(|r| r.call_index == *c))
+                    .map(|c| (c, agg.text()));
+                (records, cut_off)
             });
+            let entry = self.inner.models.iter().find(|m| m.name == meta.model);
+            if let Some((call, text)) = cut_off {
+                let upstream = entry.and_then(|m| m.provider.upstream_model());
+                records.push(UsageRecord {
+                    call_index: call,
+                    model: meta.model.clone(),
+                    output_tokens: crate::usage::count_tokens(upstream, text).await,
+                    estimated: true,
+                    ..UsageRecord::default()
+                });
+            }
             let pricing = self
                 .inner
                 .models

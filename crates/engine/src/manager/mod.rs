@@ -250,11 +250,9 @@ impl JobManager {
             accepting: AtomicBool::new(true),
             stop: CancellationToken::new(),
         });
-        // The token counter for usage estimates is slow to build: build it off the
-        // runtime's workers, once.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            drop(rt.spawn_blocking(crate::usage::warm_token_counter));
-        }
+        // The token encodings for usage estimates are slow to build: start now, off the
+        // runtime's workers, so the first estimate need not wait.
+        crate::usage::warm_token_counter(inner.models.iter().map(|m| m.provider.upstream_model()));
         // Abort requests from other replicas cancel our local job, if we run it. Weak:
         // the store must not keep the manager alive.
         let weak = Arc::downgrade(&inner);
