@@ -365,6 +365,18 @@ impl Config {
         Ok(())
     }
 
+    /// The `[balance]` rules in micro-credits, whether or not balances are enabled
+    /// (`genstream balance --add` gives a new user the start balance either way).
+    pub fn balance_policy(&self) -> genstream_engine::billing::BalancePolicy {
+        genstream_engine::billing::BalancePolicy {
+            start_micro: credits_to_micro(self.balance.start_balance),
+            refill_micro: credits_to_micro(self.balance.refill_amount),
+            refill_interval: (self.balance.refill_interval_secs > 0
+                && self.balance.refill_amount > 0.0)
+                .then(|| Duration::from_secs(self.balance.refill_interval_secs)),
+        }
+    }
+
     /// The engine's settings.
     pub fn manager_config(&self) -> ManagerConfig {
         ManagerConfig {
@@ -378,16 +390,7 @@ impl Config {
                 per_ip: Some(self.limits.messages_per_ip_per_minute).filter(|n| *n > 0),
                 period: Duration::from_secs(60),
             },
-            balance: self
-                .balance
-                .enabled
-                .then(|| genstream_engine::manager::BalancePolicy {
-                    start_micro: credits_to_micro(self.balance.start_balance),
-                    refill_micro: credits_to_micro(self.balance.refill_amount),
-                    refill_interval: (self.balance.refill_interval_secs > 0
-                        && self.balance.refill_amount > 0.0)
-                        .then(|| Duration::from_secs(self.balance.refill_interval_secs)),
-                }),
+            balance: self.balance.enabled.then(|| self.balance_policy()),
             ..ManagerConfig::default()
         }
     }

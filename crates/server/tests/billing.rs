@@ -247,6 +247,7 @@ async fn credits_balance_usage_402_and_refill() {
             &**s.state.manager.db(),
             "ann",
             -((b * 1e6) as i64) - 1,
+            0,
             &genstream_engine::now_rfc3339(),
         )
         .await

@@ -90,15 +90,7 @@ impl Default for RateLimits {
     }
 }
 
-/// Balance rules: new users start with `start_micro`; every `refill_interval` the
-/// balance gains `refill_micro`; a chat needs a positive balance (else 402).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BalancePolicy {
-    pub start_micro: i64,
-    pub refill_micro: i64,
-    /// `None`: no refill.
-    pub refill_interval: Option<Duration>,
-}
+pub use crate::billing::BalancePolicy;
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -519,27 +511,26 @@ impl JobManager {
         Ok(started)
     }
 
-    /// With balances on: creates a new user's balance, refills it when due, and
-    /// refuses a chat when it is not positive.
+    /// With balances on, the user's balance in micro-credits as a chat is judged by it:
+    /// a new user's is created at the start balance and a refill that is due is applied
+    /// first ([`crate::billing::settle_balance`]). `None` with balances off.
+    ///
+    /// Errors: database failures.
+    pub async fn balance(&self, user_id: &str) -> Result<Option<i64>, EngineError> {
+        match &self.inner.config.balance {
+            None => Ok(None),
+            Some(policy) => crate::billing::settle_balance(&*self.inner.db, policy, user_id)
+                .await
+                .map(Some),
+        }
+    }
+
+    /// With balances on: refuses a chat when the balance (see [`JobManager::balance`])
+    /// is not positive.
     async fn check_balance(&self, user_id: &str) -> Result<(), EngineError> {
-        let Some(policy) = self.inner.config.balance else {
+        let Some(balance) = self.balance(user_id).await? else {
             return Ok(());
         };
-        let db = &self.inner.db;
-        let now = now_rfc3339();
-        let mut balance = db
-            .ensure_balance(user_id, policy.start_micro, &now)
-            .await?
-            .balance_micro;
-        if let Some(interval) = policy.refill_interval {
-            let due_before = rfc3339_before(interval);
-            if let Some(b) = db
-                .refill_if_due(user_id, policy.refill_micro, &due_before, &now)
-                .await?
-            {
-                balance = b;
-            }
-        }
         if balance <= 0 {
             return Err(EngineError::InsufficientBalance {
                 balance: crate::billing::credits(balance),
