@@ -80,6 +80,20 @@ pub fn warm_token_counter<'a>(upstream_models: impl IntoIterator<Item = Option<&
     }
 }
 
+/// Builds the encodings of these upstream models (on blocking threads) and resolves
+/// once they are all ready, so that no later count waits for one. The server awaits it
+/// before it accepts requests.
+pub async fn prepare_token_counter<'a>(upstream_models: impl IntoIterator<Item = Option<&'a str>>) {
+    let wanted: std::collections::HashSet<Tokenizer> =
+        upstream_models.into_iter().map(encoding_for).collect();
+    futures::future::join_all(wanted.into_iter().map(|t| {
+        tokio::task::spawn_blocking(move || {
+            let _ = tiktoken_rs::bpe_for_tokenizer(t);
+        })
+    }))
+    .await;
+}
+
 /// Counts the tokens of `text` as the encoding of `upstream_model` does (see
 /// [`encoding_for`]), for estimates when an upstream reports no usage. It runs on a
 /// blocking thread: the first count of an encoding waits there for tiktoken to build

@@ -273,6 +273,20 @@ impl JobManager {
         &self.inner.models
     }
 
+    /// Resolves once the token encodings of the models' upstreams are built (about a
+    /// second of CPU, once per process), so that no usage estimate — e.g. the one an
+    /// abort makes for the call it cuts off — waits for one. The server awaits it
+    /// before it accepts requests; [`JobManager::new`] has started the builds already.
+    pub async fn prepare_estimates(&self) {
+        crate::usage::prepare_token_counter(
+            self.inner
+                .models
+                .iter()
+                .map(|m| m.provider.upstream_model()),
+        )
+        .await;
+    }
+
     /// The balance rules, if balances are on.
     pub fn balance_policy(&self) -> Option<BalancePolicy> {
         self.inner.config.balance
