@@ -14,8 +14,12 @@
 //! and billed at the output rate, unless the model prices them separately
 //! (`reasoning_per_mtok`), in which case they leave the output line for their own.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
+use crate::EngineError;
+use crate::persist::Persistence;
 use crate::usage::UsageRecord;
 
 /// Micro-credits per credit.
@@ -136,6 +140,47 @@ pub fn price(u: &UsageRecord, pricing: Option<&Pricing>) -> Vec<Line> {
 /// Micro-credits as credits, for the API.
 pub fn credits(micro: i64) -> f64 {
     micro as f64 / MICRO as f64
+}
+
+/// Balance rules (config `[balance]`): new users start with `start_micro`; every
+/// `refill_interval` the balance gains `refill_micro`; a chat needs a positive balance
+/// (else 402). Amounts in micro-credits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalancePolicy {
+    pub start_micro: i64,
+    pub refill_micro: i64,
+    /// `None`: no refill.
+    pub refill_interval: Option<Duration>,
+}
+
+/// The user's balance now, in micro-credits: a new user's row is created with the start
+/// balance, then a refill that is due is applied (a refill is due a whole
+/// `refill_interval` after the last one, or after the row was made). Every path that
+/// shows or judges a balance — `POST /api/chat`, `GET /api/balance`, `genstream
+/// balance` — goes through here, so they agree. Both steps are atomic in the database:
+/// replicas settling at once create one row and refill once.
+///
+/// Errors: database failures.
+pub async fn settle_balance(
+    db: &dyn Persistence,
+    policy: &BalancePolicy,
+    user_id: &str,
+) -> Result<i64, EngineError> {
+    let now = crate::now_rfc3339();
+    let mut balance = db
+        .ensure_balance(user_id, policy.start_micro, &now)
+        .await?
+        .balance_micro;
+    if let Some(interval) = policy.refill_interval {
+        let due_before = crate::rfc3339(time::OffsetDateTime::now_utc() - interval);
+        if let Some(b) = db
+            .refill_if_due(user_id, policy.refill_micro, &due_before, &now)
+            .await?
+        {
+            balance = b;
+        }
+    }
+    Ok(balance)
 }
 
 #[cfg(test)]

@@ -181,9 +181,20 @@ pub trait Persistence: Send + Sync + 'static {
         start_micro: i64,
         now: &str,
     ) -> Result<Balance, EngineError>;
-    /// Adds `micro` (may be negative) to the balance, creating the row at 0 first if
-    /// needed (with `refilled_at` unset); returns the new balance.
-    async fn add_credits(&self, user_id: &str, micro: i64, now: &str) -> Result<i64, EngineError>;
+    /// Adds `micro` (may be negative) to the balance and returns the new balance. A user
+    /// without a row first gets the one [`Persistence::ensure_balance`] would make
+    /// (`start_micro`, refilled at `now`), so an operator's grant to a new user comes on
+    /// top of the start balance, never instead of it. One atomic step, so concurrent
+    /// grants add up.
+    ///
+    /// Errors: [`EngineError::Persistence`] if the sum overflows `i64` (nothing changes).
+    async fn add_credits(
+        &self,
+        user_id: &str,
+        micro: i64,
+        start_micro: i64,
+        now: &str,
+    ) -> Result<i64, EngineError>;
     /// Adds `amount_micro` if the last refill is at or before `due_before` (an RFC 3339
     /// string: now − interval; a row never refilled is due), setting `refilled_at` =
     /// `now`, atomically (two replicas refilling at once refill once). Returns the
@@ -438,9 +449,18 @@ impl Persistence for MemoryPersistence {
             .clone())
     }
 
-    async fn add_credits(&self, user_id: &str, micro: i64, now: &str) -> Result<i64, EngineError> {
+    async fn add_credits(
+        &self,
+        user_id: &str,
+        micro: i64,
+        start_micro: i64,
+        now: &str,
+    ) -> Result<i64, EngineError> {
         let mut g = self.inner.lock();
-        let current = g.balances.get(user_id).map_or(0, |b| b.balance_micro);
+        let current = g
+            .balances
+            .get(user_id)
+            .map_or(start_micro, |b| b.balance_micro);
         let new = current
             .checked_add(micro)
             .ok_or_else(|| overflow(&format!("adding credits to {user_id}")))?;
@@ -449,8 +469,8 @@ impl Persistence for MemoryPersistence {
             .entry(user_id.to_string())
             .or_insert_with(|| Balance {
                 user_id: user_id.to_string(),
-                balance_micro: 0,
-                refilled_at: None,
+                balance_micro: start_micro,
+                refilled_at: Some(now.to_string()),
                 updated_at: now.to_string(),
             });
         b.balance_micro = new;

@@ -179,6 +179,19 @@ pub trait Provider: Send + Sync + 'static {
         false
     }
 
+    /// The provider's configured name (its `[providers.NAME]` key, `demo` for the
+    /// built-in one), which usage records carry as `provider`. Default: its kind.
+    fn name(&self) -> &str {
+        self.kind()
+    }
+
+    /// The upstream's own model id (e.g. `gpt-4o-mini`), if it has one; usage
+    /// estimates count tokens with that model's tiktoken encoding. Default `None`
+    /// (estimates use `o200k_base`).
+    fn upstream_model(&self) -> Option<&str> {
+        None
+    }
+
     /// Starts one attempt. `cancel` fires on abort; a provider should stop promptly
     /// (dropping the returned stream also stops it).
     async fn stream(

@@ -6,7 +6,7 @@
 //! terminal event per log ([`JobStore::append`]), and the job's status following its
 //! terminal event in the same step.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,9 +152,15 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(true)
     }
 
-    /// Counts one hit on `key` against a GCRA limit of `limit` per `period` (a burst of
-    /// `limit`, then one every `period / limit`). `None` if allowed, else how long until
-    /// a hit would be. Shared by all replicas when the store is shared.
+    /// Counts one hit on `key` against a sliding-window limit: at most `limit` hits in
+    /// any `period` (the window is `(now − period, now]`). `Ok(None)` if the hit is
+    /// allowed, and then it counts; else `Ok(Some(wait))`, the time until the oldest hit
+    /// in the window leaves it. A refused hit is not counted, so a client that waits
+    /// `wait` passes. `limit` 0 is no limit. Shared by all replicas when the store is
+    /// shared; the Redis store judges time by Redis's clock, so clock skew between
+    /// replicas does not matter.
+    ///
+    /// Errors: [`EngineError::Store`] when the backing service fails.
     async fn rate_limit(
         &self,
         key: &str,
@@ -183,11 +189,13 @@ pub struct MemoryStore {
     limits: LogLimits,
     max_running_per_user: Option<usize>,
     inner: Mutex<MemInner>,
-    rate_limiters: Mutex<HashMap<(u32, Duration), Arc<KeyedLimiter>>>,
+    /// Rate-limit key → the times of its hits still in the window, oldest first.
+    rate_windows: Mutex<HashMap<String, VecDeque<tokio::time::Instant>>>,
     abort_handler: Mutex<Option<AbortHandler>>,
 }
 
-type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+/// Keys the rate windows hold before idle ones are dropped.
+const RATE_KEYS_BEFORE_SWEEP: usize = 100_000;
 
 #[derive(Default)]
 struct MemInner {
@@ -205,7 +213,7 @@ impl MemoryStore {
             limits,
             max_running_per_user: None,
             inner: Mutex::new(MemInner::default()),
-            rate_limiters: Mutex::new(HashMap::new()),
+            rate_windows: Mutex::new(HashMap::new()),
             abort_handler: Mutex::new(None),
         }
     }
@@ -348,36 +356,33 @@ impl JobStore for MemoryStore {
         Ok(())
     }
 
+    /// The same sliding-window log as the Redis store's, on tokio's clock (so tests
+    /// can pause it).
     async fn rate_limit(
         &self,
         key: &str,
         limit: u32,
         period: Duration,
     ) -> Result<Option<Duration>, EngineError> {
-        let Some(burst) = std::num::NonZeroU32::new(limit) else {
+        if limit == 0 || period.is_zero() {
             return Ok(None);
-        };
-        let limiter = {
-            let mut map = self.rate_limiters.lock();
-            map.entry((limit, period))
-                .or_insert_with(|| {
-                    let quota = governor::Quota::with_period(period / limit)
-                        .unwrap_or_else(|| governor::Quota::per_second(burst))
-                        .allow_burst(burst);
-                    Arc::new(governor::RateLimiter::keyed(quota))
-                })
-                .clone()
-        };
-        if limiter.len() > 100_000 {
-            limiter.retain_recent(); // forget keys (e.g. IPs) that are idle again
         }
-        Ok(match limiter.check_key(&key.to_string()) {
-            Ok(()) => None,
-            Err(not_until) => {
-                use governor::clock::Clock;
-                Some(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
-            }
-        })
+        let now = tokio::time::Instant::now();
+        let left = |hit: &tokio::time::Instant| *hit + period <= now;
+        let mut windows = self.rate_windows.lock();
+        if windows.len() >= RATE_KEYS_BEFORE_SWEEP {
+            // Forget keys (e.g. IP addresses) whose hits have all left their window.
+            windows.retain(|_, hits| hits.back().is_some_and(|h| !left(h)));
+        }
+        let hits = windows.entry(key.to_string()).or_default();
+        while hits.front().is_some_and(left) {
+            hits.pop_front();
+        }
+        if hits.len() < limit as usize {
+            hits.push_back(now);
+            return Ok(None);
+        }
+        Ok(hits.front().map(|oldest| *oldest + period - now))
     }
 
     // One process, one reaper and at most one task per job: the end claims need no
@@ -417,5 +422,85 @@ impl JobStore for MemoryStore {
                 reason: OrphanReason::Abandoned,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+
+    /// One hit every `every` for `total`, through the memory store, on paused time;
+    /// returns the times (since the start) of the hits that passed and, for each
+    /// refused hit, its time and the wait it was told.
+    async fn hammer(
+        limit: u32,
+        period: Duration,
+        every: Duration,
+        total: Duration,
+    ) -> (Vec<Duration>, Vec<(Duration, Duration)>) {
+        let store = MemoryStore::new(LogLimits::default());
+        let start = tokio::time::Instant::now();
+        let (mut passed, mut refused) = (Vec::new(), Vec::new());
+        while start.elapsed() < total {
+            let t = start.elapsed();
+            match store.rate_limit("user:u", limit, period).await.unwrap() {
+                None => passed.push(t),
+                Some(wait) => refused.push((t, wait)),
+            }
+            tokio::time::sleep(every).await;
+        }
+        (passed, refused)
+    }
+
+    /// At most `limit` hits in any window of `period`: GCRA with a burst of N let
+    /// about 2N − 1 through in one window.
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_limit_in_any_window() {
+        let period = Duration::from_secs(60);
+        let (passed, refused) = hammer(
+            40,
+            period,
+            Duration::from_millis(250),
+            Duration::from_secs(200),
+        )
+        .await;
+        for (i, t) in passed.iter().enumerate() {
+            let in_window = passed[i..].iter().take_while(|u| **u < *t + period).count();
+            assert!(in_window <= 40, "{in_window} hits in the 60 s from {t:?}");
+        }
+        // The window is used fully: 40 at once, then 40 more each time the first of
+        // the window leaves it (at 60 s, 120 s, 180 s).
+        assert_eq!(passed.len(), 160);
+        assert_eq!(&passed[..2], &[Duration::ZERO, Duration::from_millis(250)]);
+        assert_eq!(passed[40], Duration::from_secs(60));
+        // Each refused hit was told exactly when the oldest hit leaves.
+        for (t, wait) in refused {
+            let oldest = passed.iter().rev().filter(|p| **p <= t).nth(39).unwrap();
+            assert_eq!(t + wait, *oldest + period, "refused at {t:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_hit_is_not_counted_and_keys_are_apart() {
+        let store = MemoryStore::new(LogLimits::default());
+        let period = Duration::from_secs(10);
+        assert_eq!(store.rate_limit("k", 2, period).await.unwrap(), None);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(store.rate_limit("k", 2, period).await.unwrap(), None);
+        for _ in 0..5 {
+            assert_eq!(
+                store.rate_limit("k", 2, period).await.unwrap(),
+                Some(Duration::from_secs(7))
+            );
+        }
+        assert_eq!(store.rate_limit("other", 2, period).await.unwrap(), None);
+        tokio::time::advance(Duration::from_secs(7)).await;
+        // The first hit left; the refused ones never counted.
+        assert_eq!(store.rate_limit("k", 2, period).await.unwrap(), None);
+        assert_eq!(
+            store.rate_limit("k", 2, period).await.unwrap(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(store.rate_limit("k", 0, period).await.unwrap(), None, "off");
     }
 }

@@ -437,32 +437,52 @@ pub async fn user_cap_holds_under_racing_creates(store: Arc<dyn JobStore>) {
     ));
 }
 
-/// GCRA: a burst of `limit`, then a wait of about `period / limit`; keys are apart.
-pub async fn rate_limit_is_gcra_per_key(store: Arc<dyn JobStore>) {
+/// A sliding window, on the store's clock (Redis's in Redis mode): at most `limit`
+/// hits in any `period`; a refused hit is told when the oldest hit leaves the window
+/// and is not counted; keys are apart. Takes about 1.6 s of real time.
+pub async fn rate_limit_is_a_sliding_window_per_key(store: Arc<dyn JobStore>) {
+    use tokio::time::{Instant, sleep};
     let key = format!("k-{}", crate::new_id());
-    let period = Duration::from_secs(60);
-    for i in 0..5 {
-        assert_eq!(
-            store.rate_limit(&key, 5, period).await.unwrap(),
-            None,
-            "hit {i}"
-        );
-    }
-    let wait = store
-        .rate_limit(&key, 5, period)
-        .await
-        .unwrap()
-        .expect("6th hit refused");
+    let period = Duration::from_millis(1200);
+    let margin = Duration::from_millis(30);
+    let hit = || store.rate_limit(&key, 3, period);
+    let t0 = Instant::now();
+    assert_eq!(hit().await.unwrap(), None, "first hit");
+    let t0_done = Instant::now();
+    // The other two a third of the window later, so that they outlive the first.
+    sleep(period / 3).await;
+    assert_eq!(hit().await.unwrap(), None, "second hit");
+    assert_eq!(hit().await.unwrap(), None, "third hit");
+    // Half a window on, GCRA would have let one more through; the window does not.
+    sleep(period / 6).await;
+    let asked = Instant::now();
+    let wait = hit().await.unwrap().expect("the fourth hit is refused");
+    let answered = Instant::now();
+    // The first hit, made in [t0, t0_done], leaves the window one period later.
     assert!(
-        wait > Duration::from_secs(10) && wait <= Duration::from_secs(12),
-        "{wait:?}"
+        wait + margin >= (t0 + period).saturating_duration_since(answered)
+            && wait <= (t0_done + period).saturating_duration_since(asked) + margin,
+        "told to wait {wait:?}"
     );
     assert_eq!(
         store
-            .rate_limit(&format!("{key}-other"), 5, period)
+            .rate_limit(&format!("{key}-other"), 3, period)
             .await
             .unwrap(),
-        None
+        None,
+        "another key"
+    );
+    // Once the first hit has left, exactly one more passes: the refused hit never
+    // counted, and the other two are still in the window until a third of a period
+    // later.
+    sleep(wait + margin).await;
+    assert_eq!(hit().await.unwrap(), None, "a place came free");
+    let wait = hit().await.unwrap().expect("and only one");
+    assert!(wait <= period / 3, "{wait:?}");
+    assert_eq!(
+        store.rate_limit(&key, 0, period).await.unwrap(),
+        None,
+        "0 is off"
     );
 }
 

@@ -13,14 +13,14 @@ async fn memory_store_passes_the_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_limits() {
     use genstream_engine::suite::{
-        rate_limit_is_gcra_per_key, user_cap_holds_under_racing_creates,
+        rate_limit_is_a_sliding_window_per_key, user_cap_holds_under_racing_creates,
     };
     let capped = || {
         Arc::new(MemoryStore::new(SUITE_LIMITS).with_max_running_per_user(Some(2)))
             as Arc<dyn JobStore>
     };
     user_cap_holds_under_racing_creates(capped()).await;
-    rate_limit_is_gcra_per_key(capped()).await;
+    rate_limit_is_a_sliding_window_per_key(capped()).await;
 }
 
 /// The job's status changes in the same step as its terminal event lands: a subscriber

@@ -183,16 +183,24 @@ async fn run(cli: Cli) -> Result<(), String> {
             let db = genstream_server::serve::open_database(&config)
                 .await
                 .map_err(|e| e.to_string())?;
-            let now = genstream_engine::now_rfc3339();
+            let policy = config.balance_policy();
             let micro = match add {
+                // A new user starts from the start balance, as on their first chat.
                 Some(credits) => db
                     .add_credits(
                         &user,
                         genstream_server::config::credits_to_micro(credits),
-                        &now,
+                        policy.start_micro,
+                        &genstream_engine::now_rfc3339(),
                     )
                     .await
                     .map_err(|e| e.to_string())?,
+                // What `GET /api/balance` shows: settled the same way.
+                None if config.balance.enabled => {
+                    genstream_engine::billing::settle_balance(&*db, &policy, &user)
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
                 None => db
                     .balance(&user)
                     .await

@@ -197,6 +197,8 @@ mod tests {
         );
         let p = build("local", &providers(), &json!({"model": "gpt-4o"})).unwrap();
         assert_eq!(p.kind(), "openai");
+        // Usage records name the configured provider; estimates use the upstream id.
+        assert_eq!((p.name(), p.upstream_model()), ("local", Some("gpt-4o")));
     }
 
     #[test]

@@ -180,7 +180,7 @@ async fn text_and_usage() {
         UsageRecord {
             call_index: 0,
             model: "configured-name".into(),
-            provider: "anthropic".into(),
+            provider: "claude".into(),
             input_tokens: 16,
             output_tokens: 38,
             cache_write_tokens: 0,

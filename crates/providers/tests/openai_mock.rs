@@ -171,7 +171,9 @@ async fn text_and_usage() {
         UsageRecord {
             call_index: 0,
             model: "configured-name".into(),
-            provider: "openai".into(),
+            // The `[providers]` key, not the kind (an OpenAI-compatible upstream is
+            // often not OpenAI).
+            provider: "mock".into(),
             input_tokens: 14,
             output_tokens: 30,
             cache_write_tokens: 0,

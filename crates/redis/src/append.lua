@@ -149,22 +149,31 @@ local function acquire_slot(keys, args)
   return 1
 end
 
--- GCRA rate limit on KEYS[1]: a burst of ARGV[1] hits, then one every ARGV[2] / ARGV[1]
--- ms. ARGV[3] is now (ms). Returns 0 if this hit is allowed, else the ms to wait.
-local function rate_limit(keys, args)
-  local limit, period, now = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
-  local interval = period / limit
-  local tat = tonumber(redis.call('GET', keys[1]) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  local wait = new_tat - now - period
-  if wait > 0 then return math.ceil(wait) end
-  redis.call('SET', keys[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
-  return 0
+-- Sliding-window log rate limit on KEYS[1], a sorted set of hit times (µs): at most
+-- ARGV[1] hits in any ARGV[2] ms. Time is Redis's own TIME, never a replica's clock,
+-- so replicas whose clocks disagree still share one window. ARGV[3] names this hit
+-- (unique, so two hits in one microsecond are two members). A refused hit is not
+-- counted, so a client that waits as told gets through.
+-- Returns 0 if the hit is allowed (and counted), else the µs until the oldest hit in
+-- the window leaves it.
+local function rate_window(keys, args)
+  local limit, period_ms = tonumber(args[1]), tonumber(args[2])
+  local period = period_ms * 1000
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  -- The window is (now - period, now]: a hit exactly one period old has left it.
+  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now - period)
+  if redis.call('ZCARD', keys[1]) < limit then
+    redis.call('ZADD', keys[1], now, args[3])
+    redis.call('PEXPIRE', keys[1], period_ms)
+    return 0
+  end
+  local oldest = tonumber(redis.call('ZRANGE', keys[1], 0, 0, 'WITHSCORES')[2])
+  return oldest + period - now
 end
 
 redis.register_function('genstream_acquire_slot_v2', acquire_slot)
-redis.register_function('genstream_rate_limit_v2', rate_limit)
+redis.register_function('genstream_rate_window_v2', rate_window)
 redis.register_function('genstream_append_v2', append)
 redis.register_function('genstream_claim_end_v2', claim_end)
 redis.register_function('genstream_request_abort_v2', request_abort)

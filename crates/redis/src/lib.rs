@@ -12,6 +12,7 @@
 //! | `P:user:{uid}:running` | set | the user's running jobs (self-healing: stale ids dropped when read) |
 //! | `P:running` | set | every running job (the lease reaper's list; self-healing too) |
 //! | `P:replica:{rid}` | string | a replica's lease, renewed every `lease_ttl / 3` |
+//! | `P:rlw:{key}` | sorted set | a rate limit's hits in its window (member: a hit id, score: Redis `TIME` in µs) |
 //!
 //! Channels: `P:ch:{sid}` carries each appended frame, `P:ctl:abort` carries abort
 //! requests (a stream id) to whichever replica owns the job.
@@ -70,7 +71,7 @@ const CLAIM_FN: &str = "genstream_claim_v2";
 const CLAIM_END_FN: &str = "genstream_claim_end_v2";
 const REQUEST_ABORT_FN: &str = "genstream_request_abort_v2";
 const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v2";
-const RATE_LIMIT_FN: &str = "genstream_rate_limit_v2";
+const RATE_WINDOW_FN: &str = "genstream_rate_window_v2";
 /// Stream entries read per XRANGE when catching a mirror up.
 const RANGE_BATCH: usize = 1000;
 /// Frames a mirror buffers while it is being opened; past it the rest are left to the
@@ -1242,27 +1243,31 @@ impl JobStore for RedisStore {
         Ok(())
     }
 
+    /// One step of `genstream_rate_window_v1` (`append.lua`): drop the hits that left
+    /// the window, count, add this one if under the limit — judged by Redis's clock, so
+    /// all replicas share one window whatever their own clocks say.
     async fn rate_limit(
         &self,
         key: &str,
         limit: u32,
         period: Duration,
     ) -> Result<Option<Duration>, EngineError> {
-        if limit == 0 {
+        let period_ms = period.as_millis() as u64;
+        if limit == 0 || period_ms == 0 {
             return Ok(None);
         }
-        let wait: i64 = self
+        let wait_us: i64 = self
             .fcall(
                 redis::cmd("FCALL")
-                    .arg(RATE_LIMIT_FN)
+                    .arg(RATE_WINDOW_FN)
                     .arg(1)
-                    .arg(format!("{}:rl:{{{key}}}", self.inner.cfg.key_prefix))
+                    .arg(format!("{}:rlw:{{{key}}}", self.inner.cfg.key_prefix))
                     .arg(limit)
-                    .arg(period.as_millis() as u64)
-                    .arg(now_ms()),
+                    .arg(period_ms)
+                    .arg(uuid::Uuid::now_v7().to_string()),
             )
             .await?;
-        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+        Ok((wait_us > 0).then(|| Duration::from_micros(wait_us as u64)))
     }
 
     async fn sync_log(&self, stream_id: &str) -> Result<(), EngineError> {

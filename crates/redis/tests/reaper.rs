@@ -85,8 +85,8 @@ impl Persistence for FlakyDb {
     async fn ensure_balance(&self, u: &str, s: i64, n: &str) -> Result<Balance, EngineError> {
         self.db.ensure_balance(u, s, n).await
     }
-    async fn add_credits(&self, u: &str, m: i64, n: &str) -> Result<i64, EngineError> {
-        self.db.add_credits(u, m, n).await
+    async fn add_credits(&self, u: &str, m: i64, s: i64, n: &str) -> Result<i64, EngineError> {
+        self.db.add_credits(u, m, s, n).await
     }
     async fn refill_if_due(
         &self,
@@ -378,7 +378,10 @@ async fn the_reaper_folds_the_log_as_it_is_after_its_claim() {
     let EventBody::Usage(u) = &events[events.len() - 2].body else {
         panic!("{events:?}")
     };
-    assert_eq!(u.output_tokens, count_tokens("seen unseen"));
+    assert_eq!(
+        u.output_tokens,
+        count_tokens(None, "seen unseen".to_string()).await
+    );
 }
 
 fn estimate_of(events: &[Event]) -> Option<UsageRecord> {
@@ -423,14 +426,18 @@ async fn the_reaper_bills_the_call_the_owner_died_in() {
             events[n - 2]
         )
     };
-    let input = count_tokens(&format!("What is the answer?Let me look.{args}found: 42"));
-    let output = count_tokens("The answer is forty-two.");
+    let input = count_tokens(
+        None,
+        format!("What is the answer?Let me look.{args}found: 42"),
+    )
+    .await;
+    let output = count_tokens(None, "The answer is forty-two.".to_string()).await;
     assert_eq!(
         (u.call_index, u.estimated, u.input_tokens, u.output_tokens),
         (1, true, input, output),
         "{u:?}"
     );
-    assert!(output < count_tokens("Let me look.The answer is forty-two."));
+    assert!(output < count_tokens(None, "Let me look.The answer is forty-two.".to_string()).await);
     let report = s.db.usage_report(&m.user_id, None, 10).await.unwrap();
     assert_eq!(report.len(), 1, "{report:?}");
     assert_eq!(report[0].input_tokens, 100 + input as i64, "{report:?}");
@@ -491,7 +498,7 @@ async fn the_reaper_estimates_a_call_that_streamed_nothing_yet() {
         .await;
     s.kill_owner().await;
     assert_eq!(s.manager.reap_orphans().await.unwrap(), 4);
-    let q = count_tokens(question);
+    let q = count_tokens(None, question.to_string()).await;
     let first = estimate_of(&s.events(&first_call.stream_id).await).expect("an estimate");
     assert_eq!(
         (first.call_index, first.input_tokens, first.output_tokens),
@@ -506,7 +513,11 @@ async fn the_reaper_estimates_a_call_that_streamed_nothing_yet() {
     let tools = estimate_of(&s.events(&after_tools.stream_id).await).expect("an estimate");
     assert_eq!(
         (tools.call_index, tools.input_tokens, tools.output_tokens),
-        (1, count_tokens(&format!("{question}{args}two")), 0)
+        (
+            1,
+            count_tokens(None, format!("{question}{args}two")).await,
+            0
+        )
     );
     let events = s.events(&tools_running.stream_id).await;
     assert!(

@@ -27,7 +27,7 @@ async fn redis_store_passes_the_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_limits() {
     use genstream_engine::suite::{
-        rate_limit_is_gcra_per_key, user_cap_holds_under_racing_creates,
+        rate_limit_is_a_sliding_window_per_key, user_cap_holds_under_racing_creates,
     };
     let capped = || async {
         let mut cfg = RedisConfig::new(&redis_url());
@@ -37,5 +37,5 @@ async fn redis_store_limits() {
         Arc::new(RedisStore::connect(cfg).await.expect("redis")) as Arc<dyn JobStore>
     };
     user_cap_holds_under_racing_creates(capped().await).await;
-    rate_limit_is_gcra_per_key(capped().await).await;
+    rate_limit_is_a_sliding_window_per_key(capped().await).await;
 }

@@ -154,8 +154,8 @@ pub struct PoolSection {
 pub struct LimitsConfig {
     /// Running generations per user; more → 429 `too_many_concurrent`. Default 2.
     pub concurrent_per_user: usize,
-    /// Chats a user may start per minute (a burst of this many, then evenly
-    /// spread); more → 429 `rate_limited` with `Retry-After`. Default 40.
+    /// Chats a user may start in any 60 s (a sliding window); more → 429
+    /// `rate_limited` with `Retry-After`. Default 40.
     pub messages_per_user_per_minute: u32,
     /// The same per client IP address. Default 40.
     pub messages_per_ip_per_minute: u32,
@@ -369,6 +369,18 @@ impl Config {
         Ok(())
     }
 
+    /// The `[balance]` rules in micro-credits, whether or not balances are enabled
+    /// (`genstream balance --add` gives a new user the start balance either way).
+    pub fn balance_policy(&self) -> genstream_engine::billing::BalancePolicy {
+        genstream_engine::billing::BalancePolicy {
+            start_micro: credits_to_micro(self.balance.start_balance),
+            refill_micro: credits_to_micro(self.balance.refill_amount),
+            refill_interval: (self.balance.refill_interval_secs > 0
+                && self.balance.refill_amount > 0.0)
+                .then(|| Duration::from_secs(self.balance.refill_interval_secs)),
+        }
+    }
+
     /// The engine's settings.
     pub fn manager_config(&self) -> ManagerConfig {
         ManagerConfig {
@@ -382,16 +394,7 @@ impl Config {
                 per_ip: Some(self.limits.messages_per_ip_per_minute).filter(|n| *n > 0),
                 period: Duration::from_secs(60),
             },
-            balance: self
-                .balance
-                .enabled
-                .then(|| genstream_engine::manager::BalancePolicy {
-                    start_micro: credits_to_micro(self.balance.start_balance),
-                    refill_micro: credits_to_micro(self.balance.refill_amount),
-                    refill_interval: (self.balance.refill_interval_secs > 0
-                        && self.balance.refill_amount > 0.0)
-                        .then(|| Duration::from_secs(self.balance.refill_interval_secs)),
-                }),
+            balance: self.balance.enabled.then(|| self.balance_policy()),
             ..ManagerConfig::default()
         }
     }

@@ -266,18 +266,18 @@ pub async fn models(
     Json(json!({ "models": models }))
 }
 
-/// `GET /api/balance`: `{"balance": credits}` (`null` when balances are off).
+/// `GET /api/balance`: `{"balance": credits}`, settled as `POST /api/chat` settles it
+/// (a new user gets the start balance, a refill that is due is applied), so the two
+/// never disagree; `null` when balances are off.
 pub async fn balance(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let row = state.manager.db().balance(&user).await?;
-    let balance = match (row, state.manager.balance_policy()) {
-        (Some(b), _) => Some(genstream_engine::billing::credits(b.balance_micro)),
-        // Not created yet: the user will start with the start balance.
-        (None, Some(p)) => Some(genstream_engine::billing::credits(p.start_micro)),
-        (None, None) => None,
-    };
+    let balance = state
+        .manager
+        .balance(&user)
+        .await?
+        .map(genstream_engine::billing::credits);
     Ok(Json(json!({ "balance": balance })))
 }
 

@@ -122,6 +122,9 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
     }
     let (secret, generated) = resolve_secret(config, &db).await?;
     let manager = JobManager::with_tools(store, db, models, tools, config.manager_config());
+    // Usage estimates count with tiktoken, whose encodings take a second to build: do
+    // it before serving, so that no abort waits for one.
+    manager.prepare_estimates().await;
     Ok((
         AppState {
             manager,

@@ -93,12 +93,13 @@ INSERT INTO balances (user_id, balance_micro, refilled_at, updated_at)
 VALUES ($1, $2, $3, $3)
 ON CONFLICT (user_id) DO NOTHING";
 
-/// One statement, so concurrent grants add up.
+/// One statement, so concurrent grants add up. `$3` is the start balance plus `$2`,
+/// what a new user's row starts at (refilled now, as `ENSURE_BALANCE` makes it).
 pub(crate) const ADD_CREDITS: &str = "\
 INSERT INTO balances (user_id, balance_micro, refilled_at, updated_at)
-VALUES ($1, $2, NULL, $3)
+VALUES ($1, $3, $4, $4)
 ON CONFLICT (user_id) DO UPDATE SET
-    balance_micro = balances.balance_micro + excluded.balance_micro,
+    balance_micro = balances.balance_micro + $2,
     updated_at = excluded.updated_at
 RETURNING balance_micro";
 
@@ -645,13 +646,21 @@ macro_rules! impl_persistence {
                 &self,
                 user_id: &str,
                 micro: i64,
+                start_micro: i64,
                 now: &str,
             ) -> Result<i64, genstream_engine::EngineError> {
                 use sqlx::Row as _;
                 let what = || format!("adding credits to {user_id}");
+                let first = start_micro.checked_add(micro).ok_or_else(|| {
+                    genstream_engine::EngineError::Persistence(format!(
+                        "{}: the start balance plus the grant overflows",
+                        what()
+                    ))
+                })?;
                 let row = sqlx::query($crate::imp::ADD_CREDITS)
                     .bind(user_id)
                     .bind(micro)
+                    .bind(first)
                     .bind(now)
                     .fetch_one(&self.pool)
                     .await

@@ -765,29 +765,34 @@ pub async fn ensure_balance_is_idempotent(db: Db) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// `add_credits` creates a missing row at 0 (never refilled) before adding, takes
+/// `add_credits` gives a new user the start balance (refilled now, as
+/// `ensure_balance` would) and adds to it, ignores the start for an existing row, takes
 /// negative amounts, refuses to overflow, and concurrent grants all count.
 pub async fn add_credits_creates_and_adds(db: Db) -> Result<(), EngineError> {
-    assert_eq!(db.add_credits("alice", 700, T0).await?, 700);
+    assert_eq!(db.add_credits("alice", 700, 5000, T0).await?, 5700);
     assert_eq!(
         db.balance("alice").await?,
         Some(Balance {
             user_id: "alice".to_string(),
-            balance_micro: 700,
-            refilled_at: None,
+            balance_micro: 5700,
+            refilled_at: Some(T0.to_string()),
             updated_at: T0.to_string(),
         })
     );
-    assert_eq!(db.add_credits("alice", -1000, T1).await?, -300);
+    // The row exists: the start is not given again.
+    assert_eq!(db.add_credits("alice", -6000, 5000, T1).await?, -300);
     let b = db.balance("alice").await?;
     assert_eq!(b.as_ref().map(|b| b.balance_micro), Some(-300));
-    assert_eq!(b.map(|b| b.updated_at), Some(T1.to_string()));
+    assert_eq!(
+        b.map(|b| (b.refilled_at, b.updated_at)),
+        Some((Some(T0.to_string()), T1.to_string()))
+    );
 
     db.ensure_balance("bob", 10, T0).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..10 {
         let db = db.clone();
-        tasks.spawn(async move { db.add_credits("bob", 7, T1).await });
+        tasks.spawn(async move { db.add_credits("bob", 7, 1_000_000, T1).await });
     }
     let mut results = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
@@ -797,8 +802,8 @@ pub async fn add_credits_creates_and_adds(db: Db) -> Result<(), EngineError> {
     assert_eq!(results, (1..=10).map(|n| 10 + 7 * n).collect());
     assert_eq!(db.balance("bob").await?.map(|b| b.balance_micro), Some(80));
     // Integers only: an overflow is an error, never a rounded (floating point) value.
-    assert_eq!(db.add_credits("max", i64::MAX, T0).await?, i64::MAX);
-    let err = db.add_credits("max", 1, T1).await;
+    assert_eq!(db.add_credits("max", i64::MAX - 1, 1, T0).await?, i64::MAX);
+    let err = db.add_credits("max", 1, 0, T1).await;
     assert!(matches!(err, Err(EngineError::Persistence(_))), "{err:?}");
     assert_eq!(
         db.balance("max")
@@ -871,10 +876,12 @@ pub async fn refill_if_due_refills_once(db: Db) -> Result<(), EngineError> {
         Some(DAY2.to_string())
     );
 
-    // A row made by add_credits was never refilled, so it is due.
-    db.add_credits("bob", 5, T0).await?;
-    assert_eq!(db.refill_if_due("bob", 50, T0, T1).await?, Some(55));
-    assert_eq!(db.refill_if_due("bob", 50, T0, T1).await?, Some(55));
+    // A row made by add_credits counts as refilled when it was made: not due before
+    // a whole interval has passed, then due once.
+    db.add_credits("bob", 5, 0, T1).await?;
+    assert_eq!(db.refill_if_due("bob", 50, T0, T2).await?, Some(5));
+    assert_eq!(db.refill_if_due("bob", 50, T1, T2).await?, Some(55));
+    assert_eq!(db.refill_if_due("bob", 50, T1, T2).await?, Some(55));
     Ok(())
 }
 

@@ -214,19 +214,16 @@ impl JobManager {
                 input.push_str(c.output.as_deref().unwrap_or(""));
             }
         }
-        let provider = self
-            .inner
-            .models
-            .iter()
-            .find(|m| m.name == meta.model)
-            .map(|m| m.provider.kind().to_string())
-            .unwrap_or_default();
+        let entry = self.inner.models.iter().find(|m| m.name == meta.model);
+        let upstream = entry.and_then(|m| m.provider.upstream_model());
         Ok(Some(UsageRecord {
             call_index: cut,
             model: meta.model.clone(),
-            provider,
-            input_tokens: crate::usage::count_tokens(&input),
-            output_tokens: crate::usage::count_tokens(&calls.output_of(cut)),
+            provider: entry
+                .map(|m| m.provider.name().to_string())
+                .unwrap_or_default(),
+            input_tokens: crate::usage::count_tokens(upstream, input).await,
+            output_tokens: crate::usage::count_tokens(upstream, calls.output_of(cut)).await,
             estimated: true,
             ..UsageRecord::default()
         }))

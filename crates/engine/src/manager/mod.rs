@@ -68,9 +68,10 @@ pub struct ManagerConfig {
     pub balance: Option<BalancePolicy>,
 }
 
-/// Message rate limits (GCRA: a burst of the limit, then evenly spread), shared by all
-/// replicas through the job store. Off by default in the engine; the server's
-/// `[limits]` defaults to 40 per minute per user and per IP.
+/// Message rate limits: at most the limit in any `period` (a sliding window, see
+/// [`JobStore::rate_limit`]), shared by all replicas through the job store. Off by
+/// default in the engine; the server's `[limits]` defaults to 40 per minute per user
+/// and per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimits {
     pub per_user: Option<u32>,
@@ -89,15 +90,7 @@ impl Default for RateLimits {
     }
 }
 
-/// Balance rules: new users start with `start_micro`; every `refill_interval` the
-/// balance gains `refill_micro`; a chat needs a positive balance (else 402).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BalancePolicy {
-    pub start_micro: i64,
-    pub refill_micro: i64,
-    /// `None`: no refill.
-    pub refill_interval: Option<Duration>,
-}
+pub use crate::billing::BalancePolicy;
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -249,11 +242,9 @@ impl JobManager {
             accepting: AtomicBool::new(true),
             stop: CancellationToken::new(),
         });
-        // The token counter for usage estimates is slow to build: build it off the
-        // runtime's workers, once.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            drop(rt.spawn_blocking(crate::usage::warm_token_counter));
-        }
+        // The token encodings for usage estimates are slow to build: start now, off the
+        // runtime's workers, so the first estimate need not wait.
+        crate::usage::warm_token_counter(inner.models.iter().map(|m| m.provider.upstream_model()));
         // Abort requests from other replicas cancel our local job, if we run it. Weak:
         // the store must not keep the manager alive.
         let weak = Arc::downgrade(&inner);
@@ -282,6 +273,20 @@ impl JobManager {
         &self.inner.models
     }
 
+    /// Resolves once the token encodings of the models' upstreams are built (about a
+    /// second of CPU, once per process), so that no usage estimate — e.g. the one an
+    /// abort makes for the call it cuts off — waits for one. The server awaits it
+    /// before it accepts requests; [`JobManager::new`] has started the builds already.
+    pub async fn prepare_estimates(&self) {
+        crate::usage::prepare_token_counter(
+            self.inner
+                .models
+                .iter()
+                .map(|m| m.provider.upstream_model()),
+        )
+        .await;
+    }
+
     /// The balance rules, if balances are on.
     pub fn balance_policy(&self) -> Option<BalancePolicy> {
         self.inner.config.balance
@@ -292,13 +297,21 @@ impl JobManager {
         self.inner.live.lock().len()
     }
 
-    /// Starts a job: validates, reserves the conversation, saves the user message,
-    /// appends `created` (seq 0) and spawns the generation — in that order, so the
-    /// user message exists before anything can refer to it.
+    /// Starts a job: validates, checks the limits, reserves the conversation, saves the
+    /// user message, appends `created` (seq 0) and spawns the generation — in that
+    /// order, so the user message exists before anything can refer to it.
     ///
-    /// Errors: `BadRequest` (text, model, parentMessageId), `NotFound`/`Forbidden` for
-    /// the conversation, `ConversationBusy`, `ServerBusy`, `ShuttingDown`, and store or
-    /// database failures.
+    /// The checks run in this order, each only if the ones before passed, so that a
+    /// refused request spends no budget it was refused before: shutting down → the
+    /// request itself (text, model, tools, conversation, parentMessageId) → the rate
+    /// limits (per IP, then per user; a hit that passes counts from here on) → the
+    /// balance → this replica's live-job bound → the per-user concurrency limit and the
+    /// conversation's one running job (one atomic step in the store).
+    ///
+    /// Errors: `ShuttingDown`; `BadRequest` (text, model, tools, parentMessageId),
+    /// `NotFound`/`Forbidden` for the conversation; `RateLimited`;
+    /// `InsufficientBalance`; `ServerBusy`; `TooManyConcurrent`, `ConversationBusy`;
+    /// and store or database failures.
     pub async fn start(&self, req: StartRequest) -> Result<Started, EngineError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::SeqCst) {
@@ -307,8 +320,6 @@ impl JobManager {
         if req.text.trim().is_empty() {
             return Err(EngineError::bad_request("text", "must not be empty"));
         }
-        self.check_rate_limits(&req).await?;
-        self.check_balance(&req.user_id).await?;
         let model = match &req.model {
             None => inner.models.first(),
             Some(name) => inner.models.iter().find(|m| &m.name == name),
@@ -379,6 +390,10 @@ impl JobManager {
             }
             _ => history.last().map(|m| m.message_id.clone()),
         };
+
+        // Only a valid request spends rate budget: a 400 or 404 costs nothing.
+        self.check_rate_limits(&req).await?;
+        self.check_balance(&req.user_id).await?;
 
         let stream_id = new_id();
         let created_at = now_rfc3339();
@@ -511,27 +526,26 @@ impl JobManager {
         Ok(started)
     }
 
-    /// With balances on: creates a new user's balance, refills it when due, and
-    /// refuses a chat when it is not positive.
+    /// With balances on, the user's balance in micro-credits as a chat is judged by it:
+    /// a new user's is created at the start balance and a refill that is due is applied
+    /// first ([`crate::billing::settle_balance`]). `None` with balances off.
+    ///
+    /// Errors: database failures.
+    pub async fn balance(&self, user_id: &str) -> Result<Option<i64>, EngineError> {
+        match &self.inner.config.balance {
+            None => Ok(None),
+            Some(policy) => crate::billing::settle_balance(&*self.inner.db, policy, user_id)
+                .await
+                .map(Some),
+        }
+    }
+
+    /// With balances on: refuses a chat when the balance (see [`JobManager::balance`])
+    /// is not positive.
     async fn check_balance(&self, user_id: &str) -> Result<(), EngineError> {
-        let Some(policy) = self.inner.config.balance else {
+        let Some(balance) = self.balance(user_id).await? else {
             return Ok(());
         };
-        let db = &self.inner.db;
-        let now = now_rfc3339();
-        let mut balance = db
-            .ensure_balance(user_id, policy.start_micro, &now)
-            .await?
-            .balance_micro;
-        if let Some(interval) = policy.refill_interval {
-            let due_before = rfc3339_before(interval);
-            if let Some(b) = db
-                .refill_if_due(user_id, policy.refill_micro, &due_before, &now)
-                .await?
-            {
-                balance = b;
-            }
-        }
         if balance <= 0 {
             return Err(EngineError::InsufficientBalance {
                 balance: crate::billing::credits(balance),
@@ -557,7 +571,9 @@ impl JobManager {
             if let Some(wait) = self.inner.store.rate_limit(&key, limit, l.period).await? {
                 return Err(EngineError::RateLimited {
                     scope: format!("{scope} ({limit} per {} s)", l.period.as_secs()),
-                    retry_after_ms: wait.as_millis() as u64,
+                    // Rounded up, so that waiting this long is always enough.
+                    retry_after_ms: u64::try_from(wait.as_micros().div_ceil(1000))
+                        .unwrap_or(u64::MAX),
                 });
             }
         }
@@ -694,6 +710,12 @@ fn cancel_local(inner: &Inner, stream_id: &str, reason: EndReason) -> bool {
 
 /// Prices the job's usage records and spends them (exactly once, by the database's
 /// unique key); returns the totals with the job's whole cost in credits.
+///
+/// A database failure is retried with backoff (50 ms doubling to 2 s, jittered) for up
+/// to `store_outage_grace` in all: the spend is keyed by (job, model call, token type),
+/// so a retry of a spend that did land, its answer lost, charges nothing more. Errors:
+/// the last [`EngineError::Persistence`] once the grace is used up; any other error at
+/// once (e.g. a line that does not fit the ledger).
 async fn spend_usage(
     inner: &Inner,
     meta: &JobMeta,
@@ -701,6 +723,7 @@ async fn spend_usage(
     records: &[UsageRecord],
     context: SpendContext,
 ) -> Result<UsageTotals, EngineError> {
+    use backon::Retryable;
     let lines: Vec<crate::billing::Line> = records
         .iter()
         .flat_map(|r| crate::billing::price(r, pricing))
@@ -711,25 +734,32 @@ async fn spend_usage(
         totals.add(r);
     }
     totals.credits = crate::billing::credits(total);
-    if !lines.is_empty() {
-        inner
-            .db
-            .spend(&crate::persist::SpendRequest {
-                user_id: meta.user_id.clone(),
-                conversation_id: meta.conversation_id.clone(),
-                stream_id: meta.stream_id.clone(),
-                message_id: meta.response_message_id.clone(),
-                model: meta.model.clone(),
-                context,
-                lines,
-                created_at: now_rfc3339(),
-            })
-            .await?;
+    if lines.is_empty() {
+        return Ok(totals);
     }
+    let req = crate::persist::SpendRequest {
+        user_id: meta.user_id.clone(),
+        conversation_id: meta.conversation_id.clone(),
+        stream_id: meta.stream_id.clone(),
+        message_id: meta.response_message_id.clone(),
+        model: meta.model.clone(),
+        context,
+        lines,
+        created_at: now_rfc3339(),
+    };
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(inner.config.store_outage_grace));
+    (|| inner.db.spend(&req))
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|e| matches!(e, EngineError::Persistence(_)))
+        .notify(|e, wait| {
+            tracing::warn!(stream_id = %meta.stream_id, error = %e, ?wait, "spend failed; retrying");
+        })
+        .await?;
     Ok(totals)
-}
-
-/// Now minus `d`, in the fixed-width RFC 3339 form of [`now_rfc3339`].
-fn rfc3339_before(d: Duration) -> String {
-    crate::rfc3339(time::OffsetDateTime::now_utc() - d)
 }

@@ -385,7 +385,7 @@ impl JobRun {
     ) -> Result<(), Outcome> {
         let mut record = match usage {
             Some(u) => u,
-            None if always || self.attempt_chars > 0 => self.estimate_usage(),
+            None if always || self.attempt_chars > 0 => self.estimate_usage().await,
             None => return Ok(()),
         };
         record.call_index = self.calls.saturating_sub(1);
@@ -393,14 +393,14 @@ impl JobRun {
             record.model = self.model.name.clone();
         }
         if record.provider.is_empty() {
-            record.provider = self.model.provider.kind().to_string();
+            record.provider = self.model.provider.name().to_string();
         }
         self.emit(EventBody::Usage(record)).await
     }
 
-    /// An estimate (tiktoken `o200k_base`) for a call cut off before the upstream
-    /// reported usage; marked `estimated`.
-    fn estimate_usage(&self) -> UsageRecord {
+    /// An estimate (tiktoken, with the upstream model's encoding) for a call cut off
+    /// before the upstream reported usage; marked `estimated`.
+    async fn estimate_usage(&self) -> UsageRecord {
         let mut input = String::new();
         if let Some(s) = &self.request.system_prompt {
             input.push_str(s);
@@ -412,9 +412,10 @@ impl JobRun {
                 input.push_str(c.output.as_deref().unwrap_or(""));
             }
         }
+        let upstream = self.model.provider.upstream_model();
         UsageRecord {
-            input_tokens: crate::usage::count_tokens(&input),
-            output_tokens: crate::usage::count_tokens(&self.attempt_text),
+            input_tokens: crate::usage::count_tokens(upstream, input).await,
+            output_tokens: crate::usage::count_tokens(upstream, self.attempt_text.clone()).await,
             estimated: true,
             ..UsageRecord::default()
         }

@@ -109,9 +109,17 @@ impl Provider for AnthropicProvider {
         "anthropic"
     }
 
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn upstream_model(&self) -> Option<&str> {
+        Some(&self.options.model)
+    }
+
     /// Sends the request and returns the parsed event stream once the upstream answered
     /// 2xx. `Usage` reports `model` = `request.model` (the configured name),
-    /// `provider: "anthropic"` and `input_includes_cache: false` (Anthropic's
+    /// `provider` = this provider's configured name and `input_includes_cache: false` (Anthropic's
     /// `input_tokens` exclude cache reads and writes). If `cancel` fires before the
     /// answer, an empty stream is returned; afterwards the stream ends at once (no
     /// further items).

@@ -460,7 +460,8 @@ impl EventParser {
         Some(ProviderEvent::Usage(UsageRecord {
             call_index: self.call_index,
             model: self.model.clone(),
-            provider: "anthropic".to_owned(),
+            // The configured name, like every provider's usage.
+            provider: self.provider.clone(),
             input_tokens: counts.input.unwrap_or(0),
             output_tokens: counts.output.unwrap_or(0),
             cache_write_tokens: counts.cache_write.unwrap_or(0),
@@ -846,7 +847,7 @@ mod tests {
             let u = s.usage.unwrap();
             assert_eq!(
                 (u.provider.as_str(), u.model.as_str(), u.call_index),
-                ("anthropic", "configured-model", 2)
+                ("test", "configured-model", 2)
             );
             assert!(!u.input_includes_cache && !u.estimated);
         }

@@ -95,8 +95,18 @@ impl Provider for OpenAiProvider {
         "openai"
     }
 
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn upstream_model(&self) -> Option<&str> {
+        Some(&self.model)
+    }
+
     /// Sends the request and returns the parsed event stream once the upstream answered
-    /// 2xx. `Usage` reports `model` = `request.model` (the configured name) and
+    /// 2xx. `Usage` reports `model` = `request.model` (the configured name),
+    /// `provider` = this provider's configured name (not `openai`: the upstream may be
+    /// DeepSeek, Groq… speaking the same protocol) and
     /// `input_includes_cache: true`. If `cancel` fires before the answer, an empty
     /// stream is returned; afterwards the stream ends at once (no further items).
     ///

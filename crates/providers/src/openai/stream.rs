@@ -245,7 +245,8 @@ impl ChunkParser {
         UsageRecord {
             call_index: self.call_index,
             model: self.model.clone(),
-            provider: "openai".to_owned(),
+            // The configured name (`deepseek`, `groq`…), not the wire protocol's.
+            provider: self.provider.clone(),
             input_tokens,
             output_tokens,
             cache_write_tokens: prompt
@@ -506,7 +507,7 @@ mod tests {
             Some(UsageRecord {
                 call_index: 3,
                 model: "configured-model".into(),
-                provider: "openai".into(),
+                provider: "test".into(),
                 input_tokens: 14,
                 output_tokens: 30,
                 input_includes_cache: true,
