@@ -747,14 +747,8 @@ async fn spend_usage(
         lines,
         created_at: now_rfc3339(),
     };
-    let backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .with_total_delay(Some(inner.config.store_outage_grace));
     (|| inner.db.spend(&req))
-        .retry(backoff)
+        .retry(outage_backoff(inner.config.store_outage_grace))
         .sleep(tokio::time::sleep)
         .when(|e| matches!(e, EngineError::Persistence(_)))
         .notify(|e, wait| {
@@ -762,4 +756,17 @@ async fn spend_usage(
         })
         .await?;
     Ok(totals)
+}
+
+/// How a job's own writes (appends, its end claim, spends) ride out an outage of the
+/// job store or the database: 50 ms doubling to 2 s, jittered, for at most `grace` of
+/// waiting in all. Every such write is idempotent (an expected seq, a claim its holder
+/// may retake, a unique ledger key), so a retry whose first try landed is harmless.
+fn outage_backoff(grace: Duration) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(grace))
 }

@@ -166,26 +166,17 @@ impl JobRun {
     /// `store_outage_grace` with backoff. The expected seq makes a retry whose first try
     /// did land a no-op, so an outage never duplicates an event.
     async fn append(&self, body: &EventBody) -> Result<Result<u64, AppendError>, EngineError> {
+        use backon::Retryable;
         let expected = self.aggregate.last_seq().map_or(0, |s| s + 1);
-        let grace = self.manager.inner.config.store_outage_grace;
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match self
-                .manager
-                .inner
-                .store
-                .append(&self.meta.stream_id, body, Some(expected))
-                .await
-            {
-                Err(EngineError::Store(e)) if started.elapsed() < grace => {
-                    tracing::warn!(stream_id = %self.meta.stream_id, error = %e, "append failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                other => return other,
-            }
-        }
+        let store = &self.manager.inner.store;
+        (|| store.append(&self.meta.stream_id, body, Some(expected)))
+            .retry(outage_backoff(self.manager.inner.config.store_outage_grace))
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, EngineError::Store(_)))
+            .notify(|e, wait| {
+                tracing::warn!(stream_id = %self.meta.stream_id, error = %e, ?wait, "append failed; retrying");
+            })
+            .await
     }
 
     async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
@@ -801,25 +792,16 @@ impl JobRun {
 
     /// [`JobStore::claim_end`], riding out a store outage like [`JobRun::append`].
     async fn claim_end(&self) -> Result<bool, EngineError> {
-        let grace = self.manager.inner.config.store_outage_grace;
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match self
-                .manager
-                .inner
-                .store
-                .claim_end(&self.meta.stream_id)
-                .await
-            {
-                Err(EngineError::Store(e)) if started.elapsed() < grace => {
-                    tracing::warn!(stream_id = %self.meta.stream_id, error = %e, "end claim failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                other => return other,
-            }
-        }
+        use backon::Retryable;
+        let store = &self.manager.inner.store;
+        (|| store.claim_end(&self.meta.stream_id))
+            .retry(outage_backoff(self.manager.inner.config.store_outage_grace))
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, EngineError::Store(_)))
+            .notify(|e, wait| {
+                tracing::warn!(stream_id = %self.meta.stream_id, error = %e, ?wait, "end claim failed; retrying");
+            })
+            .await
     }
 
     async fn error_end(&mut self, code: &str, message: String) -> Result<EventBody, EngineError> {
