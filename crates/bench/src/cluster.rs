@@ -80,7 +80,9 @@ async fn replica(config: &Config) -> Result<Replica, String> {
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let router = app(state.clone(), 1 << 20);
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(
+        async move { axum::serve(genstream_server::serve::no_delay(listener), router).await },
+    );
     Ok(Replica { state, addr })
 }
 

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use axum::serve::ListenerExt;
 use genstream_engine::EngineError;
 use genstream_engine::event::EventBody;
 use genstream_engine::log::{AppendError, EventLog};
@@ -137,9 +136,10 @@ pub struct FanoutArgs {
     /// Worker threads of the clients' runtime.
     #[arg(long, default_value_t = 2)]
     pub client_threads: usize,
-    /// Set TCP_NODELAY on accepted sockets (`genstream serve` does not).
+    /// Leave Nagle's algorithm on (no TCP_NODELAY) on accepted sockets, for
+    /// comparison; `genstream serve` sets TCP_NODELAY.
     #[arg(long)]
-    pub nodelay: bool,
+    pub nagle: bool,
 }
 
 /// A server running in this process.
@@ -174,7 +174,7 @@ impl InProc {
         let config = Config::load(Some(&file), &Overrides::default());
         let _ = std::fs::remove_file(&file);
         let config = config.map_err(|e| e.to_string())?;
-        let nodelay = args.nodelay;
+        let nagle = args.nagle;
         let (addr, token, store) = rt.block_on(async move {
             let (mut state, _) = genstream_server::serve::build_state(&config)
                 .await
@@ -196,13 +196,11 @@ impl InProc {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             // As `serve::run` serves it (the peer address feeds the per-IP limit).
             let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            if nodelay {
-                let l = listener.tap_io(|s| {
-                    let _ = s.set_nodelay(true);
-                });
-                tokio::spawn(async move { axum::serve(l, service).await });
-            } else {
+            if nagle {
                 tokio::spawn(async move { axum::serve(listener, service).await });
+            } else {
+                let l = genstream_server::serve::no_delay(listener);
+                tokio::spawn(async move { axum::serve(l, service).await });
             }
             Ok::<_, String>((addr, token, store))
         })?;
@@ -507,10 +505,10 @@ fn print(title: &str, args: &FanoutArgs, results: &[CaseResult]) {
         "### {title}\n\nserver runtime: {} worker threads (`server-N`); clients: {} (`client-N`); TCP_NODELAY on server sockets: {}\n",
         args.server_threads,
         args.client_threads,
-        if args.nodelay {
-            "yes"
+        if args.nagle {
+            "no (Nagle on, for comparison)"
         } else {
-            "no (as `genstream serve`)"
+            "yes (as `genstream serve`)"
         }
     );
     let rows: Vec<Vec<String>> = results

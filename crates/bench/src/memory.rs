@@ -640,7 +640,7 @@ pub fn baseline_serve() -> Result<(), String> {
         println!("genstream listening on http://{addr}");
         // Served as `serve::run` serves genstream's router.
         axum::serve(
-            listener,
+            genstream_server::serve::no_delay(listener),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .await

@@ -169,7 +169,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.jobs.shutdown_grace_secs);
     let stopped = manager.clone();
     axum::serve(
-        listener,
+        no_delay(listener),
         router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
@@ -182,6 +182,23 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `listener` with `TCP_NODELAY` set on every accepted socket. An SSE stream is a run
+/// of small writes, one per event; with Nagle's algorithm a write that follows another
+/// unacknowledged one waits for the peer's (possibly delayed) ACK. In the fan-out
+/// benchmark at 200,000 events/s that put the p99 at 26–34 ms against 12–21 ms with
+/// `TCP_NODELAY`; at 100,000 events/s the two were within noise (BENCHMARKS.md).
+pub fn no_delay(
+    listener: TcpListener,
+) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(s: &mut tokio::net::TcpStream) {
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
 async fn shutdown_signal() {
