@@ -311,40 +311,39 @@ impl JobRun {
         };
         let mut usage: Option<UsageRecord> = None;
         let mut got_any = false;
+        // One cancellation future and one timer for the whole call, re-armed after each
+        // event, rather than a new pair per event: this loop runs once per token.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        // Until the first event the first-byte budget applies, then the idle gap.
+        let deadline = tokio::time::sleep_until(started + first_byte);
+        tokio::pin!(deadline);
         loop {
-            // Until the first event the first-byte budget applies, then the idle gap.
-            let (limit, what) = if got_any {
-                (idle, "idle gap")
-            } else {
-                (first_byte.saturating_sub(started.elapsed()), "first byte")
-            };
             let item = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                _ = &mut cancelled => {
                     self.record_usage(usage.take(), true).await.ok();
                     return Err(self.stopped().into());
                 }
-                item = async {
-                    if timed_here {
-                        tokio::time::timeout(limit, stream.next()).await
-                    } else {
-                        Ok(stream.next().await)
-                    }
-                } => item,
+                _ = &mut deadline, if timed_here => None,
+                item = stream.next() => Some(item),
             };
             let event = match item {
-                Err(_) => {
-                    let what = if got_any { what } else { "first byte" };
-                    let limit = if got_any { idle } else { first_byte };
+                None => {
+                    let (what, limit) = if got_any {
+                        ("idle gap", idle)
+                    } else {
+                        ("first byte", first_byte)
+                    };
                     self.record_usage(usage.take(), false).await?;
                     return Err(CallError::Provider(timeout_error(what, limit)));
                 }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
+                Some(None) => break,
+                Some(Some(Err(e))) => {
                     self.record_usage(usage.take(), false).await?;
                     return Err(CallError::Provider(e));
                 }
-                Ok(Some(Ok(ev))) => ev,
+                Some(Some(Ok(ev))) => ev,
             };
             got_any = true;
             match event {
@@ -360,6 +359,11 @@ impl JobRun {
                 } => self.tool_delta(index, id, name, args).await?,
                 ProviderEvent::Usage(u) => usage = Some(u),
                 ProviderEvent::Finish(_) => {}
+            }
+            // The idle gap runs from when we are ready for the next event, so time spent
+            // appending this one (riding out a store outage, say) is not the upstream's.
+            if timed_here {
+                deadline.as_mut().reset(Instant::now() + idle);
             }
         }
         self.record_usage(usage, true).await?;
