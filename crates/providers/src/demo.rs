@@ -163,6 +163,7 @@ impl Provider for DemoProvider {
             behavior: o.behavior,
             first_delay: Duration::from_millis(o.first_token_delay_ms),
             token_delay: Duration::from_millis(o.token_delay_ms),
+            pace: None,
             cancel,
             phase: Phase::Tokens,
             usage: UsageRecord {
@@ -307,6 +308,10 @@ struct Run {
     behavior: DemoBehavior,
     first_delay: Duration,
     token_delay: Duration,
+    /// The token clock, from the second token on: it ticks every `token_delay` whatever
+    /// each token costs downstream, so the rate is fixed (a sleep per token would add
+    /// that cost, and the timer's granularity, to every gap).
+    pace: Option<tokio::time::Interval>,
     cancel: CancellationToken,
     phase: Phase,
     usage: UsageRecord,
@@ -334,12 +339,12 @@ impl Run {
                 return None;
             }
             if self.emitted < self.tokens {
-                let delay = if self.emitted == 0 {
-                    self.first_delay
+                let go = if self.emitted == 0 {
+                    self.wait(self.first_delay).await
                 } else {
-                    self.token_delay
+                    self.tick().await
                 };
-                if !self.wait(delay).await {
+                if !go {
                     return None;
                 }
                 let word = WORDS[(splitmix64(&mut self.rng) % WORDS.len() as u64) as usize];
@@ -365,6 +370,23 @@ impl Run {
                 Some((Ok(ProviderEvent::Finish("stop".to_owned())), self))
             }
             Phase::Tokens | Phase::Done => None,
+        }
+    }
+
+    /// Waits for the token clock's next tick; false when cancelled first.
+    async fn tick(&mut self) -> bool {
+        let delay = self.token_delay;
+        if delay.is_zero() {
+            return true;
+        }
+        let Run { pace, cancel, .. } = self;
+        let pace = pace.get_or_insert_with(|| {
+            tokio::time::interval_at(tokio::time::Instant::now() + delay, delay)
+        });
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => false,
+            _ = pace.tick() => true,
         }
     }
 
