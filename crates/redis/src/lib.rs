@@ -418,13 +418,7 @@ impl RedisStore {
                 if let Err(e) = this.ensure_library().await {
                     tracing::warn!(error = %e, "could not check genstream's Redis functions");
                 }
-                let mirrors: Vec<(String, Arc<Mirror>)> = this
-                    .inner
-                    .mirrors
-                    .lock()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let mirrors = this.mirror_list();
                 let _ = this.resync(mirrors).await;
             });
         }
@@ -623,17 +617,22 @@ impl RedisStore {
         }
     }
 
-    /// One heal pass: mirrors that fell behind (a lost publish) read the missing
-    /// range, mirrors whose job vanished end, mirrors nobody reads any more go.
-    async fn heal_mirrors(&self) {
-        self.pause_point("heal.pass").await;
-        let mirrors: Vec<(String, Arc<Mirror>)> = self
-            .inner
+    /// The mirrors held now, each with its stream id: a copy of the map's entries, so
+    /// that nothing awaits under its lock.
+    fn mirror_list(&self) -> Vec<(String, Arc<Mirror>)> {
+        self.inner
             .mirrors
             .lock()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// One heal pass: mirrors that fell behind (a lost publish) read the missing
+    /// range, mirrors whose job vanished end, mirrors nobody reads any more go.
+    async fn heal_mirrors(&self) {
+        self.pause_point("heal.pass").await;
+        let mirrors = self.mirror_list();
         let mut unused = Vec::new();
         let mut live = Vec::new();
         for (sid, m) in mirrors {
