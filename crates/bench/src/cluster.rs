@@ -117,6 +117,39 @@ async fn redis_calls() -> u64 {
         .sum()
 }
 
+/// Deletes the keys under `prefix` (a scenario's own), so that a run does not leave
+/// its logs in a shared Redis for the whole retention time (about 1 GB for
+/// `redis-fanout`). Best effort: a failure leaves the keys to their TTLs.
+async fn drop_keys(prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: Result<u64, _> = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -198,6 +231,9 @@ async fn fanout_run(
         stamps.push(t.await.map_err(|e| e.to_string())?);
     }
     let calls = redis_calls().await.saturating_sub(calls_before);
+    if store != "memory" {
+        drop_keys(&prefix).await;
+    }
     let mut delays: Vec<u64> = Vec::new();
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
     for (j, s) in subs {
@@ -331,6 +367,7 @@ pub fn resume_latency() -> Result<(), String> {
         }
         println!("\n### resume-latency\n\nreconnect → first body byte, job of 10,000 events (Redis store, 2 replicas)\n");
         table(&["where", "samples", "p50 ms", "p99 ms", "max ms"], &rows);
+        drop_keys(&prefix).await;
         Ok(())
     })
 }
@@ -370,6 +407,7 @@ pub fn abort_latency(n: usize) -> Result<(), String> {
         }
         println!("\n### abort-latency\n\nabort request → answer (generation stopped, partial saved, `final` appended and seen by the asking replica); Redis store, 2 replicas, SQLite in memory\n");
         table(&["abort", "aborts", "p50 ms", "p99 ms", "max ms"], &rows);
+        drop_keys(&prefix).await;
         Ok(())
     })
 }
