@@ -911,14 +911,14 @@ async fn exactly_once(database: &str, cases: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_on_sqlite_500_races() {
+async fn exactly_once_on_sqlite_1000_races() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    exactly_once(&url, 500).await;
+    exactly_once(&url, 1000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_on_postgres_500_races() {
+async fn exactly_once_on_postgres_1000_races() {
     let db = TestDb::create().await;
-    exactly_once(&db.url, 500).await;
+    exactly_once(&db.url, 1000).await;
 }
