@@ -22,11 +22,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt as _, TryStreamExt as _};
 use genstream_engine::billing::{Line, TokenType};
 use genstream_engine::persist::{Persistence, SpendContext, SpendRequest};
 use genstream_server::config::{Config, LimitsConfig, ModelConfig};
 use genstream_server::{AppState, app};
-use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::json;
 
 use crate::http;
@@ -194,61 +194,60 @@ async fn fanout_run(
     let setup_started = Instant::now();
     // Jobs are started 16 at a time (a job's start is several round trips in Redis
     // mode); subscriber k of job j goes to replica (j × subs_per_job + k) mod replicas.
-    let started: Vec<(StampTask, Vec<(usize, SubTask)>)> =
-        futures::stream::iter(0..jobs)
-            .map(|j| {
-                let (rs, tok, http_client) = (&rs, &tok, &http_client);
-                async move {
-                    let owner = &rs[0];
-                    let sid = http::start_chat(
-                        http_client,
-                        &format!("http://{}", owner.addr),
-                        tok,
-                        "bench",
-                        &format!("fan out {j}"),
-                    )
-                    .await?;
-                    // Append instants, as seen by the owner's own log.
-                    let (_, log) = owner
-                        .state
-                        .manager
-                        .job_for("bench", &sid)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let stamp_task = tokio::spawn(async move {
-                        let mut rx = log.watch();
-                        let mut stamps: Vec<Instant> = Vec::new();
-                        loop {
-                            rx.borrow_and_update();
-                            let len = log.len() as usize;
-                            let now = Instant::now();
-                            while stamps.len() < len {
-                                stamps.push(now);
-                            }
-                            if log.terminal().is_some() || rx.changed().await.is_err() {
-                                return stamps;
-                            }
+    let started: Vec<(StampTask, Vec<(usize, SubTask)>)> = futures::stream::iter(0..jobs)
+        .map(|j| {
+            let (rs, tok, http_client) = (&rs, &tok, &http_client);
+            async move {
+                let owner = &rs[0];
+                let sid = http::start_chat(
+                    http_client,
+                    &format!("http://{}", owner.addr),
+                    tok,
+                    "bench",
+                    &format!("fan out {j}"),
+                )
+                .await?;
+                // Append instants, as seen by the owner's own log.
+                let (_, log) = owner
+                    .state
+                    .manager
+                    .job_for("bench", &sid)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let stamp_task = tokio::spawn(async move {
+                    let mut rx = log.watch();
+                    let mut stamps: Vec<Instant> = Vec::new();
+                    loop {
+                        rx.borrow_and_update();
+                        let len = log.len() as usize;
+                        let now = Instant::now();
+                        while stamps.len() < len {
+                            stamps.push(now);
                         }
-                    });
-                    let mut subs = Vec::new();
-                    for k in 0..subs_per_job {
-                        let addr = rs[(j * subs_per_job + k) % replicas].addr;
-                        let stream = http::open_stream(addr, &sid, tok, true).await?;
-                        subs.push((
-                            j,
-                            tokio::spawn(http::read_ids(
-                                stream,
-                                Instant::now(),
-                                Duration::from_secs(120),
-                            )),
-                        ));
+                        if log.terminal().is_some() || rx.changed().await.is_err() {
+                            return stamps;
+                        }
                     }
-                    Ok::<_, String>((stamp_task, subs))
+                });
+                let mut subs = Vec::new();
+                for k in 0..subs_per_job {
+                    let addr = rs[(j * subs_per_job + k) % replicas].addr;
+                    let stream = http::open_stream(addr, &sid, tok, true).await?;
+                    subs.push((
+                        j,
+                        tokio::spawn(http::read_ids(
+                            stream,
+                            Instant::now(),
+                            Duration::from_secs(120),
+                        )),
+                    ));
                 }
-            })
-            .buffered(16)
-            .try_collect()
-            .await?;
+                Ok::<_, String>((stamp_task, subs))
+            }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
     let setup = setup_started.elapsed();
     let (stamp_tasks, subs): (Vec<StampTask>, Vec<Vec<(usize, SubTask)>>) =
         started.into_iter().unzip();
