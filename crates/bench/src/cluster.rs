@@ -50,7 +50,7 @@ struct Replica {
 
 // Field by field reads better than a nested struct literal for a dozen settings.
 #[allow(clippy::field_reassign_with_default)]
-fn config(store: &str, prefix: &str, tokens: u32, delay_ms: u64) -> Config {
+fn config(store: &str, prefix: &str, options: serde_json::Value) -> Config {
     let mut c = Config::default();
     c.bind = "127.0.0.1:0".into();
     c.store = store.into();
@@ -66,7 +66,7 @@ fn config(store: &str, prefix: &str, tokens: u32, delay_ms: u64) -> Config {
         provider: "demo".into(),
         tools: Vec::new(),
         pricing: None,
-        options: json!({"tokens": tokens, "token_delay_ms": delay_ms, "first_token_delay_ms": 1500}),
+        options,
     }];
     c
 }
@@ -173,16 +173,16 @@ async fn fanout_run(
     delay_ms: u64,
 ) -> Result<Vec<String>, String> {
     let prefix = format!("gsbench-{}", genstream_engine::new_id());
-    let mut cfg = config(store, &prefix, tokens, delay_ms);
     // Every job waits this long before its first token, so that all of them are
     // started and subscribed to before any streams: the rates below are then those of
     // all jobs running at once, not of a staggered start.
     let first_token_ms = 2000 + 4 * jobs as u64;
-    cfg.models[0].options = json!({
+    let options = json!({
         "tokens": tokens,
         "token_delay_ms": delay_ms,
         "first_token_delay_ms": first_token_ms,
     });
+    let cfg = config(store, &prefix, options);
     let mut rs = Vec::new();
     for _ in 0..replicas {
         rs.push(replica(&cfg).await?);
@@ -260,10 +260,7 @@ async fn fanout_run(
     if store != "memory" {
         drop_keys(&prefix).await;
     }
-    // The window in which every job was streaming: from the last job's first token
-    // to the first job's terminal event.
-    let all_start = stamps.iter().filter_map(|s| s.get(1)).max().copied();
-    let all_end = stamps.iter().filter_map(|s| s.last()).min().copied();
+    let all_running = crate::report::AllRunning::of(&stamps);
     let mut in_window = 0u64;
     let mut delays: Vec<u64> = Vec::new();
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
@@ -273,10 +270,7 @@ async fn fanout_run(
             if let Some(appended) = stamps[j].get(*seq as usize) {
                 delays.push(at.saturating_duration_since(*appended).as_micros() as u64);
             }
-            if let (Some(a), Some(b)) = (all_start, all_end)
-                && *at >= a
-                && *at <= b
-            {
+            if all_running.is_some_and(|w| w.contains(*at)) {
                 in_window += 1;
             }
             first = Some(first.map_or(*at, |f: Instant| f.min(*at)));
@@ -288,10 +282,10 @@ async fn fanout_run(
         (Some(f), Some(l)) => l.duration_since(f).as_secs_f64().max(1e-3),
         _ => 1.0,
     };
-    let rate_all_running = match (all_start, all_end) {
-        (Some(a), Some(b)) if b > a => thousands((in_window as f64 / (b - a).as_secs_f64()) as u64),
-        _ => "— (never all at once)".into(),
-    };
+    let rate_all_running = all_running.map_or_else(
+        || "— (never all at once)".into(),
+        |w| thousands(w.rate(in_window) as u64),
+    );
     let events: u64 = stamps.iter().map(|s| s.len() as u64).sum();
     Ok(vec![
         if store == "memory" {
@@ -381,8 +375,7 @@ pub fn resume_latency() -> Result<(), String> {
     let rt = runtime()?;
     rt.block_on(async {
         let prefix = format!("gsbench-{}", genstream_engine::new_id());
-        let mut cfg = config(&redis_url(), &prefix, 9_995, 0);
-        cfg.models[0].options = json!({"tokens": 9_995, "token_delay_ms": 0});
+        let cfg = config(&redis_url(), &prefix, json!({"tokens": 9_995, "token_delay_ms": 0}));
         let a = replica(&cfg).await?;
         let b = replica(&cfg).await?;
         let tok = token(&a.state)?;
@@ -422,8 +415,7 @@ pub fn abort_latency(n: usize) -> Result<(), String> {
     let rt = runtime()?;
     rt.block_on(async {
         let prefix = format!("gsbench-{}", genstream_engine::new_id());
-        let mut cfg = config(&redis_url(), &prefix, 100_000, 10);
-        cfg.models[0].options = json!({"tokens": 100_000, "token_delay_ms": 10});
+        let cfg = config(&redis_url(), &prefix, json!({"tokens": 100_000, "token_delay_ms": 10}));
         let a = replica(&cfg).await?;
         let b = replica(&cfg).await?;
         let tok = token(&a.state)?;

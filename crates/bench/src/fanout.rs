@@ -404,10 +404,7 @@ fn run_case(
     let softirq_cores = machine.1 as f64 / sys::clk_tck() / wall.as_secs_f64();
     let steal_cores = machine.2 as f64 / sys::clk_tck() / wall.as_secs_f64();
 
-    // The interval in which every job was producing tokens: from the latest first
-    // token to the earliest last event.
-    let all_start = appended.iter().filter_map(|v| v.get(1)).max().copied();
-    let all_end = appended.iter().filter_map(|v| v.last()).min().copied();
+    let all_running = crate::report::AllRunning::of(&appended);
     let first_append = appended.iter().filter_map(|v| v.get(1)).min().copied();
     let mut delays = Vec::with_capacity(receipts.iter().map(|(_, r)| r.seen.len()).sum());
     let (mut late, mut incomplete, mut in_window) = (0u64, 0usize, 0u64);
@@ -440,10 +437,7 @@ fn run_case(
             delays.push(d);
             let m = &mut slowest[*j][*seq as usize];
             *m = (*m).max(d);
-            if let (Some(a), Some(b)) = (all_start, all_end)
-                && *at >= a
-                && *at <= b
-            {
+            if all_running.is_some_and(|w| w.contains(*at)) {
                 in_window += 1;
             }
             last_receipt = Some(last_receipt.map_or(*at, |l: Instant| l.max(*at)));
@@ -456,10 +450,7 @@ fn run_case(
         .collect();
     slowest.sort_unstable();
     let delivered = delays.len() as u64;
-    let rate_all_running = match (all_start, all_end) {
-        (Some(a), Some(b)) if b > a => in_window as f64 / (b - a).as_secs_f64(),
-        _ => 0.0,
-    };
+    let rate_all_running = all_running.map_or(0.0, |w| w.rate(in_window));
     let rate_overall = match (first_append, last_receipt) {
         (Some(a), Some(b)) if b > a => delivered as f64 / (b - a).as_secs_f64(),
         _ => 0.0,

@@ -75,3 +75,29 @@ mod tests {
         assert_eq!(ms(1234), "1.23");
     }
 }
+
+/// The interval in which every job was producing tokens: from the latest first token
+/// to the earliest last event, given each job's append instants (seq 0, `created`, is
+/// before the first token). `None` when the jobs never all ran at once.
+#[derive(Clone, Copy)]
+pub struct AllRunning {
+    pub start: std::time::Instant,
+    pub end: std::time::Instant,
+}
+
+impl AllRunning {
+    pub fn of(appended: &[Vec<std::time::Instant>]) -> Option<AllRunning> {
+        let start = appended.iter().filter_map(|v| v.get(1)).max().copied()?;
+        let end = appended.iter().filter_map(|v| v.last()).min().copied()?;
+        (end > start).then_some(AllRunning { start, end })
+    }
+
+    pub fn contains(&self, at: std::time::Instant) -> bool {
+        at >= self.start && at <= self.end
+    }
+
+    /// `events` per second over the interval.
+    pub fn rate(&self, events: u64) -> f64 {
+        events as f64 / (self.end - self.start).as_secs_f64()
+    }
+}

@@ -383,23 +383,24 @@ impl Run {
         let pace = pace.get_or_insert_with(|| {
             tokio::time::interval_at(tokio::time::Instant::now() + delay, delay)
         });
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => false,
-            _ = pace.tick() => true,
-        }
+        unless_cancelled(cancel, async {
+            pace.tick().await;
+        })
+        .await
     }
 
     /// Sleeps `delay`; false when cancelled first.
     async fn wait(&self, delay: Duration) -> bool {
-        if delay.is_zero() {
-            return true;
-        }
-        tokio::select! {
-            biased;
-            () = self.cancel.cancelled() => false,
-            () = tokio::time::sleep(delay) => true,
-        }
+        delay.is_zero() || unless_cancelled(&self.cancel, tokio::time::sleep(delay)).await
+    }
+}
+
+/// Awaits `wait` unless `cancel` fires first; false when it did.
+async fn unless_cancelled(cancel: &CancellationToken, wait: impl Future<Output = ()>) -> bool {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => false,
+        () = wait => true,
     }
 }
 
