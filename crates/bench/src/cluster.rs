@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use genstream_engine::billing::{Line, TokenType};
+use genstream_engine::ledger::{Line, TokenType};
 use genstream_engine::persist::{Persistence, SpendContext, SpendRequest};
 use genstream_server::config::{Config, LimitsConfig, ModelConfig};
 use genstream_server::{AppState, app};
