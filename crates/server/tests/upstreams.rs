@@ -1696,3 +1696,45 @@ async fn a_call_saved_without_output(kind: Kind) {
 async fn a_call_saved_without_output_gives_a_valid_next_turn() {
     join_all(KINDS.map(a_call_saved_without_output)).await;
 }
+
+/// `GET /api/models` gives each model's configured provider name as `provider`, so two
+/// upstreams of one kind are told apart, and the protocol apart as `kind`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_show_the_configured_provider_name_and_its_kind() {
+    // Nothing is requested from the upstreams: the port can be closed.
+    let base_url = "http://127.0.0.1:9/v1";
+    let server = serve_exactly(config(
+        json!({
+            "vllm": provider(Kind::OpenAi, base_url, 30_000),
+            "openrouter": provider(Kind::OpenAi, base_url, 30_000),
+            "claude-proxy": provider(Kind::Anthropic, base_url, 30_000),
+        }),
+        vec![
+            json!({"name": "local", "provider": "vllm", "options": {"model": "qwen"}}),
+            json!({"name": "routed", "provider": "openrouter", "options": {"model": "x/y"}}),
+            json!({"name": "claude", "provider": "claude-proxy", "options": {"model": "c"}}),
+            json!({"name": "demo", "provider": "demo"}),
+        ],
+        Vec::new(),
+        json!({}),
+    ))
+    .await;
+    let listed = server.get("/api/models").await;
+    let shown: Vec<(String, String, String)> = listed["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let s = |k: &str| m[k].as_str().unwrap().to_owned();
+            (s("name"), s("provider"), s("kind"))
+        })
+        .collect();
+    let want = [
+        ("local", "vllm", "openai"),
+        ("routed", "openrouter", "openai"),
+        ("claude", "claude-proxy", "anthropic"),
+        ("demo", "demo", "demo"),
+    ]
+    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()));
+    assert_eq!(shown, want);
+}
