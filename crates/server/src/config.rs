@@ -663,76 +663,82 @@ fn walk(v: &Value, path: &str) -> Option<Value> {
     Some(v.clone())
 }
 
-/// figment's errors as one line, `; `-separated. A key of an earlier release that only
-/// lost its unit suffix (`retention_secs` → `retention`) gets its new name and the
-/// value rewritten with the unit; `find` looks up the old value by its dotted path
-/// (`prefix` is the path of the table the error's path is relative to, if any).
+/// figment's errors as one line, `; `-separated. `prefix` is the dotted path of the
+/// table the errors' paths are relative to (`models[0].options`, or empty), and `find`
+/// looks up a value by a path relative to it.
 fn explain(e: &figment::Error, prefix: &str, find: impl Fn(&str) -> Option<Value>) -> String {
     e.clone()
         .into_iter()
         .map(|e| {
             // figment names the key only for errors it can place in a source; the
             // options table is deserialized apart, so its keys are named here.
-            let message = if e.metadata.is_none() && !e.path.is_empty() {
-                let key = [prefix.to_owned(), e.path.join(".")]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(".");
-                format!("{e} for key `{key}`")
-            } else if e.metadata.is_none() && !prefix.is_empty() {
-                format!("{e} in `{prefix}`")
-            } else {
-                e.to_string()
+            let mut message = match (&e.metadata, e.path.is_empty()) {
+                (None, false) => format!("{e} for key `{}`", dotted(prefix, &e.path)),
+                (None, true) if !prefix.is_empty() => format!("{e} in `{prefix}`"),
+                _ => e.to_string(),
             };
-            let figment::error::Kind::UnknownField(field, expected) = &e.kind else {
-                return message;
-            };
-            let Some((new, unit)) = [("_secs", "s"), ("_ms", "ms")]
-                .into_iter()
-                .find_map(|(suffix, unit)| {
-                    let new = field.strip_suffix(suffix)?;
-                    expected.contains(&new).then_some((new, unit))
-                })
-            else {
-                return message;
-            };
-            // The error's path ends with the field when figment knows it.
-            let mut path = e.path.clone();
-            if path.last() != Some(field) {
-                path.push(field.clone());
+            if let Some(hint) = renamed_key_hint(&e, prefix, &find) {
+                message.push_str("; ");
+                message.push_str(&hint);
             }
-            let old_path = path.join(".");
-            let number = find(&old_path)
-                .and_then(|v| v.to_num_lossy())
-                .and_then(|n| n.to_u128().or_else(|| u128::try_from(n.to_i128()?).ok()));
-            let example = match number {
-                Some(n) => format!("{new} = \"{n}{unit}\""),
-                None => format!("{new} = \"500{unit}\""),
-            };
-            path.pop();
-            path.push(new.to_owned());
-            let new_key = [prefix, &path.join(".")]
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(".");
-            let mut hint = format!(
-                "{message}; `{field}` was renamed `{new}`: a duration, written with its unit, e.g. {example}"
-            );
-            let from_env = e
-                .metadata
-                .as_ref()
-                .is_some_and(|m| m.name.contains("environment"));
-            if from_env {
-                let var = new_key.replace('.', "__").to_ascii_uppercase();
-                let value = number.map_or_else(|| format!("500{unit}"), |n| format!("{n}{unit}"));
-                hint.push_str(&format!(" (GENSTREAM_{var}={value})"));
-            }
-            hint
+            message
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// For an unknown key of an earlier release that only lost its unit suffix
+/// (`retention_secs` → `retention`, `lease_ttl_ms` → `lease_ttl`), its new name and its
+/// value rewritten with the unit (and, when it came from the environment, the new
+/// variable).
+fn renamed_key_hint(
+    e: &figment::Error,
+    prefix: &str,
+    find: impl Fn(&str) -> Option<Value>,
+) -> Option<String> {
+    let figment::error::Kind::UnknownField(field, expected) = &e.kind else {
+        return None;
+    };
+    let (new, unit) = [("_secs", "s"), ("_ms", "ms")]
+        .into_iter()
+        .find_map(|(suffix, unit)| {
+            let new = field.strip_suffix(suffix)?;
+            expected.contains(&new).then_some((new, unit))
+        })?;
+    // The error's path ends with the field when figment knows where it is.
+    let mut path = e.path.clone();
+    if path.last() != Some(field) {
+        path.push(field.clone());
+    }
+    let old = find(&path.join("."))
+        .and_then(|v| v.to_num_lossy())
+        .and_then(|n| n.to_u128().or_else(|| u128::try_from(n.to_i128()?).ok()));
+    let value = format!("{}{unit}", old.unwrap_or(500));
+    let mut hint = format!(
+        "`{field}` was renamed `{new}`: a duration, written with its unit, e.g. {new} = \"{value}\""
+    );
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    if from_env {
+        path.pop();
+        path.push(new.to_owned());
+        let var = dotted(prefix, &path)
+            .replace('.', "__")
+            .to_ascii_uppercase();
+        hint.push_str(&format!(" (GENSTREAM_{var}={value})"));
+    }
+    Some(hint)
+}
+
+/// `prefix.a.b` (or `a.b` for an empty prefix).
+fn dotted(prefix: &str, path: &[String]) -> String {
+    std::iter::once(prefix)
+        .chain(path.iter().map(String::as_str))
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 #[cfg(test)]
