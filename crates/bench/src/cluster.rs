@@ -23,8 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use genstream_engine::billing::{Line, TokenType};
+use genstream_engine::ledger::{Line, TokenType};
 use genstream_engine::persist::{Persistence, SpendContext, SpendRequest};
+use genstream_providers::DemoOptions;
 use genstream_server::config::{Config, LimitsConfig, ModelConfig};
 use genstream_server::{AppState, app};
 use serde_json::json;
@@ -48,26 +49,29 @@ struct Replica {
     addr: SocketAddr,
 }
 
+/// Demo options: `tokens` tokens, `token_delay` apart.
+fn demo(tokens: u32, token_delay: Duration) -> DemoOptions {
+    DemoOptions {
+        tokens,
+        token_delay,
+        ..DemoOptions::default()
+    }
+}
+
 // Field by field reads better than a nested struct literal for a dozen settings.
 #[allow(clippy::field_reassign_with_default)]
-fn config(store: &str, prefix: &str, options: serde_json::Value) -> Config {
+fn config(store: &str, prefix: &str, options: DemoOptions) -> Config {
     let mut c = Config::default();
     c.bind = "127.0.0.1:0".into();
     c.store = store.into();
     c.database = "sqlite::memory:".into();
     c.redis.key_prefix = prefix.into();
-    c.redis.timeout_ms = 10_000;
+    c.redis.timeout = Duration::from_secs(10);
     c.auth.jwt_secret = Some(SECRET.into());
     c.limits = LimitsConfig::off();
     c.jobs.max_events_per_job = 50_000;
     c.jobs.max_live_jobs = 10_000;
-    c.models = vec![ModelConfig {
-        name: "bench".into(),
-        provider: "demo".into(),
-        tools: Vec::new(),
-        pricing: None,
-        options,
-    }];
+    c.models = vec![ModelConfig::demo("bench", options)];
     c
 }
 
@@ -177,11 +181,12 @@ async fn fanout_run(
     // started and subscribed to before any streams: the rates below are then those of
     // all jobs running at once, not of a staggered start.
     let first_token_ms = 2000 + 4 * jobs as u64;
-    let options = json!({
-        "tokens": tokens,
-        "token_delay_ms": delay_ms,
-        "first_token_delay_ms": first_token_ms,
-    });
+    let options = DemoOptions {
+        tokens,
+        token_delay: Duration::from_millis(delay_ms),
+        first_token_delay: Duration::from_millis(first_token_ms),
+        ..DemoOptions::default()
+    };
     let cfg = config(store, &prefix, options);
     let mut rs = Vec::new();
     for _ in 0..replicas {
@@ -375,7 +380,7 @@ pub fn resume_latency() -> Result<(), String> {
     let rt = runtime()?;
     rt.block_on(async {
         let prefix = format!("gsbench-{}", genstream_engine::new_id());
-        let cfg = config(&redis_url(), &prefix, json!({"tokens": 9_995, "token_delay_ms": 0}));
+        let cfg = config(&redis_url(), &prefix, demo(9_995, Duration::ZERO));
         let a = replica(&cfg).await?;
         let b = replica(&cfg).await?;
         let tok = token(&a.state)?;
@@ -415,7 +420,7 @@ pub fn abort_latency(n: usize) -> Result<(), String> {
     let rt = runtime()?;
     rt.block_on(async {
         let prefix = format!("gsbench-{}", genstream_engine::new_id());
-        let cfg = config(&redis_url(), &prefix, json!({"tokens": 100_000, "token_delay_ms": 10}));
+        let cfg = config(&redis_url(), &prefix, demo(100_000, Duration::from_millis(10)));
         let a = replica(&cfg).await?;
         let b = replica(&cfg).await?;
         let tok = token(&a.state)?;

@@ -120,13 +120,13 @@ impl JobStore for TimedStore {
 #[derive(Clone, Debug, clap::Args)]
 pub struct FanoutArgs {
     /// Delays between tokens to run, in ms, one run each (the demo model's
-    /// `token_delay_ms`).
+    /// `token_delay`).
     #[arg(long, value_delimiter = ',', default_value = "50,10,8,5")]
     pub delays_ms: Vec<u64>,
     /// Target length of each job's token phase; tokens = this / delay.
     #[arg(long, default_value_t = 8000)]
     pub duration_ms: u64,
-    /// The demo model's `first_token_delay_ms`: time for every subscriber to attach
+    /// The demo model's `first_token_delay`, in ms: time for every subscriber to attach
     /// before the first token. Default: 2000 ms + 3 ms per job.
     #[arg(long)]
     pub first_token_delay_ms: Option<u64>,
@@ -263,8 +263,8 @@ fn run_case(
     let srv = InProc::start(
         args,
         &format!(
-            "tokens = {tokens}\ntoken_delay_ms = {delay_ms}\n\
-             first_token_delay_ms = {first_token_delay}\nbehavior = \"text\""
+            "tokens = {tokens}\ntoken_delay = \"{delay_ms}ms\"\n\
+             first_token_delay = \"{first_token_delay}ms\"\nbehavior = \"text\""
         ),
     )?;
     let (addr, token) = (srv.addr, srv.token.clone());

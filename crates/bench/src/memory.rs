@@ -241,7 +241,7 @@ fn idle_once(args: &IdleArgs, rt: &Runtime, jobs: usize, mode: Mode) -> Result<I
     let server = Server::start_with(
         &args.server,
         "memory-idle",
-        "behavior = \"stall\"\ntokens = 100\ntoken_delay_ms = 0",
+        "behavior = \"stall\"\ntokens = 100\ntoken_delay = \"0s\"",
         mode,
     )?;
     let n = args.subscribers;
@@ -441,7 +441,7 @@ pub fn retained(args: &RetainedArgs) -> Result<(), String> {
     let server = Server::start(
         &args.server,
         "memory-retained",
-        &format!("tokens = {}\ntoken_delay_ms = 0", args.tokens),
+        &format!("tokens = {}\ntoken_delay = \"0s\"", args.tokens),
     )?;
     let settle = Duration::from_millis(args.server.settle_ms);
     let r = rt.block_on(async {
@@ -479,7 +479,7 @@ pub fn retained(args: &RetainedArgs) -> Result<(), String> {
     let (before, after, events, bytes, took, captured) = r?;
     let delta = after.saturating_sub(before);
     println!(
-        "### memory-retained\n\nserver: `{} serve`, separate process; demo `tokens = {}, token_delay_ms = 0`; {} warm-up jobs before the baseline\n",
+        "### memory-retained\n\nserver: `{} serve`, separate process; demo `tokens = {}, token_delay = \"0s\"`; {} warm-up jobs before the baseline\n",
         args.server.binary().display(),
         args.tokens,
         args.warmup

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
+use crate::ledger::{Line, TokenType};
 use crate::persist::Persistence;
 use crate::usage::UsageRecord;
 
@@ -44,44 +45,6 @@ pub struct Pricing {
 /// the nearest micro-USD; USD prices with more than six decimals are not a thing.
 pub fn rate_micro(usd_per_mtok: f64) -> i64 {
     (usd_per_mtok * 1e6).round() as i64
-}
-
-/// The kind of tokens a ledger line counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenType {
-    Input,
-    Output,
-    Reasoning,
-    CacheWrite,
-    CacheRead,
-}
-
-impl TokenType {
-    /// The name stored in the ledger.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenType::Input => "input",
-            TokenType::Output => "output",
-            TokenType::Reasoning => "reasoning",
-            TokenType::CacheWrite => "cache_write",
-            TokenType::CacheRead => "cache_read",
-        }
-    }
-}
-
-/// One priced line: `tokens × rate = amount`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Line {
-    pub call_index: u32,
-    pub token_type: TokenType,
-    pub tokens: u64,
-    /// Micro-credits per token (= micro-USD per million tokens).
-    pub rate_micro: i64,
-    /// `tokens × rate_micro`, in micro-credits.
-    pub amount_micro: i64,
-    pub estimated: bool,
 }
 
 /// The token counts of a record, by type, as billed.

@@ -18,6 +18,7 @@ pub mod aggregate;
 pub mod billing;
 pub mod error;
 pub mod event;
+pub mod ledger;
 pub mod log;
 pub mod manager;
 pub mod persist;

@@ -6,7 +6,7 @@
 //! implementation only stores what it is given. Every write is an upsert keyed by id,
 //! so a repeated write (a retried abort, a reaper racing the owner) is harmless.
 //!
-//! Billing (SPEC §7): [`Persistence::spend`] records priced [`Line`]s in a ledger whose
+//! Billing (SPEC §7): [`Persistence::spend`] records priced [`Line`]s (module [`ledger`](crate::ledger)) in a ledger whose
 //! unique key is `(stream_id, call_index, token_type)` and takes the sum of the lines
 //! it actually inserted off the user's balance, in one transaction. A line spent again
 //! (by an abort racing the completion, a reaper on another replica, a retry) conflicts
@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
-use crate::billing::{Line, TokenType};
 use crate::event::Message;
+use crate::ledger::{Line, TokenType};
 
 /// A conversation's row.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

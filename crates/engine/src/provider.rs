@@ -167,7 +167,8 @@ impl ProviderError {
 /// An upstream model API.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
-    /// The provider's kind as shown in `GET /api/models` (`demo`, `openai`, …).
+    /// The provider's kind, its wire protocol (`demo`, `openai`, `anthropic`): `kind` in
+    /// `GET /api/models`.
     fn kind(&self) -> &str;
 
     /// Whether the provider applies the first-byte and idle-gap timeouts itself. The
@@ -180,7 +181,8 @@ pub trait Provider: Send + Sync + 'static {
     }
 
     /// The provider's configured name (its `[providers.NAME]` key, `demo` for the
-    /// built-in one), which usage records carry as `provider`. Default: its kind.
+    /// built-in one), which usage records and `GET /api/models` carry as `provider`.
+    /// Default: its kind.
     fn name(&self) -> &str {
         self.kind()
     }

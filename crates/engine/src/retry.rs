@@ -24,56 +24,63 @@ use serde::{Deserialize, Serialize};
 
 use crate::provider::{ProviderError, ProviderErrorKind};
 
-/// Retry settings of one provider. Defaults: 3 retries, base 1 s, cap 30 s, ceiling
-/// 60 s.
+/// Retry settings of one provider, config `[providers.NAME.retry]`; durations are
+/// written with their unit (`base = "1s"`). Defaults: 3 retries, base 1 s, cap 30 s,
+/// ceiling 60 s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Retries after the first attempt (so `max_retries + 1` attempts in all).
     pub max_retries: u32,
-    /// First computed wait, in milliseconds.
-    pub base_ms: u64,
-    /// Largest computed wait, in milliseconds.
-    pub cap_ms: u64,
-    /// Largest `Retry-After` honoured, in milliseconds; a longer one fails the job.
-    pub ceiling_ms: u64,
+    /// First computed wait.
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    /// Largest computed wait.
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    /// Largest `Retry-After` honoured; a longer one fails the job.
+    #[serde(with = "humantime_serde")]
+    pub ceiling: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             max_retries: 3,
-            base_ms: 1000,
-            cap_ms: 30_000,
-            ceiling_ms: 60_000,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(30),
+            ceiling: Duration::from_secs(60),
         }
     }
 }
 
-/// Timeouts of one provider. Defaults: connect 10 s, first byte 60 s, idle gap 60 s.
+/// Timeouts of one provider, config `[providers.NAME.timeouts]` (`idle = "60s"`). Defaults: connect 10 s, first byte 60 s, idle gap 60 s.
 /// The HTTP providers apply them to the upstream's bytes themselves
 /// ([`Provider::applies_timeouts`](crate::provider::Provider::applies_timeouts)); the
 /// engine applies them to the events of any other provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
-    /// TCP/TLS connect, in milliseconds (applied by the provider's HTTP client).
-    pub connect_ms: u64,
-    /// From the start of an attempt to the first byte of the answer's body, in
-    /// milliseconds (for providers that do not see bytes, to their first event).
-    pub first_byte_ms: u64,
-    /// Longest gap between two reads of the answer's body, in milliseconds: pings,
-    /// SSE comments and partial frames count (for providers that do not see bytes,
-    /// the gap between two events).
-    pub idle_ms: u64,
+    /// TCP/TLS connect (applied by the provider's HTTP client).
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// From the start of an attempt to the first byte of the answer's body (for
+    /// providers that do not see bytes, to their first event).
+    #[serde(with = "humantime_serde")]
+    pub first_byte: Duration,
+    /// Longest gap between two reads of the answer's body: pings, SSE comments and
+    /// partial frames count (for providers that do not see bytes, the gap between two
+    /// events).
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            connect_ms: 10_000,
-            first_byte_ms: 60_000,
-            idle_ms: 60_000,
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
         }
     }
 }
@@ -218,8 +225,8 @@ impl Backoff {
         // backon's jitter adds up to the delay again: over half-delays that gives
         // [d/2, d), with d = min(base × 2ⁿ, cap) — jittered below and at the cap.
         let mut b = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(policy.base_ms) / 2)
-            .with_max_delay(Duration::from_millis(policy.cap_ms) / 2)
+            .with_min_delay(policy.base / 2)
+            .with_max_delay(policy.cap / 2)
             .with_factor(2.0)
             .with_max_times(policy.max_retries as usize)
             .with_jitter();
@@ -240,11 +247,9 @@ impl Backoff {
         // Always draw from the sequence, so the retry count holds even when the
         // upstream dictates the wait.
         let computed = self.inner.next().ok_or(GiveUp::Exhausted)?;
-        let cap = Duration::from_millis(self.policy.cap_ms);
+        let cap = self.policy.cap;
         match error.retry_after {
-            Some(ra) if ra > Duration::from_millis(self.policy.ceiling_ms) => {
-                Err(GiveUp::RetryAfterTooLong(ra))
-            }
+            Some(ra) if ra > self.policy.ceiling => Err(GiveUp::RetryAfterTooLong(ra)),
             Some(ra) => Ok(ra),
             // The guard only absorbs float rounding: `computed` is below `cap`.
             None => Ok(computed.min(cap)),
@@ -356,9 +361,9 @@ mod tests {
     fn exponential_with_jitter_within_cap_and_bounded_count() {
         let policy = RetryPolicy {
             max_retries: 6,
-            base_ms: 1000,
-            cap_ms: 30_000,
-            ceiling_ms: 60_000,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(30),
+            ceiling: Duration::from_secs(60),
         };
         let e = http(503, None);
         let mut at_cap = std::collections::BTreeSet::new();

@@ -171,12 +171,12 @@ fn harness_with_limits(provider: Arc<Scripted>, config: ManagerConfig, limits: L
     let mut model = ModelEntry::new("m", provider);
     model.retry = RetryPolicy {
         max_retries: 3,
-        base_ms: 1000,
-        cap_ms: 30_000,
-        ceiling_ms: 60_000,
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(30),
+        ceiling: Duration::from_secs(60),
     };
-    model.timeouts.first_byte_ms = 5_000;
-    model.timeouts.idle_ms = 2_000;
+    model.timeouts.first_byte = Duration::from_secs(5);
+    model.timeouts.idle = Duration::from_secs(2);
     model.tools = vec!["add".into(), "slow_add".into(), "spy".into()];
     let mut tools = ToolRegistry::new();
     let mut runs = std::collections::HashMap::new();

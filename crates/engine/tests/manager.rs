@@ -97,8 +97,8 @@ fn harness(limits: LogLimits, config: ManagerConfig) -> Harness {
         let mut m = ModelEntry::new(name, Arc::new(p));
         // Upstream timeouts beyond the stall timeout, so that the stall reaper (not
         // the retry layer) is what ends a hanging job here.
-        m.timeouts.first_byte_ms = 3_600_000;
-        m.timeouts.idle_ms = 3_600_000;
+        m.timeouts.first_byte = Duration::from_secs(3600);
+        m.timeouts.idle = Duration::from_secs(3600);
         m
     };
     let ms = Duration::from_millis(10);

@@ -46,7 +46,7 @@ fn grants_start_from_the_start_balance() {
     // A refill every hour: a row that did not count as refilled would get one at once.
     let config = write_config(
         dir.path(),
-        "[balance]\nenabled = true\nstart_balance = 100\nrefill_amount = 1000\nrefill_interval_secs = 3600\n",
+        "[balance]\nenabled = true\nstart_balance = 100\nrefill_amount = 1000\nrefill_interval = \"1h\"\n",
     );
     assert_eq!(balance(&config, "neu", Some("5")), "neu: 105 credits");
     // Showing settles the balance as GET /api/balance does: no refill is due yet.

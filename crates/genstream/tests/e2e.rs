@@ -255,21 +255,21 @@ async fn restart_keeps_conversations_and_tokens_and_sigterm_saves_partials() {
         dir.path(),
         r#"
 [jobs]
-shutdown_grace_secs = 1
+shutdown_grace = "1s"
 
 [[models]]
 name = "demo"
 provider = "demo"
 [models.options]
 tokens = 20
-token_delay_ms = 1
+token_delay = "1ms"
 
 [[models]]
 name = "slow"
 provider = "demo"
 [models.options]
 tokens = 100000
-token_delay_ms = 10
+token_delay = "10ms"
 "#,
     );
     let server = spawn(&config, &[]);
@@ -346,14 +346,14 @@ name = "demo"
 provider = "demo"
 [models.options]
 tokens = 15
-token_delay_ms = 1
+token_delay = "1ms"
 
 [[models]]
 name = "slow"
 provider = "demo"
 [models.options]
 tokens = 100000
-token_delay_ms = 10
+token_delay = "10ms"
 "#,
     );
     let server = spawn(&config, &[]);
@@ -438,7 +438,7 @@ token_delay_ms = 10
 #[test]
 fn unknown_config_key_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "[jobs]\nretention_sec = 5\n");
+    let config = write_config(dir.path(), "[jobs]\nretension = \"5s\"\n");
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
@@ -446,7 +446,7 @@ fn unknown_config_key_is_an_error_naming_it() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("retention_sec"), "{err}");
+    assert!(err.contains("retension"), "{err}");
 }
 
 #[test]

@@ -441,7 +441,7 @@ async fn killed_owner_is_reaped_by_the_others_with_replica_lost() {
 key_prefix = "@PREFIX@"
 
 [jobs]
-retention_secs = 600
+retention = "10m"
 
 [limits]
 concurrent_per_user = 0
@@ -453,7 +453,7 @@ name = "slow"
 provider = "demo"
 [models.options]
 tokens = 100000
-token_delay_ms = 20
+token_delay = "20ms"
 "#,
     );
     let mut replicas = spawn_replicas(&config);
@@ -617,7 +617,7 @@ async fn redis_outage_longer_than_the_lease_keeps_live_jobs_running() {
 }
 
 /// Three replicas on a Redis of the test's own, which goes down for `outage` while
-/// jobs stream; `lease_ttl_ms` as given (default 8 s).
+/// jobs stream; `lease_ttl` as given in milliseconds (default 8 s).
 async fn redis_restart(lease_ttl_ms: Option<u64>, outage_for: Duration) {
     const JOBS: usize = 3;
     const TOKENS: usize = 300;
@@ -633,12 +633,12 @@ async fn redis_restart(lease_ttl_ms: Option<u64>, outage_for: Duration) {
         &format!(
             r#"[redis]
 key_prefix = "@PREFIX@"
-timeout_ms = 1000
+timeout = "1s"
 {lease}
 
 [jobs]
-reap_interval_ms = 500
-retention_secs = 600
+reap_interval = "500ms"
+retention = "10m"
 
 [limits]
 concurrent_per_user = 0
@@ -650,10 +650,10 @@ name = "long"
 provider = "demo"
 [models.options]
 tokens = {TOKENS}
-token_delay_ms = 10
+token_delay = "10ms"
 "#,
             lease = lease_ttl_ms
-                .map(|ms| format!("lease_ttl_ms = {ms}"))
+                .map(|ms| format!("lease_ttl = \"{ms}ms\""))
                 .unwrap_or_default()
         ),
     );
@@ -843,11 +843,11 @@ async fn redis_restart_without_persistence_ends_the_lost_jobs_and_recovers() {
         &prefix.name,
         r#"[redis]
 key_prefix = "@PREFIX@"
-timeout_ms = 1000
+timeout = "1s"
 
 [jobs]
-reap_interval_ms = 500
-retention_secs = 600
+reap_interval = "500ms"
+retention = "10m"
 
 [limits]
 concurrent_per_user = 0
@@ -859,14 +859,14 @@ name = "long"
 provider = "demo"
 [models.options]
 tokens = 100000
-token_delay_ms = 10
+token_delay = "10ms"
 
 [[models]]
 name = "short"
 provider = "demo"
 [models.options]
 tokens = 30
-token_delay_ms = 5
+token_delay = "5ms"
 "#,
     );
     let replicas = spawn_named(&config, &["A", "B"]);

@@ -120,7 +120,7 @@ impl Provider for DemoProvider {
 
     /// Streams `tokens` words (each `"<word> "`), then `Usage` and `Finish("stop")`.
     ///
-    /// Waits `first_token_delay_ms` before the first token and `token_delay_ms` between
+    /// Waits `first_token_delay` before the first token and `token_delay` between
     /// tokens. When `cancel` fires, or the stream is dropped, it stops at once: the
     /// stream just ends, without usage or finish.
     ///
@@ -161,8 +161,8 @@ impl Provider for DemoProvider {
             tokens: o.tokens,
             reasoning_tokens,
             behavior: o.behavior,
-            first_delay: Duration::from_millis(o.first_token_delay_ms),
-            token_delay: Duration::from_millis(o.token_delay_ms),
+            first_delay: o.first_token_delay,
+            token_delay: o.token_delay,
             pace: None,
             cancel,
             phase: Phase::Tokens,
@@ -234,8 +234,8 @@ impl DemoProvider {
             ..UsageRecord::default()
         })));
         items.push(Ok(ProviderEvent::Finish(finish.to_owned())));
-        let first = Duration::from_millis(self.options.first_token_delay_ms);
-        let delay = Duration::from_millis(self.options.token_delay_ms);
+        let first = self.options.first_token_delay;
+        let delay = self.options.token_delay;
         futures::stream::unfold((items.into_iter(), 0usize), move |(mut it, n)| {
             let cancel = cancel.clone();
             async move {
@@ -430,8 +430,8 @@ mod tests {
     fn provider(tokens: u32, behavior: DemoBehavior) -> DemoProvider {
         DemoProvider::new(DemoOptions {
             tokens,
-            token_delay_ms: 0,
-            first_token_delay_ms: 0,
+            token_delay: Duration::ZERO,
+            first_token_delay: Duration::ZERO,
             behavior,
         })
     }
@@ -551,8 +551,8 @@ mod tests {
     async fn delays_use_tokio_time() {
         let p = DemoProvider::new(DemoOptions {
             tokens: 5,
-            token_delay_ms: 20,
-            first_token_delay_ms: 1000,
+            token_delay: Duration::from_millis(20),
+            first_token_delay: Duration::from_secs(1),
             behavior: DemoBehavior::Text,
         });
         let start = Instant::now();
@@ -586,7 +586,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancel_cuts_a_wait_short() {
         let p = DemoProvider::new(DemoOptions {
-            token_delay_ms: 60_000,
+            token_delay: Duration::from_secs(60),
             ..DemoOptions::default()
         });
         let cancel = CancellationToken::new();

@@ -11,8 +11,9 @@
 //! - [`openai`]: Chat Completions streaming against any OpenAI-compatible base URL.
 //! - [`anthropic`]: Anthropic Messages API streaming.
 //!
-//! [`build`] turns the config of one model (its provider name and options) into a
-//! provider, checking every key so that a typo fails at startup.
+//! [`build`] turns the config of one model (its provider's name, the `[providers]`
+//! sections and its typed options) into a provider. The shapes of those sections and
+//! options, and the checks of their values, are in [`config`].
 //!
 //! [`ProviderError`]: genstream_engine::provider::ProviderError
 
@@ -32,7 +33,8 @@ mod sse;
 
 pub use anthropic::AnthropicProvider;
 pub use config::{
-    AnthropicModelOptions, DemoBehavior, DemoOptions, OpenAiModelOptions, ProviderConfig,
+    AnthropicModelOptions, DemoBehavior, DemoOptions, HttpProviderConfig, InvalidValue,
+    ModelOptions, OpenAiModelOptions, ProviderConfig, ProviderKind,
 };
 pub use demo::DemoProvider;
 pub use openai::OpenAiProvider;
@@ -40,11 +42,11 @@ pub use openai::OpenAiProvider;
 /// The provider name of the built-in demo provider; it needs no `[providers]` entry.
 pub const DEMO: &str = "demo";
 
-/// Why a model's provider could not be built from the config.
+/// Why a model's provider could not be built.
 ///
 /// Messages name the offending key. [`build`] does not know the model's name, so the
 /// caller adds it with [`BuildError::in_model`], giving e.g.
-/// ``model `fast`: provider `demo`: invalid options: unknown field `tokenz`, expected one of …``.
+/// ``model `fast`: unknown provider `opnai` (configured: demo, openai)``.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// The model names a provider that is neither `demo` nor in `[providers]`.
@@ -55,22 +57,25 @@ pub enum BuildError {
         /// The configured names, comma-separated, `demo` included.
         known: String,
     },
-    /// A `[providers.<name>]` entry has a `kind` this build does not support.
-    #[error("provider `{provider}`: unknown kind `{kind}` (supported: openai, anthropic)")]
-    UnknownKind {
+    /// The options are of another kind than the provider (only Rust code can build
+    /// such a pair: the config reads options as the provider's kind says).
+    #[error("provider `{provider}` is of kind {kind}, but the options are for {options}")]
+    OptionsKind {
         /// The provider's name.
         provider: String,
-        /// The unsupported kind.
-        kind: String,
+        /// The provider's kind.
+        kind: ProviderKind,
+        /// The kind the options are for.
+        options: ProviderKind,
     },
-    /// The model's options do not fit its provider's kind (unknown key, wrong type,
-    /// missing `model`…); `source` names the key.
-    #[error("provider `{provider}`: invalid options: {source}")]
-    InvalidOptions {
+    /// A value of the model's options or of the provider's section is not allowed;
+    /// `source` names the key.
+    #[error("provider `{provider}`: {source}")]
+    InvalidValue {
         /// The provider's name.
         provider: String,
-        /// serde's account, naming the key.
-        source: serde_json::Error,
+        /// The key and what is wrong with it.
+        source: InvalidValue,
     },
     /// The provider's own section is unusable (e.g. `base_url` is not a URL).
     #[error("provider `{provider}`: {message}")]
@@ -100,58 +105,76 @@ impl BuildError {
     }
 }
 
-/// Builds the provider of one model.
-///
-/// `provider` is the model's provider name: `"demo"` (built in; `options` parsed as
-/// [`DemoOptions`], `null` meaning all defaults) or a key of `providers`, whose `kind`
-/// selects the implementation (`"openai"`: `options` parsed as [`OpenAiModelOptions`];
-/// `"anthropic"`: as [`AnthropicModelOptions`]). The returned provider is meant to be
-/// built once and shared by all jobs of the model (the HTTP ones own their connection
-/// pool).
+/// The kind of the provider named `provider`: [`ProviderKind::Demo`] for `"demo"`,
+/// else the kind of its `[providers.NAME]` section. The config uses it to choose the
+/// shape of a model's options ([`ModelOptions::deserialize_for`]).
 ///
 /// # Errors
-/// [`BuildError`] for an unknown provider or kind, options with an unknown or missing
-/// key, or an unusable provider section.
+/// [`BuildError::UnknownProvider`], listing the configured names.
+pub fn kind_of(
+    provider: &str,
+    providers: &BTreeMap<String, ProviderConfig>,
+) -> Result<ProviderKind, BuildError> {
+    if provider == DEMO {
+        return Ok(ProviderKind::Demo);
+    }
+    match providers.get(provider) {
+        Some(config) => Ok(config.kind()),
+        None => {
+            let known: Vec<&str> = std::iter::once(DEMO)
+                .chain(providers.keys().map(String::as_str))
+                .collect();
+            Err(BuildError::UnknownProvider {
+                provider: provider.to_owned(),
+                known: known.join(", "),
+            })
+        }
+    }
+}
+
+/// Builds the provider of one model.
+///
+/// `provider` is the model's provider name: `"demo"` (built in) or a key of
+/// `providers`. `options` must be of that provider's kind. The section and the options
+/// are checked again here ([`ProviderConfig::validate`], [`ModelOptions::validate`]),
+/// so a config built in code gets the same refusals as one read from a file. The
+/// returned provider is meant to be built once and shared by all jobs of the model
+/// (the HTTP ones own their connection pool).
+///
+/// # Errors
+/// [`BuildError`] for an unknown provider, options of another kind, a value out of
+/// range, or an unusable provider section.
 pub fn build(
     provider: &str,
     providers: &BTreeMap<String, ProviderConfig>,
-    options: &serde_json::Value,
+    options: &ModelOptions,
 ) -> Result<Arc<dyn Provider>, BuildError> {
-    let invalid_options = |source| BuildError::InvalidOptions {
+    let kind = kind_of(provider, providers)?;
+    let invalid = |source| BuildError::InvalidValue {
         provider: provider.to_owned(),
         source,
     };
-    if provider == DEMO {
-        let options: DemoOptions = if options.is_null() {
-            DemoOptions::default()
-        } else {
-            serde_json::from_value(options.clone()).map_err(invalid_options)?
-        };
-        return Ok(Arc::new(DemoProvider::new(options)));
+    options
+        .validate()
+        .map_err(|e| invalid(e.under("options")))?;
+    let section = providers
+        .get(provider)
+        .filter(|_| kind != ProviderKind::Demo);
+    if let Some(section) = section {
+        section.validate().map_err(invalid)?;
     }
-    let Some(config) = providers.get(provider) else {
-        let known: Vec<&str> = std::iter::once(DEMO)
-            .chain(providers.keys().map(String::as_str))
-            .collect();
-        return Err(BuildError::UnknownProvider {
-            provider: provider.to_owned(),
-            known: known.join(", "),
-        });
-    };
-    match config.kind.as_str() {
-        "openai" => {
-            let options: OpenAiModelOptions =
-                serde_json::from_value(options.clone()).map_err(invalid_options)?;
-            Ok(Arc::new(OpenAiProvider::new(provider, config, options)?))
+    match (section, options) {
+        (None, ModelOptions::Demo(o)) => Ok(Arc::new(DemoProvider::new(o.clone()))),
+        (Some(ProviderConfig::OpenAi(c)), ModelOptions::OpenAi(o)) => {
+            Ok(Arc::new(OpenAiProvider::new(provider, c, o.clone())?))
         }
-        "anthropic" => {
-            let options: AnthropicModelOptions =
-                serde_json::from_value(options.clone()).map_err(invalid_options)?;
-            Ok(Arc::new(AnthropicProvider::new(provider, config, options)?))
+        (Some(ProviderConfig::Anthropic(c)), ModelOptions::Anthropic(o)) => {
+            Ok(Arc::new(AnthropicProvider::new(provider, c, o.clone())?))
         }
-        kind => Err(BuildError::UnknownKind {
+        _ => Err(BuildError::OptionsKind {
             provider: provider.to_owned(),
-            kind: kind.to_owned(),
+            kind,
+            options: options.kind(),
         }),
     }
 }
@@ -162,116 +185,84 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn section(kind: &str, base_url: &str) -> ProviderConfig {
+        serde_json::from_value(json!({"kind": kind, "base_url": base_url})).unwrap()
+    }
+
     fn providers() -> BTreeMap<String, ProviderConfig> {
         BTreeMap::from([(
             "local".to_owned(),
-            ProviderConfig {
-                kind: "openai".into(),
-                base_url: "http://127.0.0.1:9/v1/".into(),
-                api_key_env: None,
-                ..Default::default()
-            },
+            section("openai", "http://127.0.0.1:9/v1/"),
         )])
     }
 
-    fn err(provider: &str, options: serde_json::Value) -> String {
-        match build(provider, &providers(), &options) {
+    fn openai(model: &str) -> ModelOptions {
+        ModelOptions::OpenAi(OpenAiModelOptions {
+            model: model.into(),
+        })
+    }
+
+    fn err(provider: &str, ps: &BTreeMap<String, ProviderConfig>, o: &ModelOptions) -> String {
+        match build(provider, ps, o) {
             Ok(_) => panic!("expected an error"),
             Err(e) => e.in_model("m1").to_string(),
         }
     }
 
     #[test]
-    fn builds_demo_and_openai() {
-        assert_eq!(
-            build("demo", &BTreeMap::new(), &json!(null))
-                .unwrap()
-                .kind(),
-            "demo"
-        );
-        assert_eq!(
-            build("demo", &BTreeMap::new(), &json!({"tokens": 3}))
-                .unwrap()
-                .kind(),
-            "demo"
-        );
-        let p = build("local", &providers(), &json!({"model": "gpt-4o"})).unwrap();
+    fn builds_demo_openai_and_anthropic() {
+        let p = build("demo", &BTreeMap::new(), &ModelOptions::default()).unwrap();
+        assert_eq!((p.kind(), p.name()), ("demo", "demo"));
+        let p = build("local", &providers(), &openai("gpt-4o")).unwrap();
         assert_eq!(p.kind(), "openai");
         // Usage records name the configured provider; estimates use the upstream id.
         assert_eq!((p.name(), p.upstream_model()), ("local", Some("gpt-4o")));
+        let mut ps = providers();
+        ps.insert(
+            "claude".into(),
+            section("anthropic", "https://api.anthropic.com/v1"),
+        );
+        let o = ModelOptions::deserialize_for(
+            kind_of("claude", &ps).unwrap(),
+            json!({"model": "claude-sonnet-4-5"}),
+        )
+        .unwrap();
+        assert_eq!(build("claude", &ps, &o).unwrap().kind(), "anthropic");
     }
 
     #[test]
     fn errors_name_the_key_and_the_model() {
-        let e = err("demo", json!({"tokenz": 3}));
-        assert!(e.contains("model `m1`") && e.contains("tokenz"), "{e}");
-        let e = err("nope", json!({}));
+        let ps = providers();
+        let e = err("nope", &ps, &openai("x"));
         assert!(
             e.contains("model `m1`") && e.contains("`nope`") && e.contains("local"),
             "{e}"
         );
-        let e = err("local", json!({"model": "x", "temperature": 1}));
-        assert!(e.contains("temperature"), "{e}");
-        let e = err("local", json!({}));
-        assert!(e.contains("model"), "{e}");
+        let e = err("local", &ps, &ModelOptions::default());
+        assert!(e.contains("kind openai") && e.contains("for demo"), "{e}");
+        let e = err(
+            "demo",
+            &ps,
+            &ModelOptions::Demo(DemoOptions {
+                first_token_delay: std::time::Duration::from_secs(4000),
+                ..DemoOptions::default()
+            }),
+        );
+        assert!(e.contains("`options.first_token_delay`"), "{e}");
         let mut ps = providers();
         ps.insert(
             "claude".into(),
-            ProviderConfig {
-                kind: "anthropic".into(),
-                base_url: "https://api.anthropic.com/v1".into(),
-                api_key_env: None,
-                ..Default::default()
-            },
+            section("anthropic", "https://api.anthropic.com/v1"),
         );
-        assert_eq!(
-            build("claude", &ps, &json!({"model": "claude-sonnet-4-5"}))
-                .unwrap()
-                .kind(),
-            "anthropic"
-        );
-        let e = build("claude", &ps, &json!({"model": "x", "max_token": 5}))
-            .err()
-            .unwrap()
-            .in_model("m2")
-            .to_string();
-        assert!(e.contains("m2") && e.contains("max_token"), "{e}");
-        let e = build(
-            "claude",
-            &ps,
-            &json!({"model": "x", "max_tokens": 2000, "thinking_budget_tokens": 4000}),
-        )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(e.contains("thinking_budget_tokens"), "{e}");
-        ps.insert(
-            "gemini".into(),
-            ProviderConfig {
-                kind: "gemini".into(),
-                base_url: "https://example.com/v1".into(),
-                api_key_env: None,
-                ..Default::default()
-            },
-        );
-        let e = build("gemini", &ps, &json!({"model": "x"}))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("unknown kind `gemini`"), "{e}");
-        ps.insert(
-            "bad".into(),
-            ProviderConfig {
-                kind: "openai".into(),
-                base_url: "not a url".into(),
-                api_key_env: None,
-                ..Default::default()
-            },
-        );
-        let e = build("bad", &ps, &json!({"model": "x"}))
-            .err()
-            .unwrap()
-            .to_string();
+        let thinking = ModelOptions::Anthropic(AnthropicModelOptions {
+            model: "x".into(),
+            max_tokens: 2000,
+            thinking_budget_tokens: Some(4000),
+        });
+        let e = err("claude", &ps, &thinking);
+        assert!(e.contains("`options.thinking_budget_tokens`"), "{e}");
+        ps.insert("bad".into(), section("openai", "not a url"));
+        let e = err("bad", &ps, &openai("x"));
         assert!(e.contains("base_url"), "{e}");
     }
 }

@@ -80,11 +80,10 @@ pub(crate) struct Deadlines {
 impl Deadlines {
     /// The deadlines of an attempt that started at `started`, under `timeouts`.
     pub(crate) fn new(started: Instant, timeouts: &Timeouts) -> Self {
-        let first_byte = Duration::from_millis(timeouts.first_byte_ms);
         Deadlines {
-            first_byte_deadline: started + first_byte,
-            first_byte,
-            idle: Duration::from_millis(timeouts.idle_ms),
+            first_byte_deadline: started + timeouts.first_byte,
+            first_byte: timeouts.first_byte,
+            idle: timeouts.idle,
         }
     }
 }
@@ -393,9 +392,9 @@ mod tests {
         Deadlines::new(
             Instant::now(),
             &Timeouts {
-                connect_ms: 1000,
-                first_byte_ms: 3000,
-                idle_ms: 2000,
+                connect: Duration::from_secs(1),
+                first_byte: Duration::from_secs(3),
+                idle: Duration::from_secs(2),
             },
         )
     }

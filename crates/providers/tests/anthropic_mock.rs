@@ -14,7 +14,7 @@ use genstream_engine::provider::{
 };
 use genstream_engine::usage::UsageRecord;
 use genstream_mock_upstream::{MockUpstream, fixture};
-use genstream_providers::{ProviderConfig, build};
+use genstream_providers::{HttpProviderConfig, ModelOptions, ProviderConfig, ProviderKind, build};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -23,14 +23,14 @@ type Item = Result<ProviderEvent, ProviderError>;
 fn provider_with(base_url: String, options: Value, api_key_env: Option<&str>) -> Arc<dyn Provider> {
     let providers = BTreeMap::from([(
         "claude".to_owned(),
-        ProviderConfig {
-            kind: "anthropic".into(),
+        ProviderConfig::Anthropic(HttpProviderConfig {
             // A trailing slash, as users write it.
             base_url: format!("{base_url}/"),
             api_key_env: api_key_env.map(str::to_owned),
             ..Default::default()
-        },
+        }),
     )]);
+    let options = ModelOptions::deserialize_for(ProviderKind::Anthropic, options).unwrap();
     build("claude", &providers, &options).unwrap()
 }
 
@@ -613,18 +613,20 @@ async fn x_api_key_child() {
 fn impatient(mock: &MockUpstream, upstream_model: &str) -> Arc<dyn Provider> {
     let providers = BTreeMap::from([(
         "claude".to_owned(),
-        ProviderConfig {
-            kind: "anthropic".into(),
+        ProviderConfig::Anthropic(HttpProviderConfig {
             base_url: mock.base_url(),
             timeouts: genstream_engine::retry::Timeouts {
-                connect_ms: 1000,
-                first_byte_ms: 400,
-                idle_ms: 400,
+                connect: Duration::from_secs(1),
+                first_byte: Duration::from_millis(400),
+                idle: Duration::from_millis(400),
             },
             ..Default::default()
-        },
+        }),
     )]);
-    build("claude", &providers, &json!({"model": upstream_model})).unwrap()
+    let options =
+        ModelOptions::deserialize_for(ProviderKind::Anthropic, json!({"model": upstream_model}))
+            .unwrap();
+    build("claude", &providers, &options).unwrap()
 }
 
 /// Anthropic's `ping` events, before `message_start` or between events, keep a live

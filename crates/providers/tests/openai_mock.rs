@@ -13,7 +13,7 @@ use genstream_engine::provider::{
 };
 use genstream_engine::usage::UsageRecord;
 use genstream_mock_upstream::{MockUpstream, fixture};
-use genstream_providers::{ProviderConfig, build};
+use genstream_providers::{HttpProviderConfig, ModelOptions, ProviderConfig, ProviderKind, build};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -26,15 +26,18 @@ fn provider_for(
 ) -> Arc<dyn Provider> {
     let providers = BTreeMap::from([(
         "mock".to_owned(),
-        ProviderConfig {
-            kind: "openai".into(),
+        ProviderConfig::OpenAi(HttpProviderConfig {
             // A trailing slash, as users write it.
             base_url: format!("{base_url}/"),
             api_key_env: api_key_env.map(str::to_owned),
             ..Default::default()
-        },
+        }),
     )]);
-    build("mock", &providers, &json!({"model": upstream_model})).unwrap()
+    build("mock", &providers, &options(upstream_model)).unwrap()
+}
+
+fn options(upstream_model: &str) -> ModelOptions {
+    ModelOptions::deserialize_for(ProviderKind::OpenAi, json!({"model": upstream_model})).unwrap()
 }
 
 fn request(text: &str) -> ModelRequest {
@@ -479,18 +482,17 @@ async fn bearer_key_child() {
 fn impatient(mock: &MockUpstream, upstream_model: &str) -> Arc<dyn Provider> {
     let providers = BTreeMap::from([(
         "mock".to_owned(),
-        ProviderConfig {
-            kind: "openai".into(),
+        ProviderConfig::OpenAi(HttpProviderConfig {
             base_url: mock.base_url(),
             timeouts: genstream_engine::retry::Timeouts {
-                connect_ms: 1000,
-                first_byte_ms: 400,
-                idle_ms: 400,
+                connect: Duration::from_secs(1),
+                first_byte: Duration::from_millis(400),
+                idle: Duration::from_millis(400),
             },
             ..Default::default()
-        },
+        }),
     )]);
-    build("mock", &providers, &json!({"model": upstream_model})).unwrap()
+    build("mock", &providers, &options(upstream_model)).unwrap()
 }
 
 /// OpenRouter's `: OPENROUTER PROCESSING` comments, before the first chunk or between

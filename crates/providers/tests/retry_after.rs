@@ -29,7 +29,7 @@ use genstream_engine::provider::{
 use genstream_engine::retry::{Backoff, GiveUp, RetryPolicy};
 use genstream_engine::store::{JobStore, MemoryStore};
 use genstream_mock_upstream::MockUpstream;
-use genstream_providers::{ProviderConfig, build};
+use genstream_providers::{ModelOptions, ProviderConfig, build, kind_of};
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,15 +48,16 @@ async fn error_for(mock: &MockUpstream, kind: Kind, model: &str) -> ProviderErro
     };
     let providers = BTreeMap::from([(
         "mock".to_owned(),
-        ProviderConfig {
-            kind: name.into(),
-            base_url: mock.base_url(),
-            ..Default::default()
-        },
+        serde_json::from_value::<ProviderConfig>(
+            json!({"kind": name, "base_url": mock.base_url()}),
+        )
+        .unwrap(),
     )]);
     // The mock counts requests per model string: each kind gets its own.
     let model = format!("{model}?delay_ms={}", kind as u8);
-    let provider = build("mock", &providers, &json!({"model": model})).unwrap();
+    let provider_kind = kind_of("mock", &providers).unwrap();
+    let options = ModelOptions::deserialize_for(provider_kind, json!({"model": model})).unwrap();
+    let provider = build("mock", &providers, &options).unwrap();
     match provider
         .stream(ModelRequest::default(), CancellationToken::new())
         .await

@@ -255,7 +255,10 @@ pub async fn models(
         .map(|m| {
             json!({
                 "name": m.name,
-                "provider": m.provider.kind(),
+                // The configured name (`[providers.NAME]`, or `demo`), as usage
+                // records carry it; `kind` is the wire protocol it speaks.
+                "provider": m.provider.name(),
+                "kind": m.provider.kind(),
                 "tools": m.tools,
                 // USD per million tokens; null means the model costs nothing.
                 "pricing": m.pricing,

@@ -35,13 +35,10 @@ const SECRET_NAME: &str = "jwt_secret";
 
 /// The database named by the config.
 pub async fn open_database(config: &Config) -> Result<Arc<dyn Persistence>, ServeError> {
-    let mut pool = genstream_sql::PoolOptions::default();
-    if config.pool.max_connections > 0 {
-        pool.max_connections = Some(config.pool.max_connections);
-    }
-    if config.pool.acquire_timeout_ms > 0 {
-        pool.acquire_timeout = Duration::from_millis(config.pool.acquire_timeout_ms);
-    }
+    let pool = genstream_sql::PoolOptions {
+        max_connections: Some(config.pool.max_connections).filter(|n| *n > 0),
+        acquire_timeout: config.pool.acquire_timeout,
+    };
     genstream_sql::connect(&config.database, pool)
         .await
         .map_err(|e| ServeError::Database(e.to_string()))
@@ -58,11 +55,11 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError
         url if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let mut rc = genstream_redis::RedisConfig::new(url);
             rc.key_prefix.clone_from(&config.redis.key_prefix);
-            rc.lease_ttl = Duration::from_millis(config.redis.lease_ttl_ms.max(300));
-            rc.running_ttl = Duration::from_secs(config.redis.running_ttl_secs.max(1));
-            rc.retention = Duration::from_secs(config.jobs.retention_secs.max(1));
+            rc.lease_ttl = config.redis.lease_ttl;
+            rc.running_ttl = config.redis.running_ttl;
+            rc.retention = config.jobs.retention;
             rc.limits = config.log_limits();
-            rc.timeout = Duration::from_millis(config.redis.timeout_ms.max(50));
+            rc.timeout = config.redis.timeout;
             rc.max_running_per_user = Some(config.limits.concurrent_per_user).filter(|n| *n > 0);
             let store = genstream_redis::RedisStore::connect(rc)
                 .await
@@ -93,7 +90,13 @@ pub async fn resolve_secret(
 
 /// Builds the state the router serves: store, database, models, manager, keys. The
 /// flag is true when the secret was not configured (it lives in the database).
+///
+/// The config is validated first ([`Config::validate`]), so one built in code is
+/// refused as one read from a file would be.
 pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError> {
+    config
+        .validate()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let store = open_store(config).await?;
     let db = open_database(config).await?;
     let tools =
@@ -101,7 +104,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
     let mut models = Vec::new();
     for m in &config.models {
         let provider = genstream_providers::build(&m.provider, &config.providers, &m.options)
-            .map_err(|e| ServeError::Config(format!("model {:?}: {e}", m.name)))?;
+            .map_err(|e| ServeError::Config(e.in_model(&m.name).to_string()))?;
         let mut entry = ModelEntry::new(&m.name, provider);
         entry.pricing = m.pricing;
         for t in &m.tools {
@@ -115,8 +118,8 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
         }
         entry.tools.clone_from(&m.tools);
         if let Some(p) = config.providers.get(&m.provider) {
-            entry.retry = p.retry;
-            entry.timeouts = p.timeouts;
+            entry.retry = p.http().retry;
+            entry.timeouts = p.http().timeouts;
         }
         models.push(entry);
     }
@@ -129,7 +132,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
         AppState {
             manager,
             auth: Arc::new(JwtKeys::new(&secret)),
-            keepalive: Duration::from_secs(config.http.keepalive_secs.max(1)),
+            keepalive: config.http.keepalive,
             trusted_proxies: Arc::new(
                 crate::client_ip::parse_proxies(&config.limits.trusted_proxies)
                     .map_err(ServeError::Config)?,
@@ -140,7 +143,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
 }
 
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully: new chats are
-/// refused, running jobs get `jobs.shutdown_grace_secs` to finish, the rest are
+/// refused, running jobs get `jobs.shutdown_grace` to finish, the rest are
 /// aborted with their partial answers saved, and the process returns.
 ///
 /// Prints `genstream listening on http://ADDR` on stdout once it accepts connections
@@ -166,7 +169,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     tracing::info!(%addr, store = %config.store, "listening");
 
     let router = app(state, config.http.max_body_bytes);
-    let grace = Duration::from_secs(config.jobs.shutdown_grace_secs);
+    let grace = config.jobs.shutdown_grace;
     let stopped = manager.clone();
     axum::serve(
         no_delay(listener),

@@ -736,7 +736,7 @@ async fn abort_status_active_and_conversation_routes() {
 async fn idle_streams_get_keepalive_comments_every_15s() {
     let app = test_app(vec![demo(
         "stall",
-        json!({"tokens": 50, "token_delay_ms": 1, "behavior": "stall"}),
+        json!({"tokens": 50, "token_delay": "1ms", "behavior": "stall"}),
     )]);
     let started = start(&app, "alice", json!({"text": "hang"})).await;
     let sid = started["streamId"].as_str().unwrap();

@@ -18,6 +18,7 @@ use common::{SECRET, token};
 use futures::StreamExt;
 use genstream_engine::billing::{Pricing, price};
 use genstream_engine::event::{Event, EventBody};
+use genstream_providers::{ModelOptions, ProviderKind};
 use genstream_server::config::{
     AuthConfig, BalanceConfig, Config, LimitsConfig, ModelConfig, RedisSection,
 };
@@ -39,7 +40,7 @@ fn model(name: &str, options: Value, pricing: Option<Pricing>) -> ModelConfig {
         provider: "demo".into(),
         tools: Vec::new(),
         pricing,
-        options,
+        options: ModelOptions::deserialize_for(ProviderKind::Demo, options).unwrap(),
     }
 }
 
@@ -51,7 +52,7 @@ fn base_config(database: &str, store: &str, prefix: &str) -> Config {
         // A generous command timeout: these tests load a 2-core machine on purpose.
         redis: RedisSection {
             key_prefix: prefix.into(),
-            timeout_ms: 10_000,
+            timeout: Duration::from_secs(10),
             ..RedisSection::default()
         },
         auth: AuthConfig {
@@ -61,12 +62,12 @@ fn base_config(database: &str, store: &str, prefix: &str) -> Config {
         models: vec![
             model(
                 "priced",
-                json!({"tokens": 12, "token_delay_ms": 1}),
+                json!({"tokens": 12, "token_delay": "1ms"}),
                 Some(PRICING),
             ),
             model(
                 "slow",
-                json!({"tokens": 100000, "token_delay_ms": 5}),
+                json!({"tokens": 100000, "token_delay": "5ms"}),
                 Some(PRICING),
             ),
         ],
@@ -171,7 +172,7 @@ async fn credits_balance_usage_402_and_refill() {
         enabled: true,
         start_balance: 2000.0,
         refill_amount: 0.0,
-        refill_interval_secs: 0,
+        refill_interval: Duration::ZERO,
     };
     let s = serve(&config).await;
     assert_eq!(get(&s, "ann", "/api/balance").await["balance"], 2000.0);
@@ -260,7 +261,7 @@ async fn credits_balance_usage_402_and_refill() {
 
     // Refill: every 2 s, counted from the balance's creation (here its first look).
     config.balance.refill_amount = 5000.0;
-    config.balance.refill_interval_secs = 2;
+    config.balance.refill_interval = Duration::from_secs(2);
     let s = serve(&config).await;
     assert_eq!(get(&s, "ann", "/api/balance").await["balance"], 2000.0);
     let db = s.state.manager.db();
@@ -535,11 +536,11 @@ async fn refill_across_replicas_happens_once_with_the_configured_amount() {
         enabled: true,
         start_balance: 100.0,
         refill_amount: 1000.0,
-        refill_interval_secs: 2,
+        refill_interval: Duration::from_secs(2),
     };
     config.models.push(model(
         "free",
-        json!({"tokens": 3, "token_delay_ms": 1}),
+        json!({"tokens": 3, "token_delay": "1ms"}),
         None,
     ));
     let replicas = [
@@ -589,8 +590,8 @@ async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
     let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
     let mut config = base_config(&db.url, &redis_url(), &prefix.0);
     config.limits.concurrent_per_user = 2;
-    config.redis.lease_ttl_ms = 600;
-    config.jobs.reap_interval_ms = 200;
+    config.redis.lease_ttl = Duration::from_millis(600);
+    config.jobs.reap_interval = Duration::from_millis(200);
     let replicas = [
         serve(&config).await,
         serve(&config).await,
@@ -755,7 +756,7 @@ async fn exactly_once(database: &str, cases: usize) {
     let mut config = base_config(database, &redis_url(), &prefix.0);
     config.models = vec![model(
         "priced",
-        json!({"tokens": 8, "token_delay_ms": 2}),
+        json!({"tokens": 8, "token_delay": "2ms"}),
         Some(PRICING),
     )];
     const START_MICRO: i64 = 1_000_000 * 1_000_000;
@@ -763,15 +764,15 @@ async fn exactly_once(database: &str, cases: usize) {
         enabled: true,
         start_balance: START_MICRO as f64 / 1e6,
         refill_amount: 0.0,
-        refill_interval_secs: 0,
+        refill_interval: Duration::ZERO,
     };
-    config.redis.lease_ttl_ms = 1000;
+    config.redis.lease_ttl = Duration::from_secs(1);
     // Jobs run on a; b's reaper (every 20 ms) is the one that finds them orphaned. A
     // replica never judges its own jobs by a lease, so a must not reap them here
     // either: its sweep runs once at start only.
-    config.jobs.reap_interval_ms = 3_600_000;
+    config.jobs.reap_interval = Duration::from_secs(3600);
     let a = serve(&config).await;
-    config.jobs.reap_interval_ms = 20;
+    config.jobs.reap_interval = Duration::from_millis(20);
     let b = serve(&config).await;
     // A replica judges others' leases only after a whole lease TTL of its own health.
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -53,7 +53,7 @@ async fn read_all(base: &str, stream_id: &str, query: &str) -> Vec<u8> {
 async fn fifty_subscribers_before_during_after_get_identical_bytes() {
     let app = test_app(vec![demo(
         "demo",
-        json!({"tokens": 60, "token_delay_ms": 2, "first_token_delay_ms": 40}),
+        json!({"tokens": 60, "token_delay": "2ms", "first_token_delay": "40ms"}),
     )]);
     let base = serve(&app).await;
     let (_, started) = post(&base, "alice", "/api/chat", json!({"text": "fan out"})).await;
@@ -89,7 +89,7 @@ async fn fifty_subscribers_before_during_after_get_identical_bytes() {
 async fn concurrent_aborts_give_one_terminal_and_one_answer() {
     let app = test_app(vec![demo(
         "slow",
-        json!({"tokens": 100000, "token_delay_ms": 5}),
+        json!({"tokens": 100000, "token_delay": "5ms"}),
     )]);
     let base = serve(&app).await;
     let (_, started) = post(&base, "alice", "/api/chat", json!({"text": "stop me"})).await;
@@ -127,7 +127,7 @@ async fn concurrent_aborts_give_one_terminal_and_one_answer() {
 async fn each_turn_has_its_own_log_and_cursors_are_integers() {
     let app = test_app(vec![demo(
         "demo",
-        json!({"tokens": 20, "token_delay_ms": 0}),
+        json!({"tokens": 20, "token_delay": "0ms"}),
     )]);
     let base = serve(&app).await;
     let (_, first) = post(&base, "alice", "/api/chat", json!({"text": "turn one"})).await;

@@ -27,6 +27,7 @@ use common::{SECRET, token};
 use futures::StreamExt;
 use genstream_engine::aggregate::Aggregate;
 use genstream_engine::event::Event;
+use genstream_providers::{ModelOptions, ProviderKind};
 use genstream_server::config::{
     AuthConfig, Config, JobsConfig, LimitsConfig, ModelConfig, PoolSection, RedisSection,
 };
@@ -46,7 +47,7 @@ fn demo_model(name: &str, options: Value) -> ModelConfig {
         provider: "demo".into(),
         tools: Vec::new(),
         pricing: None,
-        options,
+        options: ModelOptions::deserialize_for(ProviderKind::Demo, options).unwrap(),
     }
 }
 
@@ -61,13 +62,13 @@ fn replica_config(prefix: &str, db_url: &str, models: Vec<ModelConfig>) -> Confi
         },
         pool: PoolSection {
             max_connections: 4,
-            acquire_timeout_ms: 0,
+            ..PoolSection::default()
         },
         auth: AuthConfig {
             jwt_secret: Some(SECRET.into()),
         },
         jobs: JobsConfig {
-            retention_secs: 600,
+            retention: Duration::from_secs(600),
             ..JobsConfig::default()
         },
         limits: LimitsConfig::off(),
@@ -511,11 +512,11 @@ const MODELS: [&str; 3] = ["demo", "demo60", "reasoning"];
 
 fn property_models() -> Vec<ModelConfig> {
     vec![
-        demo_model("demo", json!({"tokens": 30, "token_delay_ms": 1})),
-        demo_model("demo60", json!({"tokens": 60, "token_delay_ms": 2})),
+        demo_model("demo", json!({"tokens": 30, "token_delay": "1ms"})),
+        demo_model("demo60", json!({"tokens": 60, "token_delay": "2ms"})),
         demo_model(
             "reasoning",
-            json!({"tokens": 40, "token_delay_ms": 1, "behavior": "reasoning"}),
+            json!({"tokens": 40, "token_delay": "1ms", "behavior": "reasoning"}),
         ),
     ]
 }
@@ -663,7 +664,7 @@ async fn resume_across_three_replicas_300_plans() {
 async fn one_job_watched_from_three_replicas_is_byte_identical() {
     let cl = cluster(vec![demo_model(
         "long",
-        json!({"tokens": 200, "token_delay_ms": 2, "behavior": "reasoning"}),
+        json!({"tokens": 200, "token_delay": "2ms", "behavior": "reasoning"}),
     )])
     .await;
     let v = cl.start(A, "watch me", "long").await;
@@ -723,8 +724,8 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_from_another_replica_saves_partial_before_answering() {
     let cl = cluster(vec![
-        demo_model("slow", json!({"tokens": 100000, "token_delay_ms": 10})),
-        demo_model("demo", json!({"tokens": 30, "token_delay_ms": 1})),
+        demo_model("slow", json!({"tokens": 100000, "token_delay": "10ms"})),
+        demo_model("demo", json!({"tokens": 30, "token_delay": "1ms"})),
     ])
     .await;
     let v = cl.start(A, "a long answer please", "slow").await;
@@ -904,13 +905,13 @@ async fn racing_reapers(strict: bool) {
     let cl = cluster_with(
         vec![demo_model(
             "demo",
-            json!({"tokens": 30, "token_delay_ms": 1}),
+            json!({"tokens": 30, "token_delay": "1ms"}),
         )],
         |c| {
             // Reapers are driven by hand below. A short lease: a replica judges other
             // replicas' leases only after one whole lease TTL of health of its own.
-            c.jobs.reap_interval_ms = 3_600_000;
-            c.redis.lease_ttl_ms = 500;
+            c.jobs.reap_interval = Duration::from_secs(3600);
+            c.redis.lease_ttl = Duration::from_millis(500);
         },
     )
     .await;
@@ -1201,10 +1202,10 @@ async fn database_lost_while_running_is_503_and_recovers() {
         &url,
         vec![demo_model(
             "demo",
-            json!({"tokens": 20, "token_delay_ms": 1}),
+            json!({"tokens": 20, "token_delay": "1ms"}),
         )],
     );
-    config.pool.acquire_timeout_ms = 1000;
+    config.pool.acquire_timeout = Duration::from_secs(1);
     let (state, _) = build_state(&config).await.expect("replica starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

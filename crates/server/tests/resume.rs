@@ -250,10 +250,10 @@ fn check(received: &[SseFrame], reference: &[SseFrame], plan: &Plan) {
 /// open while it runs, short enough for 1,000 plans.
 fn paced_models() -> Vec<genstream_engine::manager::ModelEntry> {
     vec![
-        demo("paced", json!({"tokens": 40, "token_delay_ms": 5})),
+        demo("paced", json!({"tokens": 40, "token_delay": "5ms"})),
         demo(
             "paced-reasoning",
-            json!({"tokens": 40, "token_delay_ms": 5, "behavior": "reasoning"}),
+            json!({"tokens": 40, "token_delay": "5ms", "behavior": "reasoning"}),
         ),
     ]
 }

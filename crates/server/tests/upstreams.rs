@@ -20,8 +20,8 @@
 //!
 //! Exact delays are asserted at the engine level with paused time (engine
 //! `tests/agent.rs`); here time bounds are loose so the suite does not flake. Retry
-//! waits are kept small (`base_ms` 20, `cap_ms` 200) and so are the timeouts
-//! (`first_byte_ms` 1200, `idle_ms` 800: short, with room for a loaded 2-core machine).
+//! waits are kept small (`base` 20 ms, `cap` 200 ms) and so are the timeouts
+//! (`first_byte` 1200 ms, `idle` 800 ms: short, with room for a loaded 2-core machine).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -82,13 +82,15 @@ impl Kind {
     }
 }
 
-/// A provider section: small retry waits and timeouts, and `ceiling_ms`.
+/// A provider section: small retry waits and timeouts, and a `ceiling` of `ceiling_ms`.
 fn provider(kind: Kind, base_url: &str, ceiling_ms: u64) -> Value {
     json!({
         "kind": kind.name(),
         "base_url": base_url,
-        "retry": {"max_retries": 3, "base_ms": 20, "cap_ms": 200, "ceiling_ms": ceiling_ms},
-        "timeouts": {"connect_ms": 1000, "first_byte_ms": FIRST_BYTE_MS, "idle_ms": IDLE_MS},
+        "retry": {"max_retries": 3, "base": "20ms", "cap": "200ms",
+            "ceiling": format!("{ceiling_ms}ms")},
+        "timeouts": {"connect": "1s", "first_byte": format!("{FIRST_BYTE_MS}ms"),
+            "idle": format!("{IDLE_MS}ms")},
     })
 }
 
@@ -533,7 +535,7 @@ async fn check_persisted(server: &Server, turn: &Turn, message: &Value, unfinish
 enum Wait {
     /// Exactly this many milliseconds (the upstream said so).
     Exactly(u64),
-    /// Computed: from `base_ms` to `cap_ms`.
+    /// Computed: from `base` to `cap`.
     Backoff,
 }
 
@@ -602,7 +604,7 @@ async fn retryable_statuses(kind: Kind) {
                 let d = r["delayMs"].as_u64().unwrap();
                 match wait {
                     Wait::Exactly(ms) => assert_eq!(d, *ms, "{ctx}"),
-                    // Equal jitter: from half of base_ms up to cap_ms.
+                    // Equal jitter: from half of base up to cap.
                     Wait::Backoff => assert!((10..=200).contains(&d), "{ctx}: {d}"),
                 }
                 waited += d;
@@ -1018,7 +1020,7 @@ fn http_tool(name: &str, url: &str) -> Value {
         "name": name,
         "description": format!("The {name} tool"),
         "url": url,
-        "timeout_ms": 30_000,
+        "timeout": "30s",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
             "required": ["city"]},
     })
@@ -1438,7 +1440,7 @@ async fn the_demo_tools_model_answers_with_the_product() {
         json!({}),
         vec![
             json!({"name": "demo-tools", "provider": "demo", "tools": ["calculator"],
-            "options": {"behavior": "tools", "token_delay_ms": 1}}),
+            "options": {"behavior": "tools", "token_delay": "1ms"}}),
         ],
         Vec::new(),
         json!({}),
@@ -1693,4 +1695,46 @@ async fn a_call_saved_without_output(kind: Kind) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_saved_without_output_gives_a_valid_next_turn() {
     join_all(KINDS.map(a_call_saved_without_output)).await;
+}
+
+/// `GET /api/models` gives each model's configured provider name as `provider`, so two
+/// upstreams of one kind are told apart, and the protocol apart as `kind`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_show_the_configured_provider_name_and_its_kind() {
+    // Nothing is requested from the upstreams: the port can be closed.
+    let base_url = "http://127.0.0.1:9/v1";
+    let server = serve_exactly(config(
+        json!({
+            "vllm": provider(Kind::OpenAi, base_url, 30_000),
+            "openrouter": provider(Kind::OpenAi, base_url, 30_000),
+            "claude-proxy": provider(Kind::Anthropic, base_url, 30_000),
+        }),
+        vec![
+            json!({"name": "local", "provider": "vllm", "options": {"model": "qwen"}}),
+            json!({"name": "routed", "provider": "openrouter", "options": {"model": "x/y"}}),
+            json!({"name": "claude", "provider": "claude-proxy", "options": {"model": "c"}}),
+            json!({"name": "demo", "provider": "demo"}),
+        ],
+        Vec::new(),
+        json!({}),
+    ))
+    .await;
+    let listed = server.get("/api/models").await;
+    let shown: Vec<(String, String, String)> = listed["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let s = |k: &str| m[k].as_str().unwrap().to_owned();
+            (s("name"), s("provider"), s("kind"))
+        })
+        .collect();
+    let want = [
+        ("local", "vllm", "openai"),
+        ("routed", "openrouter", "openai"),
+        ("claude", "claude-proxy", "anthropic"),
+        ("demo", "demo", "demo"),
+    ]
+    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()));
+    assert_eq!(shown, want);
 }

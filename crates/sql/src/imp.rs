@@ -204,7 +204,7 @@ pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
 /// A line's `tokens` and `call_index` as the ledger's column types (BIGINT, INTEGER).
 pub(crate) fn ledger_ints(
     stream_id: &str,
-    line: &genstream_engine::billing::Line,
+    line: &genstream_engine::ledger::Line,
 ) -> Result<(i64, i32), EngineError> {
     let tokens = i64::try_from(line.tokens).map_err(|_| {
         EngineError::Internal(format!(
@@ -272,7 +272,7 @@ macro_rules! impl_persistence {
             async fn spend_once(
                 &self,
                 req: &genstream_engine::persist::SpendRequest,
-                lines: &[(&genstream_engine::billing::Line, i64, i32)],
+                lines: &[(&genstream_engine::ledger::Line, i64, i32)],
             ) -> Result<genstream_engine::persist::SpendOutcome, $crate::imp::TxError> {
                 use sqlx::Row as _;
                 let overflow = || {

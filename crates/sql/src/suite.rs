@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub use genstream_engine::EngineError;
-use genstream_engine::billing::{Line, TokenType};
 use genstream_engine::event::{ContentPart, Message, ToolCall};
+use genstream_engine::ledger::{Line, TokenType};
 use genstream_engine::persist::{
     Balance, Conversation, Persistence, SpendContext, SpendOutcome, SpendRequest, UsageRow,
 };

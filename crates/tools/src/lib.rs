@@ -107,17 +107,18 @@ pub struct HttpToolConfig {
     #[serde(default = "empty_object_schema")]
     pub parameters: Value,
     pub url: String,
-    /// Per-call timeout, in milliseconds. Default 10000.
-    #[serde(default = "default_http_timeout_ms")]
-    pub timeout_ms: u64,
+    /// Per-call timeout (`timeout = "10s"`, the default); the server's config refuses
+    /// a value outside 1 ms to 1 h.
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 fn empty_object_schema() -> Value {
     json!({"type": "object", "properties": {}})
 }
 
-fn default_http_timeout_ms() -> u64 {
-    10_000
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// A tool backed by an HTTP endpoint.
@@ -146,7 +147,7 @@ impl HttpTool {
         };
         reqwest::Url::parse(&config.url).map_err(|e| invalid(format!("bad url: {e}")))?;
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms.max(1)))
+            .timeout(config.timeout)
             .retry(reqwest::retry::never())
             .build()
             .map_err(|e| invalid(e.to_string()))?;
@@ -268,7 +269,7 @@ mod tests {
             description: "d".into(),
             parameters: empty_object_schema(),
             url: "http://127.0.0.1:9/x".into(),
-            timeout_ms: 100,
+            timeout: Duration::from_millis(100),
         };
         assert!(registry(&[t("weather")]).unwrap().get("weather").is_some());
         assert!(matches!(

@@ -40,7 +40,7 @@ fn tool(url: String, timeout_ms: u64) -> HttpTool {
         description: "d".into(),
         parameters: json!({"type": "object"}),
         url,
-        timeout_ms,
+        timeout: std::time::Duration::from_millis(timeout_ms),
     })
     .unwrap()
 }

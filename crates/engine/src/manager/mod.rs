@@ -724,7 +724,7 @@ async fn spend_usage(
     context: SpendContext,
 ) -> Result<UsageTotals, EngineError> {
     use backon::Retryable;
-    let lines: Vec<crate::billing::Line> = records
+    let lines: Vec<crate::ledger::Line> = records
         .iter()
         .flat_map(|r| crate::billing::price(r, pricing))
         .collect();

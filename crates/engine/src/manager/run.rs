@@ -250,7 +250,7 @@ impl JobRun {
                             "{}; the upstream asked to wait {} s before retrying, more than the {} s allowed",
                             error.message,
                             d.as_secs_f64().ceil(),
-                            self.model.retry.ceiling_ms / 1000
+                            self.model.retry.ceiling.as_secs()
                         ),
                         ..error
                     }));
@@ -286,8 +286,8 @@ impl JobRun {
         request.model = self.model.name.clone();
         request.call_index = self.calls;
         self.calls += 1;
-        let first_byte = Duration::from_millis(self.model.timeouts.first_byte_ms);
-        let idle = Duration::from_millis(self.model.timeouts.idle_ms);
+        let first_byte = self.model.timeouts.first_byte;
+        let idle = self.model.timeouts.idle;
         let provider = self.model.provider.clone();
         let timed_here = !provider.applies_timeouts();
         let cancel = self.cancel.clone();

@@ -26,11 +26,10 @@ use futures::StreamExt;
 use genstream_engine::provider::{ModelRequest, Provider, ProviderError, ProviderStream};
 use reqwest::header::ACCEPT;
 use serde_json::Value;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::BuildError;
-use crate::config::{AnthropicModelOptions, ProviderConfig};
+use crate::config::{AnthropicModelOptions, HttpProviderConfig};
 use crate::http;
 
 pub use crate::http::CONNECT_TIMEOUT;
@@ -56,25 +55,20 @@ impl AnthropicProvider {
     /// configured by `config`, serving upstream model `options.model`.
     ///
     /// # Errors
-    /// [`BuildError::InvalidOptions`] when the options fail
+    /// [`BuildError::InvalidValue`] when the options fail
     /// [`AnthropicModelOptions::validate`]; [`BuildError::InvalidConfig`] when
     /// `base_url` is not an `http(s)` URL or the HTTP client cannot be built.
     pub fn new(
         name: &str,
-        config: &ProviderConfig,
+        config: &HttpProviderConfig,
         options: AnthropicModelOptions,
     ) -> Result<Self, BuildError> {
-        options
-            .validate()
-            .map_err(|message| BuildError::InvalidOptions {
-                provider: name.to_owned(),
-                source: <serde_json::Error as serde::de::Error>::custom(message),
-            })?;
+        options.validate().map_err(|e| BuildError::InvalidValue {
+            provider: name.to_owned(),
+            source: e.under("options"),
+        })?;
         let endpoint = http::endpoint(name, &config.base_url, "messages")?;
-        let client = http::client(
-            name,
-            Duration::from_millis(config.timeouts.connect_ms.max(1)),
-        )?;
+        let client = http::client(name, config.timeouts.connect)?;
         Ok(AnthropicProvider {
             name: name.to_owned(),
             endpoint,

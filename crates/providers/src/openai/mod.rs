@@ -23,11 +23,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use genstream_engine::provider::{ModelRequest, Provider, ProviderError, ProviderStream};
 use reqwest::header::ACCEPT;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::BuildError;
-use crate::config::{OpenAiModelOptions, ProviderConfig};
+use crate::config::{HttpProviderConfig, OpenAiModelOptions};
 use crate::http;
 
 pub use crate::http::CONNECT_TIMEOUT;
@@ -53,14 +52,11 @@ impl OpenAiProvider {
     /// client cannot be built.
     pub fn new(
         name: &str,
-        config: &ProviderConfig,
+        config: &HttpProviderConfig,
         options: OpenAiModelOptions,
     ) -> Result<Self, BuildError> {
         let endpoint = http::endpoint(name, &config.base_url, "chat/completions")?;
-        let client = http::client(
-            name,
-            Duration::from_millis(config.timeouts.connect_ms.max(1)),
-        )?;
+        let client = http::client(name, config.timeouts.connect)?;
         Ok(OpenAiProvider {
             name: name.to_owned(),
             endpoint,

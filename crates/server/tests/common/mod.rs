@@ -22,6 +22,11 @@ pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 pub const MAX_BODY: usize = 64 * 1024;
 
 pub fn demo(name: &str, options: Value) -> ModelEntry {
+    let options = genstream_providers::ModelOptions::deserialize_for(
+        genstream_providers::ProviderKind::Demo,
+        options,
+    )
+    .expect("demo options");
     let provider =
         genstream_providers::build("demo", &BTreeMap::new(), &options).expect("demo provider");
     ModelEntry::new(name, provider)
@@ -54,11 +59,11 @@ pub fn test_app(models: Vec<ModelEntry>) -> TestApp {
 
 pub fn default_models() -> Vec<ModelEntry> {
     vec![
-        demo("demo", json!({"tokens": 30, "token_delay_ms": 1})),
-        demo("slow", json!({"tokens": 2000, "token_delay_ms": 20})),
+        demo("demo", json!({"tokens": 30, "token_delay": "1ms"})),
+        demo("slow", json!({"tokens": 2000, "token_delay": "20ms"})),
         demo(
             "reasoning",
-            json!({"tokens": 40, "token_delay_ms": 1, "behavior": "reasoning"}),
+            json!({"tokens": 40, "token_delay": "1ms", "behavior": "reasoning"}),
         ),
     ]
 }
