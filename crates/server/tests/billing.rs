@@ -13,7 +13,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::infra::{Prefix, TestDb, redis_url};
 use common::{SECRET, token};
 use futures::StreamExt;
 use genstream_engine::billing::{Pricing, price};
@@ -23,6 +22,7 @@ use genstream_server::config::{
 };
 use genstream_server::serve::build_state;
 use genstream_server::{AppState, app};
+use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url};
 use serde_json::{Value, json};
 
 const PRICING: Pricing = Pricing {
@@ -77,23 +77,18 @@ fn base_config(database: &str, store: &str, prefix: &str) -> Config {
 struct Server {
     state: AppState,
     url: String,
+    _served: Served,
 }
 
 async fn serve(config: &Config) -> Server {
     let (state, _) = build_state(config).await.unwrap();
     state.manager.spawn_reaper();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = app(state.clone(), 1 << 20);
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .unwrap()
-    });
-    Server { state, url }
+    let served = Served::start_with_peer_addr(app(state.clone(), 1 << 20)).await;
+    Server {
+        state,
+        url: served.url.clone(),
+        _served: served,
+    }
 }
 
 async fn post(
@@ -440,8 +435,8 @@ async fn rate_limits_answer_429_with_a_right_retry_after() {
 async fn rate_limit_burst_over_three_redis_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("rl.db").display());
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(&database, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(&database, &redis_url(), prefix.name());
     config.limits.messages_per_user_per_minute = 5;
     let replicas = [
         serve(&config).await,
@@ -478,7 +473,7 @@ async fn rate_limit_burst_over_three_redis_replicas() {
     // The window holds the five that passed, nothing else (refusals do not count).
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{}:rlw:{{user:fay}}", prefix.0);
+    let key = format!("{}:rlw:{{user:fay}}", prefix.name());
     let hits: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(&key)
         .arg(0)
@@ -529,8 +524,8 @@ async fn rate_limit_burst_over_three_redis_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refill_across_replicas_happens_once_with_the_configured_amount() {
     let db = TestDb::create().await;
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(&db.url, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(&db.url, &redis_url(), prefix.name());
     config.balance = BalanceConfig {
         enabled: true,
         start_balance: 100.0,
@@ -586,8 +581,8 @@ async fn refill_across_replicas_happens_once_with_the_configured_amount() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
     let db = TestDb::create().await;
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(&db.url, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(&db.url, &redis_url(), prefix.name());
     config.limits.concurrent_per_user = 2;
     config.redis.lease_ttl_ms = 600;
     config.jobs.reap_interval_ms = 200;
@@ -680,7 +675,7 @@ async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
         assert_eq!(st, 200);
     }
     let mut rc = genstream_redis::RedisConfig::new(&redis_url());
-    rc.key_prefix = prefix.0.clone();
+    rc.key_prefix = prefix.name().to_owned();
     rc.lease_ttl = Duration::from_millis(300);
     rc.max_running_per_user = Some(2);
     let dead = genstream_redis::RedisStore::connect(rc).await.unwrap();
@@ -751,8 +746,8 @@ enum Ending {
 /// of the `usage` events in the job's log — estimates included — and each user's
 /// balance dropped by exactly what the ledger charged them.
 async fn exactly_once(database: &str, cases: usize) {
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(database, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(database, &redis_url(), prefix.name());
     config.models = vec![model(
         "priced",
         json!({"tokens": 8, "token_delay_ms": 2}),
@@ -782,7 +777,7 @@ async fn exactly_once(database: &str, cases: usize) {
         .unwrap();
     let seeds: Vec<u64> = (0..cases as u64).collect();
     let results = futures::stream::iter(seeds.into_iter().map(|seed| {
-        let (a, b, redis, prefix) = (&a, &b, redis.clone(), &prefix.0);
+        let (a, b, redis, prefix) = (&a, &b, redis.clone(), prefix.name());
         async move {
             let mut rng = seed
                 .wrapping_mul(6364136223846793005)
