@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use genstream_test_support::ServerProcess;
+use genstream_test_support::{ServerProcess, wait_for_text};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
@@ -259,7 +259,8 @@ token_delay_ms = 10
         json!({"text": "second", "model": "slow"}),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM mid-answer, once there is text to save.
+    wait_for_text(&server.url, &dev, running["streamId"].as_str().unwrap()).await;
     // SIGTERM: the slow job is aborted after the 1 s grace, its partial saved.
     let mut server = server;
     let status = Command::new("kill")
@@ -374,7 +375,8 @@ token_delay_ms = 10
     )
     .await;
     let sid = started["streamId"].as_str().unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Abort mid-answer, once there is text for `attach` to print.
+    wait_for_text(&server.url, &tok, sid).await;
     let out = Command::new(BIN)
         .args(["abort", sid, "--server", &server.url, "--token", &tok])
         .output()

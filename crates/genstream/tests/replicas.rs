@@ -260,11 +260,13 @@ token_delay_ms = 20
     let killed = Instant::now();
 
     let mut streams = Vec::new();
+    let mut last_end = killed;
     for (name, task, _) in subs {
         let (frames, ended) = tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .unwrap_or_else(|_| panic!("{name}'s stream did not end within 20 s of the kill"))
             .unwrap();
+        last_end = last_end.max(ended);
         let after = ended.duration_since(killed);
         eprintln!(
             "{name}: terminal event {after:?} after the kill (default lease 8 s, reaper \
@@ -343,9 +345,12 @@ token_delay_ms = 20
             r.name
         );
     }
-    // Give the losing reaper a sweep of its own (every 5 s): still one terminal event,
-    // and exactly one replica reports having ended the job.
-    tokio::time::sleep(Duration::from_millis(5500)).await;
+    // Give the losing reaper a sweep of its own: still one terminal event, and exactly
+    // one replica reports having ended the job. An absence check, so it waits out the
+    // period in which the loser would act: its next sweep starts within one reap
+    // interval (5 s) of the end, which the subscribers saw, and takes a moment.
+    let losers_sweep_done = last_end + Duration::from_millis(5500);
+    tokio::time::sleep_until(losers_sweep_done.into()).await;
     let stored_later = prefix.log(&sid).await;
     assert_eq!(stored_later, stored, "something was appended after the end");
     let reaped: Vec<(&str, usize)> = replicas[1..]

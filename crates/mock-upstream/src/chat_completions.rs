@@ -70,11 +70,7 @@ pub(crate) fn chat_text_frames(model: &str, body: &Value, text: &str) -> Vec<Str
     frames
 }
 
-fn chat_usage_frame(
-    model: &str,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-) -> String {
+fn chat_usage_frame(model: &str, prompt_tokens: usize, completion_tokens: usize) -> String {
     data_frame(&json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion.chunk",

@@ -22,7 +22,9 @@ use genstream_server::config::{
 };
 use genstream_server::serve::build_state;
 use genstream_server::{AppState, app};
-use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url};
+use genstream_test_support::{
+    KeyPrefix, Served, TestDb, redis_url, wait_for, wait_for_text, wait_until,
+};
 use serde_json::{Value, json};
 
 const PRICING: Pricing = Pricing {
@@ -143,6 +145,45 @@ async fn events(s: &Server, user: &str, sid: &str) -> Vec<Event> {
         .collect()
 }
 
+/// Waits until `user`'s balance refill is due — a whole `interval` after its last
+/// refill, by the clock and the comparison `settle_balance` uses — without applying
+/// it: the row is read from the database, not through a route, so the next look
+/// through a route is one that refills.
+async fn wait_until_refill_is_due(s: &Server, user: &str, interval: Duration) {
+    let row = s.state.manager.db().balance(user).await.unwrap();
+    let last = row
+        .and_then(|b| b.refilled_at)
+        .expect("a balance, refilled at creation");
+    wait_until(interval * 5, &format!("{user}'s refill to be due"), || {
+        let due_before = genstream_engine::rfc3339(time::OffsetDateTime::now_utc() - interval);
+        let due = last <= due_before;
+        async move { due }
+    })
+    .await;
+}
+
+/// Waits until the replicas under `prefix` judge other replicas' leases, which each
+/// does only after a whole lease TTL of its own health: a probe job is created for an
+/// owner that then stops renewing its lease, and the wait ends when a reaper ended it
+/// (a job without a `created` event: its log is ended, nothing is saved or charged).
+async fn wait_until_leases_are_judged(prefix: &KeyPrefix) {
+    use genstream_engine::store::JobStore;
+    let mut rc = genstream_redis::RedisConfig::new(&redis_url());
+    rc.key_prefix = prefix.name().to_owned();
+    rc.lease_ttl = Duration::from_millis(100);
+    let owner = genstream_redis::RedisStore::connect(rc).await.unwrap();
+    let probe = genstream_engine::suite::meta("lease-probe", &genstream_engine::new_id());
+    owner.create_job(&probe).await.unwrap();
+    owner.close();
+    let sid = probe.stream_id.as_str();
+    wait_until(
+        Duration::from_secs(15),
+        "a reaper to end the probe job",
+        || async { prefix.job_field(sid, "ended").await.as_deref() == Some("1") },
+    )
+    .await;
+}
+
 /// What the log's usage records cost, in micro-credits.
 fn priced_micro(events: &[Event]) -> i64 {
     events
@@ -225,7 +266,7 @@ async fn credits_balance_usage_402_and_refill() {
         None,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_text(&s.url, &token("ann"), slow["streamId"].as_str().unwrap()).await;
     let (st, ab, _) = post(
         &s,
         "ann",
@@ -277,7 +318,7 @@ async fn credits_balance_usage_402_and_refill() {
     .await;
     assert_eq!(st, 402, "{v}");
     // GET /api/balance applies a due refill as the chat route does: the two agree.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    wait_until_refill_is_due(&s, "ann", Duration::from_secs(2)).await;
     let b = get(&s, "ann", "/api/balance").await["balance"]
         .as_f64()
         .unwrap();
@@ -551,7 +592,8 @@ async fn refill_across_replicas_happens_once_with_the_configured_amount() {
         get(&replicas[1], "gus", "/api/balance").await["balance"],
         100.0
     );
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Due, and not applied yet: the looks and chats below race to apply it.
+    wait_until_refill_is_due(&replicas[0], "gus", Duration::from_secs(2)).await;
     let looks = futures::future::join_all((0..9).map(|i| {
         let s = &replicas[i % 3];
         async move { get(s, "gus", "/api/balance").await["balance"].clone() }
@@ -704,16 +746,16 @@ async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
         429
     );
     dead.close();
-    let t0 = std::time::Instant::now();
-    loop {
-        let m = dead.get_job(&lost.stream_id).await.unwrap().unwrap();
-        if m.status != genstream_engine::store::JobStatus::Running {
-            assert_eq!(m.status, genstream_engine::store::JobStatus::Error);
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "not reaped");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = wait_for(
+        Duration::from_secs(15),
+        "the lost job to be reaped",
+        || async {
+            let m = dead.get_job(&lost.stream_id).await.unwrap().unwrap();
+            (m.status != genstream_engine::store::JobStatus::Running).then_some(m.status)
+        },
+    )
+    .await;
+    assert_eq!(status, genstream_engine::store::JobStatus::Error);
     let evs = events(&replicas[2], "eve", &lost.stream_id).await;
     let Some(EventBody::Error(e)) = evs.last().map(|e| &e.body) else {
         panic!("{evs:?}")
@@ -769,7 +811,7 @@ async fn exactly_once(database: &str, cases: usize) {
     config.jobs.reap_interval_ms = 20;
     let b = serve(&config).await;
     // A replica judges others' leases only after a whole lease TTL of its own health.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_until_leases_are_judged(&prefix).await;
     let redis = redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -875,14 +917,11 @@ async fn exactly_once(database: &str, cases: usize) {
     .collect::<Vec<_>>()
     .await;
     // Owners fenced off by a reaper may still be winding down: let every job task end.
-    let t0 = std::time::Instant::now();
-    while a.state.manager.live_jobs() + b.state.manager.live_jobs() > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "job tasks still running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(Duration::from_secs(30), "every job task to end", || {
+        let live = a.state.manager.live_jobs() + b.state.manager.live_jobs();
+        async move { live == 0 }
+    })
+    .await;
     let db = a.state.manager.db();
     let mut spent_by_user: std::collections::BTreeMap<String, i64> = Default::default();
     let mut endings: std::collections::BTreeMap<Ending, usize> = Default::default();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use genstream_test_support::Served;
+use genstream_test_support::{Served, wait_for_text};
 use serde_json::{Value, json};
 
 /// `app`'s router on a free port, until the returned server is dropped.
@@ -94,7 +94,8 @@ async fn concurrent_aborts_give_one_terminal_and_one_answer() {
     let base = server.url.clone();
     let (_, started) = post(&base, "alice", "/api/chat", json!({"text": "stop me"})).await;
     let sid = started["streamId"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Abort mid-answer, once the job has streamed text.
+    wait_for_text(&base, &token("alice"), &sid).await;
     let aborts = (0..10).map(|_| {
         let (base, sid) = (base.clone(), sid.clone());
         tokio::spawn(async move {

@@ -31,7 +31,7 @@ use genstream_server::config::{
 };
 use genstream_server::serve::build_state;
 use genstream_server::{AppState, app};
-use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url};
+use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url, wait_until};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -759,11 +759,11 @@ async fn abort_from_another_replica_saves_partial_before_answering() {
     assert_eq!(saved, partial, "the saved message is the one answered");
 
     // A's generation stopped; exactly one terminal event, `final` `aborted`.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while cl.replicas[A].state.manager.live_jobs() != 0 {
-        assert!(Instant::now() < deadline, "A still runs the job");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(Duration::from_secs(2), "A to stop running the job", || {
+        let live = cl.replicas[A].state.manager.live_jobs();
+        async move { live == 0 }
+    })
+    .await;
     let frames = tokio::time::timeout(Duration::from_secs(5), watcher)
         .await
         .expect("B's subscriber ends")
@@ -861,6 +861,28 @@ async fn racing_reapers_write_the_partial_message_once() {
     racing_reapers(true).await;
 }
 
+/// Waits until replica `reaper` judges other replicas' leases, which it does only after
+/// a whole lease TTL of its own health, by the effect: it ends a probe job whose owner
+/// stopped renewing its lease (a job without a `created` event: its log is ended,
+/// nothing is saved). For clusters whose reapers are driven by hand.
+async fn wait_until_judging_leases(cl: &Cluster, reaper: usize) {
+    use genstream_engine::store::JobStore;
+    let mut rc = genstream_redis::RedisConfig::new(&redis_url());
+    rc.key_prefix = cl.prefix.name().to_owned();
+    rc.lease_ttl = Duration::from_millis(100);
+    let owner = genstream_redis::RedisStore::connect(rc).await.unwrap();
+    let probe = genstream_engine::suite::meta("lease-probe", &genstream_engine::new_id());
+    owner.create_job(&probe).await.unwrap();
+    owner.close();
+    let manager = &cl.replicas[reaper].state.manager;
+    wait_until(
+        Duration::from_secs(10),
+        "the reaper to end a probe job",
+        || async { manager.reap_orphans().await.unwrap() == 1 },
+    )
+    .await;
+}
+
 async fn racing_reapers(strict: bool) {
     use genstream_engine::event::ContentPart;
     use genstream_engine::event::{
@@ -883,6 +905,9 @@ async fn racing_reapers(strict: bool) {
         },
     )
     .await;
+    // The race needs both reapers able to judge the dead owner's lease.
+    wait_until_judging_leases(&cl, B).await;
+    wait_until_judging_leases(&cl, C).await;
     // The dead owner: a store of its own, whose lease lapses after 300 ms.
     let mut rc = genstream_redis::RedisConfig::new(&redis_url());
     rc.key_prefix = cl.prefix.name().to_owned();
@@ -964,7 +989,13 @@ async fn racing_reapers(strict: bool) {
         sids.push(meta);
     }
     dead.close();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let lease = format!("replica:{}", dead.replica_id());
+    wait_until(
+        Duration::from_secs(5),
+        "the dead owner's lease to lapse",
+        || async { !cl.prefix.exists(&lease).await },
+    )
+    .await;
 
     let (b, c) = (
         cl.replicas[B].state.manager.clone(),

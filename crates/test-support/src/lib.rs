@@ -6,6 +6,7 @@
 //! - [`server`]: a router served in-process on a free port ([`Served`]) and the real
 //!   `genstream` binary as a child process whose address is read from its first line
 //!   ([`ServerProcess`]).
+//! - [`stream`]: the signal that a running job has streamed text ([`wait_for_text`]).
 //! - [`wait`]: waiting for a condition with a deadline ([`wait_until`], [`wait_for`])
 //!   instead of sleeping for a guessed time.
 //!
@@ -21,9 +22,11 @@
 pub mod postgres;
 pub mod redis;
 pub mod server;
+pub mod stream;
 pub mod wait;
 
 pub use postgres::TestDb;
 pub use redis::{KeyPrefix, OwnRedis, redis_url, unique_prefix};
 pub use server::{Served, ServerProcess, unused_addr};
+pub use stream::wait_for_text;
 pub use wait::{wait_for, wait_until};

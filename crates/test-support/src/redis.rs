@@ -79,6 +79,15 @@ impl KeyPrefix {
             .collect()
     }
 
+    /// Whether the key `P:{rest}` exists, e.g. `replica:{rid}` (a replica's lease).
+    pub async fn exists(&self, rest: &str) -> bool {
+        redis::cmd("EXISTS")
+            .arg(format!("{}:{rest}", self.name))
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap()
+    }
+
     /// A field of the job's hash (`P:job:{sid}`).
     pub async fn job_field(&self, sid: &str, field: &str) -> Option<String> {
         redis::cmd("HGET")

@@ -275,9 +275,3 @@ pub struct Summary {
     /// f(inish) e(rror).
     pub order: String,
 }
-
-/// An address nothing listens on: a port that was free a moment ago.
-pub fn unused_addr() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}

@@ -9,10 +9,11 @@ use futures::StreamExt;
 use genstream_engine::provider::{ProviderErrorKind, ProviderEvent};
 use genstream_engine::usage::UsageRecord;
 use genstream_mock_upstream::fixture;
+use genstream_test_support::unused_addr;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Item, ToolCase, Wire, request, unused_addr};
+use crate::harness::{Item, ToolCase, Wire, request};
 
 /// One `#[tokio::test]` per shared behaviour, for the wire `$wire` (an expression
 /// giving a `Wire`), in a module `suite`.

@@ -21,7 +21,7 @@ use genstream_engine::store::{JobMeta, JobStatus};
 use genstream_redis::{RedisConfig, RedisStore};
 
 pub use genstream_test_support::unique_prefix as prefix;
-pub use genstream_test_support::{OwnRedis, redis_url};
+pub use genstream_test_support::{OwnRedis, redis_url, wait_until};
 
 /// A config on `url` under `prefix`, with test-friendly TTLs and no healer after its
 /// first pass (unless a test sets one).
