@@ -4,27 +4,14 @@
 //! command, and the CLI's chat/attach/abort.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use genstream_test_support::{ServerProcess, wait_for_text};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
-
-struct Server {
-    child: Child,
-    url: String,
-    dev_token: Option<String>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let db = dir.join("genstream.db");
@@ -37,39 +24,22 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     path
 }
 
-fn spawn(config: &Path, envs: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+/// `genstream serve` on `config`, listening; killed when dropped.
+fn spawn(config: &Path, envs: &[(&str, &str)]) -> ServerProcess {
+    let mut serve = Command::new(BIN);
+    serve.arg("serve").arg("--config").arg(config);
     for (k, v) in envs {
-        cmd.env(k, v);
+        serve.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut dev_token = None;
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(t) = line.strip_prefix("dev token (user `dev`, 30 days): ") {
-            dev_token = Some(t.to_string());
-        }
-        if let Some(u) = line.strip_prefix("genstream listening on ") {
-            break u.to_string();
-        }
-    };
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        url,
-        dev_token,
-    }
+    ServerProcess::spawn("server", serve).listening()
+}
+
+/// The dev token `serve` prints when no secret is configured.
+fn dev_token(server: &ServerProcess) -> Option<String> {
+    server.banner.iter().find_map(|line| {
+        line.strip_prefix("dev token (user `dev`, 30 days): ")
+            .map(str::to_owned)
+    })
 }
 
 fn token(config: &Path, user: &str) -> String {
@@ -86,7 +56,7 @@ fn token(config: &Path, user: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-async fn post(s: &Server, tok: &str, path: &str, body: Value) -> (u16, Value) {
+async fn post(s: &ServerProcess, tok: &str, path: &str, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(format!("{}{path}", s.url))
         .bearer_auth(tok)
@@ -98,7 +68,7 @@ async fn post(s: &Server, tok: &str, path: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn get(s: &Server, tok: &str, path: &str) -> (u16, Value) {
+async fn get(s: &ServerProcess, tok: &str, path: &str) -> (u16, Value) {
     let r = reqwest::Client::new()
         .get(format!("{}{path}", s.url))
         .bearer_auth(tok)
@@ -110,7 +80,7 @@ async fn get(s: &Server, tok: &str, path: &str) -> (u16, Value) {
 }
 
 /// Reads a whole stream; returns the events' data objects.
-async fn stream(s: &Server, tok: &str, stream_id: &str, cursor: Option<u64>) -> Vec<Value> {
+async fn stream(s: &ServerProcess, tok: &str, stream_id: &str, cursor: Option<u64>) -> Vec<Value> {
     let mut req = reqwest::Client::new()
         .get(format!("{}/api/chat/stream/{stream_id}", s.url))
         .bearer_auth(tok);
@@ -273,10 +243,7 @@ token_delay = "10ms"
 "#,
     );
     let server = spawn(&config, &[]);
-    let dev = server
-        .dev_token
-        .clone()
-        .expect("a dev token is printed when no secret is configured");
+    let dev = dev_token(&server).expect("a dev token is printed when no secret is configured");
     let (s, done) = post(&server, &dev, "/api/chat", json!({"text": "first"})).await;
     assert_eq!(s, 200);
     let events = stream(&server, &dev, done["streamId"].as_str().unwrap(), None).await;
@@ -292,7 +259,8 @@ token_delay = "10ms"
         json!({"text": "second", "model": "slow"}),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM mid-answer, once there is text to save.
+    wait_for_text(&server.url, &dev, running["streamId"].as_str().unwrap()).await;
     // SIGTERM: the slow job is aborted after the 1 s grace, its partial saved.
     let mut server = server;
     let status = Command::new("kill")
@@ -407,7 +375,8 @@ token_delay = "10ms"
     )
     .await;
     let sid = started["streamId"].as_str().unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Abort mid-answer, once there is text for `attach` to print.
+    wait_for_text(&server.url, &tok, sid).await;
     let out = Command::new(BIN)
         .args(["abort", sid, "--server", &server.url, "--token", &tok])
         .output()

@@ -21,204 +21,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use genstream_client::{Client, StreamEvent};
+use genstream_test_support::{KeyPrefix, OwnRedis, ServerProcess, TestDb, redis_url, unused_addr};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
 const SECRET: &str = "replicas-test-secret-0123456789abcdef";
 const USER: &str = "alice";
 
-// The database and Redis helpers are shared with the server crate's tests.
-#[path = "../../server/tests/common/infra.rs"]
-mod infra;
-use infra::{TestDb, redis_url};
-
 fn token() -> String {
     genstream_server::auth::JwtKeys::new(SECRET)
         .mint(USER, Duration::from_secs(600))
         .unwrap()
-}
-
-// ---------------------------------------------------------------------------------
-// The database, the key prefix, a Redis of the test's own.
-
-/// The test's Redis key prefix on the Redis at `url`; its keys are deleted (best
-/// effort) when it goes.
-struct Prefix {
-    name: String,
-    url: String,
-}
-
-impl Prefix {
-    fn new(url: &str) -> Prefix {
-        Prefix {
-            name: format!("gstest-{}", uuid::Uuid::now_v7()),
-            url: url.to_string(),
-        }
-    }
-
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-
-    /// The job's log as Redis holds it: each entry's frame bytes, in order.
-    async fn log(&self, sid: &str) -> Vec<Vec<u8>> {
-        let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-            .arg(format!("{}:log:{{{sid}}}", self.name))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.conn().await)
-            .await
-            .unwrap();
-        entries
-            .into_iter()
-            .enumerate()
-            .map(|(i, (id, mut f))| {
-                assert_eq!(id, format!("0-{}", i + 1), "stream ids are 0-(seq+1)");
-                f.remove("f").expect("field f")
-            })
-            .collect()
-    }
-
-    async fn job_field(&self, sid: &str, field: &str) -> Option<String> {
-        redis::cmd("HGET")
-            .arg(format!("{}:job:{{{sid}}}", self.name))
-            .arg(field)
-            .query_async(&mut self.conn().await)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Prefix {
-    fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.name))
-            .query(&mut conn)
-            .unwrap_or_default();
-        for k in keys {
-            let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut conn);
-        }
-    }
-}
-
-/// A redis-server of the test's own on a free port, with an append-only file so its
-/// data survives a restart, or (`persistent: false`) keeping nothing on disk, so a
-/// restart loses every key and function. Killed when dropped, also on panic.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    persistent: bool,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        Self::start_with(true)
-    }
-
-    fn start_with(persistent: bool) -> OwnRedis {
-        let mut r = OwnRedis {
-            port: 0,
-            dir: tempfile::tempdir().unwrap(),
-            persistent,
-            child: None,
-        };
-        for _ in 0..5 {
-            r.port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if r.launch() {
-                return r;
-            }
-            r.kill();
-        }
-        panic!("could not start redis-server");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts redis-server and waits until it answers PING; false if it exited.
-    fn launch(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(if self.persistent {
-                &["--appendonly", "yes", "--appendfsync", "always"][..]
-            } else {
-                &["--appendonly", "no"][..]
-            })
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                return false;
-            }
-            let ping = redis::Client::open(self.url().as_str())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if ping.is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    /// SIGTERM (redis flushes its append-only file and exits), then wait.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        assert!(self.launch(), "redis-server restarts on port {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -245,20 +64,8 @@ max_connections = 4
     path
 }
 
-struct Replica {
-    name: &'static str,
-    child: Child,
-    url: String,
-    /// Everything the process wrote to stderr (its logs).
-    logs: Arc<Mutex<String>>,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A replica: `genstream serve` as a child process, killed when dropped.
+type Replica = ServerProcess;
 
 /// Starts the three replicas at once (they race to migrate the fresh database) and
 /// waits for each to print its address.
@@ -267,58 +74,20 @@ fn spawn_replicas(config: &Path) -> Vec<Replica> {
 }
 
 fn spawn_named(config: &Path, names: &[&'static str]) -> Vec<Replica> {
-    let mut pending = Vec::new();
-    for &name in names {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{name}] {line}");
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            for line in lines.by_ref().map_while(Result::ok) {
-                if let Some(u) = line.strip_prefix("genstream listening on ") {
-                    let _ = tx.send(u.to_string());
-                    break;
-                }
-            }
-            // Keep draining stdout so the server never blocks on a full pipe.
-            for _ in lines {}
-        });
-        pending.push((name, child, logs, rx));
-    }
-    pending
-        .into_iter()
-        .map(|(name, child, logs, rx)| {
-            let url = rx
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("replica {name} did not start listening"));
-            Replica {
-                name,
-                child,
-                url,
-                logs,
-            }
+    let starting: Vec<_> = names
+        .iter()
+        .map(|&name| {
+            let mut serve = Command::new(BIN);
+            serve
+                .arg("serve")
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1");
+            ServerProcess::spawn(name, serve)
         })
-        .collect()
+        .collect();
+    starting.into_iter().map(|s| s.listening()).collect()
 }
 
 fn http() -> reqwest::Client {
@@ -429,13 +198,13 @@ fn delta_text(frames: &[RawFrame]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_owner_is_reaped_by_the_others_with_replica_lost() {
     let db = TestDb::create().await;
-    let prefix = Prefix::new(&redis_url());
+    let prefix = KeyPrefix::new();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
         &redis_url(),
         &db.url,
-        &prefix.name,
+        prefix.name(),
         // The default lease TTL (8 s) and reap interval (5 s): what a user gets.
         r#"[redis]
 key_prefix = "@PREFIX@"
@@ -491,11 +260,13 @@ token_delay = "20ms"
     let killed = Instant::now();
 
     let mut streams = Vec::new();
+    let mut last_end = killed;
     for (name, task, _) in subs {
         let (frames, ended) = tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .unwrap_or_else(|_| panic!("{name}'s stream did not end within 20 s of the kill"))
             .unwrap();
+        last_end = last_end.max(ended);
         let after = ended.duration_since(killed);
         eprintln!(
             "{name}: terminal event {after:?} after the kill (default lease 8 s, reaper \
@@ -574,15 +345,18 @@ token_delay = "20ms"
             r.name
         );
     }
-    // Give the losing reaper a sweep of its own (every 5 s): still one terminal event,
-    // and exactly one replica reports having ended the job.
-    tokio::time::sleep(Duration::from_millis(5500)).await;
+    // Give the losing reaper a sweep of its own: still one terminal event, and exactly
+    // one replica reports having ended the job. An absence check, so it waits out the
+    // period in which the loser would act: its next sweep starts within one reap
+    // interval (5 s) of the end, which the subscribers saw, and takes a moment.
+    let losers_sweep_done = last_end + Duration::from_millis(5500);
+    tokio::time::sleep_until(losers_sweep_done.into()).await;
     let stored_later = prefix.log(&sid).await;
     assert_eq!(stored_later, stored, "something was appended after the end");
     let reaped: Vec<(&str, usize)> = replicas[1..]
         .iter()
         .map(|r| {
-            let logs = r.logs.lock().unwrap();
+            let logs = r.logs();
             (
                 r.name,
                 logs.lines()
@@ -621,15 +395,15 @@ async fn redis_outage_longer_than_the_lease_keeps_live_jobs_running() {
 async fn redis_restart(lease_ttl_ms: Option<u64>, outage_for: Duration) {
     const JOBS: usize = 3;
     const TOKENS: usize = 300;
-    let mut redis = OwnRedis::start();
+    let mut redis = OwnRedis::start_persistent();
     let db = TestDb::create().await;
-    let prefix = Prefix::new(&redis.url());
+    let prefix = KeyPrefix::on(&redis.url());
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
         &redis.url(),
         &db.url,
-        &prefix.name,
+        prefix.name(),
         &format!(
             r#"[redis]
 key_prefix = "@PREFIX@"
@@ -832,15 +606,15 @@ token_delay = "10ms"
 /// replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_without_persistence_ends_the_lost_jobs_and_recovers() {
-    let mut redis = OwnRedis::start_with(false);
+    let mut redis = OwnRedis::start();
     let db = TestDb::create().await;
-    let prefix = Prefix::new(&redis.url());
+    let prefix = KeyPrefix::on(&redis.url());
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
         &redis.url(),
         &db.url,
-        &prefix.name,
+        prefix.name(),
         r#"[redis]
 key_prefix = "@PREFIX@"
 timeout = "1s"
@@ -1021,12 +795,8 @@ token_delay = "5ms"
 /// names Redis and its address.
 #[test]
 fn serve_exits_with_one_line_when_redis_is_unreachable() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }; // closed again: nothing listens there
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("redis://127.0.0.1:{port}");
+    let store = format!("redis://{}", unused_addr());
     let db = format!("sqlite://{}", dir.path().join("g.db").display());
     let config = write_config(dir.path(), &store, &db, "unused", "");
     let out = Command::new(BIN)

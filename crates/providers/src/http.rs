@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime};
 use genstream_engine::provider::{ProviderError, ProviderErrorKind};
 
 use crate::BuildError;
-use crate::sse::{Deadlines, timeout_error};
+use crate::deadline::{Deadlines, timeout_error};
+use crate::error_text::{error_chain, truncate};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -350,30 +351,6 @@ pub(crate) fn send_error(provider: &str, error: &reqwest::Error) -> ProviderErro
         ProviderErrorKind::Connect
     };
     ProviderError::new(kind, format!("{provider}: {}", error_chain(error)))
-}
-
-/// An error and its sources, `outer: inner: …` (reqwest's own message alone is just
-/// "error sending request for url (…)").
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text
-}
-
-/// At most `max` chars of `s`, with `…` when cut.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &s[..cut]),
-        None => s.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ use genstream_engine::provider::Provider;
 
 pub mod anthropic;
 pub mod config;
+mod deadline;
 pub mod demo;
+mod error_text;
 mod http;
 pub mod openai;
 mod sse;

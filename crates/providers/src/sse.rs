@@ -36,12 +36,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use genstream_engine::provider::{ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream};
-use genstream_engine::retry::Timeouts;
 use sse_stream::{Sse, SseStream};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{error_chain, truncate};
+use crate::deadline::{Deadlines, timeout_error};
+use crate::error_text::{error_chain, truncate};
 
 /// One item of a provider stream.
 pub(crate) type Item = Result<ProviderEvent, ProviderError>;
@@ -63,49 +63,6 @@ pub(crate) trait FrameParser: Send + 'static {
 
     /// True once the protocol's terminator was seen; the body is then closed.
     fn is_done(&self) -> bool;
-}
-
-/// The deadlines of one attempt's body: the first byte by `first_byte_deadline`, then
-/// no gap longer than `idle`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Deadlines {
-    /// When the first byte must have come: the attempt's start plus `first_byte`.
-    pub(crate) first_byte_deadline: Instant,
-    /// The first-byte timeout, for messages.
-    pub(crate) first_byte: Duration,
-    /// The longest gap between two reads of the body.
-    pub(crate) idle: Duration,
-}
-
-impl Deadlines {
-    /// The deadlines of an attempt that started at `started`, under `timeouts`.
-    pub(crate) fn new(started: Instant, timeouts: &Timeouts) -> Self {
-        Deadlines {
-            first_byte_deadline: started + timeouts.first_byte,
-            first_byte: timeouts.first_byte,
-            idle: timeouts.idle,
-        }
-    }
-}
-
-#[cfg(test)]
-impl Deadlines {
-    /// The default deadlines from now, for replays that never wait.
-    pub(crate) fn relaxed() -> Self {
-        Deadlines::new(Instant::now(), &Timeouts::default())
-    }
-}
-
-/// The `Timeout` error of provider `provider` whose `what` budget (`first byte`, `idle
-/// gap`) of `limit` ran out.
-pub(crate) fn timeout_error(provider: &str, what: &str, limit: Duration) -> ProviderError {
-    ProviderError::new(
-        ProviderErrorKind::Timeout,
-        format!(
-            "{provider}: the upstream sent nothing within the {what} timeout of {} s",
-            limit.as_secs_f64()
-        ),
-    )
 }
 
 /// The state of [`event_stream`].
@@ -322,6 +279,7 @@ fn frame_error(provider: &str, error: sse_stream::Error) -> ProviderError {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use genstream_engine::retry::Timeouts;
 
     /// Echoes each event's data as text; done at `[DONE]`.
     struct Echo {

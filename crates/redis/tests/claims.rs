@@ -126,13 +126,14 @@ async fn an_owner_that_died_holding_its_claim_is_reaped() {
         .unwrap();
     assert!(owner.claim_end(sid).await.unwrap());
     owner.close();
-    tokio::time::sleep(LEASE * 2).await;
-    let orphans = reaper.orphaned_jobs(&HashSet::new()).await.unwrap();
-    assert!(
+    // Once its lease lapsed (and the reaper has been healthy for a lease TTL).
+    wait_until(LEASE * 10, "the job listed as lost", || async {
+        let orphans = reaper.orphaned_jobs(&HashSet::new()).await.unwrap();
         orphans
             .iter()
             .any(|o| o.meta.stream_id == sid && o.reason == OrphanReason::ReplicaLost)
-    );
+    })
+    .await;
     assert!(reaper.claim_orphan(sid).await.unwrap());
     assert_eq!(
         reaper
@@ -163,14 +164,21 @@ async fn a_reapers_claim_is_retried_by_it_and_taken_over_when_stale_or_dead() {
             .unwrap();
     }
     dead.close();
-    tokio::time::sleep(LEASE * 2).await; // dead's lease lapsed; b and c may judge
     let listed = |orphans: Vec<genstream_engine::store::Orphan>, sid: &str| {
         orphans.iter().any(|o| o.meta.stream_id == sid)
     };
-    assert!(listed(
-        b.orphaned_jobs(&HashSet::new()).await.unwrap(),
-        &m1.stream_id
-    ));
+    // dead's lease lapsed, and both b and c judge leases (c's "keeps out" below means
+    // something only then).
+    wait_until(LEASE * 10, "b and c to list dead's job", || async {
+        listed(
+            b.orphaned_jobs(&HashSet::new()).await.unwrap(),
+            &m1.stream_id,
+        ) && listed(
+            c.orphaned_jobs(&HashSet::new()).await.unwrap(),
+            &m1.stream_id,
+        )
+    })
+    .await;
     assert!(b.claim_orphan(&m1.stream_id).await.unwrap());
     assert!(b.claim_orphan(&m2.stream_id).await.unwrap());
     // b's attempts "fail" here: nothing appended. Its next sweep finds them again.
@@ -187,11 +195,17 @@ async fn a_reapers_claim_is_retried_by_it_and_taken_over_when_stale_or_dead() {
     ));
     assert!(!c.claim_orphan(&m1.stream_id).await.unwrap());
     // m1: b is alive but its claim ages past a lease TTL (b last claimed it above).
-    tokio::time::sleep(LEASE + Duration::from_millis(200)).await;
-    assert!(listed(
-        c.orphaned_jobs(&HashSet::new()).await.unwrap(),
-        &m1.stream_id
-    ));
+    wait_until(
+        LEASE * 10,
+        "c to list m1 once b's claim is stale",
+        || async {
+            listed(
+                c.orphaned_jobs(&HashSet::new()).await.unwrap(),
+                &m1.stream_id,
+            )
+        },
+    )
+    .await;
     assert!(
         c.claim_orphan(&m1.stream_id).await.unwrap(),
         "a stale claim is taken over"
@@ -211,11 +225,13 @@ async fn a_reapers_claim_is_retried_by_it_and_taken_over_when_stale_or_dead() {
     );
     // m2: b dies holding its claim.
     b.close();
-    tokio::time::sleep(LEASE * 2).await;
-    assert!(listed(
-        c.orphaned_jobs(&HashSet::new()).await.unwrap(),
-        &m2.stream_id
-    ));
+    wait_until(LEASE * 10, "c to list m2", || async {
+        listed(
+            c.orphaned_jobs(&HashSet::new()).await.unwrap(),
+            &m2.stream_id,
+        )
+    })
+    .await;
     assert!(
         c.claim_orphan(&m2.stream_id).await.unwrap(),
         "a dead reaper's claim is taken over"

@@ -171,10 +171,18 @@ impl Setup {
     }
 
     /// Closes the dead replica and waits until its lease lapsed and the reaper's store
-    /// may judge leases.
+    /// may judge leases: the store lists the dead replica's jobs as orphans.
     async fn kill_owner(&self) {
         self.dead.close();
-        tokio::time::sleep(LEASE * 2).await;
+        wait_until(
+            LEASE * 10,
+            "the dead replica's jobs listed as orphans",
+            || async {
+                let none = HashSet::new();
+                !self.store.orphaned_jobs(&none).await.unwrap().is_empty()
+            },
+        )
+        .await;
     }
 
     async fn events(&self, sid: &str) -> Vec<Event> {

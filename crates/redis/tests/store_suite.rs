@@ -6,16 +6,13 @@ use std::sync::Arc;
 use genstream_engine::store::JobStore;
 use genstream_engine::suite::{SUITE_LIMITS, run_all};
 use genstream_redis::{RedisConfig, RedisStore};
-
-pub fn redis_url() -> String {
-    std::env::var("GENSTREAM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use genstream_test_support::{redis_url, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_passes_the_suite() {
     run_all(|| async {
         let mut cfg = RedisConfig::new(&redis_url());
-        cfg.key_prefix = format!("gstest-{}", uuid::Uuid::now_v7());
+        cfg.key_prefix = unique_prefix();
         cfg.limits = SUITE_LIMITS;
         cfg.retention = std::time::Duration::from_secs(60);
         cfg.running_ttl = std::time::Duration::from_secs(120);
@@ -31,7 +28,7 @@ async fn redis_store_limits() {
     };
     let capped = || async {
         let mut cfg = RedisConfig::new(&redis_url());
-        cfg.key_prefix = format!("gstest-{}", uuid::Uuid::now_v7());
+        cfg.key_prefix = unique_prefix();
         cfg.running_ttl = std::time::Duration::from_secs(120);
         cfg.max_running_per_user = Some(2);
         Arc::new(RedisStore::connect(cfg).await.expect("redis")) as Arc<dyn JobStore>

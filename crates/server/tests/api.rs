@@ -598,7 +598,9 @@ async fn abort_status_active_and_conversation_routes() {
     .await;
     let sid = started["streamId"].as_str().unwrap().to_string();
     let cid = started["conversationId"].as_str().unwrap().to_string();
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // The abort below must find a partial answer: wait until there is text.
+    let server = genstream_test_support::Served::start(app.router.clone()).await;
+    genstream_test_support::wait_for_text(&server.url, &t, &sid).await;
     let (_, active) = call(&app, "GET", "/api/chat/active", Some(&t), None).await;
     assert_eq!(active["activeJobIds"], json!([sid]));
     let (_, status) = call(

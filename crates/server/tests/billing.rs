@@ -13,7 +13,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::infra::{Prefix, TestDb, redis_url};
 use common::{SECRET, token};
 use futures::StreamExt;
 use genstream_engine::billing::{Pricing, price};
@@ -24,6 +23,9 @@ use genstream_server::config::{
 };
 use genstream_server::serve::build_state;
 use genstream_server::{AppState, app};
+use genstream_test_support::{
+    KeyPrefix, Served, TestDb, redis_url, wait_for, wait_for_text, wait_until,
+};
 use serde_json::{Value, json};
 
 const PRICING: Pricing = Pricing {
@@ -78,23 +80,18 @@ fn base_config(database: &str, store: &str, prefix: &str) -> Config {
 struct Server {
     state: AppState,
     url: String,
+    _served: Served,
 }
 
 async fn serve(config: &Config) -> Server {
     let (state, _) = build_state(config).await.unwrap();
     state.manager.spawn_reaper();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = app(state.clone(), 1 << 20);
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .unwrap()
-    });
-    Server { state, url }
+    let served = Served::start_with_peer_addr(app(state.clone(), 1 << 20)).await;
+    Server {
+        state,
+        url: served.url.clone(),
+        _served: served,
+    }
 }
 
 async fn post(
@@ -147,6 +144,45 @@ async fn events(s: &Server, user: &str, sid: &str) -> Vec<Event> {
         .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
         .filter_map(|d| serde_json::from_str::<Event>(d).ok())
         .collect()
+}
+
+/// Waits until `user`'s balance refill is due — a whole `interval` after its last
+/// refill, by the clock and the comparison `settle_balance` uses — without applying
+/// it: the row is read from the database, not through a route, so the next look
+/// through a route is one that refills.
+async fn wait_until_refill_is_due(s: &Server, user: &str, interval: Duration) {
+    let row = s.state.manager.db().balance(user).await.unwrap();
+    let last = row
+        .and_then(|b| b.refilled_at)
+        .expect("a balance, refilled at creation");
+    wait_until(interval * 5, &format!("{user}'s refill to be due"), || {
+        let due_before = genstream_engine::rfc3339(time::OffsetDateTime::now_utc() - interval);
+        let due = last <= due_before;
+        async move { due }
+    })
+    .await;
+}
+
+/// Waits until the replicas under `prefix` judge other replicas' leases, which each
+/// does only after a whole lease TTL of its own health: a probe job is created for an
+/// owner that then stops renewing its lease, and the wait ends when a reaper ended it
+/// (a job without a `created` event: its log is ended, nothing is saved or charged).
+async fn wait_until_leases_are_judged(prefix: &KeyPrefix) {
+    use genstream_engine::store::JobStore;
+    let mut rc = genstream_redis::RedisConfig::new(&redis_url());
+    rc.key_prefix = prefix.name().to_owned();
+    rc.lease_ttl = Duration::from_millis(100);
+    let owner = genstream_redis::RedisStore::connect(rc).await.unwrap();
+    let probe = genstream_engine::suite::meta("lease-probe", &genstream_engine::new_id());
+    owner.create_job(&probe).await.unwrap();
+    owner.close();
+    let sid = probe.stream_id.as_str();
+    wait_until(
+        Duration::from_secs(15),
+        "a reaper to end the probe job",
+        || async { prefix.job_field(sid, "ended").await.as_deref() == Some("1") },
+    )
+    .await;
 }
 
 /// What the log's usage records cost, in micro-credits.
@@ -231,7 +267,7 @@ async fn credits_balance_usage_402_and_refill() {
         None,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_text(&s.url, &token("ann"), slow["streamId"].as_str().unwrap()).await;
     let (st, ab, _) = post(
         &s,
         "ann",
@@ -283,7 +319,7 @@ async fn credits_balance_usage_402_and_refill() {
     .await;
     assert_eq!(st, 402, "{v}");
     // GET /api/balance applies a due refill as the chat route does: the two agree.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    wait_until_refill_is_due(&s, "ann", Duration::from_secs(2)).await;
     let b = get(&s, "ann", "/api/balance").await["balance"]
         .as_f64()
         .unwrap();
@@ -441,8 +477,8 @@ async fn rate_limits_answer_429_with_a_right_retry_after() {
 async fn rate_limit_burst_over_three_redis_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("rl.db").display());
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(&database, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(&database, &redis_url(), prefix.name());
     config.limits.messages_per_user_per_minute = 5;
     let replicas = [
         serve(&config).await,
@@ -479,7 +515,7 @@ async fn rate_limit_burst_over_three_redis_replicas() {
     // The window holds the five that passed, nothing else (refusals do not count).
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{}:rlw:{{user:fay}}", prefix.0);
+    let key = format!("{}:rlw:{{user:fay}}", prefix.name());
     let hits: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(&key)
         .arg(0)
@@ -530,8 +566,8 @@ async fn rate_limit_burst_over_three_redis_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refill_across_replicas_happens_once_with_the_configured_amount() {
     let db = TestDb::create().await;
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(&db.url, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(&db.url, &redis_url(), prefix.name());
     config.balance = BalanceConfig {
         enabled: true,
         start_balance: 100.0,
@@ -557,7 +593,8 @@ async fn refill_across_replicas_happens_once_with_the_configured_amount() {
         get(&replicas[1], "gus", "/api/balance").await["balance"],
         100.0
     );
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Due, and not applied yet: the looks and chats below race to apply it.
+    wait_until_refill_is_due(&replicas[0], "gus", Duration::from_secs(2)).await;
     let looks = futures::future::join_all((0..9).map(|i| {
         let s = &replicas[i % 3];
         async move { get(s, "gus", "/api/balance").await["balance"].clone() }
@@ -587,8 +624,8 @@ async fn refill_across_replicas_happens_once_with_the_configured_amount() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
     let db = TestDb::create().await;
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(&db.url, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(&db.url, &redis_url(), prefix.name());
     config.limits.concurrent_per_user = 2;
     config.redis.lease_ttl = Duration::from_millis(600);
     config.jobs.reap_interval = Duration::from_millis(200);
@@ -681,7 +718,7 @@ async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
         assert_eq!(st, 200);
     }
     let mut rc = genstream_redis::RedisConfig::new(&redis_url());
-    rc.key_prefix = prefix.0.clone();
+    rc.key_prefix = prefix.name().to_owned();
     rc.lease_ttl = Duration::from_millis(300);
     rc.max_running_per_user = Some(2);
     let dead = genstream_redis::RedisStore::connect(rc).await.unwrap();
@@ -710,16 +747,16 @@ async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
         429
     );
     dead.close();
-    let t0 = std::time::Instant::now();
-    loop {
-        let m = dead.get_job(&lost.stream_id).await.unwrap().unwrap();
-        if m.status != genstream_engine::store::JobStatus::Running {
-            assert_eq!(m.status, genstream_engine::store::JobStatus::Error);
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "not reaped");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = wait_for(
+        Duration::from_secs(15),
+        "the lost job to be reaped",
+        || async {
+            let m = dead.get_job(&lost.stream_id).await.unwrap().unwrap();
+            (m.status != genstream_engine::store::JobStatus::Running).then_some(m.status)
+        },
+    )
+    .await;
+    assert_eq!(status, genstream_engine::store::JobStatus::Error);
     let evs = events(&replicas[2], "eve", &lost.stream_id).await;
     let Some(EventBody::Error(e)) = evs.last().map(|e| &e.body) else {
         panic!("{evs:?}")
@@ -752,8 +789,8 @@ enum Ending {
 /// of the `usage` events in the job's log — estimates included — and each user's
 /// balance dropped by exactly what the ledger charged them.
 async fn exactly_once(database: &str, cases: usize) {
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = base_config(database, &redis_url(), &prefix.0);
+    let prefix = KeyPrefix::new();
+    let mut config = base_config(database, &redis_url(), prefix.name());
     config.models = vec![model(
         "priced",
         json!({"tokens": 8, "token_delay": "2ms"}),
@@ -775,7 +812,7 @@ async fn exactly_once(database: &str, cases: usize) {
     config.jobs.reap_interval = Duration::from_millis(20);
     let b = serve(&config).await;
     // A replica judges others' leases only after a whole lease TTL of its own health.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_until_leases_are_judged(&prefix).await;
     let redis = redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -783,7 +820,7 @@ async fn exactly_once(database: &str, cases: usize) {
         .unwrap();
     let seeds: Vec<u64> = (0..cases as u64).collect();
     let results = futures::stream::iter(seeds.into_iter().map(|seed| {
-        let (a, b, redis, prefix) = (&a, &b, redis.clone(), &prefix.0);
+        let (a, b, redis, prefix) = (&a, &b, redis.clone(), prefix.name());
         async move {
             let mut rng = seed
                 .wrapping_mul(6364136223846793005)
@@ -881,14 +918,11 @@ async fn exactly_once(database: &str, cases: usize) {
     .collect::<Vec<_>>()
     .await;
     // Owners fenced off by a reaper may still be winding down: let every job task end.
-    let t0 = std::time::Instant::now();
-    while a.state.manager.live_jobs() + b.state.manager.live_jobs() > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "job tasks still running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(Duration::from_secs(30), "every job task to end", || {
+        let live = a.state.manager.live_jobs() + b.state.manager.live_jobs();
+        async move { live == 0 }
+    })
+    .await;
     let db = a.state.manager.db();
     let mut spent_by_user: std::collections::BTreeMap<String, i64> = Default::default();
     let mut endings: std::collections::BTreeMap<Ending, usize> = Default::default();

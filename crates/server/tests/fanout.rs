@@ -11,14 +11,12 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
+use genstream_test_support::{Served, wait_for_text};
 use serde_json::{Value, json};
 
-async fn serve(app: &TestApp) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router.clone();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    format!("http://{addr}")
+/// `app`'s router on a free port, until the returned server is dropped.
+async fn serve(app: &TestApp) -> Served {
+    Served::start(app.router.clone()).await
 }
 
 async fn post(base: &str, user: &str, path: &str, body: Value) -> (u16, Value) {
@@ -55,7 +53,8 @@ async fn fifty_subscribers_before_during_after_get_identical_bytes() {
         "demo",
         json!({"tokens": 60, "token_delay": "2ms", "first_token_delay": "40ms"}),
     )]);
-    let base = serve(&app).await;
+    let server = serve(&app).await;
+    let base = server.url.clone();
     let (_, started) = post(&base, "alice", "/api/chat", json!({"text": "fan out"})).await;
     let sid = started["streamId"].as_str().unwrap().to_string();
     let mut tasks = Vec::new();
@@ -91,10 +90,12 @@ async fn concurrent_aborts_give_one_terminal_and_one_answer() {
         "slow",
         json!({"tokens": 100000, "token_delay": "5ms"}),
     )]);
-    let base = serve(&app).await;
+    let server = serve(&app).await;
+    let base = server.url.clone();
     let (_, started) = post(&base, "alice", "/api/chat", json!({"text": "stop me"})).await;
     let sid = started["streamId"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Abort mid-answer, once the job has streamed text.
+    wait_for_text(&base, &token("alice"), &sid).await;
     let aborts = (0..10).map(|_| {
         let (base, sid) = (base.clone(), sid.clone());
         tokio::spawn(async move {
@@ -129,7 +130,8 @@ async fn each_turn_has_its_own_log_and_cursors_are_integers() {
         "demo",
         json!({"tokens": 20, "token_delay": "0ms"}),
     )]);
-    let base = serve(&app).await;
+    let server = serve(&app).await;
+    let base = server.url.clone();
     let (_, first) = post(&base, "alice", "/api/chat", json!({"text": "turn one"})).await;
     let sid1 = first["streamId"].as_str().unwrap().to_string();
     let turn1 = read_all(&base, &sid1, "").await;

@@ -22,7 +22,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::infra::{Prefix, TestDb, redis_url};
 use common::{SECRET, token};
 use futures::StreamExt;
 use genstream_engine::aggregate::Aggregate;
@@ -33,6 +32,7 @@ use genstream_server::config::{
 };
 use genstream_server::serve::build_state;
 use genstream_server::{AppState, app};
+use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url, wait_until};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -80,15 +80,15 @@ fn replica_config(prefix: &str, db_url: &str, models: Vec<ModelConfig>) -> Confi
 struct Replica {
     state: AppState,
     addr: SocketAddr,
+    _served: Served,
 }
 
 /// Three replicas, A = 0, B = 1, C = 2. Field order is drop order: the database and
 /// the keys go last.
 struct Cluster {
     replicas: Vec<Replica>,
-    redis: redis::aio::MultiplexedConnection,
     http: reqwest::Client,
-    prefix: Prefix,
+    prefix: KeyPrefix,
     _db: TestDb,
 }
 
@@ -103,32 +103,27 @@ async fn cluster(models: Vec<ModelConfig>) -> Cluster {
 
 async fn cluster_with(models: Vec<ModelConfig>, tweak: impl Fn(&mut Config)) -> Cluster {
     let db = TestDb::create().await;
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
-    let mut config = replica_config(&prefix.0, &db.url, models);
+    let prefix = KeyPrefix::new();
+    let mut config = replica_config(prefix.name(), &db.url, models);
     tweak(&mut config);
     let mut replicas = Vec::new();
     for _ in 0..3 {
         let (state, generated) = build_state(&config).await.expect("replica starts");
         assert!(!generated, "the configured secret is used");
         state.manager.spawn_reaper();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let router = app(state.clone(), config.http.max_body_bytes);
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        replicas.push(Replica { state, addr });
+        let served = Served::start(app(state.clone(), config.http.max_body_bytes)).await;
+        replicas.push(Replica {
+            state,
+            addr: served.addr,
+            _served: served,
+        });
     }
-    let redis = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     Cluster {
         replicas,
-        redis,
         http,
         prefix,
         _db: db,
@@ -172,35 +167,6 @@ impl Cluster {
             .await;
         assert_eq!(s, 200, "{v}");
         v
-    }
-
-    /// The frames of the job's log as Redis holds them, in order.
-    async fn redis_log(&self, sid: &str) -> Vec<Vec<u8>> {
-        let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-            .arg(format!("{}:log:{{{sid}}}", self.prefix.0))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.redis.clone())
-            .await
-            .unwrap();
-        entries
-            .into_iter()
-            .enumerate()
-            .map(|(i, (id, mut f))| {
-                assert_eq!(id, format!("0-{}", i + 1), "stream ids are 0-(seq+1)");
-                f.remove("f").expect("field f")
-            })
-            .collect()
-    }
-
-    /// A field of the job's hash.
-    async fn job_field(&self, sid: &str, field: &str) -> Option<String> {
-        redis::cmd("HGET")
-            .arg(format!("{}:job:{{{sid}}}", self.prefix.0))
-            .arg(field)
-            .query_async(&mut self.redis.clone())
-            .await
-            .unwrap()
     }
 }
 
@@ -604,7 +570,7 @@ async fn resume_across_three_replicas_300_plans() {
             usize::MAX,
         )
         .await;
-        let stored = cl.redis_log(sid).await;
+        let stored = cl.prefix.log(sid).await;
         assert_eq!(reference.len(), stored.len(), "{sid}");
         for (f, s) in reference.iter().zip(&stored) {
             assert_eq!(f.raw, *s, "replica {} serves what Redis holds", i % 3);
@@ -613,6 +579,7 @@ async fn resume_across_three_replicas_300_plans() {
         assert_eq!(terminals, 1);
         assert_eq!(reference.last().unwrap().event.as_deref(), Some("final"));
         let fin: u64 = cl
+            .prefix
             .job_field(sid, "finishedAt")
             .await
             .expect("finishedAt")
@@ -693,7 +660,7 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
     .expect("the job ends");
     assert_eq!(a, b, "A and B served different bytes");
     assert_eq!(a, c, "A and C served different bytes");
-    let stored: Vec<u8> = cl.redis_log(&sid).await.concat();
+    let stored: Vec<u8> = cl.prefix.log(&sid).await.concat();
     assert_eq!(a, stored, "the replicas serve exactly what Redis holds");
     let mut buf = a.clone();
     let frames = take_frames(&mut buf);
@@ -708,6 +675,7 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
     assert!(frames.len() > 200);
     // They watched it live, not a replay.
     let fin: u64 = cl
+        .prefix
         .job_field(&sid, "finishedAt")
         .await
         .unwrap()
@@ -792,11 +760,11 @@ async fn abort_from_another_replica_saves_partial_before_answering() {
     assert_eq!(saved, partial, "the saved message is the one answered");
 
     // A's generation stopped; exactly one terminal event, `final` `aborted`.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while cl.replicas[A].state.manager.live_jobs() != 0 {
-        assert!(Instant::now() < deadline, "A still runs the job");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(Duration::from_secs(2), "A to stop running the job", || {
+        let live = cl.replicas[A].state.manager.live_jobs();
+        async move { live == 0 }
+    })
+    .await;
     let frames = tokio::time::timeout(Duration::from_secs(5), watcher)
         .await
         .expect("B's subscriber ends")
@@ -813,10 +781,11 @@ async fn abort_from_another_replica_saves_partial_before_answering() {
         partial["text"].as_str().unwrap(),
         "the partial answer is all the text that was streamed"
     );
-    let len_then = cl.redis_log(&sid).await.len();
+    let len_then = cl.prefix.log(&sid).await.len();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let stored: Vec<RawFrame> = cl
-        .redis_log(&sid)
+        .prefix
+        .log(&sid)
         .await
         .into_iter()
         .map(parse_frame)
@@ -893,6 +862,28 @@ async fn racing_reapers_write_the_partial_message_once() {
     racing_reapers(true).await;
 }
 
+/// Waits until replica `reaper` judges other replicas' leases, which it does only after
+/// a whole lease TTL of its own health, by the effect: it ends a probe job whose owner
+/// stopped renewing its lease (a job without a `created` event: its log is ended,
+/// nothing is saved). For clusters whose reapers are driven by hand.
+async fn wait_until_judging_leases(cl: &Cluster, reaper: usize) {
+    use genstream_engine::store::JobStore;
+    let mut rc = genstream_redis::RedisConfig::new(&redis_url());
+    rc.key_prefix = cl.prefix.name().to_owned();
+    rc.lease_ttl = Duration::from_millis(100);
+    let owner = genstream_redis::RedisStore::connect(rc).await.unwrap();
+    let probe = genstream_engine::suite::meta("lease-probe", &genstream_engine::new_id());
+    owner.create_job(&probe).await.unwrap();
+    owner.close();
+    let manager = &cl.replicas[reaper].state.manager;
+    wait_until(
+        Duration::from_secs(10),
+        "the reaper to end a probe job",
+        || async { manager.reap_orphans().await.unwrap() == 1 },
+    )
+    .await;
+}
+
 async fn racing_reapers(strict: bool) {
     use genstream_engine::event::ContentPart;
     use genstream_engine::event::{
@@ -915,9 +906,12 @@ async fn racing_reapers(strict: bool) {
         },
     )
     .await;
+    // The race needs both reapers able to judge the dead owner's lease.
+    wait_until_judging_leases(&cl, B).await;
+    wait_until_judging_leases(&cl, C).await;
     // The dead owner: a store of its own, whose lease lapses after 300 ms.
     let mut rc = genstream_redis::RedisConfig::new(&redis_url());
-    rc.key_prefix = cl.prefix.0.clone();
+    rc.key_prefix = cl.prefix.name().to_owned();
     rc.lease_ttl = Duration::from_millis(300);
     let dead = genstream_redis::RedisStore::connect(rc).await.unwrap();
     let db = cl.replicas[A].state.manager.db().clone();
@@ -996,7 +990,13 @@ async fn racing_reapers(strict: bool) {
         sids.push(meta);
     }
     dead.close();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let lease = format!("replica:{}", dead.replica_id());
+    wait_until(
+        Duration::from_secs(5),
+        "the dead owner's lease to lapse",
+        || async { !cl.prefix.exists(&lease).await },
+    )
+    .await;
 
     let (b, c) = (
         cl.replicas[B].state.manager.clone(),
@@ -1008,7 +1008,8 @@ async fn racing_reapers(strict: bool) {
     let mut db_mismatch = Vec::new();
     for meta in &sids {
         let stored: Vec<RawFrame> = cl
-            .redis_log(&meta.stream_id)
+            .prefix
+            .log(&meta.stream_id)
             .await
             .into_iter()
             .map(parse_frame)
@@ -1196,9 +1197,9 @@ async fn database_lost_while_running_is_503_and_recovers() {
     } else {
         url
     };
-    let prefix = Prefix(format!("gstest-{}", uuid::Uuid::now_v7()));
+    let prefix = KeyPrefix::new();
     let mut config = replica_config(
-        &prefix.0,
+        prefix.name(),
         &url,
         vec![demo_model(
             "demo",
@@ -1207,10 +1208,8 @@ async fn database_lost_while_running_is_503_and_recovers() {
     );
     config.pool.acquire_timeout = Duration::from_secs(1);
     let (state, _) = build_state(&config).await.expect("replica starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app(state.clone(), config.http.max_body_bytes);
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let served = Served::start(app(state.clone(), config.http.max_body_bytes)).await;
+    let addr = served.addr;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(10))

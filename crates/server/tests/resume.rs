@@ -328,10 +328,8 @@ async fn resume_in_process_700_plans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_over_http_300_plans() {
     let app = test_app(paced_models());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router.clone();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let server = genstream_test_support::Served::start(app.router.clone()).await;
+    let addr = server.addr;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()

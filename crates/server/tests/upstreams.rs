@@ -34,8 +34,8 @@ use axum::routing::post;
 use futures::future::join_all;
 use genstream_mock_upstream::MockUpstream;
 use genstream_server::{AppState, Config};
+use genstream_test_support::{Served, unused_addr};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 use common::take_frames;
 
@@ -140,13 +140,7 @@ struct Server {
     state: AppState,
     token: String,
     http: reqwest::Client,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _served: Served,
 }
 
 /// A model that makes the engine estimate a usage: an attempt closed mid-stream.
@@ -182,19 +176,18 @@ async fn serve_exactly(config: Value) -> Server {
         .await
         .expect("build_state");
     assert!(!generated, "the secret is configured");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = genstream_server::app(state.clone(), config.http.max_body_bytes);
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let served = Served::start(genstream_server::app(
+        state.clone(),
+        config.http.max_body_bytes,
+    ))
+    .await;
     let token = state.auth.mint("alice", Duration::from_secs(600)).unwrap();
     Server {
-        url,
+        url: served.url.clone(),
         state,
         token,
         http: reqwest::Client::new(),
-        task,
+        _served: served,
     }
 }
 
@@ -857,11 +850,7 @@ async fn the_first_usage_estimate_does_not_stall_the_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_retried_then_fails() {
     // A port nobody listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let down = format!("http://127.0.0.1:{port}/v1");
+    let down = format!("http://{}/v1", unused_addr());
     let server = serve(config(
         json!({
             "down-openai": provider(Kind::OpenAi, &down, 30_000),
@@ -982,12 +971,9 @@ async fn abort_during_a_retry_wait_answers_at_once_with_the_partial_answer() {
 // ---------------------------------------------------------------------------------
 
 /// A tiny HTTP tool: `POST /lookup {"city"}` answers `weather in <city>: sunny`;
-/// `POST /slow` reports the call on `hits` and then never answers.
-async fn tool_endpoint() -> (
-    String,
-    tokio::sync::mpsc::UnboundedReceiver<Value>,
-    JoinHandle<()>,
-) {
+/// `POST /slow` reports the call on `hits` and then never answers. Served until the
+/// third element is dropped.
+async fn tool_endpoint() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>, Served) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let app = axum::Router::new()
         .route(
@@ -1007,12 +993,8 @@ async fn tool_endpoint() -> (
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (url, rx, task)
+    let served = Served::start(app).await;
+    (served.url.clone(), rx, served)
 }
 
 fn http_tool(name: &str, url: &str) -> Value {

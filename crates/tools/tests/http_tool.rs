@@ -11,7 +11,11 @@ use genstream_tools::{HttpTool, HttpToolConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-async fn endpoint() -> String {
+/// A local endpoint: `/echo` answers its arguments, `/fail` 502, `/slow` never in time.
+/// The receiver counts the requests `/slow` got.
+async fn endpoint() -> (String, tokio::sync::watch::Receiver<u32>) {
+    let (slow_hits, hits) = tokio::sync::watch::channel(0u32);
+    let slow_hits = std::sync::Arc::new(slow_hits);
     let app = axum::Router::new()
         .route(
             "/echo",
@@ -23,15 +27,19 @@ async fn endpoint() -> String {
         )
         .route(
             "/slow",
-            post(|| async {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                "late"
+            post(move || {
+                let slow_hits = slow_hits.clone();
+                async move {
+                    slow_hits.send_modify(|n| *n += 1);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }
             }),
         );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    format!("http://{addr}")
+    (format!("http://{addr}"), hits)
 }
 
 fn tool(url: String, timeout_ms: u64) -> HttpTool {
@@ -47,7 +55,7 @@ fn tool(url: String, timeout_ms: u64) -> HttpTool {
 
 #[tokio::test]
 async fn posts_arguments_and_returns_the_body() {
-    let base = endpoint().await;
+    let (base, mut slow_hits) = endpoint().await;
     let out = tool(format!("{base}/echo"), 2000)
         .execute(json!({"city": "Paris"}), CancellationToken::new())
         .await
@@ -71,8 +79,10 @@ async fn posts_arguments_and_returns_the_body() {
     assert!(err.contains("request failed"), "{err}");
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
+    let before = *slow_hits.borrow_and_update();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Cancel mid-request: once the endpoint has it.
+        let _ = slow_hits.wait_for(|n| *n > before).await;
         c2.cancel();
     });
     let t0 = std::time::Instant::now();

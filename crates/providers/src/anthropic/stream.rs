@@ -67,7 +67,8 @@ use serde_json::{Map, Value};
 use sse_stream::Sse;
 
 use super::error_detail;
-use crate::http::{reported_error, truncate};
+use crate::error_text::truncate;
+use crate::http::reported_error;
 use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// The event types this parser acts on; events named otherwise are skipped unread.
@@ -622,7 +623,7 @@ mod tests {
             futures::stream::iter(bytes),
             parser,
             CancellationToken::new(),
-            crate::sse::Deadlines::relaxed(),
+            crate::deadline::Deadlines::relaxed(),
         )
         .collect()
         .await
@@ -1106,7 +1107,7 @@ mod tests {
             body,
             EventParser::new("t", "m", 0),
             cancel.clone(),
-            crate::sse::Deadlines::relaxed(),
+            crate::deadline::Deadlines::relaxed(),
         );
         assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
         cancel.cancel();

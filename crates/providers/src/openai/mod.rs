@@ -115,7 +115,8 @@ impl Provider for OpenAiProvider {
         request: ModelRequest,
         cancel: CancellationToken,
     ) -> Result<ProviderStream, ProviderError> {
-        let deadlines = crate::sse::Deadlines::new(tokio::time::Instant::now(), &self.timeouts);
+        let deadlines =
+            crate::deadline::Deadlines::new(tokio::time::Instant::now(), &self.timeouts);
         let key = http::api_key(&self.name, self.api_key_env.as_deref())?;
         let body = request::request_body(&self.model, &request);
         let mut builder = self

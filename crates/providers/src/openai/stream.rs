@@ -29,7 +29,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use sse_stream::Sse;
 
-use crate::http::{error_message, reported_error, truncate};
+use crate::error_text::truncate;
+use crate::http::{error_message, reported_error};
 use crate::sse::{FrameParser, Item, SNIPPET_CHARS};
 
 /// One `chat.completion.chunk`, leniently.
@@ -402,7 +403,7 @@ mod tests {
             futures::stream::iter(bytes),
             parser,
             CancellationToken::new(),
-            crate::sse::Deadlines::relaxed(),
+            crate::deadline::Deadlines::relaxed(),
         )
         .collect()
         .await
@@ -818,7 +819,7 @@ mod tests {
             body,
             ChunkParser::new("t", "m", 0),
             cancel.clone(),
-            crate::sse::Deadlines::relaxed(),
+            crate::deadline::Deadlines::relaxed(),
         );
         assert!(matches!(s.next().await, Some(Ok(ProviderEvent::Text(_)))));
         cancel.cancel();

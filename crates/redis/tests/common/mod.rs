@@ -1,11 +1,17 @@
 //! Helpers of the Redis store's integration tests: the shared Redis (127.0.0.1:6379,
-//! or `GENSTREAM_TEST_REDIS_URL`) under a key prefix per test, a redis-server of the
-//! test's own without persistence, and a TCP proxy that can black-hole connections.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! or `GENSTREAM_TEST_REDIS_URL`) under a key prefix per test and a redis-server of the
+//! test's own without persistence (both from `genstream-test-support`), events and
+//! metadata to append, and a TCP proxy that can black-hole connections.
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use genstream_engine::event::{
     ContentPart, Created, Delta, DeltaContent, ErrorEvent, EventBody, Message, MessageCreation,
@@ -14,16 +20,8 @@ use genstream_engine::event::{
 use genstream_engine::store::{JobMeta, JobStatus};
 use genstream_redis::{RedisConfig, RedisStore};
 
-pub fn redis_url() -> String {
-    std::env::var("GENSTREAM_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
-}
-
-pub fn prefix() -> String {
-    format!("gstest-{}", uuid::Uuid::now_v7())
-}
+pub use genstream_test_support::unique_prefix as prefix;
+pub use genstream_test_support::{OwnRedis, redis_url, wait_until};
 
 /// A config on `url` under `prefix`, with test-friendly TTLs and no healer after its
 /// first pass (unless a test sets one).
@@ -121,83 +119,6 @@ pub fn error_end(code: &str) -> EventBody {
         message: "x".into(),
         response_message: None,
     })
-}
-
-/// A redis-server of the test's own on a free port, keeping nothing on disk, as this
-/// machine's Redis does: a restart loses every key and every function. Killed when
-/// dropped, also on panic.
-pub struct OwnRedis {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    pub fn start() -> OwnRedis {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut r = OwnRedis { port, child: None };
-            if r.launch() {
-                return r;
-            }
-        }
-        panic!("could not start redis-server");
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts redis-server and waits until it answers PING; false if it exited.
-    fn launch(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                return false;
-            }
-            let ping = redis::Client::open(self.url().as_str())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if ping.is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    /// SIGKILL, then start again on the same port: everything it held is gone.
-    pub fn restart(&mut self) {
-        self.kill();
-        assert!(self.launch(), "redis-server restarts on port {}", self.port);
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A TCP proxy to `target` on a free port. `blackhole()` makes every connection open

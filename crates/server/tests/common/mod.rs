@@ -3,8 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
-pub mod infra;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

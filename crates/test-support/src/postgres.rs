@@ -1,17 +1,11 @@
-//! Shared test infrastructure for tests that need the real Redis and PostgreSQL:
-//! a fresh PostgreSQL database per test and a Redis key prefix per test, both cleaned
-//! up (best effort) when dropped, also on panic.
-#![allow(dead_code)]
+//! A PostgreSQL database of a test's own, created through the admin URL
+//! (`GENSTREAM_TEST_POSTGRES_ADMIN_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and dropped when the test ends, also
+//! on panic.
 
 use sqlx::Connection;
 
-pub fn redis_url() -> String {
-    std::env::var("GENSTREAM_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
-}
-
+/// The URL of the database tests create their databases through.
 pub fn pg_admin_url() -> String {
     std::env::var("GENSTREAM_TEST_POSTGRES_ADMIN_URL")
         .ok()
@@ -29,14 +23,22 @@ pub fn with_database(url: &str, name: &str) -> String {
     format!("{server}/{name}{query}")
 }
 
-/// A PostgreSQL database of this test's own, dropped (best effort) when it goes.
+/// A PostgreSQL database of this test's own (`gs_<uuid>`), dropped (best effort, with
+/// `FORCE`) when it goes.
 pub struct TestDb {
+    /// The admin URL it was created through.
     pub admin: String,
+    /// Its name.
     pub name: String,
+    /// Its URL.
     pub url: String,
 }
 
 impl TestDb {
+    /// Creates the database.
+    ///
+    /// # Panics
+    /// When PostgreSQL cannot be reached or refuses.
     pub async fn create() -> TestDb {
         let admin = pg_admin_url();
         let name = format!("gs_{}", uuid::Uuid::new_v4().simple());
@@ -73,26 +75,5 @@ impl Drop for TestDb {
             });
         })
         .join();
-    }
-}
-
-/// The test's Redis key prefix; its keys are deleted (best effort) when it goes.
-pub struct Prefix(pub String);
-
-impl Drop for Prefix {
-    fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(redis_url()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection() else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.0))
-            .query(&mut conn)
-            .unwrap_or_default();
-        for k in keys {
-            let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut conn);
-        }
     }
 }
