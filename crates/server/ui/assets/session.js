@@ -414,7 +414,8 @@ export class SessionManager {
     }
   }
 
-  /** Polls `/api/chat/active` every 500 ms while the page is visible, 5 s hidden. */
+  /** Polls `/api/chat/active` every 500 ms while the page is visible, 5 s hidden; the conversation list
+   * every 3 s, and at once when a job starts or ends. */
   startPolling() {
     const tick = async () => {
       if (this.stopped) return;
@@ -432,7 +433,7 @@ export class SessionManager {
             ended = true;
           }
         }
-        if (ended || Date.now() - this.lastListRefresh > 10000) this.refreshConversations();
+        if (ended || Date.now() - this.lastListRefresh > 3000) this.refreshConversations();
       } catch {
         // offline or a 401 (which signs out): try again later
       }
