@@ -102,8 +102,8 @@ token_delay_ms = 100
 name = "cut"
 provider = "demo"
 [models.options]
-tokens = 40
-token_delay_ms = 60
+tokens = 150
+token_delay_ms = 40
 
 [[models]]
 name = "reasoning"

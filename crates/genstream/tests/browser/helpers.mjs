@@ -184,21 +184,24 @@ export function allowConsole(pattern) {
 }
 
 /**
- * A TCP proxy in front of the server that cuts every SSE stream after a few hundred
- * bytes (so, mostly in the middle of a frame): the page must reconnect by cursor each
- * time. Other requests pass untouched. The cut points are the same in every run.
+ * A TCP proxy in front of the server that cuts every SSE stream after one or two KB
+ * (so, mostly in the middle of a frame), `maxCuts` times: the page must reconnect by
+ * cursor each time. Other requests pass untouched. The cut points are the same in
+ * every run.
  */
-export async function cuttingProxy(target) {
+export async function cuttingProxy(target, { maxCuts = 10 } = {}) {
   const { hostname, port } = new URL(target);
   const stats = { cuts: 0, streams: 0 };
-  // xorshift32: cut points spread over 400–4000 bytes, the same in every run.
+  // xorshift32: cut points spread over 1100–2600 bytes, the same in every run: past
+  // the headers and the first frame (about 1 KB), so each connection brings something,
+  // and mostly in the middle of a frame.
   let seed = 0x9e3779b9;
   const nextLimit = () => {
     seed ^= seed << 13;
     seed ^= seed >>> 17;
     seed ^= seed << 5;
     seed >>>= 0;
-    return 400 + (seed % 3600);
+    return 1100 + (seed % 1500);
   };
   const sockets = new Set();
   const server = net.createServer((client) => {
@@ -219,7 +222,9 @@ export async function cuttingProxy(target) {
         if (streaming) {
           stats.streams += 1;
           sent = 0;
-          limit = nextLimit();
+          // After maxCuts the streams pass whole, so that a terminal event larger
+          // than any cut point still gets through.
+          limit = stats.cuts < maxCuts ? nextLimit() : Infinity;
         }
       }
       upstream.write(buf);

@@ -65,8 +65,10 @@ test('connections cut in the middle of frames lose and repeat nothing', async ({
     const saved = await savedMessages(request, token, conversationIdOf(page));
     const final = norm(saved[1].text);
     expect(await answerText(answer)).toBe(final);
-    expect(await checkSamples(page, final)).toBeGreaterThan(3);
-    expect(proxy.stats.cuts, 'the proxy cut streams').toBeGreaterThan(5);
+    const samples = await checkSamples(page, final);
+    console.log(`${proxy.stats.cuts} cuts, ${proxy.stats.streams} connections, ${samples} texts shown, each a prefix of the saved one`);
+    expect(samples).toBeGreaterThan(10);
+    expect(proxy.stats.cuts, 'the proxy cut streams').toBe(10);
     await expect(answer.getByTestId('reconnecting')).toHaveCount(0);
   } finally {
     await proxy.close();

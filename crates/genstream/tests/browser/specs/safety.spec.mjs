@@ -130,3 +130,21 @@ test('a 401 sends the user back to sign-in', async ({ page }, testInfo) => {
   await page.getByRole('button', { name: 'Sign in' }).click();
   await expect(page.getByRole('button', { name: 'New chat' })).toBeVisible();
 });
+
+test('tokens stay out of URLs; the stream route takes one in ?access_token= and does not log it', async ({
+  request,
+}, testInfo) => {
+  const token = mintToken(uniqueUser(testInfo));
+  const started = await (
+    await request.post('/api/chat', { headers: { Authorization: `Bearer ${token}` }, data: { text: 'hi', model: 'demo' } })
+  ).json();
+  // EventSource-style: the token in the query, as the API allows. The browser test
+  // harness then checks that the server's log holds no token at all.
+  const ok = await request.get(`/api/chat/stream/${started.streamId}?access_token=${token}&cursor=0`);
+  expect(ok.status()).toBe(200);
+  expect(await ok.text()).toContain('event: final');
+  const missing = await request.get(`/api/chat/stream/no-such-stream?access_token=${token}`);
+  expect(missing.status()).toBe(404);
+  const refused = await request.get(`/api/chat/stream/${started.streamId}?access_token=${token}x`);
+  expect(refused.status()).toBe(401);
+});
