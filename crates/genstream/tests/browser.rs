@@ -72,8 +72,18 @@ concurrent_per_user = 0
 messages_per_user_per_minute = 0
 messages_per_ip_per_minute = 0
 
+# Balances on: every user starts with $1; only `claude` has a price.
+[balance]
+enabled = true
+start_balance = 1000000
+
 [providers.mock]
 kind = "openai"
+base_url = "{upstream}"
+api_key_env = "BROWSER_TEST_UPSTREAM_KEY"
+
+[providers.mock-anthropic]
+kind = "anthropic"
 base_url = "{upstream}"
 api_key_env = "BROWSER_TEST_UPSTREAM_KEY"
 
@@ -150,11 +160,15 @@ provider = "mock"
 [models.options]
 model = "flaky:1:503+ra30:echo?delay_ms=20"
 
+# A recorded Anthropic answer: reasoning, then Markdown (bold, lists). Priced.
 [[models]]
-name = "writer"
-provider = "mock"
+name = "claude"
+provider = "mock-anthropic"
 [models.options]
-model = "echo?delay_ms=40"
+model = "fixture:anthropic/messages-thinking-text.sse?delay_ms=25"
+[models.pricing]
+input_per_mtok = 3.0
+output_per_mtok = 15.0
 "#,
         db = db.display()
     );

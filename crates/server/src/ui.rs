@@ -127,3 +127,74 @@ fn serve(path: &str, headers: &HeaderMap) -> Response {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = Request::get(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        router::<()>()
+            .fallback(|| async { StatusCode::IM_A_TEAPOT })
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_page_and_its_deep_links_with_security_headers() {
+        for path in ["/", "/c/0193-abc"] {
+            let r = get(path, &[]).await;
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            let h = r.headers();
+            assert_eq!(h[header::CONTENT_TYPE], "text/html; charset=utf-8");
+            assert_eq!(h[header::CONTENT_SECURITY_POLICY], CONTENT_SECURITY_POLICY);
+            assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+            assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
+        }
+        assert!(!CONTENT_SECURITY_POLICY.contains("unsafe"));
+        // Only these paths are the app's.
+        assert_eq!(get("/c/a/b", &[]).await.status(), StatusCode::IM_A_TEAPOT);
+        assert_eq!(
+            get("/index.html", &[]).await.status(),
+            StatusCode::IM_A_TEAPOT
+        );
+    }
+
+    #[tokio::test]
+    async fn assets_have_types_etags_and_gzip() {
+        let r = get("/assets/app.js", &[]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/javascript; charset=utf-8"
+        );
+        let etag = r.headers()[header::ETAG].to_str().unwrap().to_owned();
+        let again = get("/assets/app.js", &[("if-none-match", &etag)]).await;
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        let zipped = get("/assets/vendor/purify.mjs", &[("accept-encoding", "gzip")]).await;
+        assert_eq!(zipped.headers()[header::CONTENT_ENCODING], "gzip");
+        assert_eq!(
+            get("/assets/vendor/preact.mjs", &[]).await.headers()[header::CONTENT_TYPE],
+            "application/javascript; charset=utf-8"
+        );
+        // Missing files, and the docs beside the vendored files, are not served.
+        for path in [
+            "/assets/nope.js",
+            "/assets/vendor/VENDORED.md",
+            "/assets/../Cargo.toml",
+        ] {
+            assert_eq!(
+                get(path, &[]).await.status(),
+                StatusCode::NOT_FOUND,
+                "{path}"
+            );
+        }
+    }
+}

@@ -54,12 +54,13 @@ function useRoute() {
 
 const MODEL_KEY = 'genstream.model';
 
-/** Credits (1 credit = 1e-6 USD) as dollars. */
-function dollars(credits) {
+/** Credits (1 credit = 1e-6 USD) as dollars: cents from $1 up, three digits below. */
+export function dollars(credits) {
   const usd = (credits || 0) / 1e6;
   if (usd === 0) return '$0';
-  if (Math.abs(usd) >= 1) return `$${usd.toFixed(2)}`;
-  return `$${usd.toPrecision(2)}`;
+  const opts =
+    Math.abs(usd) >= 1 ? { minimumFractionDigits: 2, maximumFractionDigits: 2 } : { maximumSignificantDigits: 3 };
+  return `$${usd.toLocaleString('en-US', opts)}`;
 }
 
 function plural(n, one, many) {
@@ -500,11 +501,13 @@ function MessageFooter({ status, live, usage, errorText, onRegenerate }) {
   const retry = live?.retry;
   return html`
     <footer class="message-foot">
+      ${status === 'streaming' && live?.connection !== 'reconnecting' && !retry &&
+      html`<span class="quiet"><span class="spinner" aria-hidden="true"></span> answering…</span>`}
       ${status === 'streaming' && live?.connection === 'reconnecting' &&
       html`<span class="quiet" data-testid="reconnecting"><span class="spinner" aria-hidden="true"></span> reconnecting…</span>`}
       ${status === 'streaming' && retry &&
       html`<span class="retry" data-testid="retry">
-        retrying in <${Countdown} until=${retry.until} /> s (attempt ${retry.attempt} of ${retry.maxAttempts}):
+        retrying in <${Countdown} until=${retry.until} /> s (attempt ${retry.attempt} of ${retry.maxAttempts}):${' '}
         <span class="reason">${retry.error}</span>
       </span>`}
       ${status === 'unfinished' && html`<span class="badge">Unfinished — stopped</span>`}

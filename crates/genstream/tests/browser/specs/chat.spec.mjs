@@ -197,3 +197,27 @@ test('an error shows its message with the partial answer', async ({ page, reques
   await expect(lastMessage(page)).toHaveAttribute('data-status', 'error');
   expect(await answerText(lastMessage(page))).toBe(norm(saved[1].text));
 });
+
+test('usage and cost per answer, and the balance, which the answer lowers', async ({ page, request }, testInfo) => {
+  const token = mintToken(uniqueUser(testInfo));
+  await signIn(page, token);
+  const balance = page.locator('.balance');
+  await expect(balance).toContainText('$1.00');
+  const usd = (credits, digits) => (credits / 1e6).toLocaleString('en-US', { maximumSignificantDigits: digits });
+  await send(page, 'How do I cross a street safely?', 'claude');
+  const answer = lastMessage(page);
+  await expect(answer).toHaveAttribute('data-status', 'complete');
+  // Markdown from a recorded Anthropic answer: bold and lists.
+  await expect(answer.getByTestId('message-text').locator('strong').first()).toBeVisible();
+  await expect(answer.getByTestId('message-text').locator('li').first()).toBeVisible();
+  const { balance: left } = await apiGet(request, token, '/api/balance');
+  expect(left).toBeLessThan(1000000);
+  const cost = usd(1000000 - left, 3);
+  const usage = answer.getByTestId('usage');
+  await expect(usage).toContainText(/\d+ tokens in · \d+ tokens out/);
+  await expect(usage).toContainText(`$${cost}`);
+  await expect(balance).toContainText(`$${usd(left, 3)}`);
+  // The usage survives a reload (kept in this browser for the saved message).
+  await page.reload();
+  await expect(lastMessage(page).getByTestId('usage')).toContainText(`$${cost}`);
+});
