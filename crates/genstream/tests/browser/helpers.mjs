@@ -110,31 +110,33 @@ export function norm(s) {
 }
 
 /**
- * Records the text an answer shows, every animation frame, in the page: a repeat or a
- * lost piece of text shows as a sample that is not a prefix of the final text.
+ * Records every text the last answer shows, at each change of the page (a
+ * MutationObserver, which, unlike animation frames, runs however busy or hidden the
+ * page is): a repeated or a lost piece of text shows as a sample that is not a prefix
+ * of the final text.
  */
 export async function recordSamples(page) {
   await page.evaluate(() => {
     window.__samples = [];
-    const tick = () => {
+    const sample = () => {
       const msgs = document.querySelectorAll('[data-testid="message"][data-author="assistant"]');
       const m = msgs[msgs.length - 1];
-      if (m) {
-        const text = [...m.querySelectorAll('[data-testid="message-text"]')].map((e) => e.textContent).join(' ');
-        const s = text.replace(/\s+/g, ' ').trim();
-        const last = window.__samples[window.__samples.length - 1];
-        if (s && s !== last) window.__samples.push(s);
-      }
-      window.__sampler = requestAnimationFrame(tick);
+      if (!m) return;
+      const text = [...m.querySelectorAll('[data-testid="message-text"]')].map((e) => e.textContent).join(' ');
+      const s = text.replace(/\s+/g, ' ').trim();
+      const last = window.__samples[window.__samples.length - 1];
+      if (s && s !== last) window.__samples.push(s);
     };
-    tick();
+    window.__sampler = new MutationObserver(sample);
+    window.__sampler.observe(document.body, { subtree: true, childList: true, characterData: true });
+    sample();
   });
 }
 
 /** Every recorded sample must be a prefix of `final`; returns how many there were. */
 export async function checkSamples(page, final) {
   const samples = await page.evaluate(() => {
-    cancelAnimationFrame(window.__sampler);
+    window.__sampler.disconnect();
     return window.__samples;
   });
   for (const s of samples) {
@@ -211,8 +213,10 @@ export async function cuttingProxy(target, { maxCuts = 10 } = {}) {
     let streaming = false;
     let sent = 0;
     let limit = Infinity;
+    let cut = false;
     const close = () => {
-      client.destroy();
+      // A cut connection is closed by its own timer, once its last bytes are read.
+      if (!cut) client.destroy();
       upstream.destroy();
     };
     client.on('data', (buf) => {
@@ -235,9 +239,14 @@ export async function cuttingProxy(target, { maxCuts = 10 } = {}) {
         client.write(buf);
         return;
       }
-      client.write(buf.subarray(0, Math.max(0, limit - sent)));
+      // Deliver the bytes up to the cut point (ending inside a frame), then, a moment
+      // later, break the connection. (Breaking it at once would make the browser drop
+      // what it had not yet handed to the page: an error discards a stream's queue.)
+      cut = true;
       stats.cuts += 1;
-      close();
+      upstream.destroy();
+      client.write(buf.subarray(0, Math.max(0, limit - sent)));
+      setTimeout(() => client.destroy(), 150).unref();
     });
     client.on('close', close);
     upstream.on('close', close);

@@ -193,7 +193,7 @@ function Shell({ manager, onSignOut }) {
         >
           <span aria-hidden="true">☰</span> Chats
         </button>
-        <span class="brand">genstream</span>
+        <span class="brand topbar-title">${title || 'genstream'}</span>
       </header>
       <div class="sidebar" id="sidebar">
         <div class="sidebar-head">
@@ -298,6 +298,17 @@ function branchPath(messages, live, chosen) {
   return path;
 }
 
+/**
+ * Whether an answer can be asked again: the question goes again as a new message beside
+ * the old one, under the same parent. The first question of a conversation has none,
+ * and the API gives a message without `parentMessageId` the latest one as parent, so
+ * only later turns can be regenerated.
+ */
+function canRegenerate(path, answer) {
+  const user = path.find((p) => p.message.messageId === answer.parentMessageId)?.message;
+  return Boolean(user?.parentMessageId);
+}
+
 function Conversation({ manager, conversationId, title, models, model, onModel }) {
   const session = conversationId ? manager.session(conversationId) : null;
   const state = useStore(session?.store);
@@ -362,12 +373,7 @@ function Conversation({ manager, conversationId, title, models, model, onModel }
     const user = path.find((p) => p.message.messageId === answer.parentMessageId)?.message;
     if (!user) return;
     setChosen((c) => ({ ...c, [user.parentMessageId ?? '']: undefined }));
-    await Session.start(manager, {
-      text: user.text,
-      conversationId,
-      parentMessageId: user.parentMessageId || undefined,
-      model,
-    });
+    await Session.start(manager, { text: user.text, conversationId, parentMessageId: user.parentMessageId, model });
   }
 
   const heading = title || (path[0]?.message.text ?? '').slice(0, 50) || (conversationId ? 'Conversation' : 'New chat');
@@ -393,7 +399,9 @@ function Conversation({ manager, conversationId, title, models, model, onModel }
             usage=${p.message.live?.usage || usage[p.message.messageId]}
             errorText=${state.errors?.[p.message.messageId]}
             onChoose=${(id) => setChosen((c) => ({ ...c, [p.message.parentMessageId ?? '']: id }))}
-            onRegenerate=${!busy && p.message === last && !last.isCreatedByUser && !last.live ? () => regenerate(last) : null}
+            onRegenerate=${!busy && p.message === last && !last.isCreatedByUser && !last.live && canRegenerate(path, last)
+              ? () => regenerate(last)
+              : null}
           />`,
         )}
       </section>

@@ -221,3 +221,34 @@ test('usage and cost per answer, and the balance, which the answer lowers', asyn
   await page.reload();
   await expect(lastMessage(page).getByTestId('usage')).toContainText(`$${cost}`);
 });
+
+test('the message tree: regenerate makes a second version, and both can be shown', async ({ page, request }, testInfo) => {
+  const token = mintToken(uniqueUser(testInfo));
+  await signIn(page, token);
+  await send(page, 'a first question', 'demo');
+  await expect(lastMessage(page)).toHaveAttribute('data-status', 'complete');
+  // The first turn has no parent to branch under; a later one has.
+  await expect(page.getByRole('button', { name: 'Regenerate' })).toHaveCount(0);
+  await send(page, 'one question, two answers', 'demo');
+  await expect(lastMessage(page)).toHaveAttribute('data-status', 'complete');
+  const id = conversationIdOf(page);
+  const first = await answerText(lastMessage(page));
+  await page.getByRole('button', { name: 'Regenerate' }).click();
+  await expect(lastMessage(page, 'user')).toContainText('2 / 2');
+  await expect(lastMessage(page)).toHaveAttribute('data-status', 'complete');
+  const saved = await savedMessages(request, token, id);
+  expect(saved).toHaveLength(6);
+  // Both versions of the question answer the first answer: siblings in the tree.
+  const [q1, a1, q2, a2, q3, a3] = saved;
+  expect(q2.text).toBe(q3.text);
+  expect(q2.parentMessageId).toBe(a1.messageId);
+  expect(q3.parentMessageId).toBe(a1.messageId);
+  expect(a3.parentMessageId).toBe(q3.messageId);
+  expect(await answerText(lastMessage(page))).toBe(norm(a3.text));
+  expect(first).toBe(norm(a2.text));
+  await page.getByRole('button', { name: 'Previous version' }).click();
+  await expect(lastMessage(page, 'user')).toContainText('1 / 2');
+  expect(await answerText(lastMessage(page))).toBe(first);
+  await expect(page.locator('[data-testid="message"]')).toHaveCount(4);
+  expect(q1.parentMessageId).toBeNull();
+});

@@ -57,6 +57,11 @@ test('connections cut in the middle of frames lose and repeat nothing', async ({
     await page.goto(`${proxy.url}/#token=${token}`);
     await expect(page.getByRole('button', { name: 'New chat' })).toBeVisible();
     await recordSamples(page);
+    // Each reconnect should carry the cursor: the seq of the last event the page has.
+    const cursors = [];
+    page.on('request', (r) => {
+      if (r.url().includes('/api/chat/stream/')) cursors.push(r.headers()['last-event-id']);
+    });
     await send(page, 'keep going through the cuts', 'cut');
     const answer = lastMessage(page);
     // The quiet reconnecting state shows while the stream is down.
@@ -66,9 +71,18 @@ test('connections cut in the middle of frames lose and repeat nothing', async ({
     const final = norm(saved[1].text);
     expect(await answerText(answer)).toBe(final);
     const samples = await checkSamples(page, final);
-    console.log(`${proxy.stats.cuts} cuts, ${proxy.stats.streams} connections, ${samples} texts shown, each a prefix of the saved one`);
-    expect(samples).toBeGreaterThan(10);
+    console.log(
+      `${proxy.stats.cuts} cuts, ${proxy.stats.streams} connections, cursors ${cursors.join(' ')}; ` +
+        `${samples} texts shown, each a prefix of the saved one`,
+    );
     expect(proxy.stats.cuts, 'the proxy cut streams').toBe(10);
+    // The first connection had no cursor; every later one resumed further on.
+    expect(cursors[0]).toBeUndefined();
+    const resumed = cursors.slice(1).map(Number);
+    expect(resumed.length).toBeGreaterThanOrEqual(10);
+    for (let i = 1; i < resumed.length; i++) expect(resumed[i]).toBeGreaterThanOrEqual(resumed[i - 1]);
+    expect(new Set(resumed).size, 'resumed from distinct places in the answer').toBeGreaterThanOrEqual(5);
+    expect(samples, 'partial answers were shown between cuts').toBeGreaterThan(3);
     await expect(answer.getByTestId('reconnecting')).toHaveCount(0);
   } finally {
     await proxy.close();
