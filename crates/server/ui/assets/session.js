@@ -419,6 +419,7 @@ export class SessionManager {
   startPolling() {
     const tick = async () => {
       if (this.stopped) return;
+      const started = Date.now();
       try {
         const { jobs } = await api('/api/chat/active');
         const seen = new Set();
@@ -438,8 +439,9 @@ export class SessionManager {
         // offline or a 401 (which signs out): try again later
       }
       if (this.stopped) return;
-      const delay = document.visibilityState === 'visible' ? 500 : 5000;
-      this.pollTimer = setTimeout(tick, delay);
+      // Every 500 ms from the start of one poll to the next, however long it took.
+      const period = document.visibilityState === 'visible' ? 500 : 5000;
+      this.pollTimer = setTimeout(tick, Math.max(0, period - (Date.now() - started)));
     };
     this.onVisible = () => {
       if (document.visibilityState === 'visible') {
