@@ -55,7 +55,7 @@ function useRoute() {
 const MODEL_KEY = 'genstream.model';
 
 /** Credits (1 credit = 1e-6 USD) as dollars: cents from $1 up, three digits below. */
-export function dollars(credits) {
+function dollars(credits) {
   const usd = (credits || 0) / 1e6;
   if (usd === 0) return '$0';
   const opts =
