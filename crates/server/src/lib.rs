@@ -13,6 +13,7 @@ pub mod error;
 mod routes;
 pub mod serve;
 mod sse;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,7 @@ pub struct AppState {
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }
 
-/// The router with every route of SPEC §4. `max_body_bytes` bounds request bodies
+/// The router with every route of SPEC §4, and the web app (`ui`). `max_body_bytes` bounds request bodies
 /// (over it: 413).
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
@@ -59,6 +60,8 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/api/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        // The web app at `/` (and its deep links `/c/{id}`); see `ui.rs`.
+        .merge(ui::router())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

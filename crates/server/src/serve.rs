@@ -147,8 +147,8 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
 /// aborted with their partial answers saved, and the process returns.
 ///
 /// Prints `genstream listening on http://ADDR` on stdout once it accepts connections
-/// (tests read the port from it), and before it a token for user `dev` when no secret
-/// is configured.
+/// (tests read the port from it), and before it, when no secret is configured, a token
+/// for user `dev` and the web app's sign-in link with that token in its fragment.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let (state, generated) = build_state(&config).await?;
     let listener = TcpListener::bind(&config.bind)
@@ -164,6 +164,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     // every start, so the walkthrough needs no extra step.
     if generated && let Ok(token) = state.auth.mint("dev", Duration::from_secs(30 * 86_400)) {
         println!("dev token (user `dev`, 30 days): {token}");
+        // The web app reads the token from the fragment, which browsers never send.
+        println!("sign in: {}/#token={token}", page_url(addr));
     }
     println!("genstream listening on http://{addr}");
     tracing::info!(%addr, store = %config.store, "listening");
@@ -185,6 +187,19 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The URL a browser on this machine opens the web app at: the listening address,
+/// with a wildcard address (`0.0.0.0`, `::`) replaced by loopback.
+fn page_url(addr: std::net::SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{addr}")
 }
 
 /// `listener` with `TCP_NODELAY` set on every accepted socket. An SSE stream is a run
