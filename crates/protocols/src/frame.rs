@@ -177,7 +177,9 @@ impl<P: Projector> ProjectedLog<P> {
 
 /// Appends a frame `data: <json>\n\n` (Chat Completions, AI SDK).
 pub(crate) fn data_frame<T: serde::Serialize>(value: &T) -> Result<Bytes, ProjectionError> {
-    let mut out = Vec::with_capacity(160);
+    // Enough for a typical delta frame (Chat Completions chunks are ~240 bytes), so
+    // the buffer is not regrown while it is written.
+    let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"data: ");
     serde_json::to_writer(&mut out, value)?;
     out.extend_from_slice(b"\n\n");
@@ -192,7 +194,7 @@ pub(crate) fn event_frame<T: serde::Serialize>(
     name: &str,
     value: &T,
 ) -> Result<Bytes, ProjectionError> {
-    let mut out = Vec::with_capacity(192);
+    let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");

@@ -557,6 +557,26 @@ struct ErrorEvent<'a> {
     sequence_number: u64,
 }
 
+/// Appends the frame of event `value` at the next position.
+fn push_frame<T: Serialize>(
+    next_position: &mut u64,
+    seq: u64,
+    kind: &str,
+    value: &T,
+    terminal: bool,
+    out: &mut Vec<ProjectedFrame>,
+) -> Result<(), ProjectionError> {
+    let bytes: Bytes = event_frame(kind, value)?;
+    out.push(ProjectedFrame {
+        position: *next_position,
+        seq,
+        terminal,
+        bytes,
+    });
+    *next_position += 1;
+    Ok(())
+}
+
 impl Emitter {
     fn push<T: Serialize>(
         &mut self,
@@ -566,25 +586,20 @@ impl Emitter {
         terminal: bool,
         out: &mut Vec<ProjectedFrame>,
     ) -> Result<(), ProjectionError> {
-        let bytes: Bytes = event_frame(kind, value)?;
-        out.push(ProjectedFrame {
-            position: self.next_position,
-            seq,
-            terminal,
-            bytes,
-        });
-        self.next_position += 1;
-        Ok(())
+        push_frame(&mut self.next_position, seq, kind, value, terminal, out)
     }
 
     fn item_id(&mut self, fold: &JobFold, i: usize) -> String {
+        self.cached_item_id(fold, i).to_string()
+    }
+
+    /// Step `i`'s item id, computed once.
+    fn cached_item_id(&mut self, fold: &JobFold, i: usize) -> &str {
         if self.item_ids.len() <= i {
             self.item_ids.resize(i + 1, None);
         }
         let compact = fold.ids().map_or("", |ids| ids.compact.as_str());
-        self.item_ids[i]
-            .get_or_insert_with(|| item_id(compact, &fold.steps()[i]))
-            .clone()
+        self.item_ids[i].get_or_insert_with(|| item_id(compact, &fold.steps()[i]))
     }
 
     fn lifecycle(
@@ -732,15 +747,18 @@ impl Emitter {
         seq: u64,
         out: &mut Vec<ProjectedFrame>,
     ) -> Result<(), ProjectionError> {
-        let item_id = self.item_id(fold, i);
+        // The hot path (one per token): the item id is borrowed from the cache.
+        self.cached_item_id(fold, i);
+        let item_id = self.item_ids[i].as_deref().unwrap_or_default();
         let sequence_number = self.next_position;
         let text = kind == "response.output_text.delta";
-        self.push(
+        push_frame(
+            &mut self.next_position,
             seq,
             kind,
             &DeltaEvent {
                 kind,
-                item_id: &item_id,
+                item_id,
                 output_index: Self::output_index(fold, i),
                 content_index: Some(0),
                 delta,
