@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p genstream-bench -- all
 //! cargo run --release -p genstream-bench -- fanout-one-job --delays-ms 10
+//! cargo run --release -p genstream-bench -- projection
 //! ```
 //!
 //! Every scenario talks to a server on 127.0.0.1 only, every loop is bounded in count
@@ -13,6 +14,7 @@ mod fanout;
 mod http;
 mod logmem;
 mod memory;
+mod projection;
 mod report;
 mod sys;
 
@@ -70,6 +72,8 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         aborts: usize,
     },
+    /// Projection cost per event into each client protocol, next to the native frame.
+    Projection(projection::ProjectionArgs),
     /// Ledger spend latency on SQLite and PostgreSQL.
     Ledger {
         #[arg(long, default_value_t = 1000)]
@@ -137,6 +141,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::ResumeLatency => cluster::resume_latency()?,
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,
+        Cmd::Projection(args) => projection::run(&args)?,
         Cmd::FanoutManyJobs { jobs, args } => fanout::many_jobs(&args, jobs)?,
         Cmd::MemoryIdle(args) => {
             if (nofile as usize) < args.subscribers + 100 {

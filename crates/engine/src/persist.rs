@@ -135,6 +135,30 @@ pub struct UsageRow {
     pub calls: i64,
 }
 
+/// An API key's row: everything about the key except the key, of which only the
+/// hash is kept (a stolen database yields no usable key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKey {
+    /// The key's id (a UUID): what `genstream key list` shows and `key revoke` takes.
+    pub id: String,
+    /// The owner: a request made with the key acts as this user.
+    pub user_id: String,
+    /// A label, e.g. the machine or the app the key is for.
+    pub name: Option<String>,
+    /// The key's first characters (`gsk_` and a few more), to tell keys apart in a
+    /// list; not enough to use it.
+    pub prefix: String,
+    /// SHA-256 of the whole key, lowercase hex: what a request's key is looked up by.
+    pub hash: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC of the last request made with it, to the minute; `None` if unused.
+    pub last_used_at: Option<String>,
+    /// RFC 3339 UTC of its revocation; `None` while the key is valid.
+    pub revoked_at: Option<String>,
+}
+
 /// Storage of conversations, message trees, the billing ledger and balances.
 ///
 /// Errors: [`EngineError::Persistence`] when the database fails.
@@ -225,6 +249,56 @@ pub trait Persistence: Send + Sync + 'static {
     /// The sum of `amount_micro` over all of a stream's lines (for tests and
     /// reconciliation); 0 for a stream without lines.
     async fn spent_on_stream(&self, stream_id: &str) -> Result<i64, EngineError>;
+
+    // API keys. Keys are looked up in the database on every request, never cached,
+    // so a revocation holds at once on every replica that shares the database. The
+    // defaults refuse, for stores that keep no keys (test doubles); every real
+    // backend implements them and runs the shared suite.
+
+    /// Stores a new API key's row.
+    ///
+    /// Errors: [`EngineError::Persistence`], also when the id or the hash exists.
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
+        let _ = key;
+        Err(no_api_keys())
+    }
+    /// The user's API keys, newest first (by `created_at`, then id), revoked ones
+    /// included.
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
+        let _ = user_id;
+        Err(no_api_keys())
+    }
+    /// Revokes key `id` at `now` and returns its row; `None` for an unknown id. A key
+    /// revoked already keeps its first revocation time.
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
+        let _ = (id, now);
+        Err(no_api_keys())
+    }
+    /// The user of the valid (not revoked) key whose hash is `hash`, or `None`. Sets
+    /// the key's `last_used_at` to `now` when `now` is in a later minute than the one
+    /// recorded, so a busy key costs at most one write a minute.
+    ///
+    /// Timestamps are compared as text: `now` must have the fixed width of
+    /// [`crate::now_rfc3339`].
+    async fn authenticate_api_key(
+        &self,
+        hash: &str,
+        now: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let _ = (hash, now);
+        Err(no_api_keys())
+    }
+}
+
+/// What the API-key methods of a store without keys answer.
+fn no_api_keys() -> EngineError {
+    EngineError::Persistence("this database does not store API keys".into())
+}
+
+/// Whether a key last used at `last` should be stamped `now`: `now` is in a later
+/// minute (RFC 3339 texts compared on their first 16 characters, `YYYY-MM-DDTHH:MM`).
+pub fn api_key_use_is_news(last: Option<&str>, now: &str) -> bool {
+    last.is_none_or(|last| prefix(last, 16) < prefix(now, 16))
 }
 
 /// How a usage report groups lines.
@@ -282,6 +356,7 @@ struct MemInner {
     /// The ledger, by its unique key.
     ledger: HashMap<(String, u32, TokenType), LedgerRow>,
     balances: HashMap<String, Balance>,
+    api_keys: HashMap<String, ApiKey>,
 }
 
 /// What the in-memory ledger keeps of a line (the columns reports read).
@@ -575,6 +650,57 @@ impl Persistence for MemoryPersistence {
             .filter(|r| r.stream_id == stream_id)
             .try_fold(0i64, |sum, r| sum.checked_add(r.amount_micro))
             .ok_or_else(|| overflow(&format!("sum of stream {stream_id}")))
+    }
+
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
+        let mut g = self.inner.lock();
+        if g.api_keys.contains_key(&key.id) || g.api_keys.values().any(|k| k.hash == key.hash) {
+            return Err(EngineError::Persistence(format!(
+                "creating API key {}: the id or the hash exists",
+                key.id
+            )));
+        }
+        g.api_keys.insert(key.id.clone(), key.clone());
+        Ok(())
+    }
+
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
+        let g = self.inner.lock();
+        let mut v: Vec<ApiKey> = g
+            .api_keys
+            .values()
+            .filter(|k| k.user_id == user_id)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(v)
+    }
+
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
+        let mut g = self.inner.lock();
+        Ok(g.api_keys.get_mut(id).map(|k| {
+            k.revoked_at.get_or_insert_with(|| now.to_string());
+            k.clone()
+        }))
+    }
+
+    async fn authenticate_api_key(
+        &self,
+        hash: &str,
+        now: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let mut g = self.inner.lock();
+        let Some(k) = g
+            .api_keys
+            .values_mut()
+            .find(|k| k.hash == hash && k.revoked_at.is_none())
+        else {
+            return Ok(None);
+        };
+        if api_key_use_is_news(k.last_used_at.as_deref(), now) {
+            k.last_used_at = Some(now.to_string());
+        }
+        Ok(Some(k.user_id.clone()))
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - `genstream serve` runs the server;
 //! - `genstream token --user NAME` mints a JWT signed with the server's secret;
+//! - `genstream key create | list | revoke` manages API keys in the database;
 //! - `genstream chat "text"` starts a chat and streams the answer, reconnecting with
 //!   its cursor when the connection drops; `attach` follows an existing stream;
 //!   `abort` stops one.
@@ -52,6 +53,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Manage API keys: `Authorization: Bearer gsk_…` is accepted wherever a JWT is.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Start a chat and stream the answer.
     Chat {
         /// The message.
@@ -82,6 +88,36 @@ enum Command {
         stream_id: String,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a key for a user and print it. It is shown only this once: the database
+    /// keeps its hash.
+    Create {
+        /// The user the key acts as.
+        #[arg(long)]
+        user: String,
+        /// A label, e.g. the machine or app the key is for.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List a user's keys: id, prefix, label, created, last used, revoked.
+    List {
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Revoke a key by its id; every replica refuses it from the next request on.
+    Revoke {
+        /// The key's id, as `key list` shows it.
+        id: String,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -153,6 +189,96 @@ async fn local_token(args: &ConfigArgs, user: &str, ttl: Duration) -> Result<Str
         .map_err(|e| format!("could not sign a token: {e}"))
 }
 
+async fn open_db(
+    args: &ConfigArgs,
+) -> Result<std::sync::Arc<dyn genstream_engine::persist::Persistence>, String> {
+    let config = load_config(args, None, None)?;
+    genstream_server::serve::open_database(&config)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn key(command: KeyCommand) -> Result<(), String> {
+    let now = genstream_engine::now_rfc3339();
+    match command {
+        KeyCommand::Create { user, name, config } => {
+            if user.is_empty() {
+                return Err("--user must not be empty".into());
+            }
+            let db = open_db(&config).await?;
+            let made = genstream_server::auth::new_api_key(&user, name.as_deref(), &now)
+                .map_err(|e| e.to_string())?;
+            db.create_api_key(&made.row)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", made.key);
+            eprintln!(
+                "API key {} for user {user}: keep it now, it is not shown again",
+                made.row.id
+            );
+            Ok(())
+        }
+        KeyCommand::List { user, config } => {
+            let keys = open_db(&config)
+                .await?
+                .list_api_keys(&user)
+                .await
+                .map_err(|e| e.to_string())?;
+            if keys.is_empty() {
+                println!("{user} has no API keys");
+                return Ok(());
+            }
+            let rows: Vec<[String; 6]> = keys
+                .into_iter()
+                .map(|k| {
+                    [
+                        k.id,
+                        format!("{}…", k.prefix),
+                        k.name.unwrap_or_default(),
+                        k.created_at,
+                        k.last_used_at.unwrap_or_else(|| "never".into()),
+                        k.revoked_at.unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            let header = ["ID", "KEY", "NAME", "CREATED", "LAST USED", "REVOKED"].map(String::from);
+            let widths: Vec<usize> = (0..6)
+                .map(|i| {
+                    rows.iter()
+                        .chain(std::iter::once(&header))
+                        .map(|r| r[i].chars().count())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            for row in std::iter::once(&header).chain(&rows) {
+                let cells: Vec<String> = row
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect();
+                println!("{}", cells.join("  ").trim_end());
+            }
+            Ok(())
+        }
+        KeyCommand::Revoke { id, config } => {
+            let revoked = open_db(&config)
+                .await?
+                .revoke_api_key(&id, &now)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no API key {id}"))?;
+            println!(
+                "revoked {id} ({}…, user {}) at {}",
+                revoked.prefix,
+                revoked.user_id,
+                revoked.revoked_at.unwrap_or(now)
+            );
+            Ok(())
+        }
+    }
+}
+
 async fn client_for(args: &ClientArgs) -> Result<genstream_client::Client, String> {
     let token = match &args.token {
         Some(t) => t.clone(),
@@ -214,6 +340,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Key { command } => key(command).await,
         Command::Chat {
             text,
             conversation,

@@ -157,6 +157,28 @@ pub(crate) const SPENT_ON_STREAM: &str = "\
 SELECT CAST(COALESCE(SUM(amount_micro), 0) AS BIGINT) AS total
 FROM transactions WHERE stream_id = $1";
 
+pub(crate) const INSERT_API_KEY: &str = "\
+INSERT INTO api_keys (id, user_id, name, prefix, hash, created_at, last_used_at, revoked_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+pub(crate) const LIST_API_KEYS: &str = "\
+SELECT id, user_id, name, prefix, hash, created_at, last_used_at, revoked_at
+FROM api_keys WHERE user_id = $1
+ORDER BY created_at DESC, id DESC";
+
+/// A key revoked already keeps its first revocation time.
+pub(crate) const REVOKE_API_KEY: &str = "\
+UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1
+RETURNING id, user_id, name, prefix, hash, created_at, last_used_at, revoked_at";
+
+pub(crate) const FIND_API_KEY: &str = "\
+SELECT user_id, last_used_at FROM api_keys WHERE hash = $1 AND revoked_at IS NULL";
+
+/// Stamps the use, unless a concurrent request already did in this minute.
+pub(crate) const TOUCH_API_KEY: &str = "\
+UPDATE api_keys SET last_used_at = $2
+WHERE hash = $1 AND (last_used_at IS NULL OR substr(last_used_at, 1, 16) < substr($2, 1, 16))";
+
 /// The report query for `usage_report`'s `by_period`.
 pub(crate) fn usage_sql(by_period: Option<&str>) -> Result<&'static str, EngineError> {
     match by_period {
@@ -338,6 +360,22 @@ macro_rules! impl_persistence {
                     balance_micro: row.try_get("balance_micro")?,
                     refilled_at: row.try_get("refilled_at")?,
                     updated_at: row.try_get("updated_at")?,
+                })
+            }
+
+            fn api_key_from_row(
+                row: &$row,
+            ) -> Result<genstream_engine::persist::ApiKey, sqlx::Error> {
+                use sqlx::Row as _;
+                Ok(genstream_engine::persist::ApiKey {
+                    id: row.try_get("id")?,
+                    user_id: row.try_get("user_id")?,
+                    name: row.try_get("name")?,
+                    prefix: row.try_get("prefix")?,
+                    hash: row.try_get("hash")?,
+                    created_at: row.try_get("created_at")?,
+                    last_used_at: row.try_get("last_used_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
                 })
             }
 
@@ -734,6 +772,93 @@ macro_rules! impl_persistence {
                     .map_err(|e| $crate::imp::db_error(&what(), e))?;
                 row.try_get("total")
                     .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn create_api_key(
+                &self,
+                key: &genstream_engine::persist::ApiKey,
+            ) -> Result<(), genstream_engine::EngineError> {
+                sqlx::query($crate::imp::INSERT_API_KEY)
+                    .bind(&key.id)
+                    .bind(&key.user_id)
+                    .bind(&key.name)
+                    .bind(&key.prefix)
+                    .bind(&key.hash)
+                    .bind(&key.created_at)
+                    .bind(&key.last_used_at)
+                    .bind(&key.revoked_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| {
+                        $crate::imp::db_error(&format!("creating API key {}", key.id), e)
+                    })?;
+                Ok(())
+            }
+
+            async fn list_api_keys(
+                &self,
+                user_id: &str,
+            ) -> Result<Vec<genstream_engine::persist::ApiKey>, genstream_engine::EngineError> {
+                let what = || format!("listing the API keys of {user_id}");
+                let rows = sqlx::query($crate::imp::LIST_API_KEYS)
+                    .bind(user_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                rows.iter()
+                    .map(Self::api_key_from_row)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn revoke_api_key(
+                &self,
+                id: &str,
+                now: &str,
+            ) -> Result<Option<genstream_engine::persist::ApiKey>, genstream_engine::EngineError>
+            {
+                let what = || format!("revoking API key {id}");
+                let row = sqlx::query($crate::imp::REVOKE_API_KEY)
+                    .bind(id)
+                    .bind(now)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                row.map(|r| Self::api_key_from_row(&r))
+                    .transpose()
+                    .map_err(|e| $crate::imp::db_error(&what(), e))
+            }
+
+            async fn authenticate_api_key(
+                &self,
+                hash: &str,
+                now: &str,
+            ) -> Result<Option<String>, genstream_engine::EngineError> {
+                use sqlx::Row as _;
+                let what = || "checking an API key".to_string();
+                let Some(row) = sqlx::query($crate::imp::FIND_API_KEY)
+                    .bind(hash)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?
+                else {
+                    return Ok(None);
+                };
+                let user_id: String = row
+                    .try_get("user_id")
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                let last: Option<String> = row
+                    .try_get("last_used_at")
+                    .map_err(|e| $crate::imp::db_error(&what(), e))?;
+                if genstream_engine::persist::api_key_use_is_news(last.as_deref(), now) {
+                    // Bookkeeping only: a stamp that fails must not refuse a valid key.
+                    let _ = sqlx::query($crate::imp::TOUCH_API_KEY)
+                        .bind(hash)
+                        .bind(now)
+                        .execute(&self.pool)
+                        .await;
+                }
+                Ok(Some(user_id))
             }
         }
     };
