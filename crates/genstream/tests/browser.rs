@@ -92,28 +92,28 @@ name = "demo"
 provider = "demo"
 [models.options]
 tokens = 30
-token_delay_ms = 20
+token_delay = "20ms"
 
 [[models]]
 name = "slow"
 provider = "demo"
 [models.options]
 tokens = 120
-token_delay_ms = 100
+token_delay = "100ms"
 
 [[models]]
 name = "long"
 provider = "demo"
 [models.options]
 tokens = 400
-token_delay_ms = 100
+token_delay = "100ms"
 
 [[models]]
 name = "cut"
 provider = "demo"
 [models.options]
 tokens = 150
-token_delay_ms = 40
+token_delay = "40ms"
 
 [[models]]
 name = "reasoning"
@@ -121,7 +121,7 @@ provider = "demo"
 [models.options]
 behavior = "reasoning"
 tokens = 40
-token_delay_ms = 20
+token_delay = "20ms"
 
 [[models]]
 name = "tools"
@@ -129,7 +129,7 @@ provider = "demo"
 tools = ["calculator"]
 [models.options]
 behavior = "tools"
-token_delay_ms = 50
+token_delay = "50ms"
 
 [[models]]
 name = "fails"
@@ -137,7 +137,7 @@ provider = "demo"
 [models.options]
 behavior = "fail_mid_stream"
 tokens = 30
-token_delay_ms = 20
+token_delay = "20ms"
 
 # The question, streamed back word by word: model output the test chooses.
 [[models]]
