@@ -338,6 +338,9 @@ impl Frame {
             let body_start = out.len();
             serde_json::to_writer(&mut *out, body)?;
             // An adjacently tagged enum is always a JSON object: drop its `{`.
+            if out.get(body_start) != Some(&b'{') {
+                return Err(serde::ser::Error::custom("an event is not a JSON object"));
+            }
             out.remove(body_start);
             Ok(())
         })?;
