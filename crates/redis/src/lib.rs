@@ -45,7 +45,7 @@
 //! is one writer per response message even when an owner presumed dead is alive.
 //!
 //! # Fan-out
-//! A replica keeps a local [`EventLog`] *mirror* of each log its own subscribers read,
+//! A replica keeps a local [`EventLog`](genstream_engine::log::EventLog) *mirror* of each log its own subscribers read,
 //! and serves them from it exactly as the memory store does. A mirror is filled
 //! strictly by seq: subscribe to the job's channel first (confirmed by Redis), buffer
 //! what is published meanwhile, read the stream from the mirror's head, then merge the
@@ -154,7 +154,7 @@ struct Inner {
     gates: Mutex<HashMap<&'static str, Arc<tests::Gate>>>,
 }
 
-/// The Redis [`JobStore`]. Cheap to clone.
+/// The Redis [`JobStore`](genstream_engine::store::JobStore). Cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,

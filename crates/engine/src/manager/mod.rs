@@ -69,7 +69,7 @@ pub struct ManagerConfig {
 }
 
 /// Message rate limits: at most the limit in any `period` (a sliding window, see
-/// [`JobStore::rate_limit`]), shared by all replicas through the job store. Off by
+/// [`RateLimitStore::rate_limit`](crate::store::RateLimitStore::rate_limit)), shared by all replicas through the job store. Off by
 /// default in the engine; the server's `[limits]` defaults to 40 per minute per user
 /// and per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -794,7 +794,7 @@ impl JobRun {
         }
     }
 
-    /// [`JobStore::claim_end`], riding out a store outage like [`JobRun::append`].
+    /// [`JobCoordination::claim_end`](crate::store::JobCoordination::claim_end), riding out a store outage like [`JobRun::append`].
     async fn claim_end(&self) -> Result<bool, StoreError> {
         use backon::Retryable;
         let store = &self.manager.inner.store;
