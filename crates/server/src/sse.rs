@@ -94,16 +94,15 @@ pub async fn stream(
                     return Ok(StatusCode::NO_CONTENT.into_response());
                 }
             }
-            if !page.ended {
-                // Live delivery goes through the copy: start filling it now, so it is
-                // there when the pages reach the head.
-                let (store, sid) = (store.clone(), stream_id.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = store.open_log(&sid).await {
-                        tracing::debug!(stream_id = %sid, error = %e, "could not open a log copy");
-                    }
-                });
-            }
+            // Start filling the copy now: live delivery goes through it, so it is there
+            // when the pages reach the head, and the next reader of this job here
+            // (reconnects come in bursts) reads it instead of Redis.
+            let (fill, sid) = (store.clone(), stream_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = fill.open_log(&sid).await {
+                    tracing::debug!(stream_id = %sid, error = %e, "could not open a log copy");
+                }
+            });
             let more = page.frames.len() >= FIRST_PAGE;
             let source = Source::Store {
                 store,

@@ -724,7 +724,7 @@ async fn cold_replicas_answer_from_redis_while_the_job_appends() {
             let prefix = &cl.prefix;
             async move {
                 assert!(store.ready_log(&sid).is_none(), "replica {r} is cold");
-                let running = prefix.job_field(&sid, "ended").await.is_none();
+                let running = prefix.job_field(&sid, "ended").await.as_deref() != Some("1");
                 let got = one_connection(
                     &http,
                     addr,
