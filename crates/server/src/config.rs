@@ -351,6 +351,10 @@ pub struct HttpConfig {
     /// Interval of `: ping` comments on SSE streams. Default `"15s"`.
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
+    /// The `retry:` field every SSE response opens with, the time a browser's
+    /// EventSource waits before it reconnects (sent in ms). Default `"1s"`.
+    #[serde(with = "humantime_serde")]
+    pub sse_retry: Duration,
 }
 
 impl Default for HttpConfig {
@@ -358,6 +362,7 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 1024 * 1024,
             keepalive: Duration::from_secs(15),
+            sse_retry: SECOND,
         }
     }
 }
@@ -507,6 +512,7 @@ impl Config {
     /// least 1; `jobs.max_tool_iterations` 1 to 1000; `redis.lease_ttl` 300ms to 1day;
     /// `redis.running_ttl` 1s to 30days; `redis.timeout` 50ms to 10m;
     /// `pool.acquire_timeout` 1ms to 10m; `http.keepalive` 1s to 1h;
+    /// `http.sse_retry` 100ms to 1h;
     /// `http.max_body_bytes` at least 1; `balance.refill_interval` 0s to 30days;
     /// `[[tools]] timeout` 1ms to 1h; and those of `genstream_providers::config` for
     /// the provider sections and model options.
@@ -553,6 +559,7 @@ impl Config {
             10 * MINUTE,
         )?;
         check_duration("http.keepalive", self.http.keepalive, SECOND, HOUR)?;
+        check_duration("http.sse_retry", self.http.sse_retry, 100 * MS, HOUR)?;
         check_count(
             "http.max_body_bytes",
             self.http.max_body_bytes as u64,
@@ -774,6 +781,7 @@ mod tests {
             )?;
             jail.set_env("GENSTREAM_BIND", "127.0.0.1:2");
             jail.set_env("GENSTREAM_JOBS__STALL_TIMEOUT", "7s");
+            jail.set_env("GENSTREAM_HTTP__SSE_RETRY", "2500ms");
             jail.set_env("GENSTREAM_JWT_SECRET", "from-env");
             jail.set_env("GENSTREAM_TEST_SOMETHING", "ignored");
             jail.set_env("GENSTREAM_TOKEN", "the client's, ignored");
@@ -785,6 +793,8 @@ mod tests {
                 "file beats defaults"
             );
             assert_eq!(c.jobs.stall_timeout, Duration::from_secs(7));
+            assert_eq!(c.http.sse_retry, Duration::from_millis(2500));
+            assert_eq!(Config::default().http.sse_retry, Duration::from_secs(1));
             assert_eq!(c.auth.jwt_secret.as_deref(), Some("from-env"));
             assert_eq!(c.database, "sqlite://genstream.db", "default");
             assert_eq!(c.models[0].name, "demo");
@@ -860,6 +870,10 @@ mod tests {
                 (
                     "[http]\nkeepalive = \"0s\"\n",
                     &["`http.keepalive`", "1s to 1h"],
+                ),
+                (
+                    "[http]\nsse_retry = \"10ms\"\n",
+                    &["`http.sse_retry`", "100ms to 1h"],
                 ),
                 (
                     "[jobs]\nreap_interval = \"1ms\"\n",

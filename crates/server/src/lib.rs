@@ -12,7 +12,7 @@ pub mod config;
 pub mod error;
 mod routes;
 pub mod serve;
-mod sse;
+pub mod sse;
 pub mod ui;
 
 use std::sync::Arc;
@@ -33,6 +33,9 @@ pub struct AppState {
     pub auth: Arc<auth::JwtKeys>,
     /// Interval of `: ping` keep-alive comments on SSE streams. Default 15 s.
     pub keepalive: Duration,
+    /// The `retry:` field every SSE response opens with: how long a browser's
+    /// EventSource waits before it reconnects. Default 1000 ms.
+    pub sse_retry: Duration,
     /// Proxies whose `X-Forwarded-For` is believed, for the per-IP rate limit.
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }

@@ -133,6 +133,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
             manager,
             auth: Arc::new(JwtKeys::new(&secret)),
             keepalive: config.http.keepalive,
+            sse_retry: config.http.sse_retry,
             trusted_proxies: Arc::new(
                 crate::client_ip::parse_proxies(&config.limits.trusted_proxies)
                     .map_err(ServeError::Config)?,

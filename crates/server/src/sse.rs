@@ -7,6 +7,10 @@
 //! log's watch until it grows, sending `: ping` while idle. The subscriber keeps no
 //! queue of its own; the log is the only buffer. The response ends right after the
 //! terminal event; a client whose cursor already is the terminal event gets 204.
+//!
+//! Every stream opens with `retry: N` (`http.sse_retry`, 1000 ms by default) on a line
+//! of its own, so a browser's EventSource reconnects after N ms instead of its own
+//! default of about three seconds (docs/protocol.md §3).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -57,7 +61,7 @@ pub async fn stream(
         (None, None) => None,
     };
 
-    let (cursor, first) = if resume {
+    let (cursor, sync) = if resume {
         // The snapshot carries the seq it folds, so replaying from there cannot
         // duplicate or skip anything (LESSONS: LibreChat #12225).
         let (seq, resume_state) = log.snapshot();
@@ -91,13 +95,17 @@ pub async fn stream(
         (cursor, None)
     };
 
+    let first = match sync {
+        Some(sync) => [retry_field(state.sse_retry), sync].concat().into(),
+        None => retry_field(state.sse_retry),
+    };
     let sub = Subscriber {
         rx: log.watch(),
         log,
         cursor,
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
-        first,
+        first: Some(first),
     };
     let body = Body::from_stream(futures::stream::unfold(sub, Subscriber::next));
     let mut resp = Response::new(body);
@@ -112,6 +120,13 @@ pub async fn stream(
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(resp)
+}
+
+/// The SSE `retry:` field, in whole milliseconds, as a block of its own: it sets the
+/// reconnection time of an EventSource and dispatches no event (WHATWG HTML,
+/// server-sent events: a block without `data` is no event).
+pub fn retry_field(retry: std::time::Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", retry.as_millis()))
 }
 
 fn parse_cursor(field: &str, v: &str) -> Result<u64, EngineError> {
