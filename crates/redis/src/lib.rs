@@ -186,6 +186,7 @@ pub struct RedisStore {
 }
 
 fn store_err(e: impl std::fmt::Display) -> EngineError {
+    genstream_engine::metrics::redis_error();
     EngineError::Store(format!("redis: {e}"))
 }
 

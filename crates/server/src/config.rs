@@ -57,6 +57,11 @@ pub struct Config {
     /// Database URL: `sqlite://genstream.db` (default), `sqlite::memory:`,
     /// `postgres://…`.
     pub database: String,
+    /// Where `GET /metrics` is served: absent (default) = on `bind`, with the API;
+    /// an address = there only, apart from the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_bind: Option<String>,
+    pub log: crate::observe::LogConfig,
     pub redis: RedisSection,
     pub pool: PoolSection,
     pub auth: AuthConfig,
@@ -83,6 +88,10 @@ pub struct ConfigFile {
     bind: String,
     store: String,
     database: String,
+    #[serde(default)]
+    metrics_bind: Option<String>,
+    #[serde(default)]
+    log: crate::observe::LogConfig,
     #[serde(default)]
     redis: RedisSection,
     #[serde(default)]
@@ -160,6 +169,8 @@ impl TryFrom<ConfigFile> for Config {
             bind: file.bind,
             store: file.store,
             database: file.database,
+            metrics_bind: file.metrics_bind,
+            log: file.log,
             redis: file.redis,
             pool: file.pool,
             auth: file.auth,
@@ -406,6 +417,8 @@ impl Default for Config {
             bind: "127.0.0.1:3080".into(),
             store: "memory".into(),
             database: "sqlite://genstream.db".into(),
+            metrics_bind: None,
+            log: Default::default(),
             redis: RedisSection::default(),
             pool: PoolSection::default(),
             auth: AuthConfig::default(),

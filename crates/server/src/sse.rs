@@ -106,6 +106,7 @@ pub async fn stream(
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
         first: Some(first),
+        conn: crate::observe::Connected::new(),
     };
     let body = Body::from_stream(futures::stream::unfold(sub, Subscriber::next));
     let mut resp = Response::new(body);
@@ -147,6 +148,8 @@ struct Subscriber {
     done: bool,
     ping: Interval,
     first: Option<Bytes>,
+    /// The subscribers gauge and this connection's count of frames delivered.
+    conn: crate::observe::Connected,
 }
 
 impl Subscriber {
@@ -166,6 +169,7 @@ impl Subscriber {
             if let Some(f) = self.log.frame_after(self.cursor) {
                 self.cursor = Some(f.seq);
                 self.done = f.terminal;
+                self.conn.frame();
                 return Some((Ok(f.bytes), self));
             }
             if self.log.terminal().is_some() {
@@ -173,6 +177,8 @@ impl Subscriber {
                 // us, so waiting could only ever send pings.
                 return None;
             }
+            // Caught up: publish the frames counted so far before waiting.
+            self.conn.flush();
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {

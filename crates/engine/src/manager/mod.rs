@@ -507,6 +507,7 @@ impl JobManager {
             user_message_id: meta.user_message_id.clone(),
             response_message_id: meta.response_message_id.clone(),
         };
+        let model_name = model.name.clone();
         let job = JobRun::new(
             self.clone(),
             meta,
@@ -522,7 +523,13 @@ impl JobManager {
             handles,
             &created,
         );
-        inner.tracker.spawn(job.run());
+        // The job's span is a child of the caller's (the HTTP request's, with its
+        // request id), so the job's log lines carry both.
+        let span = tracing::info_span!("job", stream_id = %stream_id);
+        span.in_scope(|| crate::metrics::job_started(&model_name));
+        inner
+            .tracker
+            .spawn(tracing::Instrument::instrument(job.run(), span));
         Ok(started)
     }
 
@@ -735,6 +742,7 @@ async fn spend_usage(
     }
     totals.credits = crate::billing::credits(total);
     if lines.is_empty() {
+        crate::metrics::spent(&meta.model, &totals, 0);
         return Ok(totals);
     }
     let req = crate::persist::SpendRequest {
@@ -755,6 +763,7 @@ async fn spend_usage(
             tracing::warn!(stream_id = %meta.stream_id, error = %e, ?wait, "spend failed; retrying");
         })
         .await?;
+    crate::metrics::spent(&meta.model, &totals, total);
     Ok(totals)
 }
 

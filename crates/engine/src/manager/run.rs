@@ -169,14 +169,19 @@ impl JobRun {
         use backon::Retryable;
         let expected = self.aggregate.last_seq().map_or(0, |s| s + 1);
         let store = &self.manager.inner.store;
-        (|| store.append(&self.meta.stream_id, body, Some(expected)))
+        let began = Instant::now();
+        let appended = (|| store.append(&self.meta.stream_id, body, Some(expected)))
             .retry(outage_backoff(self.manager.inner.config.store_outage_grace))
             .sleep(tokio::time::sleep)
             .when(|e| matches!(e, EngineError::Store(_)))
             .notify(|e, wait| {
                 tracing::warn!(stream_id = %self.meta.stream_id, error = %e, ?wait, "append failed; retrying");
             })
-            .await
+            .await;
+        if let Ok(Ok(_)) = appended {
+            crate::metrics::appended(body, began.elapsed());
+        }
+        appended
     }
 
     async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
@@ -257,6 +262,7 @@ impl JobRun {
                 }
                 Err(_) => return Err(Outcome::Failed(error)),
             };
+            crate::metrics::retry(&self.model.name, &error);
             let discard = std::mem::take(&mut self.attempt_steps);
             self.next_index = index_before;
             self.emit(EventBody::Retry(crate::event::Retry {
@@ -304,11 +310,13 @@ impl JobRun {
                 }
             } => s,
         };
-        let mut stream = match stream {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(CallError::Provider(e)),
-            Err(_) => return Err(CallError::Provider(timeout_error("first byte", first_byte))),
-        };
+        let opened = stream.unwrap_or_else(|_| Err(timeout_error("first byte", first_byte)));
+        crate::metrics::upstream_request(
+            provider.name(),
+            &self.model.name,
+            opened.as_ref().map(|_| ()),
+        );
+        let mut stream = opened.map_err(CallError::Provider)?;
         let mut usage: Option<UsageRecord> = None;
         let mut got_any = false;
         // One cancellation future and one timer for the whole call, re-armed after each
@@ -345,6 +353,9 @@ impl JobRun {
                 }
                 Some(Some(Ok(ev))) => ev,
             };
+            if !got_any {
+                crate::metrics::first_token(&self.model.name, started.elapsed());
+            }
             got_any = true;
             match event {
                 ProviderEvent::Text(t) => self.delta(PartKind::Text, t).await?,
