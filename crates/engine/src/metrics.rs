@@ -31,7 +31,9 @@ pub const JOBS_FINISHED: &str = "genstream_jobs_finished_total";
 pub const JOBS_RUNNING: &str = "genstream_jobs_running";
 /// Gauge: SSE connections open on this replica (the server's stream route).
 pub const SUBSCRIBERS: &str = "genstream_subscribers_connected";
-/// Counter: events appended to logs by the jobs this replica runs.
+/// Counter: events appended to logs by the jobs this replica runs (`created` and
+/// everything their tasks append; a reaper's `usage` and `error` for a job whose
+/// replica died are not counted, only the job's end).
 pub const EVENTS_APPENDED: &str = "genstream_events_appended_total";
 /// Counter: SSE frames written to subscribers (the server's stream route).
 pub const FRAMES_DELIVERED: &str = "genstream_frames_delivered_total";
@@ -61,9 +63,11 @@ pub const DATABASE_ERRORS: &str = "genstream_database_errors_total";
 /// never the raw path), `status`: HTTP requests answered (the server's).
 pub const HTTP_REQUESTS: &str = "genstream_http_requests_total";
 
-/// A job was started (and its task spawned).
+/// A job was started: its `created` event (seq 0) is in the log and its task is
+/// being spawned.
 pub fn job_started(model: &str) {
     counter!(JOBS_STARTED, "model" => model.to_owned()).increment(1);
+    counter!(EVENTS_APPENDED).increment(1);
     tracing::info!(model, "job started");
 }
 

@@ -193,3 +193,212 @@ async fn request_ids_reach_the_job_and_no_secret_reaches_the_log() {
         format!("/api/chat/stream/{sid}")
     );
 }
+
+/// The sum of the samples of `name` whose labels include every `labels` pair, in
+/// the Prometheus text format; 0 when there is none.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
+
+async fn scrape(http: &reqwest::Client, url: &str) -> String {
+    let resp = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    resp.text().await.unwrap()
+}
+
+/// Reads a stream to its end; returns its events (the `data` of each frame).
+async fn read_events(http: &reqwest::Client, url: &str, jwt: &str, sid: &str) -> Vec<Value> {
+    let text = http
+        .get(format!("{url}/api/chat/stream/{sid}"))
+        .bearer_auth(jwt)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.split("\n\n")
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// Two completed jobs and one aborted one move every counter by exactly that much:
+/// jobs started and finished (by status and reason), events appended and frames
+/// delivered (each log read once), tokens as the `final` events report them, model
+/// calls, first-token samples, HTTP requests by route; the gauges come back to 0.
+#[tokio::test]
+async fn metrics_move_by_exactly_the_jobs_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let jwt = cli(&config, &["token", "--user", "bob"]);
+    let server = serve(&config, "info");
+    let http = reqwest::Client::new();
+    let url = server.url.as_str();
+    let before = scrape(&http, url).await;
+    assert_eq!(metric(&before, "genstream_jobs_started_total", &[]), 0.0);
+
+    let start = |model: &'static str| {
+        let http = http.clone();
+        let jwt = jwt.clone();
+        async move {
+            let v: Value = http
+                .post(format!("{url}/api/chat"))
+                .bearer_auth(&jwt)
+                .json(&json!({"text": "count me", "model": model}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["streamId"].as_str().unwrap().to_string()
+        }
+    };
+    let slow = start("slow").await;
+    // Mid-answer, seen from /metrics alone (a subscriber would add frames): running.
+    wait_until(Duration::from_secs(20), "the slow job to stream", || {
+        let http = http.clone();
+        async move {
+            let m = scrape(&http, url).await;
+            metric(&m, "genstream_events_appended_total", &[]) >= 5.0
+        }
+    })
+    .await;
+    let m = scrape(&http, url).await;
+    assert_eq!(metric(&m, "genstream_jobs_running", &[]), 1.0);
+    let resp = http
+        .post(format!("{url}/api/chat/abort"))
+        .bearer_auth(&jwt)
+        .json(&json!({"streamId": slow}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let done = [start("demo").await, start("demo").await];
+
+    let mut events = 0;
+    let mut output_tokens = std::collections::HashMap::<&str, f64>::new();
+    for (sid, model) in [(&slow, "slow"), (&done[0], "demo"), (&done[1], "demo")] {
+        let evs = read_events(&http, url, &jwt, sid).await;
+        let last = evs.last().unwrap();
+        assert_eq!(last["event"], "final", "{last}");
+        events += evs.len();
+        *output_tokens.entry(model).or_default() +=
+            last["data"]["usage"]["outputTokens"].as_f64().unwrap();
+    }
+    let events = events as f64;
+
+    // Frames are counted when a stream goes idle or closes: wait for the last close.
+    wait_until(Duration::from_secs(10), "the streams to be closed", || {
+        let http = http.clone();
+        async move {
+            let m = scrape(&http, url).await;
+            metric(&m, "genstream_subscribers_connected", &[]) == 0.0
+                && metric(&m, "genstream_jobs_running", &[]) == 0.0
+                && metric(&m, "genstream_frames_delivered_total", &[]) >= events
+        }
+    })
+    .await;
+    let m = scrape(&http, url).await;
+    let has = |name: &str, labels: &[(&str, &str)], want: f64| {
+        assert_eq!(metric(&m, name, labels), want, "{name} {labels:?}:\n{m}");
+    };
+    has("genstream_jobs_started_total", &[], 3.0);
+    has("genstream_jobs_started_total", &[("model", "demo")], 2.0);
+    has("genstream_jobs_finished_total", &[], 3.0);
+    has(
+        "genstream_jobs_finished_total",
+        &[("status", "complete"), ("reason", "none")],
+        2.0,
+    );
+    has(
+        "genstream_jobs_finished_total",
+        &[("status", "aborted"), ("reason", "aborted")],
+        1.0,
+    );
+    has("genstream_events_appended_total", &[], events);
+    // Every append a job task made is timed; `created` is the start's, not timed.
+    has("genstream_append_duration_seconds_count", &[], events - 3.0);
+    has("genstream_frames_delivered_total", &[], events);
+    has(
+        "genstream_upstream_requests_total",
+        &[("model", "demo"), ("status", "200")],
+        2.0,
+    );
+    has("genstream_upstream_requests_total", &[], 3.0);
+    has(
+        "genstream_time_to_first_token_seconds_count",
+        &[("model", "demo")],
+        2.0,
+    );
+    for (model, tokens) in output_tokens {
+        assert!(tokens > 0.0);
+        has(
+            "genstream_tokens_total",
+            &[("model", model), ("type", "output")],
+            tokens,
+        );
+    }
+    has("genstream_upstream_retries_total", &[], 0.0);
+    has(
+        "genstream_http_requests_total",
+        &[
+            ("route", "/api/chat"),
+            ("method", "POST"),
+            ("status", "200"),
+        ],
+        3.0,
+    );
+    has(
+        "genstream_http_requests_total",
+        &[("route", "/api/chat/stream/{stream_id}"), ("status", "200")],
+        3.0,
+    );
+    has(
+        "genstream_http_requests_total",
+        &[("route", "/api/chat/abort"), ("status", "200")],
+        1.0,
+    );
+}
+
+/// With `metrics_bind`, `GET /metrics` is served there and not on the API's port.
+#[tokio::test]
+async fn metrics_bind_serves_metrics_apart_from_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "metrics_bind = \"127.0.0.1:0\"");
+    let server = serve(&config, "info");
+    let metrics_url = server
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("genstream metrics on "))
+        .expect("the metrics line")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let http = reqwest::Client::new();
+    let m = scrape(&http, &metrics_url).await;
+    assert!(m.contains("genstream_jobs_running"), "{m}");
+    let resp = http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
