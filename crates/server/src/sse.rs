@@ -177,8 +177,8 @@ impl Subscriber {
                 // us, so waiting could only ever send pings.
                 return None;
             }
-            // Caught up: publish the frames counted so far before waiting.
-            self.conn.flush();
+            // Caught up: the frames counted so far may go to the shared counter.
+            self.conn.idle();
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {
