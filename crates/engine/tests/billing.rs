@@ -108,6 +108,9 @@ impl Persistence for FlakyDb {
     async fn save_message(&self, m: &Message) -> Result<(), EngineError> {
         self.inner.save_message(m).await
     }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        self.inner.add_message(m).await
+    }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         self.inner.get_message(id).await
     }
