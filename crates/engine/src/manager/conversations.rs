@@ -131,6 +131,27 @@ impl JobManager {
         self.inner.ctx.db.usage_report(user_id, period, limit).await
     }
 
+    /// Brings this replica's copy of a job's log up to the store's head
+    /// ([`JobStore::sync_log`]): a cursor a client got from a faster replica may be
+    /// past this one's mirror.
+    ///
+    /// Errors: store failures.
+    pub async fn catch_up(&self, stream_id: &str) -> Result<(), EngineError> {
+        self.inner.ctx.store.sync_log(stream_id).await
+    }
+
+    /// The user an API key (its SHA-256, lowercase hex) acts as, if it is valid;
+    /// records the use at `now` (RFC 3339) — see [`Persistence::authenticate_api_key`].
+    ///
+    /// Errors: database failures.
+    pub async fn authenticate_api_key(
+        &self,
+        hash: &str,
+        now: &str,
+    ) -> Result<Option<String>, EngineError> {
+        self.inner.ctx.db.authenticate_api_key(hash, now).await
+    }
+
     /// Whether the job store and the database answer (for `/readyz`): each one's
     /// error, if any.
     pub async fn readiness(&self) -> (Result<(), EngineError>, Result<(), EngineError>) {
