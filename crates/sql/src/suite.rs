@@ -412,9 +412,13 @@ pub async fn add_message_racing_delete_leaves_nothing_behind(db: Db) -> Result<(
             tokio::spawn(async move { db.delete_conversation(&cid).await })
         };
         for a in adds {
-            a.await.expect("add task")?;
+            a.await
+                .map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
         }
-        assert!(del.await.expect("delete task")?);
+        let deleted = del
+            .await
+            .map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        assert!(deleted, "round {round}");
         assert_eq!(db.get_conversation(&cid).await?, None, "round {round}");
         assert_eq!(db.list_messages(&cid).await?, Vec::new(), "round {round}");
     }
