@@ -285,12 +285,14 @@ impl JobManager {
         JobManager { inner }
     }
 
-    /// The job store.
+    /// The job store, for tests and benches that inspect it; the server's routes go
+    /// through the manager's own methods instead (`conversations.rs`).
     pub fn store(&self) -> &Arc<dyn JobStore> {
         &self.inner.ctx.store
     }
 
-    /// The database.
+    /// The database, for tests, benches and the CLI's admin commands; the server's
+    /// routes go through the manager's own methods instead (`conversations.rs`).
     pub fn db(&self) -> &Arc<dyn Persistence> {
         &self.inner.ctx.db
     }
