@@ -291,7 +291,7 @@ impl JobManager {
         &self.inner.ctx.store
     }
 
-    /// The database, for tests, benches and the CLI's admin commands; the server's
+    /// The database, for tests and benches that inspect it; the server's
     /// routes go through the manager's own methods instead (`conversations.rs`).
     pub fn db(&self) -> &Arc<dyn Persistence> {
         &self.inner.ctx.db
