@@ -634,6 +634,103 @@ mod tests {
         assert_eq!(a.run_steps().len(), 1);
     }
 
+    fn run_step(id: &str, index: u32, call: u32, t: StepType) -> EventBody {
+        let EventBody::RunStep(mut s) = step(id, index, t) else {
+            unreachable!()
+        };
+        s.run_id = format!("job:{call}");
+        EventBody::RunStep(s)
+    }
+
+    fn usage(call_index: u32) -> EventBody {
+        EventBody::Usage(UsageRecord {
+            call_index,
+            ..Default::default()
+        })
+    }
+
+    fn args(id: &str, a: &str) -> EventBody {
+        EventBody::RunStepDelta(RunStepDelta {
+            id: id.into(),
+            delta: ToolCallsDelta {
+                kind: StepType::ToolCalls,
+                tool_calls: vec![ToolCallChunk {
+                    id: None,
+                    name: None,
+                    args: a.into(),
+                    index: 0,
+                }],
+            },
+        })
+    }
+
+    fn result(id: &str, index: u32) -> EventBody {
+        EventBody::RunStepCompleted(RunStepCompleted {
+            result: StepResult {
+                id: id.into(),
+                index,
+                tool_call: ToolCall {
+                    id: "call_1".into(),
+                    name: "calc".into(),
+                    args: "{}".into(),
+                    output: Some("4".into()),
+                },
+            },
+        })
+    }
+
+    /// The fold of the model calls: which call the log stops in, the tool rounds
+    /// before it, what it streamed.
+    #[test]
+    fn the_call_a_log_stops_in() {
+        // Nothing streamed yet: the first call.
+        assert_eq!(fold(&[]).cut_off_call(10), Some(0));
+        // Call 0 streamed and reported no usage: it.
+        let mut events = vec![
+            run_step("s0", 0, 0, StepType::MessageCreation),
+            text("s0", "Let me "),
+            run_step("s1", 1, 0, StepType::ToolCalls),
+            args("s1", "{}"),
+        ];
+        assert_eq!(fold(&events).cut_off_call(10), Some(0));
+        assert_eq!(fold(&events).output_of(0), "Let me {}");
+        assert_eq!(fold(&events).open_tool_calls().len(), 1);
+        // Its usage came, then its tool result: the next call had begun.
+        events.push(usage(0));
+        assert_eq!(
+            fold(&events).cut_off_call(10),
+            None,
+            "between usage and results"
+        );
+        events.push(result("s1", 1));
+        let a = fold(&events);
+        assert!(a.open_tool_calls().is_empty());
+        assert_eq!(a.cut_off_call(10), Some(1));
+        assert_eq!(a.cut_off_call(1), None, "no call left under the cap");
+        let turns = a.turns_before(1);
+        assert_eq!(turns.len(), 1);
+        assert_eq!(turns[0].text, "Let me ");
+        assert_eq!(turns[0].tool_calls[0].output.as_deref(), Some("4"));
+        // Call 1 fails after streaming; the retry discards its step: call 2 had begun
+        // and streamed nothing.
+        events.extend([
+            run_step("s2", 2, 1, StepType::MessageCreation),
+            text("s2", "The answer"),
+            usage(1),
+            EventBody::Retry(Retry {
+                attempt: 1,
+                max_attempts: 3,
+                delay_ms: 10,
+                error: "x".into(),
+                discard_step_ids: vec!["s2".into()],
+            }),
+        ]);
+        let a = fold(&events);
+        assert_eq!(a.cut_off_call(10), Some(2));
+        assert_eq!(a.output_of(2), "");
+        assert_eq!(a.turns_before(2).len(), 1, "only the tool round went back");
+    }
+
     proptest! {
         /// However the text is split into deltas, the fold is the concatenation.
         #[test]
