@@ -206,3 +206,66 @@ async fn the_reapers_partial_message_is_the_owners_for_the_same_log() {
         assert_eq!(c.updated_at, msg.created_at);
     }
 }
+
+/// Ends its stream at once, without a finish, after stopping the job from outside
+/// (the stall reaper, with a zero stall timeout) in the very poll: as a provider does
+/// when the job's token is cancelled between the job's check of its token and its
+/// poll of the stream.
+struct StopsTheJob {
+    manager: Arc<std::sync::OnceLock<JobManager>>,
+}
+
+#[async_trait]
+impl Provider for StopsTheJob {
+    fn kind(&self) -> &str {
+        "script"
+    }
+    async fn stream(
+        &self,
+        _req: ModelRequest,
+        _cancel: CancellationToken,
+    ) -> Result<ProviderStream, ProviderError> {
+        let manager = self.manager.clone();
+        Ok(futures::stream::poll_fn(move |_| {
+            assert_eq!(manager.get().unwrap().reap_stalled(), 1);
+            std::task::Poll::Ready(None)
+        })
+        .boxed())
+    }
+}
+
+/// A stream that ends because the job was stopped is the stop, not a complete answer,
+/// even when the stop lands between the job's check of its token and its read of the
+/// stream.
+#[tokio::test]
+async fn a_stream_ended_by_a_stop_is_the_stop_not_an_answer() {
+    let cell = Arc::new(std::sync::OnceLock::new());
+    let store: Arc<dyn JobStore> = Arc::new(MemoryStore::new(LogLimits::default()));
+    let manager = JobManager::new(
+        store.clone(),
+        Arc::new(MemoryPersistence::default()),
+        vec![ModelEntry::new(
+            "stops",
+            Arc::new(StopsTheJob {
+                manager: cell.clone(),
+            }),
+        )],
+        ManagerConfig {
+            stall_timeout: std::time::Duration::ZERO,
+            ..ManagerConfig::default()
+        },
+    );
+    assert!(cell.set(manager.clone()).is_ok());
+    let started = manager
+        .start(StartRequest {
+            user_id: "alice".into(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match terminal(&store, &started.stream_id).await {
+        EventBody::Error(e) => assert_eq!(e.code, "stalled"),
+        other => panic!("ended as {other:?}"),
+    }
+}

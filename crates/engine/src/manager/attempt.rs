@@ -105,6 +105,7 @@ impl JobRun {
         };
         let mut usage: Option<UsageRecord> = None;
         let mut got_any = false;
+        let mut finished = false;
         // One cancellation future and one timer for the whole call, re-armed after each
         // event, rather than a new pair per event: this loop runs once per token.
         let cancelled = cancel.cancelled();
@@ -132,6 +133,13 @@ impl JobRun {
                     self.record_usage(a, usage.take(), false).await?;
                     return Err(CallError::Provider(timeout_error(what, limit)));
                 }
+                // A provider ends its stream early when the job's token is cancelled;
+                // if that happened after the cancel branch above was polled, an end
+                // without the upstream's finish is the abort's, not the answer's.
+                Some(None) if cancel.is_cancelled() && !finished => {
+                    self.record_usage(a, usage.take(), true).await.ok();
+                    return Err(self.stopped().into());
+                }
                 Some(None) => break,
                 Some(Some(Err(e))) => {
                     self.record_usage(a, usage.take(), false).await?;
@@ -152,7 +160,7 @@ impl JobRun {
                     args,
                 } => self.tool_delta(a, index, id, name, args).await?,
                 ProviderEvent::Usage(u) => usage = Some(u),
-                ProviderEvent::Finish(_) => {}
+                ProviderEvent::Finish(_) => finished = true,
             }
             // The idle gap runs from when we are ready for the next event, so time spent
             // appending this one (riding out a store outage, say) is not the upstream's.
