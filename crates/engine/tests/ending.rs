@@ -163,7 +163,6 @@ async fn the_reapers_partial_message_is_the_owners_for_the_same_log() {
             .store
             .append(&started.stream_id, &e.body, None)
             .await
-            .unwrap()
             .unwrap();
     }
     assert_eq!(reaper.manager.reap_orphans().await.unwrap(), 1);

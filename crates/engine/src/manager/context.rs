@@ -18,31 +18,33 @@ impl JobContext {
     /// `store_outage_grace` with backoff. The expected seq makes a retry whose first
     /// try did land a no-op, so an outage never duplicates an event.
     ///
-    /// Errors: as [`JobStore::append`], once the grace is used up.
+    /// Errors: as [`EventLogStore::append`](crate::store::EventLogStore::append), once
+    /// the grace is used up.
     pub(super) async fn append(
         &self,
         stream_id: &str,
         body: &EventBody,
         expected: u64,
-    ) -> Result<Result<u64, AppendError>, EngineError> {
+    ) -> Result<u64, StoreError> {
         use backon::Retryable;
         (|| self.store.append(stream_id, body, Some(expected)))
             .retry(outage_backoff(self.config.store_outage_grace))
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, EngineError::Store(_)))
+            .when(StoreError::is_unavailable)
             .notify(|e, wait| {
                 tracing::warn!(stream_id, error = %e, ?wait, "append failed; retrying");
             })
             .await
     }
 
-    /// [`JobStore::claim_end`], riding out a store outage like [`JobContext::append`].
-    pub(super) async fn claim_end(&self, stream_id: &str) -> Result<bool, EngineError> {
+    /// [`JobCoordination::claim_end`](crate::store::JobCoordination::claim_end), riding
+    /// out a store outage like [`JobContext::append`].
+    pub(super) async fn claim_end(&self, stream_id: &str) -> Result<bool, StoreError> {
         use backon::Retryable;
         (|| self.store.claim_end(stream_id))
             .retry(outage_backoff(self.config.store_outage_grace))
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, EngineError::Store(_)))
+            .when(StoreError::is_unavailable)
             .notify(|e, wait| {
                 tracing::warn!(stream_id, error = %e, ?wait, "end claim failed; retrying");
             })

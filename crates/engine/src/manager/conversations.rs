@@ -132,12 +132,12 @@ impl JobManager {
     }
 
     /// Brings this replica's copy of a job's log up to the store's head
-    /// ([`JobStore::sync_log`]): a cursor a client got from a faster replica may be
+    /// ([`EventLogStore::sync_log`](crate::store::EventLogStore::sync_log)): a cursor a client got from a faster replica may be
     /// past this one's mirror.
     ///
     /// Errors: store failures.
     pub async fn catch_up(&self, stream_id: &str) -> Result<(), EngineError> {
-        self.inner.ctx.store.sync_log(stream_id).await
+        Ok(self.inner.ctx.store.sync_log(stream_id).await?)
     }
 
     /// The user an API key (its SHA-256, lowercase hex) acts as, if it is valid;
@@ -155,6 +155,7 @@ impl JobManager {
     /// Whether the job store and the database answer (for `/readyz`): each one's
     /// error, if any.
     pub async fn readiness(&self) -> (Result<(), EngineError>, Result<(), EngineError>) {
-        tokio::join!(self.inner.ctx.store.ping(), self.inner.ctx.db.ping())
+        let (store, db) = tokio::join!(self.inner.ctx.store.ping(), self.inner.ctx.db.ping());
+        (store.map_err(EngineError::from), db)
     }
 }

@@ -30,7 +30,7 @@ use crate::event::{
 use crate::log::{AppendError, EventLog};
 use crate::persist::{Conversation, Persistence, SpendContext};
 use crate::provider::{ChatMessage, ModelRequest, Provider, ProviderError, ProviderEvent, Role};
-use crate::store::{JobMeta, JobStatus, JobStore};
+use crate::store::{JobMeta, JobStatus, JobStore, StoreError};
 use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
 
@@ -75,7 +75,7 @@ pub struct ManagerConfig {
 }
 
 /// Message rate limits: at most the limit in any `period` (a sliding window, see
-/// [`JobStore::rate_limit`]), shared by all replicas through the job store. Off by
+/// [`RateLimitStore::rate_limit`](crate::store::RateLimitStore::rate_limit)), shared by all replicas through the job store. Off by
 /// default in the engine; the server's `[limits]` defaults to 40 per minute per user
 /// and per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,7 +357,7 @@ impl JobManager {
 
     /// The caller's running jobs.
     pub async fn active(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
-        self.inner.ctx.store.running_jobs(user_id).await
+        Ok(self.inner.ctx.store.running_jobs(user_id).await?)
     }
 
     /// The conversation's latest job and its snapshot, if one is still in the store.
@@ -435,10 +435,13 @@ impl JobManager {
             })
             .await;
             if waited.is_err() {
-                return Err(EngineError::Internal(format!(
-                    "job {stream_id} did not stop within {:?}",
-                    self.inner.ctx.config.abort_wait
-                )));
+                return Err(EngineError::Internal(
+                    format!(
+                        "job {stream_id} did not stop within {:?}",
+                        self.inner.ctx.config.abort_wait
+                    )
+                    .into(),
+                ));
             }
         }
         match log.terminal_event().map(|e| e.body) {
@@ -448,7 +451,9 @@ impl JobManager {
                 usage: f.usage,
             }),
             Some(_) => Err(EngineError::JobFinished(stream_id.to_string())),
-            None => Err(EngineError::Internal(format!("job {stream_id} has no end"))),
+            None => Err(EngineError::Internal(
+                format!("job {stream_id} has no end").into(),
+            )),
         }
     }
 }

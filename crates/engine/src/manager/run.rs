@@ -125,13 +125,13 @@ impl JobRun {
             .append(&self.meta.stream_id, &body, self.next_seq())
             .await
         {
-            Ok(Ok(seq)) => {
+            Ok(seq) => {
                 self.aggregate.apply(seq, &body);
                 *self.live.handles.last_progress.lock() = Instant::now();
                 Ok(())
             }
-            Ok(Err(AppendError::Full)) => Err(Outcome::LogFull),
-            Ok(Err(AppendError::Ended)) => Err(Outcome::Ended),
+            Err(StoreError::Append(AppendError::Full)) => Err(Outcome::LogFull),
+            Err(StoreError::Append(AppendError::Ended)) => Err(Outcome::Ended),
             Err(e) => Err(Outcome::Internal(e.to_string())),
         }
     }
@@ -363,14 +363,12 @@ impl JobRun {
             .append(&self.meta.stream_id, &terminal, self.next_seq())
             .await
         {
-            Ok(Ok(_)) | Ok(Err(AppendError::Ended)) => Ok(()),
-            Ok(Err(AppendError::Full)) => Err(EngineError::Internal(
-                "terminal event refused as full".into(),
-            )),
+            Ok(_) | Err(StoreError::Append(AppendError::Ended)) => Ok(()),
+            Err(e @ StoreError::Append(_)) => Err(EngineError::internal("terminal event", e)),
             // The store lost the job (Redis restarted without its data): the answer is
             // saved, and no log is left to end.
-            Err(EngineError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
+            Err(StoreError::UnknownJob(_)) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -248,9 +248,10 @@ impl JobManager {
                     meta.conversation_id
                 )));
             }
-            match ctx.store.append(&meta.stream_id, &created, Some(0)).await? {
+            match ctx.store.append(&meta.stream_id, &created, Some(0)).await {
                 Ok(_) => Ok(()),
-                Err(e) => Err(EngineError::Internal(format!("append created: {e}"))),
+                Err(e @ StoreError::Append(_)) => Err(EngineError::internal("append created", e)),
+                Err(e) => Err(e.into()),
             }
         }
         .await;
@@ -299,7 +300,7 @@ impl JobManager {
         Ok(())
     }
 
-    /// The per-IP, then the per-user sliding window ([`JobStore::rate_limit`]).
+    /// The per-IP, then the per-user sliding window ([`RateLimitStore::rate_limit`](crate::store::RateLimitStore::rate_limit)).
     async fn check_rate_limits(&self, req: &StartRequest) -> Result<(), EngineError> {
         let l = self.inner.ctx.config.limits;
         let checks = [
