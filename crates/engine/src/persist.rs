@@ -175,6 +175,14 @@ pub trait Persistence: Send + Sync + 'static {
     async fn delete_conversation(&self, id: &str) -> Result<bool, EngineError>;
     /// Inserts or replaces the message with this `messageId`.
     async fn save_message(&self, message: &Message) -> Result<(), EngineError>;
+    /// Saves a message into its conversation — inserts or replaces it, and sets the
+    /// conversation's `updated_at` to the message's `created_at` — in one transaction,
+    /// and only if the conversation exists: `Ok(false)`, with nothing written, when it
+    /// does not (it was deleted). This is how the engine saves every message of a
+    /// running job, so that a job can never write into a conversation deleted under it
+    /// (another replica's delete included): the delete and this save serialize on the
+    /// conversation's row.
+    async fn add_message(&self, message: &Message) -> Result<bool, EngineError>;
     /// The message, if it exists.
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError>;
     /// The conversation's messages, oldest first (by `createdAt`, then id).
@@ -328,16 +336,22 @@ impl Grouping {
 /// INTEGER); the in-memory ledger refuses what they would refuse.
 fn ledger_ints(stream_id: &str, line: &Line) -> Result<(i64, i32), EngineError> {
     let tokens = i64::try_from(line.tokens).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: {} tokens do not fit the ledger",
-            line.tokens
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: {} tokens do not fit the ledger",
+                line.tokens
+            )
+            .into(),
+        )
     })?;
     let call_index = i32::try_from(line.call_index).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: call index {} does not fit the ledger",
-            line.call_index
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: call index {} does not fit the ledger",
+                line.call_index
+            )
+            .into(),
+        )
     })?;
     Ok((tokens, call_index))
 }
@@ -373,7 +387,7 @@ struct LedgerRow {
 
 /// An `i64` overflow in money, as the SQL backends report it (they refuse too).
 fn overflow(what: &str) -> EngineError {
-    EngineError::Persistence(format!("{what}: amount out of range"))
+    EngineError::Persistence(format!("{what}: amount out of range").into())
 }
 
 #[async_trait]
@@ -415,6 +429,15 @@ impl Persistence for MemoryPersistence {
             .messages
             .insert(m.message_id.clone(), m.clone());
         Ok(())
+    }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        let mut g = self.inner.lock();
+        let Some(c) = g.conversations.get_mut(&m.conversation_id) else {
+            return Ok(false);
+        };
+        c.updated_at.clone_from(&m.created_at);
+        g.messages.insert(m.message_id.clone(), m.clone());
+        Ok(true)
     }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         Ok(self.inner.lock().messages.get(id).cloned())
@@ -655,10 +678,9 @@ impl Persistence for MemoryPersistence {
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
         let mut g = self.inner.lock();
         if g.api_keys.contains_key(&key.id) || g.api_keys.values().any(|k| k.hash == key.hash) {
-            return Err(EngineError::Persistence(format!(
-                "creating API key {}: the id or the hash exists",
-                key.id
-            )));
+            return Err(EngineError::Persistence(
+                format!("creating API key {}: the id or the hash exists", key.id).into(),
+            ));
         }
         g.api_keys.insert(key.id.clone(), key.clone());
         Ok(())

@@ -29,7 +29,7 @@ use genstream_engine::manager::{JobManager, ManagerConfig};
 use genstream_engine::persist::{
     Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
 };
-use genstream_engine::store::{JobMeta, JobStore};
+use genstream_engine::store::{EventLogStore, JobCoordination, JobMeta, JobStore};
 use genstream_engine::usage::{UsageRecord, count_tokens};
 use genstream_redis::RedisStore;
 
@@ -63,6 +63,13 @@ impl Persistence for FlakyDb {
             return Err(EngineError::Persistence("refused by the test".into()));
         }
         self.db.save_message(m).await
+    }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        if self.refuse.lock().contains(&m.message_id) {
+            self.saves_refused.store(true, Ordering::SeqCst);
+            return Err(EngineError::Persistence("refused by the test".into()));
+        }
+        self.db.add_message(m).await
     }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         self.db.get_message(id).await
@@ -164,7 +171,6 @@ impl Setup {
             self.dead
                 .append(&m.stream_id, &e, Some(seq as u64))
                 .await
-                .unwrap()
                 .unwrap();
         }
         m

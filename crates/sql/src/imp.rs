@@ -9,6 +9,7 @@
 //! while the macro's expansion is ordinary code for one concrete pool.
 
 use genstream_engine::EngineError;
+use genstream_engine::error::Caused;
 
 pub(crate) const UPSERT_CONVERSATION: &str = "\
 INSERT INTO conversations (conversation_id, user_id, title, created_at, updated_at)
@@ -27,6 +28,11 @@ ORDER BY updated_at DESC, conversation_id DESC";
 pub(crate) const DELETE_MESSAGES_OF: &str = "DELETE FROM messages WHERE conversation_id = $1";
 
 pub(crate) const DELETE_CONVERSATION: &str = "DELETE FROM conversations WHERE conversation_id = $1";
+
+/// The first step of `add_message`: bumps the conversation's `updated_at` and, in
+/// PostgreSQL, locks its row until the transaction ends; no row means it was deleted.
+pub(crate) const TOUCH_CONVERSATION: &str =
+    "UPDATE conversations SET updated_at = $2 WHERE conversation_id = $1";
 
 /// Replaces every column the `Message` carries. `user_id` is not part of a `Message`:
 /// it is copied from the conversation when that row exists, and otherwise an earlier
@@ -229,16 +235,22 @@ pub(crate) fn ledger_ints(
     line: &genstream_engine::ledger::Line,
 ) -> Result<(i64, i32), EngineError> {
     let tokens = i64::try_from(line.tokens).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: {} tokens do not fit the ledger",
-            line.tokens
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: {} tokens do not fit the ledger",
+                line.tokens
+            )
+            .into(),
+        )
     })?;
     let call_index = i32::try_from(line.call_index).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: call index {} does not fit the ledger",
-            line.call_index
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: call index {} does not fit the ledger",
+                line.call_index
+            )
+            .into(),
+        )
     })?;
     Ok((tokens, call_index))
 }
@@ -246,7 +258,8 @@ pub(crate) fn ledger_ints(
 /// Maps a database failure during `what` ("saving message m1") to the engine's error.
 pub(crate) fn db_error(what: &str, err: sqlx::Error) -> EngineError {
     genstream_engine::metrics::database_error();
-    EngineError::Persistence(format!("{what}: {}", describe(&err)))
+    let message = format!("{what}: {}", describe(&err));
+    EngineError::Persistence(Box::new(Caused::with_message(message, err)))
 }
 
 /// sqlx's message for `err`, shortened where sqlx adds only noise.
@@ -264,9 +277,10 @@ pub(crate) fn parse_content(
     json: &str,
 ) -> Result<Vec<genstream_engine::event::ContentPart>, EngineError> {
     serde_json::from_str(json).map_err(|e| {
-        EngineError::Persistence(format!(
-            "message {message_id}: stored content is not a valid content array: {e}"
-        ))
+        EngineError::persistence(
+            format!("message {message_id}: stored content is not a valid content array"),
+            e,
+        )
     })
 }
 
@@ -275,10 +289,13 @@ pub(crate) fn content_json(
     message: &genstream_engine::event::Message,
 ) -> Result<String, EngineError> {
     serde_json::to_string(&message.content).map_err(|e| {
-        EngineError::Internal(format!(
-            "message {}: content cannot be serialized: {e}",
-            message.message_id
-        ))
+        EngineError::internal(
+            format!(
+                "message {}: content cannot be serialized",
+                message.message_id
+            ),
+            e,
+        )
     })
 }
 
@@ -300,7 +317,7 @@ macro_rules! impl_persistence {
                 use sqlx::Row as _;
                 let overflow = || {
                     $crate::imp::TxError::Engine(genstream_engine::EngineError::Persistence(
-                        format!("spending on stream {}: amount out of range", req.stream_id),
+                        format!("spending on stream {}: amount out of range", req.stream_id).into(),
                     ))
                 };
                 let mut tx = self.pool.begin_with($begin).await?;
@@ -497,17 +514,19 @@ macro_rules! impl_persistence {
                 let what = || format!("deleting conversation {id}");
                 let err = |e| $crate::imp::db_error(&what(), e);
                 let mut tx = self.pool.begin().await.map_err(err)?;
-                sqlx::query($crate::imp::DELETE_MESSAGES_OF)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
+                // The conversation's row first: it waits for an `add_message` that
+                // holds the row, and then the messages, which include that one's.
                 let deleted = sqlx::query($crate::imp::DELETE_CONVERSATION)
                     .bind(id)
                     .execute(&mut *tx)
                     .await
                     .map_err(err)?
                     .rows_affected();
+                sqlx::query($crate::imp::DELETE_MESSAGES_OF)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
                 tx.commit().await.map_err(err)?;
                 Ok(deleted > 0)
             }
@@ -535,6 +554,44 @@ macro_rules! impl_persistence {
                         $crate::imp::db_error(&format!("saving message {}", m.message_id), e)
                     })?;
                 Ok(())
+            }
+
+            async fn add_message(
+                &self,
+                m: &genstream_engine::event::Message,
+            ) -> Result<bool, genstream_engine::EngineError> {
+                let what = || format!("saving message {}", m.message_id);
+                let err = |e| $crate::imp::db_error(&what(), e);
+                let content = $crate::imp::content_json(m)?;
+                let mut tx = self.pool.begin().await.map_err(err)?;
+                let touched = sqlx::query($crate::imp::TOUCH_CONVERSATION)
+                    .bind(&m.conversation_id)
+                    .bind(&m.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?
+                    .rows_affected();
+                if touched == 0 {
+                    tx.rollback().await.map_err(err)?;
+                    return Ok(false);
+                }
+                sqlx::query($crate::imp::UPSERT_MESSAGE)
+                    .bind(&m.message_id)
+                    .bind(&m.conversation_id)
+                    .bind(&m.parent_message_id)
+                    .bind(&m.sender)
+                    .bind(&m.text)
+                    .bind(content)
+                    .bind(m.is_created_by_user)
+                    .bind(&m.model)
+                    .bind(m.unfinished)
+                    .bind(m.error)
+                    .bind(&m.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                tx.commit().await.map_err(err)?;
+                Ok(true)
             }
 
             async fn get_message(
@@ -587,10 +644,9 @@ macro_rules! impl_persistence {
                         .try_get("value")
                         .map_err(|e| $crate::imp::db_error(&what(), e)),
                     // Only if someone deleted it between our two statements.
-                    None => Err(genstream_engine::EngineError::Persistence(format!(
-                        "{}: the row vanished after being written",
-                        what()
-                    ))),
+                    None => Err(genstream_engine::EngineError::Persistence(
+                        format!("{}: the row vanished after being written", what()).into(),
+                    )),
                 }
             }
 
@@ -674,10 +730,9 @@ macro_rules! impl_persistence {
                 genstream_engine::persist::Persistence::balance(self, user_id)
                     .await?
                     .ok_or_else(|| {
-                        genstream_engine::EngineError::Persistence(format!(
-                            "{}: the row vanished after being written",
-                            what()
-                        ))
+                        genstream_engine::EngineError::Persistence(
+                            format!("{}: the row vanished after being written", what()).into(),
+                        )
                     })
             }
 
@@ -691,10 +746,9 @@ macro_rules! impl_persistence {
                 use sqlx::Row as _;
                 let what = || format!("adding credits to {user_id}");
                 let first = start_micro.checked_add(micro).ok_or_else(|| {
-                    genstream_engine::EngineError::Persistence(format!(
-                        "{}: the start balance plus the grant overflows",
-                        what()
-                    ))
+                    genstream_engine::EngineError::Persistence(
+                        format!("{}: the start balance plus the grant overflows", what()).into(),
+                    )
                 })?;
                 let row = sqlx::query($crate::imp::ADD_CREDITS)
                     .bind(user_id)

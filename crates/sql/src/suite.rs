@@ -50,6 +50,8 @@ macro_rules! persistence_suite {
             second_save_of_conversation_only_bumps_updated_at,
             conversations_newest_first_and_per_user,
             delete_conversation_removes_its_messages,
+            add_message_writes_only_into_an_existing_conversation,
+            add_message_racing_delete_leaves_nothing_behind,
             missing_rows_are_none,
             concurrent_secret_init_agrees,
             ping_answers,
@@ -365,6 +367,64 @@ pub async fn delete_conversation_removes_its_messages(db: Db) -> Result<(), Engi
     Ok(())
 }
 
+/// `add_message` saves into an existing conversation and bumps its `updated_at`; into
+/// a missing (deleted) one it writes nothing and says so.
+pub async fn add_message_writes_only_into_an_existing_conversation(
+    db: Db,
+) -> Result<(), EngineError> {
+    db.save_conversation(&conversation("c1", "alice", "2025-01-01T00:00:00Z"))
+        .await?;
+    let m = message("m1", "c1", None, "2025-01-02T00:00:00Z");
+    assert!(db.add_message(&m).await?);
+    assert_eq!(db.get_message("m1").await?, Some(m));
+    assert_eq!(
+        db.get_conversation("c1").await?.map(|c| c.updated_at),
+        Some("2025-01-02T00:00:00Z".to_string())
+    );
+    assert!(db.delete_conversation("c1").await?);
+    assert!(
+        !db.add_message(&message("m2", "c1", None, "2025-01-03T00:00:00Z"))
+            .await?
+    );
+    assert_eq!(db.get_message("m2").await?, None);
+    assert_eq!(db.get_conversation("c1").await?, None);
+    Ok(())
+}
+
+/// An `add_message` racing the conversation's delete either lands before it (and is
+/// deleted with it) or is refused: whatever the interleaving, nothing of the
+/// conversation is left once both are done.
+pub async fn add_message_racing_delete_leaves_nothing_behind(db: Db) -> Result<(), EngineError> {
+    for round in 0..40 {
+        let cid = format!("race{round}");
+        db.save_conversation(&conversation(&cid, "alice", "2025-01-01T00:00:00Z"))
+            .await?;
+        let adds: Vec<_> = (0..4)
+            .map(|i| {
+                let db = db.clone();
+                let m = message(&format!("{cid}-m{i}"), &cid, None, "2025-01-02T00:00:00Z");
+                tokio::spawn(async move { db.add_message(&m).await })
+            })
+            .collect();
+        let del = {
+            let db = db.clone();
+            let cid = cid.clone();
+            tokio::spawn(async move { db.delete_conversation(&cid).await })
+        };
+        for a in adds {
+            a.await
+                .map_err(|e| EngineError::internal("task failed", e))??;
+        }
+        let deleted = del
+            .await
+            .map_err(|e| EngineError::internal("task failed", e))??;
+        assert!(deleted, "round {round}");
+        assert_eq!(db.get_conversation(&cid).await?, None, "round {round}");
+        assert_eq!(db.list_messages(&cid).await?, Vec::new(), "round {round}");
+    }
+    Ok(())
+}
+
 /// Lookups of ids that were never saved are `None`, not errors.
 pub async fn missing_rows_are_none(db: Db) -> Result<(), EngineError> {
     assert_eq!(db.get_conversation("nope").await?, None);
@@ -387,7 +447,8 @@ pub async fn concurrent_secret_init_agrees(db: Db) -> Result<(), EngineError> {
     }
     let mut seen = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
-        let value = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        let value =
+            joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??;
         seen.insert(value);
     }
     assert_eq!(seen.len(), 1, "callers disagree: {seen:?}");
@@ -478,7 +539,8 @@ async fn spend_concurrently(
     }
     let mut outcomes = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        outcomes.push(joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??);
+        outcomes
+            .push(joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??);
     }
     Ok(outcomes)
 }
@@ -758,7 +820,7 @@ pub async fn ensure_balance_is_idempotent(db: Db) -> Result<(), EngineError> {
     }
     let mut seen = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
-        let b = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        let b = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??;
         seen.insert(b.balance_micro);
     }
     assert_eq!(seen.len(), 1, "callers disagree: {seen:?}");
@@ -800,7 +862,9 @@ pub async fn add_credits_creates_and_adds(db: Db) -> Result<(), EngineError> {
     }
     let mut results = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
-        results.insert(joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??);
+        results.insert(
+            joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??,
+        );
     }
     // Each grant saw a different balance, the last one all ten.
     assert_eq!(results, (1..=10).map(|n| 10 + 7 * n).collect());
@@ -855,7 +919,8 @@ pub async fn refill_if_due_refills_once(db: Db) -> Result<(), EngineError> {
         tasks.spawn(async move { db.refill_if_due("alice", 50, T0, DAY1).await });
     }
     while let Some(joined) = tasks.join_next().await {
-        let after = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        let after =
+            joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??;
         assert_eq!(after, Some(150));
     }
     assert_eq!(
@@ -1145,7 +1210,7 @@ pub async fn concurrent_uses_of_a_key_all_authenticate(db: Db) -> Result<(), Eng
     for t in tasks {
         let user = t
             .await
-            .map_err(|e| EngineError::Internal(e.to_string()))??;
+            .map_err(|e| EngineError::Internal(e.to_string().into()))??;
         assert_eq!(user.as_deref(), Some("alice"));
     }
     // Stamps only move forward, so racing uses leave the latest minute.
