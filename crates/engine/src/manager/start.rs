@@ -86,6 +86,7 @@ impl JobManager {
             tools: self.inner.ctx.tools.specs(&tools),
             call_index: 0,
         };
+        let model_name = model.name.clone();
         let job = JobRun::new(
             self.inner.ctx.clone(),
             meta,
@@ -95,7 +96,13 @@ impl JobManager {
             live,
             &created,
         );
-        self.inner.tracker.spawn(job.run());
+        // The job's span is a child of the caller's (the HTTP request's, with its
+        // request id), so the job's log lines carry both.
+        let span = tracing::info_span!("job", stream_id = %started.stream_id);
+        span.in_scope(|| crate::metrics::job_started(&model_name));
+        self.inner
+            .tracker
+            .spawn(tracing::Instrument::instrument(job.run(), span));
         Ok(started)
     }
 
