@@ -259,29 +259,19 @@ pub trait Persistence: Send + Sync + 'static {
     async fn spent_on_stream(&self, stream_id: &str) -> Result<i64, EngineError>;
 
     // API keys. Keys are looked up in the database on every request, never cached,
-    // so a revocation holds at once on every replica that shares the database. The
-    // defaults refuse, for stores that keep no keys (test doubles); every real
-    // backend implements them and runs the shared suite.
+    // so a revocation holds at once on every replica that shares the database. No
+    // default bodies: a backend that forgot them would refuse every key in silence.
 
     /// Stores a new API key's row.
     ///
     /// Errors: [`EngineError::Persistence`], also when the id or the hash exists.
-    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
-        let _ = key;
-        Err(no_api_keys())
-    }
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError>;
     /// The user's API keys, newest first (by `created_at`, then id), revoked ones
     /// included.
-    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
-        let _ = user_id;
-        Err(no_api_keys())
-    }
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError>;
     /// Revokes key `id` at `now` and returns its row; `None` for an unknown id. A key
     /// revoked already keeps its first revocation time.
-    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
-        let _ = (id, now);
-        Err(no_api_keys())
-    }
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError>;
     /// The user of the valid (not revoked) key whose hash is `hash`, or `None`. Sets
     /// the key's `last_used_at` to `now` when `now` is in a later minute than the one
     /// recorded, so a busy key costs at most one write a minute.
@@ -292,15 +282,7 @@ pub trait Persistence: Send + Sync + 'static {
         &self,
         hash: &str,
         now: &str,
-    ) -> Result<Option<String>, EngineError> {
-        let _ = (hash, now);
-        Err(no_api_keys())
-    }
-}
-
-/// What the API-key methods of a store without keys answer.
-fn no_api_keys() -> EngineError {
-    EngineError::Persistence("this database does not store API keys".into())
+    ) -> Result<Option<String>, EngineError>;
 }
 
 /// Whether a key last used at `last` should be stamped `now`: `now` is in a later

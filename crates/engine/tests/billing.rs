@@ -16,7 +16,7 @@ use genstream_engine::event::{EventBody, FinalStatus, Message};
 use genstream_engine::log::{EventLog, LogLimits};
 use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, RateLimits, StartRequest};
 use genstream_engine::persist::{
-    Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
+    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
 };
 use genstream_engine::provider::{
     ModelRequest, Provider, ProviderError, ProviderEvent, ProviderStream,
@@ -177,6 +177,22 @@ impl Persistence for FlakyDb {
     }
     async fn spent_on_stream(&self, stream_id: &str) -> Result<i64, EngineError> {
         self.inner.spent_on_stream(stream_id).await
+    }
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
+        self.inner.create_api_key(key).await
+    }
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
+        self.inner.list_api_keys(user_id).await
+    }
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
+        self.inner.revoke_api_key(id, now).await
+    }
+    async fn authenticate_api_key(
+        &self,
+        hash: &str,
+        now: &str,
+    ) -> Result<Option<String>, EngineError> {
+        self.inner.authenticate_api_key(hash, now).await
     }
 }
 
