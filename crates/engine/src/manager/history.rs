@@ -29,13 +29,27 @@ pub(super) fn history_to(all: &[Message], parent: Option<&str>) -> Vec<ChatMessa
     let mut out = Vec::new();
     for m in chain {
         if m.is_created_by_user {
-            out.push(ChatMessage {
-                role: Role::User,
-                text: m.text.clone(),
-                tool_calls: Vec::new(),
-                tool_call_id: None,
-                reasoning: Vec::new(),
-            });
+            // Client tool results (see `client_tools.rs`): one `tool` turn each.
+            for part in &m.content {
+                if let ContentPart::ToolCall { tool_call } = part {
+                    out.push(ChatMessage {
+                        role: Role::Tool,
+                        text: tool_call.output.clone().unwrap_or_default(),
+                        tool_calls: Vec::new(),
+                        tool_call_id: Some(tool_call.id.clone()),
+                        reasoning: Vec::new(),
+                    });
+                }
+            }
+            if !m.text.is_empty() || m.content.is_empty() {
+                out.push(ChatMessage {
+                    role: Role::User,
+                    text: m.text.clone(),
+                    tool_calls: Vec::new(),
+                    tool_call_id: None,
+                    reasoning: Vec::new(),
+                });
+            }
         } else {
             // One assistant turn per model call, in order: text or thinking after tool
             // calls begins the next call's turn, so each round's calls are followed by

@@ -34,9 +34,12 @@ use crate::store::{JobMeta, JobStatus, JobStore};
 use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
 
+mod client_tools;
 mod history;
 mod lifecycle;
 mod run;
+
+pub use client_tools::{PriorTurn, ToolResult};
 
 use history::history_to;
 pub use history::title_of;
@@ -163,6 +166,18 @@ pub struct StartRequest {
     pub tools: Vec<String>,
     /// The client's address, for the per-IP rate limit.
     pub client_ip: Option<String>,
+    /// Function tools the client runs itself, offered to the model with the server's
+    /// tools; a model call that asks for one ends the job (see `client_tools.rs`).
+    pub client_tools: Vec<crate::provider::ToolSpec>,
+    /// Turns the request carries, saved before the new input as a chain under the
+    /// parent (Chat Completions sends its whole conversation).
+    pub prior: Vec<PriorTurn>,
+    /// Non-empty: the new input is these results of the parent answer's client tool
+    /// calls (saved as one user-side message), and `text` must be empty.
+    pub tool_results: Vec<ToolResult>,
+    /// What a client protocol needs to project this job the same way on every replica
+    /// (e.g. the Responses request's echoed parameters), carried opaquely in `created`.
+    pub protocol_options: Option<serde_json::Value>,
 }
 
 /// The answer to a started chat.
@@ -317,8 +332,14 @@ impl JobManager {
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        if req.text.trim().is_empty() {
+        if req.tool_results.is_empty() && req.text.trim().is_empty() {
             return Err(EngineError::bad_request("text", "must not be empty"));
+        }
+        if !req.tool_results.is_empty() && !req.text.is_empty() {
+            return Err(EngineError::bad_request(
+                "text",
+                "must be empty when the input is tool results",
+            ));
         }
         let model = match &req.model {
             None => inner.models.first(),
@@ -359,6 +380,7 @@ impl JobManager {
             }
             req.tools.clone()
         };
+        client_tools::check_client_tools(&req.client_tools, &tools)?;
 
         // The conversation: new, or the caller's own.
         let existing = match req.conversation_id.as_deref() {
@@ -397,13 +419,23 @@ impl JobManager {
 
         let stream_id = new_id();
         let created_at = now_rfc3339();
+        let prior = client_tools::prior_messages(
+            &req.prior,
+            &conversation_id,
+            parent_message_id.clone(),
+            &model.name,
+            &created_at,
+        );
         let user_message = Message {
             message_id: new_id(),
             conversation_id: conversation_id.clone(),
-            parent_message_id: parent_message_id.clone(),
+            parent_message_id: prior
+                .last()
+                .map(|m| m.message_id.clone())
+                .or_else(|| parent_message_id.clone()),
             sender: "User".into(),
             text: req.text.clone(),
-            content: Vec::new(),
+            content: client_tools::results_content(&req.tool_results),
             is_created_by_user: true,
             model: None,
             unfinished: false,
@@ -443,7 +475,15 @@ impl JobManager {
 
         let title = match &existing {
             Some(c) => c.title.clone(),
-            None => title_of(&req.text),
+            None => title_of(
+                req.prior
+                    .iter()
+                    .find_map(|t| match t {
+                        PriorTurn::User(text) => Some(text.as_str()),
+                        _ => None,
+                    })
+                    .unwrap_or(&req.text),
+            ),
         };
         let saved = async {
             inner
@@ -456,6 +496,9 @@ impl JobManager {
                     updated_at: created_at.clone(),
                 })
                 .await?;
+            for m in &prior {
+                inner.db.save_message(m).await?;
+            }
             inner.db.save_message(&user_message).await
         }
         .await;
@@ -467,6 +510,8 @@ impl JobManager {
             model: model.name.clone(),
             sender: model.name.clone(),
             created_at: created_at.clone(),
+            client_tools: req.client_tools.iter().map(|t| t.name.clone()).collect(),
+            protocol_options: req.protocol_options.clone(),
         });
         let appended = match saved {
             Ok(()) => inner.store.append(&stream_id, &created, Some(0)).await,
@@ -493,21 +538,20 @@ impl JobManager {
             return Err(e);
         }
 
-        let mut messages = history_to(&history, parent_message_id.as_deref());
-        messages.push(ChatMessage {
-            role: Role::User,
-            text: req.text.clone(),
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-            reasoning: Vec::new(),
-        });
+        // The upstream history is the tree's path to the new input, prior turns included.
+        let mut path = history;
+        path.extend(prior);
+        path.push(user_message.clone());
+        let messages = history_to(&path, Some(&user_message.message_id));
         let started = Started {
             stream_id: stream_id.clone(),
             conversation_id: conversation_id.clone(),
             user_message_id: meta.user_message_id.clone(),
             response_message_id: meta.response_message_id.clone(),
         };
-        let job = JobRun::new(
+        let mut tool_specs = inner.tools.specs(&tools);
+        tool_specs.extend(req.client_tools.iter().cloned());
+        let mut job = JobRun::new(
             self.clone(),
             meta,
             title,
@@ -516,12 +560,13 @@ impl JobManager {
                 model: String::new(),
                 system_prompt: req.system_prompt.clone(),
                 messages,
-                tools: inner.tools.specs(&tools),
+                tools: tool_specs,
                 call_index: 0,
             },
             handles,
             &created,
         );
+        job.client_tools = req.client_tools.iter().map(|t| t.name.clone()).collect();
         inner.tracker.spawn(job.run());
         Ok(started)
     }

@@ -90,6 +90,9 @@ pub(super) struct JobRun {
     call_reasoning: Vec<ReasoningBlock>,
     /// Tool calls of the current model call, by the upstream's index.
     pending: std::collections::BTreeMap<u32, PendingCall>,
+    /// The request's client tools, whose calls end the job instead of running
+    /// (`client_tools.rs`).
+    pub(super) client_tools: std::collections::HashSet<String>,
 }
 
 impl JobRun {
@@ -129,6 +132,7 @@ impl JobRun {
             call_text: String::new(),
             call_reasoning: Vec::new(),
             pending: Default::default(),
+            client_tools: Default::default(),
         }
     }
 
@@ -202,6 +206,25 @@ impl JobRun {
                 Err(o) => return o,
             };
             if calls.is_empty() {
+                return Outcome::Complete(None);
+            }
+            // Calls of client tools end the job: the server tools of the same model
+            // call run first, then the client's calls are handed over (saved without
+            // output) with `final` `complete`.
+            if calls
+                .iter()
+                .any(|c| self.client_tools.contains(&c.call.name))
+            {
+                let server: Vec<PendingCall> = calls
+                    .into_iter()
+                    .filter(|c| !self.client_tools.contains(&c.call.name))
+                    .collect();
+                self.pending.clear();
+                if !server.is_empty()
+                    && let Err(o) = self.execute_tools(server).await
+                {
+                    return o;
+                }
                 return Outcome::Complete(None);
             }
             if iteration == max {
@@ -601,6 +624,20 @@ impl JobRun {
     /// abort every unfinished tool is cancelled and gets `{"error":"cancelled"}`, so
     /// the saved history stays valid.
     async fn run_tools(&mut self, calls: Vec<PendingCall>) -> Result<(), Outcome> {
+        let done = self.execute_tools(calls).await?;
+        self.request.messages.push(ChatMessage {
+            role: Role::Assistant,
+            text: std::mem::take(&mut self.call_text),
+            tool_calls: done,
+            tool_call_id: None,
+            reasoning: std::mem::take(&mut self.call_reasoning),
+        });
+        Ok(())
+    }
+
+    /// Runs `calls` concurrently and records their results (see [`JobRun::run_tools`]);
+    /// returns the calls with their outputs.
+    async fn execute_tools(&mut self, calls: Vec<PendingCall>) -> Result<Vec<ToolCall>, Outcome> {
         let registry = &self.manager.inner.tools;
         let allowed = &self.request.tools;
         let cancel = self.cancel.child_token();
@@ -620,14 +657,7 @@ impl JobRun {
         if self.cancel.is_cancelled() {
             return Err(self.stopped());
         }
-        self.request.messages.push(ChatMessage {
-            role: Role::Assistant,
-            text: std::mem::take(&mut self.call_text),
-            tool_calls: done,
-            tool_call_id: None,
-            reasoning: std::mem::take(&mut self.call_reasoning),
-        });
-        Ok(())
+        Ok(done)
     }
 
     /// Records `outputs[i]` as the result of `calls[i]` (an `on_run_step_completed`
@@ -691,8 +721,10 @@ impl JobRun {
     fn response_message(&self, unfinished: bool, error: bool) -> Message {
         let mut content = self.aggregate.content();
         for part in &mut content {
+            // A completed answer's client tool calls are the client's to run.
             if let crate::event::ContentPart::ToolCall { tool_call } = part
                 && tool_call.output.is_none()
+                && (unfinished || !self.client_tools.contains(&tool_call.name))
             {
                 tool_call.output = Some(crate::tools::cancelled_result());
             }
