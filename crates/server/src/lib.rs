@@ -10,6 +10,7 @@ pub mod auth;
 pub mod client_ip;
 pub mod config;
 pub mod error;
+pub mod openai;
 mod routes;
 pub mod serve;
 mod sse;
@@ -60,6 +61,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/api/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .nest("/v1", openai::router())
         // The web app at `/` (and its deep links `/c/{id}`); see `ui.rs`.
         .merge(ui::router())
         .fallback(routes::not_found)
