@@ -249,3 +249,95 @@ async fn a_client_tool_may_not_shadow_a_server_tool() {
         .unwrap_err();
     assert!(err.to_string().contains("calculator"), "{err}");
 }
+
+/// The same round trip through both `/v1` APIs: the client gets its call (Chat
+/// Completions `finish_reason: "tool_calls"`, a Responses `function_call` item), sends
+/// the result, and the model's answer quotes it.
+async fn v1_round_trip(kind: Kind) {
+    let mock = genstream_mock_upstream::spawn().await;
+    let state = state(kind, &mock.base_url()).await;
+    let token = state.auth.mint("alice", Duration::from_secs(600)).unwrap();
+    let served =
+        genstream_test_support::Served::start(genstream_server::app(state.clone(), 1 << 20)).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        let req = http
+            .post(format!("{}{path}", served.url))
+            .bearer_auth(&token)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let chat_tool = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city", "parameters": weather().parameters}}]);
+
+    // Chat Completions.
+    let user = json!({"role": "user", "content": "weather and sums"});
+    let first = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [user], "tools": chat_tool}),
+    )
+    .await;
+    let choice = &first["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{kind:?} {first}");
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "only the client's call: {first}");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let call_id = calls[0]["id"].as_str().unwrap();
+    let second = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "tools": chat_tool, "messages": [user, choice["message"],
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny"}]}),
+    )
+    .await;
+    assert_eq!(second["choices"][0]["finish_reason"], "stop");
+    // The server's calculator call is not the client's to see, so its history holds
+    // only the client's call and result.
+    assert_eq!(
+        second["choices"][0]["message"]["content"],
+        "The tools said: sunny."
+    );
+
+    // Responses, continued with previous_response_id.
+    let first = post(
+        "/v1/responses",
+        json!({"model": MODEL, "input": "weather and sums", "tools": [{"type": "function",
+            "name": "get_weather", "parameters": weather().parameters}]}),
+    )
+    .await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let output = first["output"].as_array().unwrap();
+    let mcp = output.iter().find(|i| i["type"] == "mcp_call").unwrap();
+    assert_eq!(mcp["name"], "calculator");
+    let calc_out = mcp["output"].as_str().unwrap();
+    let call = output
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap();
+    assert_eq!(call["name"], "get_weather");
+    let second = post(
+        "/v1/responses",
+        json!({"model": MODEL, "previous_response_id": first["id"], "input": [
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}]}),
+    )
+    .await;
+    assert_eq!(second["status"], "completed", "{second}");
+    assert_eq!(
+        second["output"][0]["content"][0]["text"],
+        format!("The tools said: {calc_out}; sunny.").as_str()
+    );
+    assert!(mock.rejected().is_empty(), "{:?}", mock.rejected());
+}
+
+#[tokio::test]
+async fn v1_client_tools_round_trip_openai() {
+    v1_round_trip(Kind::OpenAi).await;
+}
+
+#[tokio::test]
+async fn v1_client_tools_round_trip_anthropic() {
+    v1_round_trip(Kind::Anthropic).await;
+}
