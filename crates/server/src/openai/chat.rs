@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use genstream_engine::manager::StartRequest;
+use genstream_engine::manager::{PriorTurn, StartRequest};
 use genstream_protocols::chat::{ChatOptions, ChatProjector, completion};
 use genstream_protocols::fold::Outcome;
 use serde_json::{Map, Value};
@@ -102,6 +102,31 @@ fn parse(body: &Map<String, Value>) -> Result<ChatRequest, OpenAiError> {
         return Err(OpenAiError::invalid(
             "parallel_tool_calls",
             "false is not supported: a model may call several tools at once",
+        ));
+    }
+    // A Chat Completions request carries its whole conversation: its tool results must
+    // answer calls it holds (else the upstream would refuse the history).
+    let calls: BTreeSet<&str> = conversation
+        .prior
+        .iter()
+        .flat_map(|t| match t {
+            PriorTurn::Assistant { tool_calls, .. } => {
+                tool_calls.iter().map(|c| c.id.as_str()).collect()
+            }
+            _ => Vec::new(),
+        })
+        .collect();
+    if let Some(r) = conversation
+        .tool_results
+        .iter()
+        .find(|r| !calls.contains(r.call_id.as_str()))
+    {
+        return Err(OpenAiError::invalid(
+            "messages",
+            format!(
+                "the tool message for {:?} answers no tool call of an earlier assistant message",
+                r.call_id
+            ),
         ));
     }
     let mut client_tools = input::function_tools(body.get("tools"), true)?;
