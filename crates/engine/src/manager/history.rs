@@ -195,4 +195,42 @@ mod tests {
         );
         assert_eq!(history[2].tool_calls[0].id, "c2");
     }
+
+    /// A user-side message of client tool results becomes one `tool` turn per result,
+    /// right after the answer whose calls they answer.
+    #[test]
+    fn tool_results_become_tool_turns() {
+        let mut user = message("u", None, Vec::new());
+        user.is_created_by_user = true;
+        user.text = "weather?".into();
+        let answer = message(
+            "a",
+            Some("u"),
+            vec![ContentPart::ToolCall {
+                tool_call: ToolCall {
+                    id: "c1".into(),
+                    name: "get_weather".into(),
+                    args: "{}".into(),
+                    output: None,
+                },
+            }],
+        );
+        let mut results = message(
+            "r",
+            Some("a"),
+            super::super::client_tools::results_content(&[
+                super::super::client_tools::ToolResult {
+                    call_id: "c1".into(),
+                    output: "sunny".into(),
+                },
+            ]),
+        );
+        results.is_created_by_user = true;
+        let history = history_to(&[user, answer, results], Some("r"));
+        let roles: Vec<Role> = history.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::User, Role::Assistant, Role::Tool]);
+        assert_eq!(history[1].tool_calls[0].output, None);
+        assert_eq!(history[2].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(history[2].text, "sunny");
+    }
 }
