@@ -1,4 +1,4 @@
-//! Redis-mode and ledger benchmarks (issues 2/4 and 4/4).
+//! Redis-mode and usage-ledger benchmarks.
 //!
 //! - `redis-fanout`: one job fanned out to N subscribers spread over 1 or 3 in-process
 //!   replicas sharing the real Redis at 127.0.0.1:6379, next to the memory store with
