@@ -81,10 +81,10 @@ fn projected<P: Projector>(events: &[Event], projector: P, m: &mut Measured) -> 
     Ok(())
 }
 
-/// One run of what a `/v1` streaming response does per subscriber and event (the
-/// server's first version, `crates/server/src/openai/mod.rs`): decode the native
+/// One run of what the server does per event and (job, protocol), once for all that
+/// projection's subscribers (`crates/server/src/openai/shared.rs`): decode the native
 /// frame's JSON, then project it.
-fn per_subscriber<P: Projector>(
+fn from_frames<P: Projector>(
     frames: &[Frame],
     mut projector: P,
     m: &mut Measured,
@@ -113,7 +113,7 @@ pub fn run(args: &ProjectionArgs) -> Result<(), String> {
         "Chat Completions (`include_usage`)",
         "Responses",
         "AI SDK UI message stream",
-        "Responses per subscriber (decode the native frame + project)",
+        "Responses from native frames (decode + project, as the server does)",
     ];
     let frames: Vec<Frame> = events
         .iter()
@@ -135,7 +135,7 @@ pub fn run(args: &ProjectionArgs) -> Result<(), String> {
             AiSdkProjector::new(AiSdkOptions::default()),
             &mut rows[3],
         )?;
-        per_subscriber(
+        from_frames(
             &frames,
             ResponsesProjector::new(ResponsesOptions::default()),
             &mut rows[4],

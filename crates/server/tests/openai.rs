@@ -418,3 +418,29 @@ async fn another_users_response_is_forbidden() {
     assert_eq!(r.status().as_u16(), 403);
     assert_eq!(openai_error(&r.json().await.unwrap()).0, "permission_error");
 }
+
+/// Several readers of one response at once (sharing one projection) and a read after
+/// the job ended (a projection made again) get the same bytes.
+#[tokio::test]
+async fn concurrent_readers_of_one_response_read_the_same() {
+    let v = v1().await;
+    let (_, _, created) = v
+        .post(
+            "/v1/responses",
+            json!({"model": "demo", "input": "hi", "background": true}),
+        )
+        .await;
+    let path = format!(
+        "{}/v1/responses/{}?stream=true",
+        v.url,
+        created["id"].as_str().unwrap()
+    );
+    let reads = futures::future::join_all((0..4).map(|_| v.stream(v.http.get(&path)))).await;
+    let first = &reads[0].1;
+    assert!(first.ends_with(b"\n\n") && !first.is_empty());
+    for (_, body) in &reads[1..] {
+        assert_eq!(body, first);
+    }
+    let (_, again) = v.stream(v.http.get(&path)).await;
+    assert_eq!(&again, first);
+}

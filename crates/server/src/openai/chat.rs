@@ -14,13 +14,13 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use genstream_engine::manager::{PriorTurn, StartRequest};
-use genstream_protocols::chat::{ChatOptions, ChatProjector, completion};
+use genstream_protocols::chat::{ChatProjector, completion};
 use genstream_protocols::fold::Outcome;
 use serde_json::{Map, Value};
 
 use super::{
-    OpenAiBody, OpenAiUser, catch_up, created_of, input, job_headers, job_of, json_with,
-    projected_stream, wait_for_end,
+    OpenAiBody, OpenAiUser, input, job_headers, job_of, json_with, projected_stream, shared,
+    wait_for_end,
 };
 use crate::AppState;
 use crate::error::{ApiError, OpenAiError};
@@ -161,7 +161,6 @@ pub(super) async fn create(
     let req = parse(&body)?;
     let client_ip =
         crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
-    let names: BTreeSet<String> = req.client_tools.iter().map(|t| t.name.clone()).collect();
     let started = state
         .manager
         .start(StartRequest {
@@ -178,27 +177,24 @@ pub(super) async fn create(
         .await?;
     let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
     let headers = job_headers(&meta);
-    let projector = ChatProjector::new(ChatOptions {
-        include_usage: req.include_usage,
-        client_tools: names,
-    });
+    let projection = shared::chat(&meta.stream_id, &log, req.include_usage);
     if req.stream {
-        return Ok(projected_stream(&state, log, projector, None, &headers));
+        return Ok(projected_stream(&state, log, projection, None, &headers));
     }
     wait_for_end(&log).await;
-    completion_response(&log, projector, &headers)
+    completion_response(&log, &projection, &headers)
 }
 
 /// The `chat.completion` object of a log projected so far; a failed job is an error
 /// (502 for an upstream failure) in OpenAI's shape.
 fn completion_response(
     log: &genstream_engine::log::EventLog,
-    mut projector: ChatProjector,
+    projection: &shared::Shared<ChatProjector>,
     headers: &[(&'static str, String)],
 ) -> Result<Response, OpenAiError> {
-    let mut next = 0;
-    catch_up(log, &mut projector, &mut next)?;
-    let fold = projector.fold();
+    let mut p = shared::lock(projection);
+    shared::advance(log, &mut p)?;
+    let fold = p.projector().fold();
     if let Some(end) = fold.end()
         && let Outcome::Failed { code, message } = &end.outcome
         && code != "log_full"
@@ -227,12 +223,6 @@ pub(super) async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Response, OpenAiError> {
     let (meta, log) = job_of(&state, &user, &id, "chatcmpl-").await?;
-    let client_tools = created_of(&log)
-        .map(|c| c.client_tools.into_iter().collect())
-        .unwrap_or_default();
-    let projector = ChatProjector::new(ChatOptions {
-        include_usage: false,
-        client_tools,
-    });
-    completion_response(&log, projector, &job_headers(&meta))
+    let projection = shared::chat(&meta.stream_id, &log, false);
+    completion_response(&log, &projection, &job_headers(&meta))
 }

@@ -2,13 +2,12 @@
 //!
 //! Each request is a genstream job (see `JobManager::start`); what a client reads is a
 //! projection of the job's native event log by `genstream-protocols` (its README has
-//! the mapping tables). A streaming response is a *projected subscriber*: it follows
-//! the native log exactly as `sse.rs` does (cursor, watch, pings) and feeds each event
-//! to its own projector, writing the frames that come out. The projection is a pure
-//! function of the log, so a reconnect anywhere (a Responses `starting_after=N`) gets
-//! exactly the frames after N. One projector per subscriber is this first version's
-//! choice (ARCHITECTURE.md "OpenAI-compatible routes"); a `ProjectedLog` shared per
-//! (job, protocol) would serialize each frame once for all subscribers.
+//! the mapping tables). The projections are kept once per (job, protocol) on this
+//! replica and shared by all their readers (`shared.rs`); a streaming response is a
+//! subscriber that follows the native log exactly as `sse.rs` does (watch, pings) and
+//! writes the shared projection's frames from its position on. The projection is a
+//! pure function of the log, so a reconnect anywhere (a Responses `starting_after=N`)
+//! gets exactly the frames after N.
 //!
 //! Errors are OpenAI's shape ([`OpenAiError`]), 401/403/404 included; unknown request
 //! fields are ignored, parameters genstream cannot honour are 400s naming them.
@@ -16,8 +15,8 @@
 mod chat;
 mod input;
 mod responses;
+mod shared;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
@@ -28,15 +27,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::Bytes;
 use genstream_engine::EngineError;
 use genstream_engine::event::{Event, EventBody};
 use genstream_engine::log::EventLog;
 use genstream_engine::store::JobMeta;
-use genstream_protocols::{ProjectedFrame, Projector};
+use genstream_protocols::Projector;
 use serde_json::{Value, json};
-use tokio::sync::watch;
-use tokio::time::{Instant, Interval};
+use tokio::time::Instant;
 
 use crate::AppState;
 use crate::error::{ApiError, OpenAiError};
@@ -178,23 +175,6 @@ fn event_at(log: &EventLog, seq: u64) -> Option<Event> {
     serde_json::from_slice::<Event>(frame.data_json()).ok()
 }
 
-/// Feeds `projector` every event of `log` it has not seen, up to the head; returns the
-/// frames they made. Stops at an event that cannot be projected.
-pub(crate) fn catch_up<P: Projector>(
-    log: &EventLog,
-    projector: &mut P,
-    next_seq: &mut u64,
-) -> Result<Vec<ProjectedFrame>, OpenAiError> {
-    let mut out = Vec::new();
-    while let Some(event) = event_at(log, *next_seq) {
-        projector
-            .push(event.seq, &event.body, &mut out)
-            .map_err(|e| EngineError::Internal(format!("projection: {e}")))?;
-        *next_seq += 1;
-    }
-    Ok(out)
-}
-
 /// Waits until `log` has its terminal event (the job runs on whatever the client
 /// does; this only waits).
 pub(crate) async fn wait_for_end(log: &EventLog) {
@@ -218,26 +198,24 @@ pub(crate) fn created_of(log: &EventLog) -> Option<genstream_engine::event::Crea
     }
 }
 
-/// A streaming response of projected frames: the frames at positions after
+/// A streaming response of the shared projection's frames at positions after
 /// `after` (all for `None`), live until the projected stream's terminal frame.
 pub(crate) fn projected_stream<P: Projector + Send + 'static>(
     state: &AppState,
     log: Arc<EventLog>,
-    projector: P,
+    shared: shared::Shared<P>,
     after: Option<u64>,
     headers: &[(&'static str, String)],
 ) -> Response {
-    let sub = ProjectedSubscriber {
+    let sub = shared::Subscriber {
         rx: log.watch(),
         log,
-        projector,
-        next_seq: 0,
-        after,
-        queue: std::collections::VecDeque::new(),
+        shared,
+        position: after,
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
     };
-    let body = Body::from_stream(futures::stream::unfold(sub, ProjectedSubscriber::next));
+    let body = Body::from_stream(futures::stream::unfold(sub, shared::Subscriber::next));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
@@ -274,61 +252,4 @@ pub(crate) fn job_headers(meta: &JobMeta) -> Vec<(&'static str, String)> {
 /// A JSON answer with the job's headers.
 pub(crate) fn json_with(value: Value, headers: &[(&'static str, String)]) -> Response {
     with_headers(Json(value).into_response(), headers)
-}
-
-/// One open projected stream: a native cursor, a projector, the frames it made that
-/// are not written yet.
-struct ProjectedSubscriber<P> {
-    log: Arc<EventLog>,
-    rx: watch::Receiver<u64>,
-    projector: P,
-    /// The next native seq to project.
-    next_seq: u64,
-    /// Frames at or before this position are not sent (the client has them).
-    after: Option<u64>,
-    queue: std::collections::VecDeque<ProjectedFrame>,
-    done: bool,
-    ping: Interval,
-}
-
-impl<P: Projector> ProjectedSubscriber<P> {
-    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
-        loop {
-            if let Some(f) = self.queue.pop_front() {
-                if self.after.is_some_and(|a| f.position <= a) {
-                    continue;
-                }
-                self.done = f.terminal;
-                return Some((Ok(f.bytes), self));
-            }
-            if self.done {
-                return None;
-            }
-            self.rx.borrow_and_update();
-            match catch_up(&self.log, &mut self.projector, &mut self.next_seq) {
-                Ok(frames) if !frames.is_empty() => {
-                    self.queue.extend(frames);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = ?e.error, "projected stream stopped");
-                    return None;
-                }
-            }
-            if self.log.terminal().is_some() {
-                return None;
-            }
-            tokio::select! {
-                changed = self.rx.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-                _ = self.ping.tick() => {
-                    return Some((Ok(Bytes::from_static(b": ping\n\n")), self));
-                }
-            }
-        }
-    }
 }

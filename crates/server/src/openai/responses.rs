@@ -18,15 +18,13 @@ use genstream_engine::EngineError;
 use genstream_engine::event::{ContentPart, Message};
 use genstream_engine::log::EventLog;
 use genstream_engine::manager::StartRequest;
-use genstream_protocols::responses::{
-    ResponseParams, ResponsesOptions, ResponsesProjector, response,
-};
+use genstream_protocols::responses::{ResponseParams, ResponsesOptions, response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{
-    OpenAiBody, OpenAiUser, catch_up, created_of, input, job_headers, job_of, json_with,
-    projected_stream, wait_for_end,
+    OpenAiBody, OpenAiUser, created_of, input, job_headers, job_of, json_with, projected_stream,
+    shared, wait_for_end,
 };
 use crate::AppState;
 use crate::error::OpenAiError;
@@ -75,7 +73,7 @@ impl Echo {
 }
 
 /// The projection options of a job's log (its `created` event).
-fn options_of(log: &EventLog) -> ResponsesOptions {
+pub(super) fn options_of(log: &EventLog) -> ResponsesOptions {
     let created = created_of(log);
     let client_tools = created
         .as_ref()
@@ -89,11 +87,12 @@ fn options_of(log: &EventLog) -> ResponsesOptions {
     echo.options(client_tools)
 }
 
-/// The `response` object of `log` as far as it goes.
-fn response_value(log: &EventLog) -> Result<Value, OpenAiError> {
-    let mut projector = ResponsesProjector::new(options_of(log));
-    let mut next = 0;
-    catch_up(log, &mut projector, &mut next)?;
+/// The `response` object of job `stream_id`'s `log` as far as it goes.
+fn response_value(stream_id: &str, log: &EventLog) -> Result<Value, OpenAiError> {
+    let projection = shared::responses(stream_id, log);
+    let mut p = shared::lock(&projection);
+    shared::advance(log, &mut p)?;
+    let projector = p.projector();
     response(projector.fold(), projector.options())
         .and_then(|r| serde_json::to_value(r).ok())
         .ok_or_else(|| EngineError::Internal("the job's log has no `created`".into()).into())
@@ -259,13 +258,13 @@ pub(super) async fn create(
     let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
     let headers = job_headers(&meta);
     if req.stream {
-        let projector = ResponsesProjector::new(options_of(&log));
-        return Ok(projected_stream(&state, log, projector, None, &headers));
+        let projection = shared::responses(&meta.stream_id, &log);
+        return Ok(projected_stream(&state, log, projection, None, &headers));
     }
     if !req.background {
         wait_for_end(&log).await;
     }
-    Ok(json_with(response_value(&log)?, &headers))
+    Ok(json_with(response_value(&meta.stream_id, &log)?, &headers))
 }
 
 #[derive(Deserialize)]
@@ -290,7 +289,7 @@ pub(super) async fn retrieve(
     let headers = job_headers(&meta);
     let stream = matches!(query.stream.as_deref(), Some("true" | "1"));
     if !stream {
-        return Ok(json_with(response_value(&log)?, &headers));
+        return Ok(json_with(response_value(&meta.stream_id, &log)?, &headers));
     }
     let after = match query.starting_after.as_deref() {
         None | Some("") => None,
@@ -298,17 +297,18 @@ pub(super) async fn retrieve(
             OpenAiError::invalid("starting_after", "must be a non-negative integer")
         })?),
     };
+    let projection = shared::responses(&meta.stream_id, &log);
     if let Some(n) = after {
-        let produced = |log: &EventLog| -> Result<u64, OpenAiError> {
-            let mut p = ResponsesProjector::new(options_of(log));
-            let mut next = 0;
-            Ok(catch_up(log, &mut p, &mut next)?.len() as u64)
+        let produced = || -> Result<u64, OpenAiError> {
+            let mut p = shared::lock(&projection);
+            shared::advance(&log, &mut p)?;
+            Ok(p.frames().len() as u64)
         };
-        let mut len = produced(&log)?;
+        let mut len = produced()?;
         if n >= len {
             // This replica's mirror may lag the one the client read from.
             state.manager.store().sync_log(&meta.stream_id).await?;
-            len = produced(&log)?;
+            len = produced()?;
         }
         if n >= len {
             return Err(OpenAiError::invalid(
@@ -317,8 +317,7 @@ pub(super) async fn retrieve(
             ));
         }
     }
-    let projector = ResponsesProjector::new(options_of(&log));
-    Ok(projected_stream(&state, log, projector, after, &headers))
+    Ok(projected_stream(&state, log, projection, after, &headers))
 }
 
 /// The job of a response that was not deleted.
@@ -353,7 +352,10 @@ pub(super) async fn cancel(
         Ok(_) | Err(EngineError::JobFinished(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(json_with(response_value(&log)?, &job_headers(&meta)))
+    Ok(json_with(
+        response_value(&meta.stream_id, &log)?,
+        &job_headers(&meta),
+    ))
 }
 
 /// `DELETE /v1/responses/{id}`: `{id, object: "response", deleted: true}`. A running
