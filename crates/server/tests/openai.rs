@@ -444,3 +444,49 @@ async fn concurrent_readers_of_one_response_read_the_same() {
     let (_, again) = v.stream(v.http.get(&path)).await;
     assert_eq!(&again, first);
 }
+
+/// A job that fails: the non-streaming answer is an error in OpenAI's shape (502 for an
+/// upstream failure); the stream ends with OpenAI's error frame and `[DONE]`; a
+/// response's status is `failed` with genstream's code.
+#[tokio::test]
+async fn a_failed_job_is_an_error_in_openai_terms() {
+    let mut fails = common::demo(
+        "fails",
+        json!({"tokens": 10, "token_delay": "1ms", "behavior": "fail_before_stream"}),
+    );
+    fails.retry.max_retries = 0;
+    let app = test_app(vec![fails]);
+    let served = Served::start(app.router).await;
+    let v = V1 {
+        url: served.url.clone(),
+        token: token("alice"),
+        http: reqwest::Client::new(),
+        _served: served,
+    };
+    let body = json!({"model": "fails", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, err) = v.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 502, "{err}");
+    assert_eq!(openai_error(&err).0, "server_error");
+    assert_eq!(err["error"]["code"], "upstream_error");
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, raw) = v
+        .stream(
+            v.http
+                .post(format!("{}/v1/chat/completions", v.url))
+                .json(&streamed),
+        )
+        .await;
+    let chunks = chat_chunks(&raw);
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let error: Value = serde_json::from_str(&chunks[chunks.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_error", "{error}");
+
+    let (status, _, failed) = v
+        .post("/v1/responses", json!({"model": "fails", "input": "hi"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "upstream_error");
+}
