@@ -490,3 +490,62 @@ async fn a_failed_job_is_an_error_in_openai_terms() {
     assert_eq!(failed["status"], "failed", "{failed}");
     assert_eq!(failed["error"]["code"], "upstream_error");
 }
+
+/// One job, started natively, watched at once over the native stream and the Responses
+/// stream, then read as a chat completion: the same text and usage everywhere (every
+/// protocol is a view of any job: its ids are the stream id).
+#[tokio::test]
+async fn one_job_watched_natively_and_over_openai_protocols() {
+    let v = v1().await;
+    let (status, _, started) = v
+        .post("/api/chat", json!({"text": "hello", "model": "reasoning"}))
+        .await;
+    assert_eq!(status, 200, "{started}");
+    let sid = started["streamId"].as_str().unwrap().to_owned();
+    let hex: String = sid.chars().filter(char::is_ascii_alphanumeric).collect();
+    let native = v.stream(v.http.get(format!("{}/api/chat/stream/{sid}", v.url)));
+    let responses = v.stream(
+        v.http
+            .get(format!("{}/v1/responses/resp_{hex}?stream=true", v.url)),
+    );
+    let ((_, native), (_, responses)) = tokio::join!(native, responses);
+
+    let mut buf = native;
+    let frames = take_frames(&mut buf);
+    let end = frames.last().unwrap();
+    assert_eq!(end.event.as_deref(), Some("final"));
+    let end = end.data.as_ref().unwrap();
+    let text = end["data"]["responseMessage"]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let output_tokens = end["data"]["usage"]["outputTokens"].as_u64().unwrap();
+
+    let mut buf = responses;
+    let events = take_frames(&mut buf);
+    let deltas: String = events
+        .iter()
+        .filter(|e| e.event.as_deref() == Some("response.output_text.delta"))
+        .map(|e| {
+            e.data.as_ref().unwrap()["delta"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(deltas, text);
+    let completed = events.last().unwrap().data.as_ref().unwrap();
+    assert_eq!(completed["type"], "response.completed");
+    assert_eq!(
+        completed["response"]["usage"]["output_tokens"],
+        output_tokens
+    );
+
+    let (status, completion) = v.get(&format!("/v1/chat/completions/chatcmpl-{hex}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        completion["choices"][0]["message"]["content"],
+        text.as_str()
+    );
+    assert_eq!(completion["usage"]["completion_tokens"], output_tokens);
+}
