@@ -10,18 +10,20 @@
 //! Both instants come from the same monotonic clock, so their difference is the
 //! append-to-receipt delay, serialization and the socket included.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use genstream_engine::EngineError;
 use genstream_engine::event::EventBody;
-use genstream_engine::log::{AppendError, EventLog};
+use genstream_engine::log::EventLog;
 use genstream_engine::manager::JobManager;
-use genstream_engine::store::{JobMeta, JobStore, MemoryStore};
+use genstream_engine::store::{
+    AbortHandler, EventLogStore, JobCoordination, JobMeta, JobStore, MemoryStore, Orphan,
+    RateLimitStore, StoreError,
+};
 use genstream_server::app;
 use genstream_server::config::{Config, Overrides};
 use tokio::runtime::Runtime;
@@ -56,21 +58,21 @@ impl TimedStore {
 }
 
 #[async_trait]
-impl JobStore for TimedStore {
-    async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
+impl EventLogStore for TimedStore {
+    async fn create_job(&self, meta: &JobMeta) -> Result<(), StoreError> {
         self.times
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(meta.stream_id.clone(), Vec::with_capacity(1024));
         self.inner.create_job(meta).await
     }
-    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError> {
+    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, StoreError> {
         self.inner.get_job(stream_id).await
     }
-    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError> {
+    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, StoreError> {
         self.inner.latest_job(conversation_id).await
     }
-    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
+    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, StoreError> {
         self.inner.running_jobs(user_id).await
     }
     async fn append(
@@ -78,10 +80,10 @@ impl JobStore for TimedStore {
         stream_id: &str,
         body: &EventBody,
         expected_seq: Option<u64>,
-    ) -> Result<Result<u64, AppendError>, EngineError> {
+    ) -> Result<u64, StoreError> {
         let start = Instant::now();
         let r = self.inner.append(stream_id, body, expected_seq).await;
-        if let Ok(Ok(seq)) = &r {
+        if let Ok(seq) = &r {
             let mut g = self.times.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = g.get_mut(stream_id)
                 && v.len() as u64 == *seq
@@ -91,28 +93,48 @@ impl JobStore for TimedStore {
         }
         r
     }
-    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError> {
+    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
         self.inner.open_log(stream_id).await
     }
-    async fn remove_expired(&self, retention: Duration) -> Result<usize, EngineError> {
+    async fn sync_log(&self, stream_id: &str) -> Result<(), StoreError> {
+        self.inner.sync_log(stream_id).await
+    }
+    async fn remove_expired(&self, retention: Duration) -> Result<usize, StoreError> {
         self.inner.remove_expired(retention).await
     }
-    async fn ping(&self) -> Result<(), EngineError> {
+    async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+}
+
+#[async_trait]
+impl RateLimitStore for TimedStore {
     async fn rate_limit(
         &self,
         key: &str,
         limit: u32,
         period: Duration,
-    ) -> Result<Option<Duration>, EngineError> {
+    ) -> Result<Option<Duration>, StoreError> {
         self.inner.rate_limit(key, limit, period).await
     }
-    async fn orphaned_jobs(
-        &self,
-        live: &std::collections::HashSet<String>,
-    ) -> Result<Vec<genstream_engine::store::Orphan>, EngineError> {
+}
+
+#[async_trait]
+impl JobCoordination for TimedStore {
+    async fn claim_orphan(&self, stream_id: &str) -> Result<bool, StoreError> {
+        self.inner.claim_orphan(stream_id).await
+    }
+    async fn claim_end(&self, stream_id: &str) -> Result<bool, StoreError> {
+        self.inner.claim_end(stream_id).await
+    }
+    async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, StoreError> {
         self.inner.orphaned_jobs(live).await
+    }
+    async fn request_abort(&self, stream_id: &str) -> Result<(), StoreError> {
+        self.inner.request_abort(stream_id).await
+    }
+    fn set_abort_handler(&self, handler: AbortHandler) {
+        self.inner.set_abort_handler(handler);
     }
 }
 

@@ -34,14 +34,18 @@ pub fn run(events: &Path, variant: &str, logs: usize) -> Result<(), String> {
     let fill = |log: &EventLog| -> Result<(), String> {
         for ev in &events {
             if exact {
-                let f = Frame::encode(ev.seq, &ev.body);
+                let f = Frame::encode(ev.seq, &ev.body)
+                    .map_err(|e| format!("encode seq {}: {e}", ev.seq))?;
                 let bytes = Bytes::from(f.bytes.to_vec()); // capacity == length
                 let frame = Frame {
                     seq: f.seq,
                     terminal: f.terminal,
                     bytes,
                 };
-                if !log.insert_frame(frame) {
+                if !log
+                    .insert_frame(frame)
+                    .map_err(|e| format!("insert_frame seq {}: {e}", ev.seq))?
+                {
                     return Err(format!("insert_frame refused seq {}", ev.seq));
                 }
             } else {

@@ -275,7 +275,7 @@ fn log(pieces: &[&str], terminal: EventBody) -> Vec<Frame> {
     bodies
         .iter()
         .enumerate()
-        .map(|(seq, b)| Frame::encode(seq as u64, b))
+        .map(|(seq, b)| Frame::encode(seq as u64, b).unwrap())
         .collect()
 }
 

@@ -328,35 +328,35 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Serializes `body` at `seq` into its SSE frame. This is the only place an event
-    /// becomes bytes; the JSON has no newlines (serde_json's compact form escapes them),
-    /// so one `data:` line always suffices.
-    pub fn encode(seq: u64, body: &EventBody) -> Frame {
-        let name = body.name();
-        let mut out = Vec::with_capacity(128);
-        out.extend_from_slice(b"id: ");
-        out.extend_from_slice(seq.to_string().as_bytes());
-        out.extend_from_slice(b"\nevent: ");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        // `{"seq":N,` then the body's own `"event":…,"data":…}`: the same bytes serde
-        // would write for `Event`, without cloning the body into one.
-        out.extend_from_slice(b"{\"seq\":");
-        out.extend_from_slice(seq.to_string().as_bytes());
-        out.push(b',');
-        let body_start = out.len();
-        if serde_json::to_writer(&mut out, body).is_ok() && out.len() > body_start {
-            out.remove(body_start); // the body's opening brace
-        } else {
-            out.truncate(body_start);
-            out.extend_from_slice(b"\"event\":\"error\",\"data\":{}}");
-        }
-        out.extend_from_slice(b"\n\n");
-        Frame {
+    /// Serializes `body` at `seq` into its SSE frame. This and [`sse_frame`] are the
+    /// only places in Rust where an event becomes bytes (the Redis append function
+    /// builds the same bytes in Lua, held equal by a test in `genstream-redis`); the
+    /// JSON has no newlines (serde_json's compact form escapes them), so one `data:`
+    /// line always suffices.
+    ///
+    /// Errors: the body could not be serialized (serde_json refused a value). The
+    /// caller refuses the append; nothing is written under the event's name.
+    pub fn encode(seq: u64, body: &EventBody) -> Result<Frame, serde_json::Error> {
+        let bytes = write_frame(seq, body.name(), |out| {
+            // `{"seq":N,` then the body's own `"event":…,"data":…}`: the same bytes
+            // serde would write for `Event`, without cloning the body into one.
+            out.extend_from_slice(b"{\"seq\":");
+            out.extend_from_slice(seq.to_string().as_bytes());
+            out.push(b',');
+            let body_start = out.len();
+            serde_json::to_writer(&mut *out, body)?;
+            // An adjacently tagged enum is always a JSON object: drop its `{`.
+            if out.get(body_start) != Some(&b'{') {
+                return Err(serde::ser::Error::custom("an event is not a JSON object"));
+            }
+            out.remove(body_start);
+            Ok(())
+        })?;
+        Ok(Frame {
             seq,
             terminal: body.is_terminal(),
-            bytes: Bytes::from(out),
-        }
+            bytes,
+        })
     }
 
     /// Recognizes a frame made by [`Frame::encode`] (or by the Redis append function,
@@ -389,6 +389,31 @@ impl Frame {
     }
 }
 
+/// An SSE frame that is not an event of the log (the `sync` frame of a resume):
+/// `id: ID\nevent: NAME\ndata: JSON\n\n`, with `data` in serde_json's compact form.
+///
+/// Errors: `data` could not be serialized.
+pub fn sse_frame(id: u64, name: &str, data: &impl Serialize) -> Result<Bytes, serde_json::Error> {
+    write_frame(id, name, |out| serde_json::to_writer(out, data))
+}
+
+/// The frame's lines around the `data:` JSON that `data` writes.
+fn write_frame(
+    id: u64,
+    name: &str,
+    data: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
+) -> Result<Bytes, serde_json::Error> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(b"\nevent: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    data(&mut out)?;
+    out.extend_from_slice(b"\n\n");
+    Ok(Bytes::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,7 +428,7 @@ mod tests {
                 }],
             },
         });
-        let f = Frame::encode(17, &body);
+        let f = Frame::encode(17, &body).unwrap();
         let s = std::str::from_utf8(&f.bytes).unwrap();
         assert!(s.starts_with("id: 17\nevent: on_message_delta\ndata: {\"seq\":17,\"event\":\"on_message_delta\",\"data\":{"));
         assert!(s.ends_with("}\n\n"));
@@ -413,5 +438,24 @@ mod tests {
         let parsed = Frame::parse(f.bytes.clone()).unwrap();
         assert_eq!((parsed.seq, parsed.terminal), (17, false));
         assert!(Frame::parse(Bytes::from_static(b"garbage")).is_none());
+    }
+
+    /// A value serde_json refuses (a map with non-string keys) is an error the caller
+    /// gets, not an empty `error` event written under the frame's name.
+    #[test]
+    fn a_value_that_cannot_be_serialized_is_an_error() {
+        let mut bad = std::collections::BTreeMap::new();
+        bad.insert(vec![1u8], "x");
+        assert!(sse_frame(3, "sync", &bad).is_err());
+    }
+
+    #[test]
+    fn sse_frame_is_the_sync_wire_shape() {
+        let data = serde_json::json!({"sync": true, "seq": 4, "resumeState": {"text": "a\nb"}});
+        let f = sse_frame(4, "sync", &data).unwrap();
+        assert_eq!(
+            &f[..],
+            format!("id: 4\nevent: sync\ndata: {data}\n\n").as_bytes()
+        );
     }
 }

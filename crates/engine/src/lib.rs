@@ -6,8 +6,11 @@
 //! those bytes are shared by every subscriber; a subscriber is nothing but a cursor into
 //! the log plus a wake-up handle, so a slow reader costs only its socket.
 //!
-//! The engine knows nothing of HTTP or SQL. It talks to the outside through three traits:
-//! - [`store::JobStore`]: job metadata and the event logs (memory now, Redis later);
+//! The engine knows nothing of HTTP or SQL. It talks to the outside through three
+//! kinds of trait:
+//! - [`store::JobStore`]: job metadata, the event logs, who may end a job, and rate
+//!   limits (in memory here, in Redis in `genstream-redis`), itself three narrow
+//!   traits ([`store::EventLogStore`], [`store::JobCoordination`], [`store::RateLimitStore`]);
 //! - [`persist::Persistence`]: conversations and messages (SQLite, PostgreSQL);
 //! - [`provider::Provider`]: an upstream model (demo, OpenAI, Anthropic).
 //!

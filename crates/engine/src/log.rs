@@ -10,8 +10,8 @@
 //! The log is bounded (events and bytes). The cap never applies to the terminal event,
 //! so a job that hits it can still end with `error` `log_full`.
 //!
-//! In Redis mode (issue 2/4) the same structure is a replica's local mirror of the
-//! Redis Stream, filled by [`EventLog::insert_frame`] in seq order.
+//! In Redis mode the same structure is a replica's local mirror of the Redis Stream,
+//! filled by [`EventLog::insert_frame`] in seq order.
 
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ impl Default for LogLimits {
 }
 
 /// Why an append was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum AppendError {
     /// The log already holds its terminal event; nothing may follow it.
     #[error("the log already ended")]
@@ -49,6 +49,9 @@ pub enum AppendError {
     /// The event would exceed the per-job cap; only a terminal event fits now.
     #[error("the log is full")]
     Full,
+    /// The event could not be serialized into its frame; nothing was appended.
+    #[error("the event could not be serialized")]
+    Encode(#[source] serde_json::Error),
 }
 
 struct State {
@@ -59,7 +62,6 @@ struct State {
     /// snapshot never folds in the terminal event).
     aggregate: Aggregate,
     terminal: Option<TerminalKind>,
-    last_append: Instant,
     finished_at: Option<Instant>,
 }
 
@@ -88,7 +90,6 @@ impl EventLog {
                 bytes: 0,
                 aggregate: Aggregate::default(),
                 terminal: None,
-                last_append: Instant::now(),
                 finished_at: None,
             }),
             len_tx: watch::Sender::new(0),
@@ -100,7 +101,8 @@ impl EventLog {
     ///
     /// Errors: [`AppendError::Ended`] after the terminal event (so two writers racing
     /// to end a job produce exactly one terminal event); [`AppendError::Full`] when a
-    /// non-terminal event would pass the cap.
+    /// non-terminal event would pass the cap; [`AppendError::Encode`] when the event
+    /// cannot be serialized.
     pub fn append(&self, body: &EventBody) -> Result<Frame, AppendError> {
         let frame;
         {
@@ -109,7 +111,7 @@ impl EventLog {
                 return Err(AppendError::Ended);
             }
             let seq = st.frames.len() as u64;
-            frame = Frame::encode(seq, body);
+            frame = Frame::encode(seq, body).map_err(AppendError::Encode)?;
             if !frame.terminal
                 && (st.frames.len() + 1 > self.limits.max_events
                     || st.bytes + frame.bytes.len() > self.limits.max_bytes)
@@ -123,33 +125,35 @@ impl EventLog {
     }
 
     /// Inserts an already-encoded frame at its own seq (the Redis mirror path). Frames
-    /// must arrive in order: a frame whose seq is not the next one is ignored and
-    /// `false` returned, so the caller knows to read the missing range first.
-    pub fn insert_frame(&self, frame: Frame) -> bool {
-        let Ok(event) = serde_json::from_slice::<Event>(frame.data_json()) else {
-            return false;
-        };
+    /// must arrive in order: a frame whose seq is not the next one (or any frame after
+    /// the terminal event) is ignored and `Ok(false)` returned, so the caller knows to
+    /// read the missing range first.
+    ///
+    /// Errors: the frame's `data:` is not an event this engine can read (a corrupt
+    /// entry, or one written by a newer release). Nothing is inserted, so the log
+    /// stops before that seq; the caller decides what its subscribers get (the Redis
+    /// store logs it and reports its log as inconsistent).
+    pub fn insert_frame(&self, frame: Frame) -> Result<bool, serde_json::Error> {
+        let event = serde_json::from_slice::<Event>(frame.data_json())?;
         {
             let mut st = self.state.write();
             if frame.seq != st.frames.len() as u64 || st.terminal.is_some() {
-                return false;
+                return Ok(false);
             }
             Self::push(&mut st, frame.clone(), &event.body);
         }
         self.len_tx.send_replace(frame.seq + 1);
-        true
+        Ok(true)
     }
 
     fn push(st: &mut State, frame: Frame, body: &EventBody) {
-        let now = Instant::now();
         if let Some(kind) = terminal_kind(body) {
             st.terminal = Some(kind);
-            st.finished_at = Some(now);
+            st.finished_at = Some(Instant::now());
         } else {
             st.aggregate.apply(frame.seq, body);
         }
         st.bytes += frame.bytes.len();
-        st.last_append = now;
         st.frames.push(frame);
     }
 
@@ -228,11 +232,6 @@ impl EventLog {
         f(&self.state.read().aggregate)
     }
 
-    /// Time since the last append.
-    pub fn idle_for(&self) -> Duration {
-        self.state.read().last_append.elapsed()
-    }
-
     /// Time since the terminal event, `None` while running.
     pub fn finished_for(&self) -> Option<Duration> {
         self.state.read().finished_at.map(|t| t.elapsed())
@@ -252,5 +251,37 @@ fn terminal_kind(body: &EventBody) -> Option<TerminalKind> {
         }),
         EventBody::Error(_) => Some(TerminalKind::Error),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// An unparsable frame is refused with its parse error and leaves the log as it
+    /// was (the next good frame still goes in at that seq); an out-of-order one is
+    /// `Ok(false)`.
+    #[test]
+    fn insert_frame_refuses_an_unparsable_frame_with_its_error() {
+        let log = EventLog::new(LogLimits::default());
+        let bad = Frame::parse(Bytes::from_static(
+            b"id: 0\nevent: on_message_delta\ndata: {\"seq\":0,\"event\":\"nope\"}\n\n",
+        ))
+        .unwrap();
+        assert!(log.insert_frame(bad).is_err());
+        assert_eq!(log.len(), 0);
+        let body = EventBody::Retry(crate::event::Retry {
+            attempt: 1,
+            max_attempts: 2,
+            delay_ms: 5,
+            error: "x".into(),
+            discard_step_ids: Vec::new(),
+        });
+        let later = Frame::encode(1, &body).unwrap();
+        assert!(!log.insert_frame(later).unwrap(), "seq 1 before seq 0");
+        assert!(log.insert_frame(Frame::encode(0, &body).unwrap()).unwrap());
+        assert_eq!(log.len(), 1);
     }
 }

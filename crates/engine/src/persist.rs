@@ -328,16 +328,22 @@ impl Grouping {
 /// INTEGER); the in-memory ledger refuses what they would refuse.
 fn ledger_ints(stream_id: &str, line: &Line) -> Result<(i64, i32), EngineError> {
     let tokens = i64::try_from(line.tokens).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: {} tokens do not fit the ledger",
-            line.tokens
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: {} tokens do not fit the ledger",
+                line.tokens
+            )
+            .into(),
+        )
     })?;
     let call_index = i32::try_from(line.call_index).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: call index {} does not fit the ledger",
-            line.call_index
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: call index {} does not fit the ledger",
+                line.call_index
+            )
+            .into(),
+        )
     })?;
     Ok((tokens, call_index))
 }
@@ -373,7 +379,7 @@ struct LedgerRow {
 
 /// An `i64` overflow in money, as the SQL backends report it (they refuse too).
 fn overflow(what: &str) -> EngineError {
-    EngineError::Persistence(format!("{what}: amount out of range"))
+    EngineError::Persistence(format!("{what}: amount out of range").into())
 }
 
 #[async_trait]
@@ -655,10 +661,9 @@ impl Persistence for MemoryPersistence {
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
         let mut g = self.inner.lock();
         if g.api_keys.contains_key(&key.id) || g.api_keys.values().any(|k| k.hash == key.hash) {
-            return Err(EngineError::Persistence(format!(
-                "creating API key {}: the id or the hash exists",
-                key.id
-            )));
+            return Err(EngineError::Persistence(
+                format!("creating API key {}: the id or the hash exists", key.id).into(),
+            ));
         }
         g.api_keys.insert(key.id.clone(), key.clone());
         Ok(())

@@ -9,10 +9,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::EngineError;
 use crate::event::*;
 use crate::log::{AppendError, LogLimits};
-use crate::store::{JobMeta, JobStatus, JobStore, OrphanReason};
+use crate::store::{JobMeta, JobStatus, JobStore, OrphanReason, StoreError};
 use crate::usage::UsageRecord;
 
 /// Caps the suite's stores must be built with (the cap test relies on them).
@@ -103,7 +102,6 @@ pub async fn create_get_and_lists(store: Arc<dyn JobStore>) {
     store
         .append(&m.stream_id, &error_end(), None)
         .await
-        .unwrap()
         .unwrap();
     let after = store.get_job(&m.stream_id).await.unwrap().unwrap();
     assert_eq!(after.status, JobStatus::Error);
@@ -122,7 +120,7 @@ pub async fn one_running_job_per_conversation(store: Arc<dyn JobStore>) {
     let b = meta(&user, &conv);
     assert!(matches!(
         store.create_job(&b).await,
-        Err(EngineError::ConversationBusy(_))
+        Err(StoreError::ConversationBusy(_))
     ));
     assert!(
         store.get_job(&b.stream_id).await.unwrap().is_none(),
@@ -131,7 +129,6 @@ pub async fn one_running_job_per_conversation(store: Arc<dyn JobStore>) {
     store
         .append(&a.stream_id, &error_end(), None)
         .await
-        .unwrap()
         .unwrap();
     store.create_job(&b).await.unwrap();
     assert_eq!(
@@ -165,49 +162,35 @@ pub async fn append_assigns_seqs_and_one_terminal(store: Arc<dyn JobStore>) {
     store.create_job(&m).await.unwrap();
     let bodies = [step(), delta("Hel"), delta("lo\n\"q\" ü 😀"), usage()];
     for (i, b) in bodies.iter().enumerate() {
-        let seq = store
-            .append(&m.stream_id, b, Some(i as u64))
-            .await
-            .unwrap()
-            .unwrap();
+        let seq = store.append(&m.stream_id, b, Some(i as u64)).await.unwrap();
         assert_eq!(seq, i as u64);
     }
     // A retried append (its first try landed): same seq, nothing appended.
     let again = store
         .append(&m.stream_id, &bodies[3], Some(3))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(again, 3);
     let end = error_end();
-    assert_eq!(
-        store
-            .append(&m.stream_id, &end, None)
-            .await
-            .unwrap()
-            .unwrap(),
-        4
-    );
-    assert_eq!(
-        store
-            .append(&m.stream_id, &error_end(), None)
-            .await
-            .unwrap(),
-        Err(AppendError::Ended)
-    );
-    assert_eq!(
-        store
-            .append(&m.stream_id, &delta("late"), None)
-            .await
-            .unwrap(),
-        Err(AppendError::Ended)
-    );
+    assert_eq!(store.append(&m.stream_id, &end, None).await.unwrap(), 4);
+    assert!(matches!(
+        store.append(&m.stream_id, &error_end(), None).await,
+        Err(StoreError::Append(AppendError::Ended))
+    ));
+    assert!(matches!(
+        store.append(&m.stream_id, &delta("late"), None).await,
+        Err(StoreError::Append(AppendError::Ended))
+    ));
     let log = store.open_log(&m.stream_id).await.unwrap().unwrap();
     let frames = log.read_after(None, usize::MAX).frames;
     assert_eq!(frames.len(), 5);
     for (i, f) in frames.iter().enumerate() {
         let body = if i < 4 { &bodies[i] } else { &end };
-        assert_eq!(f.bytes, Frame::encode(i as u64, body).bytes, "frame {i}");
+        assert_eq!(
+            f.bytes,
+            Frame::encode(i as u64, body).unwrap().bytes,
+            "frame {i}"
+        );
         assert_eq!(f.terminal, i == 4);
     }
     assert_eq!(
@@ -227,32 +210,21 @@ pub async fn caps_refuse_all_but_the_terminal_event(store: Arc<dyn JobStore>) {
             store
                 .append(&m.stream_id, &delta("x"), Some(i as u64))
                 .await
-                .unwrap()
                 .is_ok()
         );
     }
-    assert_eq!(
-        store.append(&m.stream_id, &delta("x"), None).await.unwrap(),
-        Err(AppendError::Full)
-    );
-    assert!(
-        store
-            .append(&m.stream_id, &error_end(), None)
-            .await
-            .unwrap()
-            .is_ok()
-    );
+    assert!(matches!(
+        store.append(&m.stream_id, &delta("x"), None).await,
+        Err(StoreError::Append(AppendError::Full))
+    ));
+    assert!(store.append(&m.stream_id, &error_end(), None).await.is_ok());
 }
 
 /// A reader that opened the log before the appends sees every one of them, in order.
 pub async fn readers_follow_live_appends(store: Arc<dyn JobStore>) {
     let m = meta(&unique_user().await, &crate::new_id());
     store.create_job(&m).await.unwrap();
-    store
-        .append(&m.stream_id, &step(), Some(0))
-        .await
-        .unwrap()
-        .unwrap();
+    store.append(&m.stream_id, &step(), Some(0)).await.unwrap();
     let log = store.open_log(&m.stream_id).await.unwrap().unwrap();
     let reader = tokio::spawn(async move {
         let mut rx = log.watch();
@@ -280,13 +252,11 @@ pub async fn readers_follow_live_appends(store: Arc<dyn JobStore>) {
         store
             .append(&m.stream_id, &delta("t"), Some(i))
             .await
-            .unwrap()
             .unwrap();
     }
     store
         .append(&m.stream_id, &error_end(), None)
         .await
-        .unwrap()
         .unwrap();
     let seqs = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
@@ -313,7 +283,6 @@ pub async fn orphans_are_running_jobs_nobody_runs(store: Arc<dyn JobStore>) {
     store
         .append(&m.stream_id, &error_end(), None)
         .await
-        .unwrap()
         .unwrap();
     let orphans = store.orphaned_jobs(&HashSet::new()).await.unwrap();
     assert!(!orphans.iter().any(|o| o.meta.stream_id == m.stream_id));
@@ -327,17 +296,13 @@ pub async fn orphans_are_running_jobs_nobody_runs(store: Arc<dyn JobStore>) {
 pub async fn end_claims(store: Arc<dyn JobStore>) {
     let m = meta(&unique_user().await, &crate::new_id());
     store.create_job(&m).await.unwrap();
-    store
-        .append(&m.stream_id, &step(), Some(0))
-        .await
-        .unwrap()
-        .unwrap();
+    store.append(&m.stream_id, &step(), Some(0)).await.unwrap();
     assert!(store.claim_orphan(&m.stream_id).await.unwrap());
     assert!(store.claim_orphan(&m.stream_id).await.unwrap(), "a retry");
     assert!(store.claim_end(&m.stream_id).await.unwrap());
     assert_eq!(
         store.append(&m.stream_id, &usage(), Some(1)).await.unwrap(),
-        Ok(1),
+        1,
         "the claimant appends"
     );
     assert_eq!(
@@ -345,7 +310,7 @@ pub async fn end_claims(store: Arc<dyn JobStore>) {
             .append(&m.stream_id, &error_end(), Some(2))
             .await
             .unwrap(),
-        Ok(2)
+        2
     );
     assert!(!store.claim_orphan(&m.stream_id).await.unwrap(), "ended");
     assert!(!store.claim_end(&m.stream_id).await.unwrap(), "ended");
@@ -362,11 +327,7 @@ pub async fn abort_requests_reach_the_handler(store: Arc<dyn JobStore>) {
     }));
     let m = meta(&unique_user().await, &crate::new_id());
     store.create_job(&m).await.unwrap();
-    store
-        .append(&m.stream_id, &step(), Some(0))
-        .await
-        .unwrap()
-        .unwrap();
+    store.append(&m.stream_id, &step(), Some(0)).await.unwrap();
     store.request_abort(&m.stream_id).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -376,7 +337,6 @@ pub async fn abort_requests_reach_the_handler(store: Arc<dyn JobStore>) {
     store
         .append(&m.stream_id, &error_end(), Some(1))
         .await
-        .unwrap()
         .unwrap();
     // Drain repeats of the first request (a store may publish it more than once).
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -386,7 +346,6 @@ pub async fn abort_requests_reach_the_handler(store: Arc<dyn JobStore>) {
     store
         .append(&done.stream_id, &error_end(), Some(0))
         .await
-        .unwrap()
         .unwrap();
     store.request_abort(&done.stream_id).await.unwrap();
     store.request_abort("no-such-job").await.unwrap();
@@ -412,7 +371,7 @@ pub async fn user_cap_holds_under_racing_creates(store: Arc<dyn JobStore>) {
     for t in tasks {
         match t.await.unwrap() {
             Ok(m) => won.push(m),
-            Err(EngineError::TooManyConcurrent(2)) => {}
+            Err(StoreError::TooManyConcurrent(2)) => {}
             Err(e) => panic!("unexpected {e}"),
         }
     }
@@ -425,7 +384,6 @@ pub async fn user_cap_holds_under_racing_creates(store: Arc<dyn JobStore>) {
     store
         .append(&won[0].stream_id, &error_end(), None)
         .await
-        .unwrap()
         .unwrap();
     store
         .create_job(&meta(&user, &crate::new_id()))
@@ -433,7 +391,7 @@ pub async fn user_cap_holds_under_racing_creates(store: Arc<dyn JobStore>) {
         .unwrap();
     assert!(matches!(
         store.create_job(&meta(&user, &crate::new_id())).await,
-        Err(EngineError::TooManyConcurrent(2))
+        Err(StoreError::TooManyConcurrent(2))
     ));
 }
 

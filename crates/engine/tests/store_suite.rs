@@ -30,7 +30,7 @@ async fn memory_store_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_woken_subscriber_never_sees_a_finished_job_running() {
     use genstream_engine::event::{ErrorEvent, EventBody};
-    use genstream_engine::store::JobStatus;
+    use genstream_engine::store::{EventLogStore, JobStatus};
     use genstream_engine::suite::meta;
     let store = Arc::new(MemoryStore::new(SUITE_LIMITS));
     for _ in 0..200 {
@@ -55,11 +55,7 @@ async fn a_woken_subscriber_never_sees_a_finished_job_running() {
             message: "x".into(),
             response_message: None,
         });
-        store
-            .append(&m.stream_id, &end, Some(0))
-            .await
-            .unwrap()
-            .unwrap();
+        store.append(&m.stream_id, &end, Some(0)).await.unwrap();
         let (status, next) = watcher.await.unwrap();
         assert_eq!(status, JobStatus::Error);
         assert!(next.is_ok(), "follow-up refused: {next:?}");

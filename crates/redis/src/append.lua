@@ -6,6 +6,8 @@
 -- Fields of the job hash these functions read and write (besides the metadata):
 --   len, bytes        the log's length (the next seq) and total frame bytes
 --   ended, status     "1" and the final status once the terminal event is in
+--   finishedAt        when the terminal event landed (ms since the epoch, the writer's
+--                     clock); for operators and tests, nothing here reads it
 --   reaper, reaperAt  who claimed the job's end (its owner about to save its answer,
 --                     or a reaper of an orphan), and when (ms, Redis clock). Only the
 --                     claimant may append from then on. The name predates the owner's
@@ -18,6 +20,9 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The SSE frame of an event: the same bytes as `Frame::encode` in the engine
+-- (engine/src/event.rs), held byte-equal by `lua_frames_equal_frame_encode` in
+-- genstream-redis's tests. BODY is serde_json's compact {"event":NAME,"data":{...}}.
 local function frame_of(seq, name, body)
   return 'id: ' .. seq .. '\nevent: ' .. name .. '\ndata: {"seq":' .. seq .. ','
     .. string.sub(body, 2) .. '\n\n'
@@ -83,7 +88,7 @@ local function append(keys, args)
     return {'full'}
   end
   redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame, 'w', writer)
-  redis.call('HSET', job, 'len', seq + 1, 'bytes', bytes + #frame, 'progressAt', args[10])
+  redis.call('HSET', job, 'len', seq + 1, 'bytes', bytes + #frame)
   local ttl = args[6]
   if terminal then
     redis.call('HSET', job, 'ended', '1', 'status', args[9], 'finishedAt', args[10])

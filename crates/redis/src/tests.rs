@@ -4,8 +4,18 @@
 //! that once lost events.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::*;
-use genstream_engine::event::{ContentPart, Delta, DeltaContent};
+use genstream_engine::event::{
+    ContentPart, Delta, DeltaContent, ErrorEvent, EventBody, Frame, ToolCallChunk, ToolCallsDelta,
+};
+use genstream_engine::log::EventLog;
+use genstream_engine::store::{EventLogStore, JobCoordination, JobMeta, JobStatus};
+use genstream_test_support::wait_until;
+use redis::AsyncCommands;
 
 /// A one-shot gate: the task reaching its point waits until released.
 pub(crate) struct Gate {
@@ -109,7 +119,6 @@ async fn frame_published_while_a_mirror_opens_is_not_dropped() {
     owner
         .append(&m.stream_id, &delta("a"), Some(0))
         .await
-        .unwrap()
         .unwrap();
 
     let gate = reader.gate("open.after_range");
@@ -123,9 +132,30 @@ async fn frame_published_while_a_mirror_opens_is_not_dropped() {
     owner
         .append(&m.stream_id, &delta("b"), Some(1))
         .await
-        .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await; // the publish arrives
+    // Wait until the publish is in the opening mirror's buffer, so the merge is what
+    // must bring it in (not a later live delivery): the race under test, every run.
+    let mirror = reader
+        .inner
+        .mirrors
+        .lock()
+        .get(&m.stream_id)
+        .cloned()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the publish reaches the opening mirror",
+        || {
+            let buffered = mirror.pending.lock().as_ref().map_or(0, Vec::len);
+            async move { buffered == 1 }
+        },
+    )
+    .await;
+    assert_eq!(
+        mirror.log.len(),
+        1,
+        "the published frame waits in the buffer"
+    );
     gate.release.add_permits(1);
     let log = opening.await.unwrap().unwrap().unwrap();
     assert!(
@@ -150,7 +180,6 @@ async fn unsubscribing_a_dropped_mirror_does_not_cancel_a_new_one() {
     owner
         .append(&m.stream_id, &delta("a"), Some(0))
         .await
-        .unwrap()
         .unwrap();
     let first = reader.open_log(&m.stream_id).await.unwrap().unwrap();
     drop(first); // nobody reads it: the healer's to drop
@@ -178,7 +207,6 @@ async fn unsubscribing_a_dropped_mirror_does_not_cancel_a_new_one() {
     owner
         .append(&m.stream_id, &delta("b"), Some(1))
         .await
-        .unwrap()
         .unwrap();
     assert!(
         has_len(&log, 2, Duration::from_secs(1)).await,
@@ -232,7 +260,6 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
     owner
         .append(&m.stream_id, &delta("a"), Some(0))
         .await
-        .unwrap()
         .unwrap();
     // The owner stops hearing the control channel.
     let ctl = owner.ctl_channel();
@@ -255,7 +282,6 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
     owner
         .append(&m.stream_id, &delta("b"), Some(1))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(
         rx.try_recv().ok().as_deref(),
@@ -291,7 +317,6 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
             Some(2),
         )
         .await
-        .unwrap()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     while rx.try_recv().is_ok() {}
@@ -302,4 +327,79 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
     );
     owner.close();
     asker.close();
+}
+
+/// The Redis append function builds each frame in Lua; its bytes must be exactly
+/// those `Frame::encode` makes for the same event, for JSON that is easy to get wrong:
+/// escapes, control characters, quotes and backslashes, non-ASCII and astral-plane
+/// text, U+2028/U+2029, JSON inside strings, and seqs of more than one digit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_frames_equal_frame_encode() {
+    let p = prefix();
+    let store = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    store.create_job(&m).await.unwrap();
+    let texts = [
+        "plain",
+        "line\nbreak\r\ttab",
+        "\"quoted\" and \\backslash\\ and /slash/",
+        "ü é ß — “curly” 日本語 😀 𝄞",
+        "\u{2028}\u{2029}\u{0}\u{1f}\u{7f}",
+        "</script><!-- & %s %d ${x} {{y}}",
+        "{\"json\": [1, \"two\", {\"three\": null}]}",
+        "",
+    ];
+    let mut bodies: Vec<EventBody> = texts.iter().map(|t| delta(t)).collect();
+    bodies.push(EventBody::RunStepDelta(
+        genstream_engine::event::RunStepDelta {
+            id: "step_1".into(),
+            delta: ToolCallsDelta {
+                kind: genstream_engine::event::StepType::ToolCalls,
+                tool_calls: vec![ToolCallChunk {
+                    id: Some("call_ü".into()),
+                    name: Some("calc".into()),
+                    args: "{\"expr\":\"1\\n+2\"}".into(),
+                    index: 0,
+                }],
+            },
+        },
+    ));
+    // Enough events for two-digit seqs.
+    for i in 0..6 {
+        bodies.push(delta(&format!("{i}\u{e9}")));
+    }
+    bodies.push(EventBody::Error(ErrorEvent {
+        code: "upstream_error".into(),
+        message: "bad \"gateway\"\n\u{2028}😀".into(),
+        response_message: None,
+    }));
+    for (seq, body) in bodies.iter().enumerate() {
+        assert_eq!(
+            store
+                .append(&m.stream_id, body, Some(seq as u64))
+                .await
+                .unwrap(),
+            seq as u64
+        );
+    }
+    let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(store.key("log", &m.stream_id))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut store.conn())
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), bodies.len());
+    for (seq, ((_, fields), body)) in entries.iter().zip(&bodies).enumerate() {
+        let lua = fields["f"].as_slice();
+        let rust = Frame::encode(seq as u64, body).unwrap().bytes;
+        assert_eq!(
+            lua,
+            &rust[..],
+            "seq {seq}: Lua built {:?}, Frame::encode {:?}",
+            String::from_utf8_lossy(lua),
+            String::from_utf8_lossy(&rust)
+        );
+    }
+    store.close();
 }

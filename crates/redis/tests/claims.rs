@@ -9,9 +9,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use genstream_engine::EngineError;
 use genstream_engine::log::AppendError;
-use genstream_engine::store::{JobStore, OrphanReason};
+use genstream_engine::store::{EventLogStore, JobCoordination, OrphanReason, StoreError};
 
 const LEASE: Duration = Duration::from_millis(500);
 
@@ -35,16 +34,14 @@ async fn an_owner_shut_out_by_a_reaper_is_not_told_its_append_landed() {
     .iter()
     .enumerate()
     {
-        owner
-            .append(sid, e, Some(seq as u64))
-            .await
-            .unwrap()
-            .unwrap();
+        owner.append(sid, e, Some(seq as u64)).await.unwrap();
     }
     assert!(reaper.claim_orphan(sid).await.unwrap());
-    assert_eq!(
-        owner.append(sid, &delta("s0", "b"), Some(3)).await.unwrap(),
-        Err(AppendError::Ended),
+    assert!(
+        matches!(
+            owner.append(sid, &delta("s0", "b"), Some(3)).await,
+            Err(StoreError::Append(AppendError::Ended))
+        ),
         "only the claimant appends"
     );
     assert!(
@@ -52,21 +49,23 @@ async fn an_owner_shut_out_by_a_reaper_is_not_told_its_append_landed() {
         "the reaper holds the end"
     );
     let end = error_end("replica_lost");
-    assert_eq!(reaper.append(sid, &end, Some(3)).await.unwrap(), Ok(3));
+    assert_eq!(reaper.append(sid, &end, Some(3)).await.unwrap(), 3);
     // The owner's retry of "its" terminal event at seq 3.
     let owners_end = error_end("upstream_error");
-    assert_eq!(
-        owner.append(sid, &owners_end, Some(3)).await.unwrap(),
-        Err(AppendError::Ended),
+    assert!(
+        matches!(
+            owner.append(sid, &owners_end, Some(3)).await,
+            Err(StoreError::Append(AppendError::Ended))
+        ),
         "seq 3 is the reaper's event, not a landed try of the owner's"
     );
     // Even the very same bytes from another writer are not a duplicate.
-    assert_eq!(
-        owner.append(sid, &end, Some(3)).await.unwrap(),
-        Err(AppendError::Ended)
-    );
+    assert!(matches!(
+        owner.append(sid, &end, Some(3)).await,
+        Err(StoreError::Append(AppendError::Ended))
+    ));
     // The claimant's own retry is.
-    assert_eq!(reaper.append(sid, &end, Some(3)).await.unwrap(), Ok(3));
+    assert_eq!(reaper.append(sid, &end, Some(3)).await.unwrap(), 3);
     assert!(!reaper.claim_orphan(sid).await.unwrap(), "ended");
 }
 
@@ -80,11 +79,7 @@ async fn an_owner_ending_its_job_keeps_the_reapers_out() {
     let m = meta();
     owner.create_job(&m).await.unwrap();
     let sid = m.stream_id.as_str();
-    owner
-        .append(sid, &created(&m, "q"), Some(0))
-        .await
-        .unwrap()
-        .unwrap();
+    owner.append(sid, &created(&m, "q"), Some(0)).await.unwrap();
     assert!(owner.claim_end(sid).await.unwrap());
     assert!(
         owner.claim_end(sid).await.unwrap(),
@@ -94,17 +89,14 @@ async fn an_owner_ending_its_job_keeps_the_reapers_out() {
         !reaper.claim_orphan(sid).await.unwrap(),
         "the owner is alive"
     );
-    assert_eq!(
-        reaper
-            .append(sid, &error_end("replica_lost"), None)
-            .await
-            .unwrap(),
-        Err(AppendError::Ended)
-    );
+    assert!(matches!(
+        reaper.append(sid, &error_end("replica_lost"), None).await,
+        Err(StoreError::Append(AppendError::Ended))
+    ));
     let end = error_end("upstream_error");
-    assert_eq!(owner.append(sid, &end, Some(1)).await.unwrap(), Ok(1));
+    assert_eq!(owner.append(sid, &end, Some(1)).await.unwrap(), 1);
     // Its reply was lost; the retry is the same append.
-    assert_eq!(owner.append(sid, &end, Some(1)).await.unwrap(), Ok(1));
+    assert_eq!(owner.append(sid, &end, Some(1)).await.unwrap(), 1);
     assert!(!owner.claim_end(sid).await.unwrap(), "ended");
 }
 
@@ -119,11 +111,7 @@ async fn an_owner_that_died_holding_its_claim_is_reaped() {
     let m = meta();
     owner.create_job(&m).await.unwrap();
     let sid = m.stream_id.as_str();
-    owner
-        .append(sid, &created(&m, "q"), Some(0))
-        .await
-        .unwrap()
-        .unwrap();
+    owner.append(sid, &created(&m, "q"), Some(0)).await.unwrap();
     assert!(owner.claim_end(sid).await.unwrap());
     owner.close();
     // Once its lease lapsed (and the reaper has been healthy for a lease TTL).
@@ -140,7 +128,7 @@ async fn an_owner_that_died_holding_its_claim_is_reaped() {
             .append(sid, &error_end("replica_lost"), Some(1))
             .await
             .unwrap(),
-        Ok(1)
+        1
     );
 }
 
@@ -160,7 +148,6 @@ async fn a_reapers_claim_is_retried_by_it_and_taken_over_when_stale_or_dead() {
         dead.create_job(m).await.unwrap();
         dead.append(&m.stream_id, &created(m, "q"), Some(0))
             .await
-            .unwrap()
             .unwrap();
     }
     dead.close();
@@ -210,18 +197,19 @@ async fn a_reapers_claim_is_retried_by_it_and_taken_over_when_stale_or_dead() {
         c.claim_orphan(&m1.stream_id).await.unwrap(),
         "a stale claim is taken over"
     );
-    assert_eq!(
-        b.append(&m1.stream_id, &error_end("replica_lost"), Some(1))
-            .await
-            .unwrap(),
-        Err(AppendError::Ended),
+    assert!(
+        matches!(
+            b.append(&m1.stream_id, &error_end("replica_lost"), Some(1))
+                .await,
+            Err(StoreError::Append(AppendError::Ended))
+        ),
         "the first reaper is shut out"
     );
     assert_eq!(
         c.append(&m1.stream_id, &error_end("replica_lost"), Some(1))
             .await
             .unwrap(),
-        Ok(1)
+        1
     );
     // m2: b dies holding its claim.
     b.close();
@@ -289,7 +277,10 @@ async fn a_job_creation_that_fails_half_way_undoes_every_step() {
         .await
         .unwrap();
     let m = meta();
-    assert!(matches!(s.create_job(&m).await, Err(EngineError::Store(_))));
+    assert!(matches!(
+        s.create_job(&m).await,
+        Err(StoreError::Unavailable { .. })
+    ));
     check_clean(m.clone()).await;
     let _: () = redis::cmd("DEL")
         .arg(&running)
@@ -313,7 +304,10 @@ async fn a_job_creation_that_fails_half_way_undoes_every_step() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert!(matches!(s.create_job(&m).await, Err(EngineError::Store(_))));
+    assert!(matches!(
+        s.create_job(&m).await,
+        Err(StoreError::Unavailable { .. })
+    ));
     check_clean(m.clone()).await;
     let in_running: bool = redis::cmd("SISMEMBER")
         .arg(&running)

@@ -29,7 +29,7 @@ use genstream_engine::manager::{JobManager, ManagerConfig};
 use genstream_engine::persist::{
     Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
 };
-use genstream_engine::store::{JobMeta, JobStore};
+use genstream_engine::store::{EventLogStore, JobCoordination, JobMeta, JobStore};
 use genstream_engine::usage::{UsageRecord, count_tokens};
 use genstream_redis::RedisStore;
 
@@ -164,7 +164,6 @@ impl Setup {
             self.dead
                 .append(&m.stream_id, &e, Some(seq as u64))
                 .await
-                .unwrap()
                 .unwrap();
         }
         m

@@ -46,9 +46,9 @@ pub fn new_api_key(user_id: &str, name: Option<&str>, now: &str) -> Result<NewAp
     use rand::TryRngCore;
     let mut bytes = [0u8; API_KEY_BYTES];
     rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|e| {
-        ApiError::Engine(EngineError::Internal(format!(
-            "no randomness for an API key: {e}"
-        )))
+        ApiError::Engine(EngineError::Internal(
+            format!("no randomness for an API key: {e}").into(),
+        ))
     })?;
     let key = format!("{API_KEY_PREFIX}{}", hex(&bytes));
     let row = ApiKey {

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use genstream_engine::EngineError;
+use genstream_engine::event::sse_frame;
 use genstream_engine::log::EventLog;
 use serde::Deserialize;
 use serde_json::json;
@@ -61,17 +62,27 @@ pub async fn stream(
         // The snapshot carries the seq it folds, so replaying from there cannot
         // duplicate or skip anything (LESSONS: LibreChat #12225).
         let (seq, resume_state) = log.snapshot();
-        let first = seq.map(|n| {
-            let data = json!({"sync": true, "seq": n, "resumeState": resume_state});
-            Bytes::from(format!("id: {n}\nevent: sync\ndata: {data}\n\n"))
-        });
+        let first = match seq {
+            Some(n) => {
+                let data = json!({"sync": true, "seq": n, "resumeState": resume_state});
+                let frame = sse_frame(n, "sync", &data)
+                    .map_err(|e| EngineError::internal("encoding the sync frame", e))?;
+                Some(frame)
+            }
+            None => None,
+        };
         (seq, first)
     } else {
         if let Some(c) = cursor {
             let mut head = log.head();
             if head.is_none_or(|h| c > h) {
                 // This replica's mirror may lag the replica the client read from.
-                state.manager.store().sync_log(&stream_id).await?;
+                state
+                    .manager
+                    .store()
+                    .sync_log(&stream_id)
+                    .await
+                    .map_err(EngineError::from)?;
                 head = log.head();
             }
             if head.is_none_or(|h| c > h) {

@@ -168,7 +168,7 @@ async fn wait_until_refill_is_due(s: &Server, user: &str, interval: Duration) {
 /// owner that then stops renewing its lease, and the wait ends when a reaper ended it
 /// (a job without a `created` event: its log is ended, nothing is saved or charged).
 async fn wait_until_leases_are_judged(prefix: &KeyPrefix) {
-    use genstream_engine::store::JobStore;
+    use genstream_engine::store::EventLogStore;
     let mut rc = genstream_redis::RedisConfig::new(&redis_url());
     rc.key_prefix = prefix.name().to_owned();
     rc.lease_ttl = Duration::from_millis(100);
@@ -722,7 +722,7 @@ async fn concurrency_limit_holds_across_three_replicas_and_slots_come_back() {
     rc.lease_ttl = Duration::from_millis(300);
     rc.max_running_per_user = Some(2);
     let dead = genstream_redis::RedisStore::connect(rc).await.unwrap();
-    use genstream_engine::store::JobStore;
+    use genstream_engine::store::EventLogStore;
     let lost = genstream_engine::suite::meta("eve", &genstream_engine::new_id());
     dead.create_job(&lost).await.unwrap();
     let (st, _, _) = post(

@@ -9,6 +9,7 @@
 //! while the macro's expansion is ordinary code for one concrete pool.
 
 use genstream_engine::EngineError;
+use genstream_engine::error::Caused;
 
 pub(crate) const UPSERT_CONVERSATION: &str = "\
 INSERT INTO conversations (conversation_id, user_id, title, created_at, updated_at)
@@ -229,23 +230,30 @@ pub(crate) fn ledger_ints(
     line: &genstream_engine::ledger::Line,
 ) -> Result<(i64, i32), EngineError> {
     let tokens = i64::try_from(line.tokens).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: {} tokens do not fit the ledger",
-            line.tokens
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: {} tokens do not fit the ledger",
+                line.tokens
+            )
+            .into(),
+        )
     })?;
     let call_index = i32::try_from(line.call_index).map_err(|_| {
-        EngineError::Internal(format!(
-            "stream {stream_id}: call index {} does not fit the ledger",
-            line.call_index
-        ))
+        EngineError::Internal(
+            format!(
+                "stream {stream_id}: call index {} does not fit the ledger",
+                line.call_index
+            )
+            .into(),
+        )
     })?;
     Ok((tokens, call_index))
 }
 
 /// Maps a database failure during `what` ("saving message m1") to the engine's error.
 pub(crate) fn db_error(what: &str, err: sqlx::Error) -> EngineError {
-    EngineError::Persistence(format!("{what}: {}", describe(&err)))
+    let message = format!("{what}: {}", describe(&err));
+    EngineError::Persistence(Box::new(Caused::with_message(message, err)))
 }
 
 /// sqlx's message for `err`, shortened where sqlx adds only noise.
@@ -263,9 +271,10 @@ pub(crate) fn parse_content(
     json: &str,
 ) -> Result<Vec<genstream_engine::event::ContentPart>, EngineError> {
     serde_json::from_str(json).map_err(|e| {
-        EngineError::Persistence(format!(
-            "message {message_id}: stored content is not a valid content array: {e}"
-        ))
+        EngineError::persistence(
+            format!("message {message_id}: stored content is not a valid content array"),
+            e,
+        )
     })
 }
 
@@ -274,10 +283,13 @@ pub(crate) fn content_json(
     message: &genstream_engine::event::Message,
 ) -> Result<String, EngineError> {
     serde_json::to_string(&message.content).map_err(|e| {
-        EngineError::Internal(format!(
-            "message {}: content cannot be serialized: {e}",
-            message.message_id
-        ))
+        EngineError::internal(
+            format!(
+                "message {}: content cannot be serialized",
+                message.message_id
+            ),
+            e,
+        )
     })
 }
 
@@ -299,7 +311,7 @@ macro_rules! impl_persistence {
                 use sqlx::Row as _;
                 let overflow = || {
                     $crate::imp::TxError::Engine(genstream_engine::EngineError::Persistence(
-                        format!("spending on stream {}: amount out of range", req.stream_id),
+                        format!("spending on stream {}: amount out of range", req.stream_id).into(),
                     ))
                 };
                 let mut tx = self.pool.begin_with($begin).await?;
@@ -586,10 +598,9 @@ macro_rules! impl_persistence {
                         .try_get("value")
                         .map_err(|e| $crate::imp::db_error(&what(), e)),
                     // Only if someone deleted it between our two statements.
-                    None => Err(genstream_engine::EngineError::Persistence(format!(
-                        "{}: the row vanished after being written",
-                        what()
-                    ))),
+                    None => Err(genstream_engine::EngineError::Persistence(
+                        format!("{}: the row vanished after being written", what()).into(),
+                    )),
                 }
             }
 
@@ -673,10 +684,9 @@ macro_rules! impl_persistence {
                 genstream_engine::persist::Persistence::balance(self, user_id)
                     .await?
                     .ok_or_else(|| {
-                        genstream_engine::EngineError::Persistence(format!(
-                            "{}: the row vanished after being written",
-                            what()
-                        ))
+                        genstream_engine::EngineError::Persistence(
+                            format!("{}: the row vanished after being written", what()).into(),
+                        )
                     })
             }
 
@@ -690,10 +700,9 @@ macro_rules! impl_persistence {
                 use sqlx::Row as _;
                 let what = || format!("adding credits to {user_id}");
                 let first = start_micro.checked_add(micro).ok_or_else(|| {
-                    genstream_engine::EngineError::Persistence(format!(
-                        "{}: the start balance plus the grant overflows",
-                        what()
-                    ))
+                    genstream_engine::EngineError::Persistence(
+                        format!("{}: the start balance plus the grant overflows", what()).into(),
+                    )
                 })?;
                 let row = sqlx::query($crate::imp::ADD_CREDITS)
                     .bind(user_id)

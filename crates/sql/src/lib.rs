@@ -109,10 +109,13 @@ pub async fn connect_with_schema(
     pool: PoolOptions,
 ) -> Result<Arc<dyn Persistence>, EngineError> {
     match Backend::of(url)? {
-        Backend::Sqlite => Err(EngineError::Persistence(format!(
-            "a schema ({schema}) can only be chosen for PostgreSQL, not for {}",
-            redact_url(url)
-        ))),
+        Backend::Sqlite => Err(EngineError::Persistence(
+            format!(
+                "a schema ({schema}) can only be chosen for PostgreSQL, not for {}",
+                redact_url(url)
+            )
+            .into(),
+        )),
         Backend::Postgres => Ok(Arc::new(
             PostgresPersistence::connect(url, Some(schema), &pool).await?,
         )),
@@ -134,7 +137,7 @@ impl Backend {
             _ => Err(EngineError::Persistence(format!(
                 "unsupported database URL {} (expected sqlite://PATH, sqlite::memory: or postgres://…)",
                 redact_url(url)
-            ))),
+            ).into())),
         }
     }
 }

@@ -41,7 +41,7 @@ impl PostgresPersistence {
         pool: &PoolOptions,
     ) -> Result<Self, EngineError> {
         let fail = |what: &str, cause: String| {
-            EngineError::Persistence(format!("{what} {}: {cause}", redact_url(url)))
+            EngineError::Persistence(format!("{what} {}: {cause}", redact_url(url)).into())
         };
         let mut options = PgConnectOptions::from_str(url)
             .map_err(|e| fail("invalid PostgreSQL URL", describe(&e)))?;
@@ -109,10 +109,13 @@ fn check_schema_name(schema: &str) -> Result<(), EngineError> {
     if valid {
         Ok(())
     } else {
-        Err(EngineError::Persistence(format!(
-            "invalid schema name {schema:?}: use lowercase letters, digits and _ \
+        Err(EngineError::Persistence(
+            format!(
+                "invalid schema name {schema:?}: use lowercase letters, digits and _ \
              (at most 63, not starting with a digit)"
-        )))
+            )
+            .into(),
+        ))
     }
 }
 

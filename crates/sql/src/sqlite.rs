@@ -34,7 +34,7 @@ impl SqlitePersistence {
     /// Errors: [`EngineError::Persistence`] naming the database and the cause.
     pub async fn connect(url: &str, pool: &PoolOptions) -> Result<Self, EngineError> {
         let fail = |what: &str, cause: String| {
-            EngineError::Persistence(format!("{what} {}: {cause}", redact_url(url)))
+            EngineError::Persistence(format!("{what} {}: {cause}", redact_url(url)).into())
         };
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| fail("invalid SQLite URL", describe(&e)))?

@@ -387,7 +387,8 @@ pub async fn concurrent_secret_init_agrees(db: Db) -> Result<(), EngineError> {
     }
     let mut seen = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
-        let value = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        let value =
+            joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??;
         seen.insert(value);
     }
     assert_eq!(seen.len(), 1, "callers disagree: {seen:?}");
@@ -478,7 +479,8 @@ async fn spend_concurrently(
     }
     let mut outcomes = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        outcomes.push(joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??);
+        outcomes
+            .push(joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??);
     }
     Ok(outcomes)
 }
@@ -758,7 +760,7 @@ pub async fn ensure_balance_is_idempotent(db: Db) -> Result<(), EngineError> {
     }
     let mut seen = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
-        let b = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        let b = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??;
         seen.insert(b.balance_micro);
     }
     assert_eq!(seen.len(), 1, "callers disagree: {seen:?}");
@@ -800,7 +802,9 @@ pub async fn add_credits_creates_and_adds(db: Db) -> Result<(), EngineError> {
     }
     let mut results = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
-        results.insert(joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??);
+        results.insert(
+            joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??,
+        );
     }
     // Each grant saw a different balance, the last one all ten.
     assert_eq!(results, (1..=10).map(|n| 10 + 7 * n).collect());
@@ -855,7 +859,8 @@ pub async fn refill_if_due_refills_once(db: Db) -> Result<(), EngineError> {
         tasks.spawn(async move { db.refill_if_due("alice", 50, T0, DAY1).await });
     }
     while let Some(joined) = tasks.join_next().await {
-        let after = joined.map_err(|e| EngineError::Internal(format!("task failed: {e}")))??;
+        let after =
+            joined.map_err(|e| EngineError::Internal(format!("task failed: {e}").into()))??;
         assert_eq!(after, Some(150));
     }
     assert_eq!(
@@ -1145,7 +1150,7 @@ pub async fn concurrent_uses_of_a_key_all_authenticate(db: Db) -> Result<(), Eng
     for t in tasks {
         let user = t
             .await
-            .map_err(|e| EngineError::Internal(e.to_string()))??;
+            .map_err(|e| EngineError::Internal(e.to_string().into()))??;
         assert_eq!(user.as_deref(), Some("alice"));
     }
     // Stamps only move forward, so racing uses leave the latest minute.

@@ -116,10 +116,11 @@ impl JobManager {
             if let Some(record) = self.estimate_cut_off_call(&meta, &log).await? {
                 match store
                     .append(sid, &EventBody::Usage(record), Some(log.len()))
-                    .await?
+                    .await
                 {
                     Ok(_) => store.sync_log(sid).await?,
-                    Err(_) => return Ok(false),
+                    Err(StoreError::Append(_)) => return Ok(false),
+                    Err(e) => return Err(e.into()),
                 }
             }
             let model = self.inner.models.iter().find(|m| m.name == meta.model);
@@ -159,12 +160,13 @@ impl JobManager {
             message,
             response_message,
         });
-        match store.append(sid, &end, Some(log.len())).await? {
+        match store.append(sid, &end, Some(log.len())).await {
             Ok(_) => {
                 tracing::warn!(stream_id = %sid, code, "ended an orphaned job");
                 Ok(true)
             }
-            Err(_) => Ok(false),
+            Err(StoreError::Append(_)) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 

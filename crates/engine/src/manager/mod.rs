@@ -30,7 +30,7 @@ use crate::event::{
 use crate::log::{AppendError, EventLog};
 use crate::persist::{Conversation, Persistence, SpendContext};
 use crate::provider::{ChatMessage, ModelRequest, Provider, ProviderError, ProviderEvent, Role};
-use crate::store::{JobMeta, JobStatus, JobStore};
+use crate::store::{JobMeta, JobStatus, JobStore, StoreError};
 use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
 
@@ -72,7 +72,7 @@ pub struct ManagerConfig {
 }
 
 /// Message rate limits: at most the limit in any `period` (a sliding window, see
-/// [`JobStore::rate_limit`]), shared by all replicas through the job store. Off by
+/// [`RateLimitStore::rate_limit`](crate::store::RateLimitStore::rate_limit)), shared by all replicas through the job store. Off by
 /// default in the engine; the server's `[limits]` defaults to 40 per minute per user
 /// and per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -470,7 +470,7 @@ impl JobManager {
         }
         if let Err(e) = inner.store.create_job(&meta).await {
             inner.live.lock().remove(&stream_id);
-            return Err(e);
+            return Err(e.into());
         }
 
         let title = match &existing {
@@ -514,13 +514,14 @@ impl JobManager {
             protocol_options: req.protocol_options.clone(),
         });
         let appended = match saved {
-            Ok(()) => inner.store.append(&stream_id, &created, Some(0)).await,
+            Ok(()) => match inner.store.append(&stream_id, &created, Some(0)).await {
+                Ok(_) => Ok(()),
+                Err(e @ StoreError::Append(_)) => Err(EngineError::internal("append created", e)),
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e),
         };
-        if let Err(e) = appended.and_then(|r| {
-            r.map(|_| ())
-                .map_err(|e| EngineError::Internal(format!("append created: {e}")))
-        }) {
+        if let Err(e) = appended {
             // Leave no job stuck `running`: end the log so the conversation is free.
             let _ = inner
                 .store
@@ -654,7 +655,7 @@ impl JobManager {
 
     /// The caller's running jobs.
     pub async fn active(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
-        self.inner.store.running_jobs(user_id).await
+        Ok(self.inner.store.running_jobs(user_id).await?)
     }
 
     /// The conversation's latest job and its snapshot, if one is still in the store.
@@ -723,10 +724,13 @@ impl JobManager {
             })
             .await;
             if waited.is_err() {
-                return Err(EngineError::Internal(format!(
-                    "job {stream_id} did not stop within {:?}",
-                    self.inner.config.abort_wait
-                )));
+                return Err(EngineError::Internal(
+                    format!(
+                        "job {stream_id} did not stop within {:?}",
+                        self.inner.config.abort_wait
+                    )
+                    .into(),
+                ));
             }
         }
         match log.terminal_event().map(|e| e.body) {
@@ -736,7 +740,9 @@ impl JobManager {
                 usage: f.usage,
             }),
             Some(_) => Err(EngineError::JobFinished(stream_id.to_string())),
-            None => Err(EngineError::Internal(format!("job {stream_id} has no end"))),
+            None => Err(EngineError::Internal(
+                format!("job {stream_id} has no end").into(),
+            )),
         }
     }
 }

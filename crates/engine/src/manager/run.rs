@@ -169,14 +169,14 @@ impl JobRun {
     /// Appends through the store, riding out a store outage of up to
     /// `store_outage_grace` with backoff. The expected seq makes a retry whose first try
     /// did land a no-op, so an outage never duplicates an event.
-    async fn append(&self, body: &EventBody) -> Result<Result<u64, AppendError>, EngineError> {
+    async fn append(&self, body: &EventBody) -> Result<u64, StoreError> {
         use backon::Retryable;
         let expected = self.aggregate.last_seq().map_or(0, |s| s + 1);
         let store = &self.manager.inner.store;
         (|| store.append(&self.meta.stream_id, body, Some(expected)))
             .retry(outage_backoff(self.manager.inner.config.store_outage_grace))
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, EngineError::Store(_)))
+            .when(StoreError::is_unavailable)
             .notify(|e, wait| {
                 tracing::warn!(stream_id = %self.meta.stream_id, error = %e, ?wait, "append failed; retrying");
             })
@@ -185,13 +185,13 @@ impl JobRun {
 
     async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
         match self.append(&body).await {
-            Ok(Ok(seq)) => {
+            Ok(seq) => {
                 self.aggregate.apply(seq, &body);
                 *self.last_progress.lock() = Instant::now();
                 Ok(())
             }
-            Ok(Err(AppendError::Full)) => Err(Outcome::LogFull),
-            Ok(Err(AppendError::Ended)) => Err(Outcome::Ended),
+            Err(StoreError::Append(AppendError::Full)) => Err(Outcome::LogFull),
+            Err(StoreError::Append(AppendError::Ended)) => Err(Outcome::Ended),
             Err(e) => Err(Outcome::Internal(e.to_string())),
         }
     }
@@ -815,25 +815,25 @@ impl JobRun {
             Outcome::Internal(m) => self.error_end("internal", m).await?,
         };
         match self.append(&terminal).await {
-            Ok(Ok(_)) | Ok(Err(AppendError::Ended)) => Ok(()),
-            Ok(Err(AppendError::Full)) => Err(EngineError::Internal(
+            Ok(_) | Err(StoreError::Append(AppendError::Ended)) => Ok(()),
+            Err(StoreError::Append(AppendError::Full)) => Err(EngineError::Internal(
                 "terminal event refused as full".into(),
             )),
             // The store lost the job (Redis restarted without its data): the answer is
             // saved, and no log is left to end.
-            Err(EngineError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
+            Err(StoreError::UnknownJob(_)) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// [`JobStore::claim_end`], riding out a store outage like [`JobRun::append`].
-    async fn claim_end(&self) -> Result<bool, EngineError> {
+    /// [`JobCoordination::claim_end`](crate::store::JobCoordination::claim_end), riding out a store outage like [`JobRun::append`].
+    async fn claim_end(&self) -> Result<bool, StoreError> {
         use backon::Retryable;
         let store = &self.manager.inner.store;
         (|| store.claim_end(&self.meta.stream_id))
             .retry(outage_backoff(self.manager.inner.config.store_outage_grace))
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, EngineError::Store(_)))
+            .when(StoreError::is_unavailable)
             .notify(|e, wait| {
                 tracing::warn!(stream_id = %self.meta.stream_id, error = %e, ?wait, "end claim failed; retrying");
             })

@@ -307,7 +307,12 @@ pub(super) async fn retrieve(
         let mut len = produced()?;
         if n >= len {
             // This replica's mirror may lag the one the client read from.
-            state.manager.store().sync_log(&meta.stream_id).await?;
+            state
+                .manager
+                .store()
+                .sync_log(&meta.stream_id)
+                .await
+                .map_err(EngineError::from)?;
             len = produced()?;
         }
         if n >= len {

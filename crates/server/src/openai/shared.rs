@@ -94,10 +94,10 @@ pub(crate) fn advance<P: Projector>(
             return Ok(());
         };
         let event: Event = serde_json::from_slice(frame.data_json())
-            .map_err(|e| EngineError::Internal(format!("event {seq}: {e}")))?;
+            .map_err(|e| EngineError::internal(format!("decoding event {seq}"), e))?;
         projected
             .push(event.seq, &event.body)
-            .map_err(|e| EngineError::Internal(format!("projection: {e}")))?;
+            .map_err(|e| EngineError::internal("projecting the log", e))?;
     }
 }
 

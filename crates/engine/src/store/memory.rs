@@ -1,10 +1,4 @@
-//! The job store: job metadata and event logs, behind a trait with an in-memory
-//! implementation here and a Redis one in `genstream-redis` (issue 2/4).
-//!
-//! The store is where the rules that must hold across replicas are made atomic:
-//! at most one running job per conversation ([`JobStore::create_job`]), exactly one
-//! terminal event per log ([`JobStore::append`]), and the job's status following its
-//! terminal event in the same step.
+//! [`MemoryStore`]: the job store of a single process, every log in its memory.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -12,177 +6,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
-use crate::EngineError;
-use crate::aggregate::TerminalKind;
+use super::{
+    AbortHandler, EventLogStore, JobCoordination, JobMeta, JobStatus, Orphan, OrphanReason,
+    RateLimitStore, StoreError,
+};
 use crate::event::EventBody;
-use crate::log::{AppendError, EventLog, LogLimits};
-
-/// Lifecycle of a job (SPEC §5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobStatus {
-    Running,
-    Complete,
-    Aborted,
-    Error,
-}
-
-impl From<TerminalKind> for JobStatus {
-    fn from(k: TerminalKind) -> Self {
-        match k {
-            TerminalKind::Complete => JobStatus::Complete,
-            TerminalKind::Aborted => JobStatus::Aborted,
-            TerminalKind::Error => JobStatus::Error,
-        }
-    }
-}
-
-/// A job's metadata.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobMeta {
-    pub stream_id: String,
-    pub user_id: String,
-    pub conversation_id: String,
-    pub user_message_id: String,
-    pub response_message_id: String,
-    pub model: String,
-    pub status: JobStatus,
-    /// RFC 3339.
-    pub created_at: String,
-}
-
-/// Called with a stream id when another replica asks this one to abort a job.
-pub type AbortHandler = Arc<dyn Fn(&str) + Send + Sync>;
-
-/// Why a running job has nobody generating it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OrphanReason {
-    /// Its owner replica's lease lapsed: the process died or lost the store
-    /// (`replica_lost`).
-    ReplicaLost,
-    /// It is owned by this replica but no task runs it any more, e.g. its task gave up
-    /// during a store outage (`store_unavailable`).
-    Abandoned,
-}
-
-/// A running job that nobody generates; the reaper ends it.
-#[derive(Clone, Debug)]
-pub struct Orphan {
-    pub meta: JobMeta,
-    pub reason: OrphanReason,
-}
-
-/// Storage of job metadata and event logs.
-///
-/// Errors: [`EngineError::Store`] when the backing service fails.
-#[async_trait]
-pub trait JobStore: Send + Sync + 'static {
-    /// Registers a new running job with an empty log.
-    ///
-    /// Errors: [`EngineError::ConversationBusy`] if the conversation already has a
-    /// running job; [`EngineError::TooManyConcurrent`] if the user already runs the
-    /// store's per-user maximum (see the stores' constructors). Each check and its
-    /// insert are one atomic step, across replicas too (LibreChat #11840).
-    async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError>;
-
-    /// The job's metadata, `None` if unknown or past retention.
-    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError>;
-
-    /// The conversation's most recent job still in the store.
-    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError>;
-
-    /// The user's running jobs, oldest first.
-    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError>;
-
-    /// Appends an event with the next seq and returns that seq. A terminal event also
-    /// sets the job's status and frees its conversation, in the same atomic step.
-    ///
-    /// `expected_seq` is the seq the caller believes comes next (the job's owner knows
-    /// it); if the log is already past it, an earlier try of this very append landed
-    /// (its reply was lost) and the call returns that seq without appending again.
-    ///
-    /// Errors: `Ok(Err(AppendError::Ended))` once the log has its terminal event,
-    /// `Ok(Err(AppendError::Full))` past the cap; `Err` when the store fails.
-    async fn append(
-        &self,
-        stream_id: &str,
-        body: &EventBody,
-        expected_seq: Option<u64>,
-    ) -> Result<Result<u64, AppendError>, EngineError>;
-
-    /// The log that this replica's subscribers read (the log itself in memory, a
-    /// local mirror in Redis mode); `None` if the job is unknown or expired.
-    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError>;
-
-    /// Drops finished jobs whose terminal event is older than `retention`; returns how
-    /// many went.
-    async fn remove_expired(&self, retention: Duration) -> Result<usize, EngineError>;
-
-    /// Succeeds when the store answers (for `/readyz`).
-    async fn ping(&self) -> Result<(), EngineError>;
-
-    /// Asks the job's owner, wherever it runs, to abort it: the owner's store calls its
-    /// abort handler (see [`JobStore::set_abort_handler`]) with the stream id, even if
-    /// a message between the replicas is lost on the way. Nothing happens for a job
-    /// that ended. The default does nothing (one replica, whose manager aborts locally).
-    async fn request_abort(&self, _stream_id: &str) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    /// Claims an orphan's end for this replica's reaper, so that exactly one reaper
-    /// saves its partial answer and ends it (one writer per message), and a falsely
-    /// presumed dead owner appends nothing more. A reaper may retry its own claim (an
-    /// earlier try failed half-way); a claim whose holder's lease lapsed, or a reaper's
-    /// claim older than a lease TTL, may be taken over. False if the job ended, is
-    /// unknown, or someone else holds the claim.
-    async fn claim_orphan(&self, _stream_id: &str) -> Result<bool, EngineError> {
-        Ok(true)
-    }
-
-    /// The owner's side of the same end claim: taken by a job's own task before it
-    /// saves its response message, so that the owner and the reapers agree on who
-    /// writes it (one writer per message). True if the caller is to end the job: it
-    /// holds the claim now (a retry holds it again), or the store no longer knows the
-    /// job (it lost it, so nobody else can end it). False if the job ended or a reaper
-    /// holds the claim; the caller then saves and appends nothing.
-    async fn claim_end(&self, _stream_id: &str) -> Result<bool, EngineError> {
-        Ok(true)
-    }
-
-    /// Counts one hit on `key` against a sliding-window limit: at most `limit` hits in
-    /// any `period` (the window is `(now − period, now]`). `Ok(None)` if the hit is
-    /// allowed, and then it counts; else `Ok(Some(wait))`, the time until the oldest hit
-    /// in the window leaves it. A refused hit is not counted, so a client that waits
-    /// `wait` passes. `limit` 0 is no limit. Shared by all replicas when the store is
-    /// shared; the Redis store judges time by Redis's clock, so clock skew between
-    /// replicas does not matter.
-    ///
-    /// Errors: [`EngineError::Store`] when the backing service fails.
-    async fn rate_limit(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-    ) -> Result<Option<Duration>, EngineError>;
-
-    /// Brings this replica's copy of the log up to the store's head. A mirror may lag
-    /// the owner by a publish, so a cursor a client got from a faster replica can be
-    /// past its head; the stream route calls this before it calls such a cursor out of
-    /// range. The memory store's log is the log itself, so its default does nothing.
-    async fn sync_log(&self, _stream_id: &str) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    /// Registers what to call when another replica asks for an abort.
-    fn set_abort_handler(&self, _handler: AbortHandler) {}
-
-    /// Running jobs that nobody generates: owned by a replica whose lease lapsed, or
-    /// owned by this replica but not in `live` (the ids of the jobs its tasks run).
-    async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError>;
-}
+use crate::log::{EventLog, LogLimits};
 
 /// The single-process job store: every log lives in this process's memory.
 pub struct MemoryStore {
@@ -254,8 +84,8 @@ fn current(meta: &JobMeta, log: &EventLog) -> JobMeta {
 }
 
 #[async_trait]
-impl JobStore for MemoryStore {
-    async fn create_job(&self, meta: &JobMeta) -> Result<(), EngineError> {
+impl EventLogStore for MemoryStore {
+    async fn create_job(&self, meta: &JobMeta) -> Result<(), StoreError> {
         let mut g = self.inner.lock();
         if let Some(max) = self.max_running_per_user {
             let running = g
@@ -264,7 +94,7 @@ impl JobStore for MemoryStore {
                 .filter(|(m, l)| m.user_id == meta.user_id && l.terminal().is_none())
                 .count();
             if running >= max {
-                return Err(EngineError::TooManyConcurrent(max));
+                return Err(StoreError::TooManyConcurrent(max));
             }
         }
         if let Some(prev) = g.latest.get(&meta.conversation_id)
@@ -272,7 +102,7 @@ impl JobStore for MemoryStore {
                 .get(prev)
                 .is_some_and(|(_, l)| l.terminal().is_none())
         {
-            return Err(EngineError::ConversationBusy(meta.conversation_id.clone()));
+            return Err(StoreError::ConversationBusy(meta.conversation_id.clone()));
         }
         g.latest
             .insert(meta.conversation_id.clone(), meta.stream_id.clone());
@@ -283,7 +113,7 @@ impl JobStore for MemoryStore {
         Ok(())
     }
 
-    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, EngineError> {
+    async fn get_job(&self, stream_id: &str) -> Result<Option<JobMeta>, StoreError> {
         Ok(self
             .inner
             .lock()
@@ -292,7 +122,7 @@ impl JobStore for MemoryStore {
             .map(|(m, l)| current(m, l)))
     }
 
-    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, EngineError> {
+    async fn latest_job(&self, conversation_id: &str) -> Result<Option<JobMeta>, StoreError> {
         let g = self.inner.lock();
         Ok(g.latest
             .get(conversation_id)
@@ -300,7 +130,7 @@ impl JobStore for MemoryStore {
             .map(|(m, l)| current(m, l)))
     }
 
-    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
+    async fn running_jobs(&self, user_id: &str) -> Result<Vec<JobMeta>, StoreError> {
         let g = self.inner.lock();
         let mut v: Vec<JobMeta> = g
             .jobs
@@ -317,23 +147,23 @@ impl JobStore for MemoryStore {
         stream_id: &str,
         body: &EventBody,
         expected_seq: Option<u64>,
-    ) -> Result<Result<u64, AppendError>, EngineError> {
+    ) -> Result<u64, StoreError> {
         let log = {
             let g = self.inner.lock();
             match g.jobs.get(stream_id) {
                 Some((_, log)) => log.clone(),
-                None => return Err(EngineError::NotFound(format!("job {stream_id}"))),
+                None => return Err(StoreError::UnknownJob(stream_id.to_string())),
             }
         };
         if let Some(seq) = expected_seq.filter(|s| log.len() > *s) {
-            return Ok(Ok(seq)); // one process: cannot happen, but keep the contract
+            return Ok(seq); // one process: cannot happen, but keep the contract
         }
         // The status follows from the log itself, so it changes in the same step as the
         // terminal event lands (before any subscriber is woken).
-        Ok(log.append(body).map(|f| f.seq))
+        Ok(log.append(body)?.seq)
     }
 
-    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, EngineError> {
+    async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
         Ok(self
             .inner
             .lock()
@@ -342,7 +172,7 @@ impl JobStore for MemoryStore {
             .map(|(_, l)| l.clone()))
     }
 
-    async fn remove_expired(&self, retention: Duration) -> Result<usize, EngineError> {
+    async fn remove_expired(&self, retention: Duration) -> Result<usize, StoreError> {
         let mut g = self.inner.lock();
         let before = g.jobs.len();
         g.jobs
@@ -352,10 +182,17 @@ impl JobStore for MemoryStore {
         Ok(before - g.jobs.len())
     }
 
-    async fn ping(&self) -> Result<(), EngineError> {
+    async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
 
+    async fn sync_log(&self, _stream_id: &str) -> Result<(), StoreError> {
+        Ok(()) // the log is the log itself: nothing to catch up
+    }
+}
+
+#[async_trait]
+impl RateLimitStore for MemoryStore {
     /// The same sliding-window log as the Redis store's, on tokio's clock (so tests
     /// can pause it).
     async fn rate_limit(
@@ -363,7 +200,7 @@ impl JobStore for MemoryStore {
         key: &str,
         limit: u32,
         period: Duration,
-    ) -> Result<Option<Duration>, EngineError> {
+    ) -> Result<Option<Duration>, StoreError> {
         if limit == 0 || period.is_zero() {
             return Ok(None);
         }
@@ -384,19 +221,22 @@ impl JobStore for MemoryStore {
         }
         Ok(hits.front().map(|oldest| *oldest + period - now))
     }
+}
 
+#[async_trait]
+impl JobCoordination for MemoryStore {
     // One process, one reaper and at most one task per job: the end claims need no
     // holder, only a running job.
-    async fn claim_orphan(&self, stream_id: &str) -> Result<bool, EngineError> {
+    async fn claim_orphan(&self, stream_id: &str) -> Result<bool, StoreError> {
         Ok(self.running_log(stream_id).is_some())
     }
 
-    async fn claim_end(&self, stream_id: &str) -> Result<bool, EngineError> {
+    async fn claim_end(&self, stream_id: &str) -> Result<bool, StoreError> {
         let known = self.inner.lock().jobs.contains_key(stream_id);
         Ok(!known || self.running_log(stream_id).is_some())
     }
 
-    async fn request_abort(&self, stream_id: &str) -> Result<(), EngineError> {
+    async fn request_abort(&self, stream_id: &str) -> Result<(), StoreError> {
         if self.running_log(stream_id).is_some() {
             let handler = self.abort_handler.lock().clone();
             if let Some(h) = handler {
@@ -410,7 +250,7 @@ impl JobStore for MemoryStore {
         *self.abort_handler.lock() = Some(handler);
     }
 
-    async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, EngineError> {
+    async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, StoreError> {
         Ok(self
             .inner
             .lock()

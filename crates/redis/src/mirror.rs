@@ -1,0 +1,328 @@
+//! Mirrors: this replica's local copy ([`EventLog`]) of each job log its subscribers
+//! read, filled strictly by seq from published frames and stream reads, healed every
+//! `heal_interval`, dropped once nobody reads it (see the crate docs, "Fan-out").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use genstream_engine::event::{ErrorEvent, EventBody, Frame};
+use genstream_engine::log::{EventLog, LogLimits};
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
+
+use crate::{RedisStore, StoreError, store_err};
+
+/// Stream entries read per XRANGE when catching a mirror up.
+pub(crate) const RANGE_BATCH: usize = 1000;
+
+/// Frames a mirror buffers while it is being opened; past it the rest are left to the
+/// range read that follows (it reads to the stream's head anyway).
+pub(crate) const PENDING_CAP: usize = 10_000;
+
+pub(crate) struct Mirror {
+    pub(crate) log: Arc<EventLog>,
+    /// Set once the channel is subscribed and the stream read up to its head.
+    pub(crate) ready: OnceCell<()>,
+    /// Frames published while the mirror is being opened (subscribed, stream not read
+    /// yet), merged by seq once the read is done; `None` from then on.
+    pub(crate) pending: Mutex<Option<Vec<Frame>>>,
+}
+
+impl Mirror {
+    pub(crate) fn new() -> Mirror {
+        Mirror {
+            // The append function enforces the caps; a mirror takes whatever the log
+            // holds.
+            log: Arc::new(EventLog::new(LogLimits {
+                max_events: usize::MAX,
+                max_bytes: usize::MAX,
+            })),
+            ready: OnceCell::new(),
+            pending: Mutex::new(Some(Vec::new())),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Puts a published (or just appended) frame into the mirror: buffered while the
+    /// mirror is being opened, else inserted at its seq; a gap makes the replica read
+    /// the missing range, never skip it.
+    pub(crate) fn deliver(&self, sid: &str, m: &Arc<Mirror>, frame: Frame) {
+        {
+            let mut pending = m.pending.lock();
+            if let Some(buf) = pending.as_mut() {
+                if buf.len() < PENDING_CAP {
+                    buf.push(frame);
+                }
+                return;
+            }
+        }
+        // An unreadable frame has ended the mirror already: nothing to catch up.
+        if let Ok(true) = self.insert(sid, m, frame) {
+            self.spawn_catch_up(sid);
+        }
+    }
+
+    /// Inserts `frame` at its seq; `Ok(true)` if it lies past the mirror's head (a gap:
+    /// the caller reads the missing range), `Ok(false)` if it was inserted or is one
+    /// the mirror holds already.
+    ///
+    /// Errors: [`StoreError::Inconsistent`] if this replica cannot read the frame (a
+    /// corrupt entry, or one a newer release wrote). The mirror cannot serve it, nor
+    /// anything after it, so this ends the mirror with `error` `store_unavailable` and
+    /// logs it once, here, rather than leave its subscribers waiting forever.
+    pub(crate) fn insert(&self, sid: &str, m: &Mirror, frame: Frame) -> Result<bool, StoreError> {
+        let seq = frame.seq;
+        match m.log.insert_frame(frame) {
+            Ok(inserted) => Ok(!inserted && seq > m.log.len()),
+            Err(e) => {
+                tracing::error!(stream_id = %sid, seq, error = %e,
+                    "an event of this job's Redis log cannot be read; ending its mirror");
+                self.end_lost_mirror(sid, m, &format!("event {seq} cannot be read"));
+                Err(StoreError::Inconsistent(format!(
+                    "event {seq} of job {sid} cannot be read: {e}"
+                )))
+            }
+        }
+    }
+
+    pub(crate) fn spawn_catch_up(&self, sid: &str) {
+        let this = self.clone();
+        let sid = sid.to_string();
+        tokio::spawn(async move {
+            match this.catch_up(&sid).await {
+                // The healer compares the mirror with Redis again within a second.
+                Err(e) if e.is_unavailable() => {
+                    tracing::warn!(stream_id = %sid, error = %e, "could not catch a mirror up");
+                }
+                // Logged, and the mirror ended, where the frame was read.
+                Err(_) | Ok(()) => {}
+            }
+        });
+    }
+
+    /// Merges the frames buffered while the mirror was opened (by seq; those the range
+    /// read already covered are ignored) and switches the mirror to live delivery.
+    pub(crate) fn settle(&self, sid: &str, m: &Mirror) {
+        let gap = {
+            let mut pending = m.pending.lock();
+            let mut buf = pending.take().unwrap_or_default();
+            buf.sort_by_key(|f| f.seq);
+            let mut gap = false;
+            for f in buf {
+                match self.insert(sid, m, f) {
+                    Ok(g) => gap |= g,
+                    // The mirror ended: nothing after the unreadable frame is served.
+                    Err(_) => return,
+                }
+            }
+            gap
+        };
+        if gap {
+            self.spawn_catch_up(sid);
+        }
+    }
+
+    /// Reads the stream from the mirror's head into the mirror.
+    pub(crate) async fn catch_up(&self, sid: &str) -> Result<(), StoreError> {
+        let Some(m) = self.inner.mirrors.lock().get(sid).cloned() else {
+            return Ok(());
+        };
+        let key = self.key("log", sid);
+        let mut conn = self.conn();
+        loop {
+            let from = m.log.len() + 1;
+            let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("0-{from}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(RANGE_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_err)?;
+            let n = entries.len();
+            for (_, fields) in entries {
+                if let Some(f) = fields
+                    .get("f")
+                    .and_then(|b| Frame::parse(Bytes::from(b.clone())))
+                {
+                    self.insert(sid, &m, f)?;
+                }
+            }
+            if n < RANGE_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Heals mirrors every `heal_interval`; a pass is cut short after
+    /// `timeout + heal_interval`, so one slow pass never stalls the next.
+    pub(crate) async fn heal_loop(self) {
+        let every = self.inner.cfg.heal_interval.max(Duration::from_millis(10));
+        let bound = self.inner.cfg.timeout + every;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if tokio::time::timeout(bound, self.heal_mirrors())
+                .await
+                .is_err()
+            {
+                tracing::warn!("a mirror heal pass took longer than {bound:?}; cut short");
+            }
+        }
+    }
+
+    /// The mirrors held now, each with its stream id: a copy of the map's entries, so
+    /// that nothing awaits under its lock.
+    pub(crate) fn mirror_list(&self) -> Vec<(String, Arc<Mirror>)> {
+        self.inner
+            .mirrors
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// One heal pass: mirrors that fell behind (a lost publish) read the missing
+    /// range, mirrors whose job vanished end, mirrors nobody reads any more go.
+    pub(crate) async fn heal_mirrors(&self) {
+        self.pause_point("heal.pass").await;
+        let mirrors = self.mirror_list();
+        let mut unused = Vec::new();
+        let mut live = Vec::new();
+        for (sid, m) in mirrors {
+            // The map and this loop hold the only references: no subscriber.
+            if Arc::strong_count(&m) <= 2 && Arc::strong_count(&m.log) == 1 {
+                unused.push(sid);
+            } else {
+                live.push((sid, m));
+            }
+        }
+        if let Err(e) = self.resync(live).await {
+            // The next pass, within `heal_interval`, tries again.
+            tracing::warn!(error = %e, "could not compare mirrors with Redis");
+        }
+        if !unused.is_empty() {
+            self.drop_unused(&unused).await;
+        }
+    }
+
+    /// Compares the mirrors with their jobs' hashes (one pipelined round trip) and
+    /// catches up those behind; ends those whose log Redis no longer has.
+    pub(crate) async fn resync(
+        &self,
+        mirrors: Vec<(String, Arc<Mirror>)>,
+    ) -> Result<(), StoreError> {
+        // Each mirror's length before Redis is asked: a mirror only ever holds a prefix
+        // of the log, so Redis answering less than that (read later) means it lost
+        // events, while the mirror growing meanwhile means nothing.
+        let mirrors: Vec<(String, Arc<Mirror>, u64)> = mirrors
+            .into_iter()
+            .filter(|(_, m)| m.ready.get().is_some() && m.log.terminal().is_none())
+            .map(|(sid, m)| {
+                let have = m.log.len();
+                (sid, m, have)
+            })
+            .collect();
+        if mirrors.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (sid, _, _) in &mirrors {
+            pipe.cmd("HMGET")
+                .arg(self.key("job", sid))
+                .arg("len")
+                .arg("ended");
+        }
+        let heads: Vec<(Option<u64>, Option<String>)> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_err)?;
+        for ((sid, m, have), (len, ended)) in mirrors.into_iter().zip(heads) {
+            let ended = ended.as_deref() == Some("1");
+            match len {
+                None => self.end_lost_mirror(&sid, &m, "Redis no longer has this job"),
+                // Redis holds fewer events than we served, or ended where we hold
+                // something else: its log is not the one our subscribers read.
+                Some(l) if l < have || (ended && l == have) => {
+                    self.end_lost_mirror(&sid, &m, "Redis lost part of this job's log")
+                }
+                Some(l) if l > have => self.spawn_catch_up(&sid),
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a mirror whose log Redis lost (a restart without persistence, a failover to
+    /// a node that lagged): its subscribers get a terminal `error` `store_unavailable`
+    /// with the next seq, made here, since no log is left to hold one. The owner saves
+    /// the partial answer when its next append finds the job gone; clients that come
+    /// back get 404 and read the persisted messages.
+    pub(crate) fn end_lost_mirror(&self, sid: &str, m: &Mirror, why: &str) {
+        let body = EventBody::Error(ErrorEvent {
+            code: "store_unavailable".into(),
+            message: format!(
+                "the job store lost this generation's event log ({why}); \
+                 the partial answer is kept in the conversation"
+            ),
+            response_message: None,
+        });
+        let frame = match Frame::encode(m.log.len(), &body) {
+            Ok(f) => f,
+            Err(e) => {
+                // A fixed error event of strings: serde_json cannot refuse it.
+                tracing::error!(stream_id = %sid, error = %e, "could not encode the end of a lost mirror");
+                return;
+            }
+        };
+        if let Ok(true) = m.log.insert_frame(frame) {
+            tracing::warn!(stream_id = %sid, "{why}; ended its subscribers' streams");
+        }
+    }
+
+    /// Drops mirrors nobody reads and unsubscribes their channels. The sink's lock is
+    /// held from before the mirrors leave the map until Redis confirmed the
+    /// unsubscribe: a mirror opened for the same job meanwhile subscribes only after
+    /// that (Redis subscriptions are not counted, so an unsubscribe sent after its
+    /// subscribe would silently cancel it).
+    pub(crate) async fn drop_unused(&self, candidates: &[String]) {
+        let mut sink = self.inner.sink.lock().await;
+        let channels: Vec<String> = {
+            let mut map = self.inner.mirrors.lock();
+            let mut gone = Vec::new();
+            for sid in candidates {
+                let still_unused = map
+                    .get(sid)
+                    .is_some_and(|m| Arc::strong_count(m) == 1 && Arc::strong_count(&m.log) == 1);
+                if still_unused {
+                    map.remove(sid);
+                    gone.push(self.channel(sid));
+                }
+            }
+            gone
+        };
+        self.pause_point("heal.after_remove").await;
+        if let Some(s) = sink.as_mut()
+            && !channels.is_empty()
+        {
+            // Best effort: a subscription left behind only brings frames that
+            // `on_frame` drops (no mirror), and goes with the next reconnect.
+            let unsubscribed =
+                tokio::time::timeout(self.inner.cfg.timeout, s.unsubscribe(&channels)).await;
+            if !matches!(unsubscribed, Ok(Ok(()))) {
+                tracing::debug!(
+                    count = channels.len(),
+                    "could not unsubscribe unused mirrors"
+                );
+            }
+        }
+    }
+}
