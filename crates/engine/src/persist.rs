@@ -175,6 +175,14 @@ pub trait Persistence: Send + Sync + 'static {
     async fn delete_conversation(&self, id: &str) -> Result<bool, EngineError>;
     /// Inserts or replaces the message with this `messageId`.
     async fn save_message(&self, message: &Message) -> Result<(), EngineError>;
+    /// Saves a message into its conversation — inserts or replaces it, and sets the
+    /// conversation's `updated_at` to the message's `created_at` — in one transaction,
+    /// and only if the conversation exists: `Ok(false)`, with nothing written, when it
+    /// does not (it was deleted). This is how the engine saves every message of a
+    /// running job, so that a job can never write into a conversation deleted under it
+    /// (another replica's delete included): the delete and this save serialize on the
+    /// conversation's row.
+    async fn add_message(&self, message: &Message) -> Result<bool, EngineError>;
     /// The message, if it exists.
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError>;
     /// The conversation's messages, oldest first (by `createdAt`, then id).
@@ -421,6 +429,15 @@ impl Persistence for MemoryPersistence {
             .messages
             .insert(m.message_id.clone(), m.clone());
         Ok(())
+    }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        let mut g = self.inner.lock();
+        let Some(c) = g.conversations.get_mut(&m.conversation_id) else {
+            return Ok(false);
+        };
+        c.updated_at.clone_from(&m.created_at);
+        g.messages.insert(m.message_id.clone(), m.clone());
+        Ok(true)
     }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         Ok(self.inner.lock().messages.get(id).cloned())

@@ -108,6 +108,9 @@ impl Persistence for FlakyDb {
     async fn save_message(&self, m: &Message) -> Result<(), EngineError> {
         self.inner.save_message(m).await
     }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        self.inner.add_message(m).await
+    }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         self.inner.get_message(id).await
     }
@@ -379,9 +382,13 @@ async fn estimates_use_the_upstream_models_encoding() {
     for (model, bpe) in [("cut-off", cl100k), ("cut-off-4o", o200k)] {
         let started = m.start(req("ann", model)).await.unwrap();
         let (_, log) = m.job_for("ann", &started.stream_id).await.unwrap();
-        // Wait for all six words, then abort the hanging call.
+        // Wait for all six words (woken by each append), then abort the hanging call.
+        let mut appended = log.watch();
         while log.with_aggregate(|a| a.text()).len() < streamed.len() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::timeout(Duration::from_secs(10), appended.changed())
+                .await
+                .expect("the words within 10 s")
+                .unwrap();
         }
         m.abort("ann", &started.stream_id).await.unwrap();
         let records = usage_records(&log);

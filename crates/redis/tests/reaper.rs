@@ -64,6 +64,13 @@ impl Persistence for FlakyDb {
         }
         self.db.save_message(m).await
     }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        if self.refuse.lock().contains(&m.message_id) {
+            self.saves_refused.store(true, Ordering::SeqCst);
+            return Err(EngineError::Persistence("refused by the test".into()));
+        }
+        self.db.add_message(m).await
+    }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         self.db.get_message(id).await
     }

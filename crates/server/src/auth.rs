@@ -102,7 +102,6 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<String, ApiEr
     }
     let user = state
         .manager
-        .db()
         .authenticate_api_key(&hash_api_key(token), &genstream_engine::now_rfc3339())
         .await?;
     user.ok_or_else(|| ApiError::Unauthorized("unknown or revoked API key".into()))

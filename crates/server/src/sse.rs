@@ -77,12 +77,7 @@ pub async fn stream(
             let mut head = log.head();
             if head.is_none_or(|h| c > h) {
                 // This replica's mirror may lag the replica the client read from.
-                state
-                    .manager
-                    .store()
-                    .sync_log(&stream_id)
-                    .await
-                    .map_err(EngineError::from)?;
+                state.manager.catch_up(&stream_id).await?;
                 head = log.head();
             }
             if head.is_none_or(|h| c > h) {

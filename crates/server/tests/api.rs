@@ -767,3 +767,73 @@ async fn idle_streams_get_keepalive_comments_every_15s() {
         "{pings:?}"
     );
 }
+
+/// `DELETE /api/conversations/{id}` raced against `POST /api/chat` in the same
+/// conversation, 100 times: the delete is 409 `conversation_busy` (the job runs, the
+/// conversation keeps its messages) or the chat is 404 (the conversation is gone,
+/// nothing written). Never both 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_racing_a_chat_is_409_or_the_chat_is_404() {
+    let app = std::sync::Arc::new(test_app(default_models()));
+    let t = token("alice");
+    let (mut refused, mut deleted) = (0, 0);
+    for round in 0..100 {
+        let first = start(&app, "alice", json!({"text": "first", "model": "demo"})).await;
+        let cid = first["conversationId"].as_str().unwrap().to_string();
+        // Let the first turn end, so only the racing chat can be running.
+        let frames = read_stream(
+            &app,
+            &format!("/api/chat/stream/{}", first["streamId"].as_str().unwrap()),
+            "alice",
+        )
+        .await;
+        assert_eq!(frames.last().unwrap().event.as_deref(), Some("final"));
+        let body = json!({"text": "again", "model": "slow", "conversationId": cid}).to_string();
+        let chat = tokio::spawn({
+            let (app, t) = (app.clone(), t.clone());
+            async move { call(&app, "POST", "/api/chat", Some(&t), Some(&body)).await }
+        });
+        let delete = tokio::spawn({
+            let (app, t, uri) = (app.clone(), t.clone(), format!("/api/conversations/{cid}"));
+            async move { call(&app, "DELETE", &uri, Some(&t), None).await }
+        });
+        let ((cs, cv), (ds, dv)) = (chat.await.unwrap(), delete.await.unwrap());
+        match (cs, ds) {
+            (StatusCode::OK, StatusCode::CONFLICT) => {
+                refused += 1;
+                assert_eq!(dv["error"]["code"], "conversation_busy", "{dv}");
+                let abort = json!({"streamId": cv["streamId"]}).to_string();
+                let (s, v) = call(&app, "POST", "/api/chat/abort", Some(&t), Some(&abort)).await;
+                assert_eq!(s, StatusCode::OK, "{v}");
+                assert_eq!(v["responseMessage"]["unfinished"], true, "{v}");
+                let (s, v) = call(
+                    &app,
+                    "GET",
+                    &format!("/api/conversations/{cid}/messages"),
+                    Some(&t),
+                    None,
+                )
+                .await;
+                assert_eq!(s, StatusCode::OK);
+                assert_eq!(v["messages"].as_array().unwrap().len(), 4, "{v}");
+            }
+            (StatusCode::NOT_FOUND, StatusCode::OK) => {
+                deleted += 1;
+                assert_eq!(dv["deleted"], true);
+                let (s, _) = call(
+                    &app,
+                    "GET",
+                    &format!("/api/conversations/{cid}"),
+                    Some(&t),
+                    None,
+                )
+                .await;
+                assert_eq!(s, StatusCode::NOT_FOUND);
+            }
+            other => panic!("round {round}: {other:?}: chat {cv}, delete {dv}"),
+        }
+    }
+    app.state.manager.wait_idle().await;
+    assert_eq!(refused + deleted, 100);
+    eprintln!("delete refused {refused}, chat refused {deleted}");
+}

@@ -50,6 +50,8 @@ macro_rules! persistence_suite {
             second_save_of_conversation_only_bumps_updated_at,
             conversations_newest_first_and_per_user,
             delete_conversation_removes_its_messages,
+            add_message_writes_only_into_an_existing_conversation,
+            add_message_racing_delete_leaves_nothing_behind,
             missing_rows_are_none,
             concurrent_secret_init_agrees,
             ping_answers,
@@ -362,6 +364,64 @@ pub async fn delete_conversation_removes_its_messages(db: Db) -> Result<(), Engi
         db.get_conversation("c1").await?.map(|c| c.user_id),
         Some("bob".to_string())
     );
+    Ok(())
+}
+
+/// `add_message` saves into an existing conversation and bumps its `updated_at`; into
+/// a missing (deleted) one it writes nothing and says so.
+pub async fn add_message_writes_only_into_an_existing_conversation(
+    db: Db,
+) -> Result<(), EngineError> {
+    db.save_conversation(&conversation("c1", "alice", "2025-01-01T00:00:00Z"))
+        .await?;
+    let m = message("m1", "c1", None, "2025-01-02T00:00:00Z");
+    assert!(db.add_message(&m).await?);
+    assert_eq!(db.get_message("m1").await?, Some(m));
+    assert_eq!(
+        db.get_conversation("c1").await?.map(|c| c.updated_at),
+        Some("2025-01-02T00:00:00Z".to_string())
+    );
+    assert!(db.delete_conversation("c1").await?);
+    assert!(
+        !db.add_message(&message("m2", "c1", None, "2025-01-03T00:00:00Z"))
+            .await?
+    );
+    assert_eq!(db.get_message("m2").await?, None);
+    assert_eq!(db.get_conversation("c1").await?, None);
+    Ok(())
+}
+
+/// An `add_message` racing the conversation's delete either lands before it (and is
+/// deleted with it) or is refused: whatever the interleaving, nothing of the
+/// conversation is left once both are done.
+pub async fn add_message_racing_delete_leaves_nothing_behind(db: Db) -> Result<(), EngineError> {
+    for round in 0..40 {
+        let cid = format!("race{round}");
+        db.save_conversation(&conversation(&cid, "alice", "2025-01-01T00:00:00Z"))
+            .await?;
+        let adds: Vec<_> = (0..4)
+            .map(|i| {
+                let db = db.clone();
+                let m = message(&format!("{cid}-m{i}"), &cid, None, "2025-01-02T00:00:00Z");
+                tokio::spawn(async move { db.add_message(&m).await })
+            })
+            .collect();
+        let del = {
+            let db = db.clone();
+            let cid = cid.clone();
+            tokio::spawn(async move { db.delete_conversation(&cid).await })
+        };
+        for a in adds {
+            a.await
+                .map_err(|e| EngineError::internal("task failed", e))??;
+        }
+        let deleted = del
+            .await
+            .map_err(|e| EngineError::internal("task failed", e))??;
+        assert!(deleted, "round {round}");
+        assert_eq!(db.get_conversation(&cid).await?, None, "round {round}");
+        assert_eq!(db.list_messages(&cid).await?, Vec::new(), "round {round}");
+    }
     Ok(())
 }
 
