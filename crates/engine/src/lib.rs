@@ -24,6 +24,7 @@ pub mod event;
 pub mod ledger;
 pub mod log;
 pub mod manager;
+pub mod metrics;
 pub mod persist;
 pub mod provider;
 pub mod retry;

@@ -7,7 +7,7 @@
 //! This test is the harness: it starts the mock upstream and `genstream serve`, makes
 //! the keys with `genstream key`, and runs `tests/openai/client_test.py` with the
 //! venv's Python, failing with its output if a check failed. The venv is a
-//! prerequisite that `bash .ci/run` installs in `target/openai-venv` (or set
+//! prerequisite that `scripts/test` installs in `target/openai-venv` (or set
 //! `OPENAI_VENV`); when it is missing the test fails with one line naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -37,7 +37,7 @@ fn python() -> PathBuf {
     let python = venv.join("bin/python");
     assert!(
         python.is_file(),
-        "openai tests: the Python venv with the `openai` package is missing ({}): run `bash .ci/run`, which installs it",
+        "openai tests: the Python venv with the `openai` package is missing ({}): run scripts/test, which installs it",
         python.display()
     );
     python

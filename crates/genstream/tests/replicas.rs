@@ -168,7 +168,8 @@ async fn subscribe(
         buf.extend_from_slice(&chunk.unwrap());
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
             let raw: Vec<u8> = buf.drain(..pos + 2).collect();
-            if raw.starts_with(b":") {
+            // Comments (`: ping`) and the stream's opening `retry:` carry no event.
+            if raw.starts_with(b":") || raw.starts_with(b"retry:") {
                 continue;
             }
             frames.push(parse_frame(raw));

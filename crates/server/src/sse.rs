@@ -7,6 +7,10 @@
 //! log's watch until it grows, sending `: ping` while idle. The subscriber keeps no
 //! queue of its own; the log is the only buffer. The response ends right after the
 //! terminal event; a client whose cursor already is the terminal event gets 204.
+//!
+//! Every stream opens with `retry: N` (`http.sse_retry`, 1000 ms by default) on a line
+//! of its own, so a browser's EventSource reconnects after N ms instead of its own
+//! default of about three seconds (docs/protocol.md §3).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -58,7 +62,7 @@ pub async fn stream(
         (None, None) => None,
     };
 
-    let (cursor, first) = if resume {
+    let (cursor, sync) = if resume {
         // The snapshot carries the seq it folds, so replaying from there cannot
         // duplicate or skip anything (LESSONS: LibreChat #12225).
         let (seq, resume_state) = log.snapshot();
@@ -97,13 +101,18 @@ pub async fn stream(
         (cursor, None)
     };
 
+    let first = match sync {
+        Some(sync) => [retry_field(state.sse_retry), sync].concat().into(),
+        None => retry_field(state.sse_retry),
+    };
     let sub = Subscriber {
         rx: log.watch(),
         log,
         cursor,
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
-        first,
+        first: Some(first),
+        conn: crate::observe::Connected::new(),
     };
     let body = Body::from_stream(futures::stream::unfold(sub, Subscriber::next));
     let mut resp = Response::new(body);
@@ -118,6 +127,13 @@ pub async fn stream(
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(resp)
+}
+
+/// The SSE `retry:` field, in whole milliseconds, as a block of its own: it sets the
+/// reconnection time of an EventSource and dispatches no event (WHATWG HTML,
+/// server-sent events: a block without `data` is no event).
+pub fn retry_field(retry: std::time::Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", retry.as_millis()))
 }
 
 fn parse_cursor(field: &str, v: &str) -> Result<u64, EngineError> {
@@ -138,6 +154,8 @@ struct Subscriber {
     done: bool,
     ping: Interval,
     first: Option<Bytes>,
+    /// The subscribers gauge and this connection's count of frames delivered.
+    conn: crate::observe::Connected,
 }
 
 impl Subscriber {
@@ -157,6 +175,7 @@ impl Subscriber {
             if let Some(f) = self.log.frame_after(self.cursor) {
                 self.cursor = Some(f.seq);
                 self.done = f.terminal;
+                self.conn.frame();
                 return Some((Ok(f.bytes), self));
             }
             if self.log.terminal().is_some() {
@@ -164,6 +183,8 @@ impl Subscriber {
                 // us, so waiting could only ever send pings.
                 return None;
             }
+            // Caught up: the frames counted so far may go to the shared counter.
+            self.conn.idle();
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {

@@ -768,6 +768,49 @@ async fn idle_streams_get_keepalive_comments_every_15s() {
     );
 }
 
+/// Every stream opens with the SSE `retry:` field (`http.sse_retry`, 1000 ms by
+/// default), before any event or snapshot: a browser's EventSource then reconnects
+/// after that long rather than its own default of about three seconds.
+#[tokio::test]
+async fn streams_open_with_the_configured_retry_field() {
+    async fn raw(router: &axum::Router, uri: &str) -> String {
+        let req = Request::get(uri)
+            .header("authorization", format!("Bearer {}", token("alice")))
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+    let app = test_app(default_models());
+    let sid = start(&app, "alice", json!({"text": "hi"})).await["streamId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stream = format!("/api/chat/stream/{sid}");
+
+    let body = raw(&app.router, &stream).await;
+    assert!(
+        body.starts_with("retry: 1000\n\nid: 0\nevent: created\n"),
+        "{body:.80}"
+    );
+    // The snapshot follows the field, as the next block.
+    let body = raw(&app.router, &format!("{stream}?resume=true")).await;
+    assert!(body.starts_with("retry: 1000\n\nid: "), "{body:.80}");
+    assert!(body.contains("\nevent: sync\n"), "{body:.200}");
+    // The field dispatches no event: the frames parsed are the log's, from seq 0.
+    let frames = read_stream(&app, &stream, "alice").await;
+    assert_eq!(frames[0].id, Some(0));
+
+    // The configured value is what is sent, in milliseconds.
+    let mut state = app.state.clone();
+    state.sse_retry = std::time::Duration::from_millis(2500);
+    let router = genstream_server::app(state, MAX_BODY);
+    let body = raw(&router, &format!("{stream}?cursor=3")).await;
+    assert!(body.starts_with("retry: 2500\n\nid: 4\n"), "{body:.80}");
+}
+
 /// `DELETE /api/conversations/{id}` raced against `POST /api/chat` in the same
 /// conversation, 100 times: the delete is 409 `conversation_busy` (the job runs, the
 /// conversation keeps its messages) or the chat is 404 (the conversation is gone,

@@ -257,6 +257,7 @@ pub(crate) fn ledger_ints(
 
 /// Maps a database failure during `what` ("saving message m1") to the engine's error.
 pub(crate) fn db_error(what: &str, err: sqlx::Error) -> EngineError {
+    genstream_engine::metrics::database_error();
     let message = format!("{what}: {}", describe(&err));
     EngineError::Persistence(Box::new(Caused::with_message(message, err)))
 }

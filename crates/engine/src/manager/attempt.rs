@@ -98,11 +98,13 @@ impl JobRun {
                 }
             } => s,
         };
-        let mut stream = match stream {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(CallError::Provider(e)),
-            Err(_) => return Err(CallError::Provider(timeout_error("first byte", first_byte))),
-        };
+        let opened = stream.unwrap_or_else(|_| Err(timeout_error("first byte", first_byte)));
+        crate::metrics::upstream_request(
+            provider.name(),
+            &self.model.name,
+            opened.as_ref().map(|_| ()),
+        );
+        let mut stream = opened.map_err(CallError::Provider)?;
         let mut usage: Option<UsageRecord> = None;
         let mut got_any = false;
         let mut finished = false;
@@ -147,6 +149,9 @@ impl JobRun {
                 }
                 Some(Some(Ok(ev))) => ev,
             };
+            if !got_any {
+                crate::metrics::first_token(&self.model.name, started.elapsed());
+            }
             got_any = true;
             match event {
                 ProviderEvent::Text(t) => self.delta(a, PartKind::Text, t).await?,

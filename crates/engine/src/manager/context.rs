@@ -27,14 +27,19 @@ impl JobContext {
         expected: u64,
     ) -> Result<u64, StoreError> {
         use backon::Retryable;
-        (|| self.store.append(stream_id, body, Some(expected)))
+        let began = std::time::Instant::now();
+        let appended = (|| self.store.append(stream_id, body, Some(expected)))
             .retry(outage_backoff(self.config.store_outage_grace))
             .sleep(tokio::time::sleep)
             .when(StoreError::is_unavailable)
             .notify(|e, wait| {
                 tracing::warn!(stream_id, error = %e, ?wait, "append failed; retrying");
             })
-            .await
+            .await;
+        if appended.is_ok() {
+            crate::metrics::appended(body, began.elapsed());
+        }
+        appended
     }
 
     /// [`JobCoordination::claim_end`](crate::store::JobCoordination::claim_end), riding
@@ -78,6 +83,7 @@ impl JobContext {
         }
         totals.credits = crate::billing::credits(total);
         if lines.is_empty() {
+            crate::metrics::spent(&meta.model, &totals, 0);
             return Ok(totals);
         }
         let req = crate::persist::SpendRequest {
@@ -98,6 +104,7 @@ impl JobContext {
                 tracing::warn!(stream_id = %meta.stream_id, error = %e, ?wait, "spend failed; retrying");
             })
             .await?;
+        crate::metrics::spent(&meta.model, &totals, total);
         Ok(totals)
     }
 }

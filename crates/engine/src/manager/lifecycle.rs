@@ -155,6 +155,7 @@ impl JobManager {
         match store.append(sid, &end, Some(log.len())).await {
             Ok(_) => {
                 tracing::warn!(stream_id = %sid, code, "ended an orphaned job");
+                crate::metrics::finished(&end);
                 Ok(true)
             }
             Err(StoreError::Append(_)) => Ok(false),

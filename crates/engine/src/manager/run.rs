@@ -219,6 +219,7 @@ impl JobRun {
                 }
                 Err(_) => return Err(Outcome::Failed(error)),
             };
+            crate::metrics::retry(&self.model.name, &error);
             self.next_index = attempt.first_index;
             self.emit(EventBody::Retry(crate::event::Retry {
                 attempt: attempt_no,

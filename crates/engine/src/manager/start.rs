@@ -87,6 +87,7 @@ impl JobManager {
             },
             call_index: 0,
         };
+        let model_name = model.name.clone();
         let mut job = JobRun::new(
             self.inner.ctx.clone(),
             meta,
@@ -97,7 +98,13 @@ impl JobManager {
             &created,
         );
         job.client_tools = req.client_tools.iter().map(|t| t.name.clone()).collect();
-        self.inner.tracker.spawn(job.run());
+        // The job's span is a child of the caller's (the HTTP request's, with its
+        // request id), so the job's log lines carry both.
+        let span = tracing::info_span!("job", stream_id = %started.stream_id);
+        span.in_scope(|| crate::metrics::job_started(&model_name));
+        self.inner
+            .tracker
+            .spawn(tracing::Instrument::instrument(job.run(), span));
         Ok(started)
     }
 
