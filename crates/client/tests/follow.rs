@@ -247,6 +247,8 @@ fn log(pieces: &[&str], terminal: EventBody) -> Vec<Frame> {
             model: "demo".into(),
             sender: "demo".into(),
             created_at: "2025-01-01T00:00:00.000Z".into(),
+            client_tools: Vec::new(),
+            protocol_options: None,
         }),
         EventBody::ReasoningDelta(delta(ContentPart::Think {
             think: "pondering".into(),

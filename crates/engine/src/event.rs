@@ -90,6 +90,14 @@ pub struct Created {
     pub model: String,
     pub sender: String,
     pub created_at: String,
+    /// The names of the request's client tools (see `manager::StartRequest`), whose
+    /// calls the job hands to the client instead of running them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_tools: Vec<String>,
+    /// A client protocol's own options for projecting this job (opaque to the engine;
+    /// the OpenAI Responses route keeps the request's echoed parameters here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_options: Option<serde_json::Value>,
 }
 
 /// Data of `on_run_step`.

@@ -190,7 +190,7 @@ pub fn parse_ttl(s: &str) -> Option<Duration> {
     Some(Duration::from_secs(n.checked_mul(mult)?))
 }
 
-fn bearer(parts: &Parts) -> Option<Result<&str, ApiError>> {
+pub(crate) fn bearer(parts: &Parts) -> Option<Result<&str, ApiError>> {
     let value = parts.headers.get(axum::http::header::AUTHORIZATION)?;
     Some(
         value

@@ -11,6 +11,7 @@ pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod observe;
+pub mod openai;
 mod routes;
 pub mod serve;
 pub mod sse;
@@ -70,6 +71,7 @@ pub fn app_with(state: AppState, max_body_bytes: usize, extra: Router) -> Router
         .route("/api/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .nest("/v1", openai::router())
         // The web app at `/` (and its deep links `/c/{id}`); see `ui.rs`.
         .merge(ui::router())
         .fallback(routes::not_found)

@@ -103,6 +103,7 @@ pub async fn start_chat(
             system_prompt: body.system_prompt,
             tools: body.tools.unwrap_or_default(),
             client_ip: client_ip.map(|ip| ip.to_string()),
+            ..Default::default()
         })
         .await?;
     let mut v = serde_json::to_value(&started).unwrap_or_default();

@@ -970,6 +970,8 @@ async fn racing_reapers(strict: bool) {
                 model: "demo".into(),
                 sender: "demo".into(),
                 created_at: meta.created_at.clone(),
+                client_tools: Vec::new(),
+                protocol_options: None,
             }),
             EventBody::RunStep(RunStep {
                 id: "step_0".into(),

@@ -41,7 +41,8 @@ impl Ending {
 /// log full, a store or database failure, a dead owner) would otherwise persist a call
 /// without a result, and every later turn built on it would be refused upstream
 /// (docs/lessons.md: grimoire's 400s). `unfinished` for every ending but a complete
-/// one; `error` for the `error` endings.
+/// one, whose open calls are client tool calls and stay open; `error` for the `error`
+/// endings.
 pub(super) fn response_message(
     meta: &JobMeta,
     aggregate: &Aggregate,
@@ -50,8 +51,11 @@ pub(super) fn response_message(
 ) -> Message {
     let mut content = aggregate.content();
     for part in &mut content {
+        // A completed answer's calls without a result are the client's to run
+        // (`client_tools.rs`): every server tool call of a completed job has one.
         if let crate::event::ContentPart::ToolCall { tool_call } = part
             && tool_call.output.is_none()
+            && unfinished
         {
             tool_call.output = Some(crate::tools::cancelled_result());
         }

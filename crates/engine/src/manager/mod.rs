@@ -35,6 +35,7 @@ use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
 
 mod attempt;
+mod client_tools;
 mod context;
 mod conversations;
 mod ending;
@@ -43,6 +44,7 @@ mod lifecycle;
 mod run;
 mod start;
 
+pub use client_tools::{PriorTurn, ToolResult};
 use context::JobContext;
 use conversations::ConversationLocks;
 use history::history_to;
@@ -169,6 +171,18 @@ pub struct StartRequest {
     pub tools: Vec<String>,
     /// The client's address, for the per-IP rate limit.
     pub client_ip: Option<String>,
+    /// Function tools the client runs itself, offered to the model with the server's
+    /// tools; a model call that asks for one ends the job (see `client_tools.rs`).
+    pub client_tools: Vec<crate::provider::ToolSpec>,
+    /// Turns the request carries, saved before the new input as a chain under the
+    /// parent (Chat Completions sends its whole conversation).
+    pub prior: Vec<PriorTurn>,
+    /// Non-empty: the new input is these results of the parent answer's client tool
+    /// calls (saved as one user-side message), and `text` must be empty.
+    pub tool_results: Vec<ToolResult>,
+    /// What a client protocol needs to project this job the same way on every replica
+    /// (e.g. the Responses request's echoed parameters), carried opaquely in `created`.
+    pub protocol_options: Option<serde_json::Value>,
 }
 
 /// The answer to a started chat.

@@ -51,6 +51,9 @@ pub(super) struct JobRun {
     pub(super) next_step_id: u32,
     /// Model calls made so far, failed attempts included (each has its own usage).
     pub(super) calls: u32,
+    /// The request's client tools, whose calls end the job instead of running
+    /// (`client_tools.rs`).
+    pub(super) client_tools: std::collections::HashSet<String>,
 }
 
 impl JobRun {
@@ -77,6 +80,7 @@ impl JobRun {
             next_index: 0,
             next_step_id: 0,
             calls: 0,
+            client_tools: Default::default(),
         }
     }
 
@@ -147,6 +151,24 @@ impl JobRun {
             };
             let calls: Vec<PendingCall> = attempt.pending.values().cloned().collect();
             if calls.is_empty() {
+                return Outcome::Complete(None);
+            }
+            // Calls of client tools end the job: the server tools of the same model
+            // call run first, then the client's calls are handed over (saved without
+            // output) with `final` `complete`.
+            if calls
+                .iter()
+                .any(|c| self.client_tools.contains(&c.call.name))
+            {
+                let server: Vec<PendingCall> = calls
+                    .into_iter()
+                    .filter(|c| !self.client_tools.contains(&c.call.name))
+                    .collect();
+                if !server.is_empty()
+                    && let Err(o) = self.execute_tools(server).await
+                {
+                    return o;
+                }
                 return Outcome::Complete(None);
             }
             if iteration == max {
@@ -227,6 +249,20 @@ impl JobRun {
         attempt: Attempt,
         calls: Vec<PendingCall>,
     ) -> Result<(), Outcome> {
+        let done = self.execute_tools(calls).await?;
+        self.request.messages.push(ChatMessage {
+            role: Role::Assistant,
+            text: attempt.text,
+            tool_calls: done,
+            tool_call_id: None,
+            reasoning: attempt.reasoning,
+        });
+        Ok(())
+    }
+
+    /// Runs `calls` concurrently and records their results (see [`JobRun::run_tools`]);
+    /// returns the calls with their outputs.
+    async fn execute_tools(&mut self, calls: Vec<PendingCall>) -> Result<Vec<ToolCall>, Outcome> {
         let registry = &self.ctx.tools;
         let allowed = &self.request.tools;
         let cancel = self.cancel().child_token();
@@ -246,14 +282,7 @@ impl JobRun {
         if self.cancel().is_cancelled() {
             return Err(self.stopped());
         }
-        self.request.messages.push(ChatMessage {
-            role: Role::Assistant,
-            text: attempt.text,
-            tool_calls: done,
-            tool_call_id: None,
-            reasoning: attempt.reasoning,
-        });
-        Ok(())
+        Ok(done)
     }
 
     /// Records `outputs[i]` as the result of `calls[i]` (an `on_run_step_completed`
@@ -344,7 +373,8 @@ impl JobRun {
                 ..
             }
         );
-        if !log_full {
+        // A completed job's open calls are the client's (`client_tools.rs`).
+        if !log_full && !matches!(ending, Ending::Complete { .. }) {
             self.close_open_tool_calls().await;
         }
         if !self.ctx.claim_end(&self.meta.stream_id).await? {

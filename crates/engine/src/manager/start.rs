@@ -58,21 +58,18 @@ impl JobManager {
         self.check_rate_limits(&req).await?;
         self.check_balance(&req.user_id).await?;
 
-        let (meta, user_message) = new_job(&req, &model, &plan);
+        let (meta, prior, user_message) = new_job(&req, &model, &plan);
         let live = self.reserve_live_slot(&meta.stream_id)?;
         self.inner.ctx.store.create_job(&meta).await?;
         let created = self
-            .save_and_announce(&req, &model, &plan, &meta, &user_message)
+            .save_and_announce(&req, &model, &plan, &meta, &prior, &user_message)
             .await?;
 
-        let mut messages = history_to(&plan.history, plan.parent_message_id.as_deref());
-        messages.push(ChatMessage {
-            role: Role::User,
-            text: req.text.clone(),
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-            reasoning: Vec::new(),
-        });
+        // The upstream history is the tree's path to the new input, prior turns included.
+        let mut path = plan.history;
+        path.extend(prior);
+        path.push(user_message.clone());
+        let messages = history_to(&path, Some(&user_message.message_id));
         let started = Started {
             stream_id: meta.stream_id.clone(),
             conversation_id: meta.conversation_id.clone(),
@@ -83,11 +80,15 @@ impl JobManager {
             model: String::new(),
             system_prompt: req.system_prompt.clone(),
             messages,
-            tools: self.inner.ctx.tools.specs(&tools),
+            tools: {
+                let mut specs = self.inner.ctx.tools.specs(&tools);
+                specs.extend(req.client_tools.iter().cloned());
+                specs
+            },
             call_index: 0,
         };
         let model_name = model.name.clone();
-        let job = JobRun::new(
+        let mut job = JobRun::new(
             self.inner.ctx.clone(),
             meta,
             plan.title,
@@ -96,6 +97,7 @@ impl JobManager {
             live,
             &created,
         );
+        job.client_tools = req.client_tools.iter().map(|t| t.name.clone()).collect();
         // The job's span is a child of the caller's (the HTTP request's, with its
         // request id), so the job's log lines carry both.
         let span = tracing::info_span!("job", stream_id = %started.stream_id);
@@ -109,8 +111,14 @@ impl JobManager {
     /// The request itself: non-empty text, a known model, tools the model may use (a
     /// request may narrow the model's set, never widen it).
     fn validate(&self, req: &StartRequest) -> Result<Validated, EngineError> {
-        if req.text.trim().is_empty() {
+        if req.tool_results.is_empty() && req.text.trim().is_empty() {
             return Err(EngineError::bad_request("text", "must not be empty"));
+        }
+        if !req.tool_results.is_empty() && !req.text.is_empty() {
+            return Err(EngineError::bad_request(
+                "text",
+                "must be empty when the input is tool results",
+            ));
         }
         let models = &self.inner.models;
         let model = match &req.model {
@@ -147,6 +155,7 @@ impl JobManager {
             }
             req.tools.clone()
         };
+        client_tools::check_client_tools(&req.client_tools, &tools)?;
         Ok(Validated { model, tools })
     }
 
@@ -179,7 +188,17 @@ impl JobManager {
         };
         let title = match &existing {
             Some(c) => c.title.clone(),
-            None => title_of(&req.text),
+            // A new conversation's title: its first user text (a request may carry
+            // earlier turns).
+            None => title_of(
+                req.prior
+                    .iter()
+                    .find_map(|t| match t {
+                        PriorTurn::User(text) => Some(text.as_str()),
+                        _ => None,
+                    })
+                    .unwrap_or(&req.text),
+            ),
         };
         Ok(ConversationPlan {
             conversation_id,
@@ -225,6 +244,7 @@ impl JobManager {
         model: &ModelEntry,
         plan: &ConversationPlan,
         meta: &JobMeta,
+        prior: &[Message],
         user_message: &Message,
     ) -> Result<EventBody, EngineError> {
         let ctx = &self.inner.ctx;
@@ -236,6 +256,8 @@ impl JobManager {
             model: model.name.clone(),
             sender: model.name.clone(),
             created_at: meta.created_at.clone(),
+            client_tools: req.client_tools.iter().map(|t| t.name.clone()).collect(),
+            protocol_options: req.protocol_options.clone(),
         });
         let saved = async {
             if plan.existing.is_none() {
@@ -249,11 +271,13 @@ impl JobManager {
                     })
                     .await?;
             }
-            if !ctx.db.add_message(user_message).await? {
-                return Err(EngineError::NotFound(format!(
-                    "conversation {}",
-                    meta.conversation_id
-                )));
+            for m in prior.iter().chain([user_message]) {
+                if !ctx.db.add_message(m).await? {
+                    return Err(EngineError::NotFound(format!(
+                        "conversation {}",
+                        meta.conversation_id
+                    )));
+                }
             }
             match ctx.store.append(&meta.stream_id, &created, Some(0)).await {
                 Ok(_) => Ok(()),
@@ -350,16 +374,31 @@ fn existing_id(req: &StartRequest) -> Option<&str> {
     }
 }
 
-/// The new job's metadata and its user message, with fresh ids.
-fn new_job(req: &StartRequest, model: &ModelEntry, plan: &ConversationPlan) -> (JobMeta, Message) {
+/// The new job's metadata, the turns its request carries (as messages) and its user
+/// message (the new input: text, or tool results), with fresh ids.
+fn new_job(
+    req: &StartRequest,
+    model: &ModelEntry,
+    plan: &ConversationPlan,
+) -> (JobMeta, Vec<Message>, Message) {
     let created_at = now_rfc3339();
+    let prior = client_tools::prior_messages(
+        &req.prior,
+        &plan.conversation_id,
+        plan.parent_message_id.clone(),
+        &model.name,
+        &created_at,
+    );
     let user_message = Message {
         message_id: new_id(),
         conversation_id: plan.conversation_id.clone(),
-        parent_message_id: plan.parent_message_id.clone(),
+        parent_message_id: prior
+            .last()
+            .map(|m| m.message_id.clone())
+            .or_else(|| plan.parent_message_id.clone()),
         sender: "User".into(),
         text: req.text.clone(),
-        content: Vec::new(),
+        content: client_tools::results_content(&req.tool_results),
         is_created_by_user: true,
         model: None,
         unfinished: false,
@@ -376,5 +415,5 @@ fn new_job(req: &StartRequest, model: &ModelEntry, plan: &ConversationPlan) -> (
         status: JobStatus::Running,
         created_at,
     };
-    (meta, user_message)
+    (meta, prior, user_message)
 }
