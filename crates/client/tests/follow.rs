@@ -1,5 +1,5 @@
 //! The client against a tiny fake genstream server on loopback: SSE frames in the exact
-//! SPEC §3 format (made by the engine's own encoder), dropped connections, error
+//! docs/protocol.md §3 format (made by the engine's own encoder), dropped connections, error
 //! statuses and error terminals.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

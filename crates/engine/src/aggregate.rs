@@ -77,7 +77,7 @@ impl TerminalKind {
     }
 }
 
-/// The snapshot sent in a `sync` frame's `resumeState` (SPEC §3).
+/// The snapshot sent in a `sync` frame's `resumeState` (docs/protocol.md §3).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResumeState {

@@ -2,11 +2,11 @@
 //! trait so SQLite and PostgreSQL (crate `genstream-sql`) and the in-memory test double
 //! share one contract.
 //!
-//! The engine decides what to write and when (SPEC §4's ordering rules); an
+//! The engine decides what to write and when (docs/protocol.md §4's ordering rules); an
 //! implementation only stores what it is given. Every write is an upsert keyed by id,
 //! so a repeated write (a retried abort, a reaper racing the owner) is harmless.
 //!
-//! Billing (SPEC §7): [`Persistence::spend`] records priced [`Line`]s (module [`ledger`](crate::ledger)) in a ledger whose
+//! Billing (docs/protocol.md §7): [`Persistence::spend`] records priced [`Line`]s (module [`ledger`](crate::ledger)) in a ledger whose
 //! unique key is `(stream_id, call_index, token_type)` and takes the sum of the lines
 //! it actually inserted off the user's balance, in one transaction. A line spent again
 //! (by an abort racing the completion, a reaper on another replica, a retry) conflicts

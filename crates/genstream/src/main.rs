@@ -1,4 +1,4 @@
-//! `genstream`: the server and its command-line client in one binary (SPEC §8).
+//! `genstream`: the server and its command-line client in one binary (docs/protocol.md §8).
 //!
 //! - `genstream serve` runs the server;
 //! - `genstream token --user NAME` mints a JWT signed with the server's secret;

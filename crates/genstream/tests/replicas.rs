@@ -6,7 +6,7 @@
 //! - SIGKILL the owner mid-generation, with the default lease TTL and reap interval:
 //!   the other replicas notice the lapsed lease and end the job with `error`
 //!   `replica_lost` and the partial answer, saved, within 15 s; one terminal event
-//!   although two reapers raced (SPEC §5; LESSONS: "a replica that died left its jobs
+//!   although two reapers raced (docs/protocol.md §5; docs/lessons.md: "a replica that died left its jobs
 //!   running for 20 minutes").
 //! - Redis restarted while jobs stream (a redis-server of the test's own, with an
 //!   append-only file so its data survives): every job ends, every subscriber's events

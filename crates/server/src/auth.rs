@@ -1,4 +1,4 @@
-//! Bearer auth: HS256 JWTs (SPEC §4: `sub` is the user id, `exp` is checked) and API
+//! Bearer auth: HS256 JWTs (docs/protocol.md §4: `sub` is the user id, `exp` is checked) and API
 //! keys.
 //!
 //! Every `/api` route takes `Authorization: Bearer <token>`; the stream route also
@@ -114,7 +114,7 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
-    /// Issued at, seconds since the Unix epoch. Optional on tokens we verify: SPEC §4
+    /// Issued at, seconds since the Unix epoch. Optional on tokens we verify: docs/protocol.md §4
     /// asks only for `sub` and `exp`, and another issuer may leave it out.
     #[serde(default)]
     pub iat: u64,

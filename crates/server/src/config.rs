@@ -1,4 +1,4 @@
-//! Layered configuration (SPEC §8): defaults, then `genstream.toml` (or `--config`),
+//! Layered configuration (docs/protocol.md §8): defaults, then `genstream.toml` (or `--config`),
 //! then `GENSTREAM_*` environment variables, then command-line flags.
 //!
 //! Every problem is a start-up error that names the key, never a silent fallback:

@@ -1,4 +1,4 @@
-//! genstream's HTTP layer (SPEC §3, §4).
+//! genstream's HTTP layer (docs/protocol.md §3, §4).
 //!
 //! Handlers are thin: authenticate, parse and validate, call one function of the
 //! engine's [`JobManager`], turn the result into a response. Every error goes through
@@ -42,7 +42,7 @@ pub struct AppState {
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }
 
-/// The router with every route of SPEC §4, and the web app (`ui`). `max_body_bytes` bounds request bodies
+/// The router with every route of docs/protocol.md §4, and the web app (`ui`). `max_body_bytes` bounds request bodies
 /// (over it: 413). Every response carries `x-request-id`, every request is logged and
 /// counted (`observe.rs`).
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {

@@ -1,4 +1,4 @@
-//! The JSON routes of SPEC §4. Each handler: authenticate, parse, call the engine,
+//! The JSON routes of docs/protocol.md §4. Each handler: authenticate, parse, call the engine,
 //! answer. The SSE route lives in `sse.rs`.
 
 use axum::Json;

@@ -1,4 +1,4 @@
-//! `GET /api/chat/stream/{streamId}` (SPEC §3).
+//! `GET /api/chat/stream/{streamId}` (docs/protocol.md §3).
 //!
 //! Everything that can fail is checked before the first byte, so those failures are
 //! plain JSON 4xx answers: authentication, the job's existence and owner, and the
@@ -51,7 +51,7 @@ pub async fn stream(
     let (_meta, log) = state.manager.job_for(&user, &stream_id).await?;
 
     let resume = matches!(query.resume.as_deref(), Some("true" | "1"));
-    // The query's cursor wins over Last-Event-ID (SPEC §3).
+    // The query's cursor wins over Last-Event-ID (docs/protocol.md §3).
     let cursor = match (&query.cursor, headers.get("last-event-id")) {
         (Some(c), _) => Some(parse_cursor("cursor", c)?),
         (None, Some(h)) => Some(parse_cursor(
@@ -64,7 +64,7 @@ pub async fn stream(
 
     let (cursor, sync) = if resume {
         // The snapshot carries the seq it folds, so replaying from there cannot
-        // duplicate or skip anything (LESSONS: LibreChat #12225).
+        // duplicate or skip anything (docs/lessons.md: LibreChat #12225).
         let (seq, resume_state) = log.snapshot();
         let first = match seq {
             Some(n) => {

@@ -464,7 +464,7 @@ async fn cursor_at_the_terminal_event_is_204_and_ends_at_once() {
     assert!(is_terminal(&prev[0]));
 }
 
-/// SPEC §4 asks only for `sub` and `exp`; a token from another issuer without `iat`
+/// docs/protocol.md §4 asks only for `sub` and `exp`; a token from another issuer without `iat`
 /// must work.
 #[tokio::test]
 async fn a_token_with_only_sub_and_exp_is_accepted() {

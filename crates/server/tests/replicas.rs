@@ -5,12 +5,12 @@
 //! (`serve::build_state`: its own Redis connections and its own `JobManager`) behind its
 //! own loopback listener. Every test uses a Redis key prefix of its own.
 //!
-//! - SPEC §3's guarantee across replicas: readers that disconnect at random points and
+//! - docs/protocol.md §3's guarantee across replicas: readers that disconnect at random points and
 //!   reconnect to a random replica, by `Last-Event-ID`, `cursor` or `resume=true`, get
 //!   exactly the log (300 proptest plans per run, some jobs read while they run, some
 //!   after they ended), byte for byte what Redis holds.
 //! - One job watched from all three replicas from seq 0: identical bytes.
-//! - Abort from a replica that does not own the job (LESSONS: LibreChat #11462, #13611,
+//! - Abort from a replica that does not own the job (docs/lessons.md: LibreChat #11462, #13611,
 //!   #11433): the partial answer is saved before the answer, the owner stops, one
 //!   terminal event, repeat gives the same body, a finished job is 409.
 //! - Two reapers racing to end the same orphaned jobs: one terminal event per job.
@@ -866,7 +866,7 @@ async fn racing_reapers_end_each_orphan_once() {
 }
 
 /// As above, and the database holds exactly the message the terminal event carries
-/// (LESSONS: one writer per message): only the reaper that won the end claim saves it.
+/// (docs/lessons.md: one writer per message): only the reaper that won the end claim saves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_reapers_write_the_partial_message_once() {
     racing_reapers(true).await;

@@ -221,7 +221,7 @@ impl JobManager {
         self.inner.accepting.store(false, Ordering::SeqCst);
     }
 
-    /// Graceful shutdown (SPEC §5): stop accepting, let running jobs finish within
+    /// Graceful shutdown (docs/protocol.md §5): stop accepting, let running jobs finish within
     /// `grace`, then abort the rest (partial answers saved, terminal events appended)
     /// and wait for them to end.
     pub async fn shutdown(&self, grace: Duration) {

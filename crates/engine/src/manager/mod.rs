@@ -1,8 +1,8 @@
 //! The job manager: starts jobs, runs each in a tracked background task, aborts them,
-//! reaps stalled ones, drops expired logs and shuts down gracefully (SPEC §4, §5).
+//! reaps stalled ones, drops expired logs and shuts down gracefully (docs/protocol.md §4, §5).
 //!
 //! One task per job is the *single writer* of that job's log and response message, so
-//! there is never a race between two writers of the same message (LESSONS: "Stop wrote
+//! there is never a race between two writers of the same message (docs/lessons.md: "Stop wrote
 //! the partial message twice"). Abort, the stall reaper and shutdown do not write: they
 //! set an [`EndReason`] and cancel the job's token; the job task saves the partial
 //! answer and then appends the terminal event, and the abort route answers only once
@@ -423,7 +423,7 @@ impl JobManager {
         self.abort(user_id, &meta.stream_id).await
     }
 
-    /// Stops a job and returns its partial answer, once saved (SPEC §4).
+    /// Stops a job and returns its partial answer, once saved (docs/protocol.md §4).
     ///
     /// Idempotent: aborting an aborted job returns the same answer again.
     /// Errors: `NotFound`, `Forbidden`, `JobFinished` (completed or failed).
