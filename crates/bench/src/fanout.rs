@@ -173,6 +173,10 @@ pub struct FanoutArgs {
     /// comparison; `genstream serve` sets TCP_NODELAY.
     #[arg(long)]
     pub nagle: bool,
+    /// Run without the Prometheus recorder (every metric a no-op), for the
+    /// comparison; `genstream serve` installs it, and so does this by default.
+    #[arg(long)]
+    pub no_metrics: bool,
 }
 
 /// A server running in this process.
@@ -208,6 +212,11 @@ impl InProc {
         let _ = std::fs::remove_file(&file);
         let config = config.map_err(|e| e.to_string())?;
         let nagle = args.nagle;
+        if !args.no_metrics {
+            // As `serve::run`: the process's recorder, so every metric costs what it
+            // costs in production.
+            genstream_server::observe::prometheus();
+        }
         let (addr, token, store) = rt.block_on(async move {
             let (mut state, _) = genstream_server::serve::build_state(&config)
                 .await

@@ -82,6 +82,28 @@ fn projected<P: Projector>(events: &[Event], projector: P, m: &mut Measured) -> 
     Ok(())
 }
 
+/// One run of what the server does per event and (job, protocol), once for all that
+/// projection's subscribers (`crates/server/src/openai/shared.rs`): decode the native
+/// frame's JSON, then project it.
+fn from_frames<P: Projector>(
+    frames: &[Frame],
+    mut projector: P,
+    m: &mut Measured,
+) -> Result<(), String> {
+    let mut out = Vec::new();
+    let start = Instant::now();
+    for f in frames {
+        let e: Event = serde_json::from_slice(f.data_json()).map_err(|e| e.to_string())?;
+        projector
+            .push(e.seq, &e.body, &mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    m.times.push(start.elapsed());
+    m.frames = out.len();
+    m.bytes = out.iter().map(|f| f.bytes.len()).sum();
+    Ok(())
+}
+
 /// Prints the table.
 pub fn run(args: &ProjectionArgs) -> Result<(), String> {
     let events = testing::long_text(args.events, &args.token);
@@ -92,8 +114,13 @@ pub fn run(args: &ProjectionArgs) -> Result<(), String> {
         "Chat Completions (`include_usage`)",
         "Responses",
         "AI SDK UI message stream",
+        "Responses from native frames (decode + project, as the server does)",
     ];
-    let mut rows: [Measured; 4] = Default::default();
+    let frames: Vec<Frame> = events
+        .iter()
+        .map(|e| Frame::encode(e.seq, &e.body).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let mut rows: [Measured; 5] = Default::default();
     // Round robin, so that what else runs on the machine weighs on every row alike.
     for _ in 0..runs {
         native(&events, &mut rows[0]);
@@ -108,6 +135,11 @@ pub fn run(args: &ProjectionArgs) -> Result<(), String> {
             &events,
             AiSdkProjector::new(AiSdkOptions::default()),
             &mut rows[3],
+        )?;
+        from_frames(
+            &frames,
+            ResponsesProjector::new(ResponsesOptions::default()),
+            &mut rows[4],
         )?;
     }
     let per_event = |d: Duration| d.as_nanos() as f64 / n as f64;

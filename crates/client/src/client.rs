@@ -1,4 +1,4 @@
-//! [`Client`]: the HTTP API (SPEC §4) and the resumable SSE stream (SPEC §3).
+//! [`Client`]: the HTTP API (docs/protocol.md §4) and the resumable SSE stream (docs/protocol.md §3).
 
 use std::time::{Duration, Instant};
 

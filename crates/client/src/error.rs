@@ -35,7 +35,7 @@ pub enum ClientError {
         detail: String,
     },
     /// The server answered an error status; `code` and `message` are its JSON
-    /// `{"error": {"code", "message"}}` (SPEC §4).
+    /// `{"error": {"code", "message"}}` (docs/protocol.md §4).
     #[error("{method} {path} failed with {status}: {code}: {message}")]
     Api {
         /// HTTP method of the request.
@@ -73,7 +73,7 @@ pub enum ClientError {
         last: String,
     },
     /// The server answered 204: the stream's terminal event is at or before the
-    /// cursor, so nothing follows it (SPEC §3; `genstream attach --cursor N` with N
+    /// cursor, so nothing follows it (docs/protocol.md §3; `genstream attach --cursor N` with N
     /// the last seq).
     #[error("stream {stream_id} has already ended; nothing follows seq {}", cursor.map_or("-".into(), |c| c.to_string()))]
     AlreadyEnded {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// One event of a job's log, `{"seq": N, "event": "<type>", "data": {…}}` (SPEC §2),
+/// One event of a job's log, `{"seq": N, "event": "<type>", "data": {…}}` (docs/protocol.md §2),
 /// as carried in an SSE frame's `data:` line.
 ///
 /// `data` is kept as raw JSON so the client never fails on an event type or field it

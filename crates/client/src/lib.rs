@@ -1,4 +1,4 @@
-//! genstream-client: talks to a genstream server (SPEC §3, §4) and implements the
+//! genstream-client: talks to a genstream server (docs/protocol.md §3, §4) and implements the
 //! CLI's `chat`, `attach` and `abort` subcommands.
 //!
 //! - [`Client`] wraps the HTTP API: [`Client::start_chat`], [`Client::abort`], and

@@ -1,5 +1,5 @@
 //! The client against a tiny fake genstream server on loopback: SSE frames in the exact
-//! SPEC §3 format (made by the engine's own encoder), dropped connections, error
+//! docs/protocol.md §3 format (made by the engine's own encoder), dropped connections, error
 //! statuses and error terminals.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -247,6 +247,8 @@ fn log(pieces: &[&str], terminal: EventBody) -> Vec<Frame> {
             model: "demo".into(),
             sender: "demo".into(),
             created_at: "2025-01-01T00:00:00.000Z".into(),
+            client_tools: Vec::new(),
+            protocol_options: None,
         }),
         EventBody::ReasoningDelta(delta(ContentPart::Think {
             think: "pondering".into(),

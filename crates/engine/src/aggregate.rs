@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::event::{ContentPart, Created, EventBody, FinalStatus, RunStep, StepDetails, ToolCall};
+use crate::provider::{ChatMessage, Role};
 use crate::usage::{UsageRecord, UsageTotals};
 
 /// The fold's state. Apply events in seq order with [`Aggregate::apply`].
@@ -19,13 +20,41 @@ use crate::usage::{UsageRecord, UsageTotals};
 pub struct Aggregate {
     created: Option<Created>,
     run_steps: Vec<RunStep>,
-    /// One slot per live step: (step id, index, part). `None` until the step's first
-    /// delta says whether it is text or reasoning.
-    parts: Vec<(String, u32, Option<ContentPart>)>,
+    /// One slot per live step, in log order.
+    parts: Vec<Slot>,
     usage: Vec<UsageRecord>,
     /// Seq of the last event folded in, `None` before any.
     last_seq: Option<u64>,
     terminal: Option<TerminalKind>,
+    /// Highest model call seen in any run step or usage record, discarded steps
+    /// included.
+    max_call: Option<u32>,
+    /// What the last event folded in was, as far as the call fold cares.
+    last_event: LastEvent,
+}
+
+/// A live step's place in the answer.
+#[derive(Clone, Debug)]
+struct Slot {
+    id: String,
+    /// The content part's position in the answer (the step's `index`).
+    index: u32,
+    /// The model call that made it (from the step's `runId`), if the id says.
+    call: Option<u32>,
+    /// `None` until the step's first delta says whether it is text or reasoning.
+    part: Option<ContentPart>,
+}
+
+/// The kind of the last event folded in, for [`Aggregate::cut_off_call`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum LastEvent {
+    #[default]
+    None,
+    /// `retry`: the next attempt had begun.
+    Retry,
+    /// `on_run_step_completed`: a tool result.
+    ToolResult,
+    Other,
 }
 
 /// How a log ended.
@@ -48,7 +77,7 @@ impl TerminalKind {
     }
 }
 
-/// The snapshot sent in a `sync` frame's `resumeState` (SPEC §3).
+/// The snapshot sent in a `sync` frame's `resumeState` (docs/protocol.md §3).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResumeState {
@@ -72,6 +101,11 @@ impl Aggregate {
     /// step).
     pub fn apply(&mut self, seq: u64, body: &EventBody) {
         self.last_seq = Some(seq);
+        self.last_event = match body {
+            EventBody::Retry(_) => LastEvent::Retry,
+            EventBody::RunStepCompleted(_) => LastEvent::ToolResult,
+            _ => LastEvent::Other,
+        };
         match body {
             EventBody::Created(c) => self.created = Some(c.clone()),
             EventBody::RunStep(step) => {
@@ -81,7 +115,16 @@ impl Aggregate {
                     }),
                     StepDetails::MessageCreation { .. } => None,
                 };
-                self.parts.push((step.id.clone(), step.index, part));
+                let call = call_of_run(&step.run_id);
+                if call.is_some() {
+                    self.max_call = self.max_call.max(call);
+                }
+                self.parts.push(Slot {
+                    id: step.id.clone(),
+                    index: step.index,
+                    call,
+                    part,
+                });
                 self.run_steps.push(step.clone());
             }
             EventBody::MessageDelta(d) => {
@@ -148,13 +191,15 @@ impl Aggregate {
             }
             EventBody::Retry(r) => {
                 if !r.discard_step_ids.is_empty() {
-                    self.parts
-                        .retain(|(id, _, _)| !r.discard_step_ids.contains(id));
+                    self.parts.retain(|p| !r.discard_step_ids.contains(&p.id));
                     self.run_steps
                         .retain(|s| !r.discard_step_ids.contains(&s.id));
                 }
             }
-            EventBody::Usage(u) => self.usage.push(u.clone()),
+            EventBody::Usage(u) => {
+                self.max_call = self.max_call.max(Some(u.call_index));
+                self.usage.push(u.clone());
+            }
             EventBody::Final(f) => {
                 self.terminal = Some(match f.status {
                     FinalStatus::Complete => TerminalKind::Complete,
@@ -169,8 +214,8 @@ impl Aggregate {
         self.parts
             .iter_mut()
             .rev()
-            .find(|(id, _, _)| id == step_id)
-            .map(|(_, _, p)| p)
+            .find(|p| p.id == step_id)
+            .map(|p| &mut p.part)
     }
 
     /// The content part of live step `step_id`, once its first delta came.
@@ -178,8 +223,8 @@ impl Aggregate {
         self.parts
             .iter()
             .rev()
-            .find(|(id, _, _)| id == step_id)
-            .and_then(|(_, _, p)| p.as_ref())
+            .find(|p| p.id == step_id)
+            .and_then(|p| p.part.as_ref())
     }
 
     /// The response's content parts, ordered by step index.
@@ -187,7 +232,7 @@ impl Aggregate {
         let mut parts: Vec<(u32, &ContentPart)> = self
             .parts
             .iter()
-            .filter_map(|(_, i, p)| p.as_ref().map(|p| (*i, p)))
+            .filter_map(|s| s.part.as_ref().map(|p| (s.index, p)))
             .collect();
         parts.sort_by_key(|(i, _)| *i);
         parts.into_iter().map(|(_, p)| p.clone()).collect()
@@ -232,6 +277,113 @@ impl Aggregate {
         self.terminal
     }
 
+    /// The live tool calls that have no result yet, in log order: (step id, step
+    /// index, call). A job that ends with such a call gives it the cancelled result.
+    pub fn open_tool_calls(&self) -> Vec<(String, u32, ToolCall)> {
+        self.parts
+            .iter()
+            .filter_map(|s| match &s.part {
+                Some(ContentPart::ToolCall { tool_call }) if tool_call.output.is_none() => {
+                    Some((s.id.clone(), s.index, tool_call.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The model call the log stops inside, if any: one whose steps streamed but that
+    /// reported no usage; else the next one, if the log shows it had begun with
+    /// nothing streamed yet (after a `retry`, or after the last call's tool results
+    /// while fewer than `max_tool_iterations` calls asked for tools); else `None` (the
+    /// job was between a call's usage and its tools' results, or past its last call).
+    /// A log with no call at all stops inside the first one (call 0).
+    pub fn cut_off_call(&self, max_tool_iterations: u32) -> Option<u32> {
+        let with_usage = |c: u32| self.usage.iter().any(|u| u.call_index == c);
+        if let Some(call) = self
+            .parts
+            .iter()
+            .filter_map(|s| s.call)
+            .filter(|c| !with_usage(*c))
+            .max()
+        {
+            return Some(call);
+        }
+        let Some(last_call) = self.max_call else {
+            return Some(0);
+        };
+        let began = match self.last_event {
+            LastEvent::Retry => true,
+            LastEvent::ToolResult => {
+                let mut tools = self
+                    .parts
+                    .iter()
+                    .filter(|s| s.call == Some(last_call))
+                    .filter_map(|s| match &s.part {
+                        Some(ContentPart::ToolCall { tool_call }) => Some(tool_call),
+                        _ => None,
+                    })
+                    .peekable();
+                let tool_rounds = self
+                    .parts
+                    .iter()
+                    .filter(|s| matches!(s.part, Some(ContentPart::ToolCall { .. })))
+                    .filter_map(|s| s.call)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len() as u32;
+                tools.peek().is_some()
+                    && tools.all(|t| t.output.is_some())
+                    && tool_rounds < max_tool_iterations.max(1)
+            }
+            LastEvent::None | LastEvent::Other => false,
+        };
+        began.then_some(last_call + 1)
+    }
+
+    /// The assistant turns, with their tool calls and results, of the tool rounds
+    /// before model call `call`: what the owner sent back upstream after each round.
+    pub fn turns_before(&self, call: u32) -> Vec<ChatMessage> {
+        let mut turns: std::collections::BTreeMap<u32, ChatMessage> = Default::default();
+        for s in &self.parts {
+            let Some(c) = s.call.filter(|c| *c < call) else {
+                continue;
+            };
+            let turn = turns.entry(c).or_insert_with(|| ChatMessage {
+                role: Role::Assistant,
+                text: String::new(),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
+                reasoning: Vec::new(),
+            });
+            match &s.part {
+                Some(ContentPart::Text { text }) => turn.text.push_str(text),
+                Some(ContentPart::ToolCall { tool_call }) => {
+                    turn.tool_calls.push(tool_call.clone())
+                }
+                _ => {}
+            }
+        }
+        // A call answered without tools ended the job; only tool rounds went back.
+        turns
+            .into_values()
+            .filter(|t| !t.tool_calls.is_empty())
+            .collect()
+    }
+
+    /// Everything model call `call` streamed in its live steps: text, reasoning and
+    /// tool arguments, in log order.
+    pub fn output_of(&self, call: u32) -> String {
+        let mut out = String::new();
+        for s in self.parts.iter().filter(|s| s.call == Some(call)) {
+            match &s.part {
+                Some(ContentPart::Text { text }) => out.push_str(text),
+                Some(ContentPart::Think { think, .. }) => out.push_str(think),
+                Some(ContentPart::ToolCall { tool_call }) => out.push_str(&tool_call.args),
+                Some(ContentPart::RedactedThinking { .. }) | None => {}
+            }
+        }
+        out
+    }
+
     /// The `resumeState` of a `sync` frame.
     pub fn resume_state(&self) -> ResumeState {
         let created = self.created.as_ref();
@@ -248,6 +400,11 @@ impl Aggregate {
                 .to_string(),
         }
     }
+}
+
+/// The model call a run step's `runId` (`streamId:call`) names.
+fn call_of_run(run_id: &str) -> Option<u32> {
+    run_id.rsplit(':').next().and_then(|c| c.parse().ok())
 }
 
 /// The slot's tool call, turning the slot into one if it is not yet.
@@ -475,6 +632,103 @@ mod tests {
         ]);
         assert_eq!(a.text(), "the whole answer");
         assert_eq!(a.run_steps().len(), 1);
+    }
+
+    fn run_step(id: &str, index: u32, call: u32, t: StepType) -> EventBody {
+        let EventBody::RunStep(mut s) = step(id, index, t) else {
+            unreachable!()
+        };
+        s.run_id = format!("job:{call}");
+        EventBody::RunStep(s)
+    }
+
+    fn usage(call_index: u32) -> EventBody {
+        EventBody::Usage(UsageRecord {
+            call_index,
+            ..Default::default()
+        })
+    }
+
+    fn args(id: &str, a: &str) -> EventBody {
+        EventBody::RunStepDelta(RunStepDelta {
+            id: id.into(),
+            delta: ToolCallsDelta {
+                kind: StepType::ToolCalls,
+                tool_calls: vec![ToolCallChunk {
+                    id: None,
+                    name: None,
+                    args: a.into(),
+                    index: 0,
+                }],
+            },
+        })
+    }
+
+    fn result(id: &str, index: u32) -> EventBody {
+        EventBody::RunStepCompleted(RunStepCompleted {
+            result: StepResult {
+                id: id.into(),
+                index,
+                tool_call: ToolCall {
+                    id: "call_1".into(),
+                    name: "calc".into(),
+                    args: "{}".into(),
+                    output: Some("4".into()),
+                },
+            },
+        })
+    }
+
+    /// The fold of the model calls: which call the log stops in, the tool rounds
+    /// before it, what it streamed.
+    #[test]
+    fn the_call_a_log_stops_in() {
+        // Nothing streamed yet: the first call.
+        assert_eq!(fold(&[]).cut_off_call(10), Some(0));
+        // Call 0 streamed and reported no usage: it.
+        let mut events = vec![
+            run_step("s0", 0, 0, StepType::MessageCreation),
+            text("s0", "Let me "),
+            run_step("s1", 1, 0, StepType::ToolCalls),
+            args("s1", "{}"),
+        ];
+        assert_eq!(fold(&events).cut_off_call(10), Some(0));
+        assert_eq!(fold(&events).output_of(0), "Let me {}");
+        assert_eq!(fold(&events).open_tool_calls().len(), 1);
+        // Its usage came, then its tool result: the next call had begun.
+        events.push(usage(0));
+        assert_eq!(
+            fold(&events).cut_off_call(10),
+            None,
+            "between usage and results"
+        );
+        events.push(result("s1", 1));
+        let a = fold(&events);
+        assert!(a.open_tool_calls().is_empty());
+        assert_eq!(a.cut_off_call(10), Some(1));
+        assert_eq!(a.cut_off_call(1), None, "no call left under the cap");
+        let turns = a.turns_before(1);
+        assert_eq!(turns.len(), 1);
+        assert_eq!(turns[0].text, "Let me ");
+        assert_eq!(turns[0].tool_calls[0].output.as_deref(), Some("4"));
+        // Call 1 fails after streaming; the retry discards its step: call 2 had begun
+        // and streamed nothing.
+        events.extend([
+            run_step("s2", 2, 1, StepType::MessageCreation),
+            text("s2", "The answer"),
+            usage(1),
+            EventBody::Retry(Retry {
+                attempt: 1,
+                max_attempts: 3,
+                delay_ms: 10,
+                error: "x".into(),
+                discard_step_ids: vec!["s2".into()],
+            }),
+        ]);
+        let a = fold(&events);
+        assert_eq!(a.cut_off_call(10), Some(2));
+        assert_eq!(a.output_of(2), "");
+        assert_eq!(a.turns_before(2).len(), 1, "only the tool round went back");
     }
 
     proptest! {

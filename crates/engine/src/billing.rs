@@ -1,4 +1,4 @@
-//! Pricing usage into ledger lines (SPEC §7).
+//! Pricing usage into ledger lines (docs/protocol.md §7).
 //!
 //! A usage record becomes one line per token type — `input`, `output`, `reasoning`,
 //! `cache_write`, `cache_read` — each priced at its model's rate. Amounts are exact

@@ -1,4 +1,4 @@
-//! The events of a job's log (SPEC §2) and their SSE frames (SPEC §3).
+//! The events of a job's log (docs/protocol.md §2) and their SSE frames (docs/protocol.md §3).
 //!
 //! An event is `{"seq": u64, "event": "<type>", "data": {...}}`. [`EventBody`] is the
 //! `event`/`data` pair as one adjacently tagged enum, so serde writes the wire shape
@@ -20,7 +20,7 @@ pub struct Event {
     pub body: EventBody,
 }
 
-/// The `event` name and its `data`, one variant per row of SPEC §2's table.
+/// The `event` name and its `data`, one variant per row of docs/protocol.md §2's table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", content = "data")]
 pub enum EventBody {
@@ -45,7 +45,7 @@ pub enum EventBody {
     /// The upstream failed and the call will be retried; `discardStepIds` are dropped.
     #[serde(rename = "retry")]
     Retry(Retry),
-    /// One normalized usage record, after each model call (SPEC §7).
+    /// One normalized usage record, after each model call (docs/protocol.md §7).
     #[serde(rename = "usage")]
     Usage(UsageRecord),
     /// Terminal: the job completed or was aborted.
@@ -90,6 +90,14 @@ pub struct Created {
     pub model: String,
     pub sender: String,
     pub created_at: String,
+    /// The names of the request's client tools (see `manager::StartRequest`), whose
+    /// calls the job hands to the client instead of running them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_tools: Vec<String>,
+    /// A client protocol's own options for projecting this job (opaque to the engine;
+    /// the OpenAI Responses route keeps the request's echoed parameters here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_options: Option<serde_json::Value>,
 }
 
 /// Data of `on_run_step`.

@@ -8,7 +8,7 @@
 //! never the other way round.
 //!
 //! A line's unique key in the ledger is `(stream_id, call_index, token_type)`, so each
-//! model call's tokens of one type are spent exactly once (SPEC §7). Amounts are
+//! model call's tokens of one type are spent exactly once (docs/protocol.md §7). Amounts are
 //! integer micro-credits (1 credit = 1e-6 USD).
 
 use serde::{Deserialize, Serialize};

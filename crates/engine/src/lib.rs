@@ -1,7 +1,7 @@
 //! genstream's job engine.
 //!
 //! A *job* is one generation: one user message in, one assistant response out. Its
-//! output is an append-only *event log* (SPEC §2) whose events carry a `seq` 0, 1, 2, …
+//! output is an append-only *event log* (docs/protocol.md §2) whose events carry a `seq` 0, 1, 2, …
 //! with no holes. Every event is serialized once, into the bytes of its SSE frame, and
 //! those bytes are shared by every subscriber; a subscriber is nothing but a cursor into
 //! the log plus a wake-up handle, so a slow reader costs only its socket.
@@ -24,6 +24,7 @@ pub mod event;
 pub mod ledger;
 pub mod log;
 pub mod manager;
+pub mod metrics;
 pub mod persist;
 pub mod provider;
 pub mod retry;

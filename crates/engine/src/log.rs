@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::aggregate::{Aggregate, ResumeState, TerminalKind};
 use crate::event::{Event, EventBody, Frame};
 
-/// Per-job caps (SPEC §2; LESSONS: "the log is the only buffer, bounded per job").
+/// Per-job caps (docs/protocol.md §2; docs/lessons.md: "the log is the only buffer, bounded per job").
 #[derive(Clone, Copy, Debug)]
 pub struct LogLimits {
     /// Events, not counting the terminal one. Default 10,000.
@@ -58,7 +58,7 @@ struct State {
     frames: Vec<Frame>,
     bytes: usize,
     /// The fold of every non-terminal event: the snapshot for `resume=true` and the
-    /// partial answer. The terminal event is kept out of it on purpose (SPEC §3: the
+    /// partial answer. The terminal event is kept out of it on purpose (docs/protocol.md §3: the
     /// snapshot never folds in the terminal event).
     aggregate: Aggregate,
     terminal: Option<TerminalKind>,

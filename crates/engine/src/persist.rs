@@ -2,11 +2,11 @@
 //! trait so SQLite and PostgreSQL (crate `genstream-sql`) and the in-memory test double
 //! share one contract.
 //!
-//! The engine decides what to write and when (SPEC §4's ordering rules); an
+//! The engine decides what to write and when (docs/protocol.md §4's ordering rules); an
 //! implementation only stores what it is given. Every write is an upsert keyed by id,
 //! so a repeated write (a retried abort, a reaper racing the owner) is harmless.
 //!
-//! Billing (SPEC §7): [`Persistence::spend`] records priced [`Line`]s (module [`ledger`](crate::ledger)) in a ledger whose
+//! Billing (docs/protocol.md §7): [`Persistence::spend`] records priced [`Line`]s (module [`ledger`](crate::ledger)) in a ledger whose
 //! unique key is `(stream_id, call_index, token_type)` and takes the sum of the lines
 //! it actually inserted off the user's balance, in one transaction. A line spent again
 //! (by an abort racing the completion, a reaper on another replica, a retry) conflicts
@@ -175,6 +175,14 @@ pub trait Persistence: Send + Sync + 'static {
     async fn delete_conversation(&self, id: &str) -> Result<bool, EngineError>;
     /// Inserts or replaces the message with this `messageId`.
     async fn save_message(&self, message: &Message) -> Result<(), EngineError>;
+    /// Saves a message into its conversation — inserts or replaces it, and sets the
+    /// conversation's `updated_at` to the message's `created_at` — in one transaction,
+    /// and only if the conversation exists: `Ok(false)`, with nothing written, when it
+    /// does not (it was deleted). This is how the engine saves every message of a
+    /// running job, so that a job can never write into a conversation deleted under it
+    /// (another replica's delete included): the delete and this save serialize on the
+    /// conversation's row.
+    async fn add_message(&self, message: &Message) -> Result<bool, EngineError>;
     /// The message, if it exists.
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError>;
     /// The conversation's messages, oldest first (by `createdAt`, then id).
@@ -251,29 +259,19 @@ pub trait Persistence: Send + Sync + 'static {
     async fn spent_on_stream(&self, stream_id: &str) -> Result<i64, EngineError>;
 
     // API keys. Keys are looked up in the database on every request, never cached,
-    // so a revocation holds at once on every replica that shares the database. The
-    // defaults refuse, for stores that keep no keys (test doubles); every real
-    // backend implements them and runs the shared suite.
+    // so a revocation holds at once on every replica that shares the database. No
+    // default bodies: a backend that forgot them would refuse every key in silence.
 
     /// Stores a new API key's row.
     ///
     /// Errors: [`EngineError::Persistence`], also when the id or the hash exists.
-    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
-        let _ = key;
-        Err(no_api_keys())
-    }
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError>;
     /// The user's API keys, newest first (by `created_at`, then id), revoked ones
     /// included.
-    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
-        let _ = user_id;
-        Err(no_api_keys())
-    }
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError>;
     /// Revokes key `id` at `now` and returns its row; `None` for an unknown id. A key
     /// revoked already keeps its first revocation time.
-    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
-        let _ = (id, now);
-        Err(no_api_keys())
-    }
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError>;
     /// The user of the valid (not revoked) key whose hash is `hash`, or `None`. Sets
     /// the key's `last_used_at` to `now` when `now` is in a later minute than the one
     /// recorded, so a busy key costs at most one write a minute.
@@ -284,15 +282,7 @@ pub trait Persistence: Send + Sync + 'static {
         &self,
         hash: &str,
         now: &str,
-    ) -> Result<Option<String>, EngineError> {
-        let _ = (hash, now);
-        Err(no_api_keys())
-    }
-}
-
-/// What the API-key methods of a store without keys answer.
-fn no_api_keys() -> EngineError {
-    EngineError::Persistence("this database does not store API keys".into())
+    ) -> Result<Option<String>, EngineError>;
 }
 
 /// Whether a key last used at `last` should be stamped `now`: `now` is in a later
@@ -421,6 +411,15 @@ impl Persistence for MemoryPersistence {
             .messages
             .insert(m.message_id.clone(), m.clone());
         Ok(())
+    }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        let mut g = self.inner.lock();
+        let Some(c) = g.conversations.get_mut(&m.conversation_id) else {
+            return Ok(false);
+        };
+        c.updated_at.clone_from(&m.created_at);
+        g.messages.insert(m.message_id.clone(), m.clone());
+        Ok(true)
     }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         Ok(self.inner.lock().messages.get(id).cloned())

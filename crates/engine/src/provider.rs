@@ -1,11 +1,11 @@
-//! The upstream model interface (SPEC §6).
+//! The upstream model interface (docs/protocol.md §6).
 //!
 //! A provider turns one [`ModelRequest`] into a stream of [`ProviderEvent`]s: text and
 //! reasoning deltas, tool-call fragments keyed by index (OpenAI and Anthropic both
 //! stream them so), one usage report, and the finish reason. The engine turns those
 //! into log events; providers know nothing of seqs, steps or subscribers.
 //!
-//! One call of [`Provider::stream`] is one attempt. Retries (issue 3/4) wrap it in one
+//! One call of [`Provider::stream`] is one attempt. Retries (`crate::retry`) wrap it in one
 //! place, so that no provider retries on its own.
 
 use std::time::Duration;
@@ -108,7 +108,7 @@ pub enum ProviderEvent {
 /// The stream of one attempt.
 pub type ProviderStream = BoxStream<'static, Result<ProviderEvent, ProviderError>>;
 
-/// Kinds of upstream failure, which decide retryability (issue 3/4).
+/// Kinds of upstream failure, which decide retryability (`crate::retry`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderErrorKind {

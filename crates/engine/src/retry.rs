@@ -1,4 +1,4 @@
-//! The one retry layer (SPEC §6): which upstream failures are retried, how long to
+//! The one retry layer (docs/protocol.md §6): which upstream failures are retried, how long to
 //! wait, and the timeouts that turn a silent upstream into a retryable failure.
 //!
 //! Every provider goes through it, in the job task (`manager.rs`), because only the job
@@ -14,7 +14,7 @@
 //! half-delays). An upstream's `Retry-After` (seconds or
 //! an HTTP date) or `retry-after-ms` replaces the computed wait; a value above `cap` is
 //! honoured up to `ceiling`, and beyond that the job fails with an error that says how
-//! long the upstream asked to wait (LESSONS: "a Retry-After longer than the cap cut
+//! long the upstream asked to wait (docs/lessons.md: "a Retry-After longer than the cap cut
 //! short").
 
 use std::time::Duration;

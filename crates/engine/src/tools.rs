@@ -1,10 +1,10 @@
-//! Tools the model may call (SPEC §6): the [`Tool`] trait and the [`ToolRegistry`]
+//! Tools the model may call (docs/protocol.md §6): the [`Tool`] trait and the [`ToolRegistry`]
 //! the job task looks them up in. Built-in and HTTP tools live in `genstream-tools`.
 //!
 //! A tool's failure is not the job's failure: an error (or arguments that are not
 //! valid JSON) becomes an error *result* handed back to the model, which can correct
 //! itself. Cancellation (abort) makes the result `{"error":"cancelled"}`, so every tool
-//! call in the history has a result and the next request stays valid (LESSONS:
+//! call in the history has a result and the next request stays valid (docs/lessons.md:
 //! grimoire's 400s after an abort during a tool).
 //!
 //! The registry holds every tool the server knows; a job may only run the ones it was

@@ -1,4 +1,4 @@
-//! Normalized usage records (SPEC §7).
+//! Normalized usage records (docs/protocol.md §7).
 //!
 //! Providers report tokens in two shapes: OpenAI's, whose `prompt_tokens` already
 //! include cached tokens, and Anthropic's, whose `input_tokens` do not. A

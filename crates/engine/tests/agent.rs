@@ -609,7 +609,7 @@ async fn the_iteration_cap_ends_the_job_with_a_terminal_event() {
 /// A job that ends while a tool call is still open — here the log fills up while its
 /// arguments stream, so not even a "cancelled" `on_run_step_completed` fits — saves the
 /// call with the cancelled result: a stored call without a result would make every
-/// later turn fail upstream (LESSONS: grimoire).
+/// later turn fail upstream (docs/lessons.md: grimoire).
 #[tokio::test(start_paused = true)]
 async fn a_call_left_open_by_a_full_log_is_saved_with_a_result() {
     let mut script = vec![tool_chunk(0, Some("c"), Some("add"), "{\"a\":")];

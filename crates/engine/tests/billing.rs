@@ -16,7 +16,8 @@ use genstream_engine::event::{EventBody, FinalStatus, Message};
 use genstream_engine::log::{EventLog, LogLimits};
 use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, RateLimits, StartRequest};
 use genstream_engine::persist::{
-    Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
+    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest,
+    UsageRow,
 };
 use genstream_engine::provider::{
     ModelRequest, Provider, ProviderError, ProviderEvent, ProviderStream,
@@ -108,6 +109,9 @@ impl Persistence for FlakyDb {
     async fn save_message(&self, m: &Message) -> Result<(), EngineError> {
         self.inner.save_message(m).await
     }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        self.inner.add_message(m).await
+    }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         self.inner.get_message(id).await
     }
@@ -174,6 +178,22 @@ impl Persistence for FlakyDb {
     }
     async fn spent_on_stream(&self, stream_id: &str) -> Result<i64, EngineError> {
         self.inner.spent_on_stream(stream_id).await
+    }
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
+        self.inner.create_api_key(key).await
+    }
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
+        self.inner.list_api_keys(user_id).await
+    }
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
+        self.inner.revoke_api_key(id, now).await
+    }
+    async fn authenticate_api_key(
+        &self,
+        hash: &str,
+        now: &str,
+    ) -> Result<Option<String>, EngineError> {
+        self.inner.authenticate_api_key(hash, now).await
     }
 }
 
@@ -379,9 +399,13 @@ async fn estimates_use_the_upstream_models_encoding() {
     for (model, bpe) in [("cut-off", cl100k), ("cut-off-4o", o200k)] {
         let started = m.start(req("ann", model)).await.unwrap();
         let (_, log) = m.job_for("ann", &started.stream_id).await.unwrap();
-        // Wait for all six words, then abort the hanging call.
+        // Wait for all six words (woken by each append), then abort the hanging call.
+        let mut appended = log.watch();
         while log.with_aggregate(|a| a.text()).len() < streamed.len() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::timeout(Duration::from_secs(10), appended.changed())
+                .await
+                .expect("the words within 10 s")
+                .unwrap();
         }
         m.abort("ann", &started.stream_id).await.unwrap();
         let records = usage_records(&log);

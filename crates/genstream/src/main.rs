@@ -1,4 +1,4 @@
-//! `genstream`: the server and its command-line client in one binary (SPEC §8).
+//! `genstream`: the server and its command-line client in one binary (docs/protocol.md §8).
 //!
 //! - `genstream serve` runs the server;
 //! - `genstream token --user NAME` mints a JWT signed with the server's secret;
@@ -293,6 +293,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(args) => {
             let config = load_config(&args.config, args.bind, args.store)?;
+            init_logs(config.log.format);
             genstream_server::serve::run(config)
                 .await
                 .map_err(|e| e.to_string())
@@ -402,17 +403,22 @@ fn reported(r: Result<(), genstream_client::ClientError>) -> Result<(), String> 
     }
 }
 
+/// The server's log on stderr: level from `RUST_LOG` (default `info`), format from
+/// `log.format` (text, or one JSON object per line with its spans).
+fn init_logs(format: genstream_server::observe::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        genstream_server::observe::LogFormat::Text => logs.init(),
+        genstream_server::observe::LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Serve(_)) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-            )
-            .with_writer(std::io::stderr)
-            .init();
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,7 +8,7 @@
 //! server's whole log, at debug level, and checks that no token the run used — the dev
 //! token, every token the specs minted — nor any `access_token` appears in it.
 //!
-//! Chromium and the npm packages are prerequisites that `bash .ci/run` installs; when
+//! Chromium and the npm packages are prerequisites that `scripts/test` installs; when
 //! one is missing the test fails with one line naming it, never skips.
 //!
 //! `BROWSER_SCREENSHOTS=1` runs the screenshot generator instead of the tests: it
@@ -32,7 +32,7 @@ struct Prerequisites {
 }
 
 fn prerequisites() -> Result<Prerequisites, String> {
-    let install = "run `bash .ci/run`, which installs it";
+    let install = "run scripts/test, which installs it";
     let chromium = std::env::var_os("CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));

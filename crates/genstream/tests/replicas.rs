@@ -6,7 +6,7 @@
 //! - SIGKILL the owner mid-generation, with the default lease TTL and reap interval:
 //!   the other replicas notice the lapsed lease and end the job with `error`
 //!   `replica_lost` and the partial answer, saved, within 15 s; one terminal event
-//!   although two reapers raced (SPEC §5; LESSONS: "a replica that died left its jobs
+//!   although two reapers raced (docs/protocol.md §5; docs/lessons.md: "a replica that died left its jobs
 //!   running for 20 minutes").
 //! - Redis restarted while jobs stream (a redis-server of the test's own, with an
 //!   append-only file so its data survives): every job ends, every subscriber's events
@@ -168,7 +168,8 @@ async fn subscribe(
         buf.extend_from_slice(&chunk.unwrap());
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
             let raw: Vec<u8> = buf.drain(..pos + 2).collect();
-            if raw.starts_with(b":") {
+            // Comments (`: ping`) and the stream's opening `retry:` carry no event.
+            if raw.starts_with(b":") || raw.starts_with(b"retry:") {
                 continue;
             }
             frames.push(parse_frame(raw));

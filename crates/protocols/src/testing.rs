@@ -75,6 +75,8 @@ impl LogBuilder {
             model: model.into(),
             sender: model.into(),
             created_at: "2026-01-02T03:04:05.678Z".into(),
+            client_tools: Vec::new(),
+            protocol_options: None,
         }));
         b
     }

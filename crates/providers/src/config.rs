@@ -195,7 +195,7 @@ impl ModelOptions {
     }
 }
 
-/// Options of a model served by the built-in `demo` provider (SPEC §6).
+/// Options of a model served by the built-in `demo` provider (docs/protocol.md §6).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DemoOptions {

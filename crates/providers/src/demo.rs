@@ -1,4 +1,4 @@
-//! The built-in `demo` provider: no network, deterministic, scripted (SPEC §6).
+//! The built-in `demo` provider: no network, deterministic, scripted (docs/protocol.md §6).
 //!
 //! It lets genstream run and be tested with no upstream, in the manner of TensorZero's
 //! dummy provider: a model's [`DemoOptions`] choose the answer length, the token rate

@@ -52,7 +52,7 @@ pub(crate) fn endpoint(
 
 /// The HTTP client of one provider: its connect timeout (default [`CONNECT_TIMEOUT`],
 /// `[providers.NAME.timeouts] connect`), and reqwest's own retries
-/// turned off so that an attempt is exactly one request (LESSONS "Upstream retries":
+/// turned off so that an attempt is exactly one request (docs/lessons.md, "Upstream retries":
 /// SDK-internal retries multiplied the attempts; the engine's one retry layer decides).
 ///
 /// # Errors

@@ -1,10 +1,10 @@
-//! genstream's upstream model providers (SPEC §6).
+//! genstream's upstream model providers (docs/protocol.md §6).
 //!
 //! Each provider implements the engine's [`Provider`] trait: one call of
 //! [`Provider::stream`] is one attempt, turned into a stream of
 //! [`ProviderEvent`](genstream_engine::provider::ProviderEvent)s. None of them retries:
 //! the engine's one retry layer does, using the [`ProviderError`] kind, status and
-//! `retry_after` they report (LESSONS "Upstream retries": SDK-internal retries
+//! `retry_after` they report (docs/lessons.md, "Upstream retries": SDK-internal retries
 //! multiplied the attempts).
 //!
 //! - [`demo`]: built in, no network, deterministic; scripted behaviours for tests.

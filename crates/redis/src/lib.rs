@@ -167,6 +167,7 @@ pub struct RedisStore {
 
 /// A Redis failure (or a reply we cannot read), keeping its cause: worth retrying.
 fn store_err(e: impl Into<BoxError>) -> StoreError {
+    genstream_engine::metrics::redis_error();
     StoreError::unavailable("redis", e)
 }
 

@@ -23,12 +23,7 @@ pub(crate) struct Gate {
     pub(crate) release: tokio::sync::Semaphore,
 }
 
-fn redis_url() -> String {
-    std::env::var("GENSTREAM_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
-}
+use genstream_test_support::redis_url;
 
 fn config(prefix: &str) -> RedisConfig {
     let mut cfg = RedisConfig::new(&redis_url());

@@ -27,7 +27,8 @@ use genstream_engine::event::{
 };
 use genstream_engine::manager::{JobManager, ManagerConfig};
 use genstream_engine::persist::{
-    Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
+    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest,
+    UsageRow,
 };
 use genstream_engine::store::{EventLogStore, JobCoordination, JobMeta, JobStore};
 use genstream_engine::usage::{UsageRecord, count_tokens};
@@ -63,6 +64,13 @@ impl Persistence for FlakyDb {
             return Err(EngineError::Persistence("refused by the test".into()));
         }
         self.db.save_message(m).await
+    }
+    async fn add_message(&self, m: &Message) -> Result<bool, EngineError> {
+        if self.refuse.lock().contains(&m.message_id) {
+            self.saves_refused.store(true, Ordering::SeqCst);
+            return Err(EngineError::Persistence("refused by the test".into()));
+        }
+        self.db.add_message(m).await
     }
     async fn get_message(&self, id: &str) -> Result<Option<Message>, EngineError> {
         self.db.get_message(id).await
@@ -107,6 +115,22 @@ impl Persistence for FlakyDb {
     }
     async fn spent_on_stream(&self, s: &str) -> Result<i64, EngineError> {
         self.db.spent_on_stream(s).await
+    }
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), EngineError> {
+        self.db.create_api_key(key).await
+    }
+    async fn list_api_keys(&self, user_id: &str) -> Result<Vec<ApiKey>, EngineError> {
+        self.db.list_api_keys(user_id).await
+    }
+    async fn revoke_api_key(&self, id: &str, now: &str) -> Result<Option<ApiKey>, EngineError> {
+        self.db.revoke_api_key(id, now).await
+    }
+    async fn authenticate_api_key(
+        &self,
+        hash: &str,
+        now: &str,
+    ) -> Result<Option<String>, EngineError> {
+        self.db.authenticate_api_key(hash, now).await
     }
 }
 

@@ -1,4 +1,4 @@
-//! Bearer auth: HS256 JWTs (SPEC §4: `sub` is the user id, `exp` is checked) and API
+//! Bearer auth: HS256 JWTs (docs/protocol.md §4: `sub` is the user id, `exp` is checked) and API
 //! keys.
 //!
 //! Every `/api` route takes `Authorization: Bearer <token>`; the stream route also
@@ -102,7 +102,6 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<String, ApiEr
     }
     let user = state
         .manager
-        .db()
         .authenticate_api_key(&hash_api_key(token), &genstream_engine::now_rfc3339())
         .await?;
     user.ok_or_else(|| ApiError::Unauthorized("unknown or revoked API key".into()))
@@ -115,7 +114,7 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
-    /// Issued at, seconds since the Unix epoch. Optional on tokens we verify: SPEC §4
+    /// Issued at, seconds since the Unix epoch. Optional on tokens we verify: docs/protocol.md §4
     /// asks only for `sub` and `exp`, and another issuer may leave it out.
     #[serde(default)]
     pub iat: u64,
@@ -191,7 +190,7 @@ pub fn parse_ttl(s: &str) -> Option<Duration> {
     Some(Duration::from_secs(n.checked_mul(mult)?))
 }
 
-fn bearer(parts: &Parts) -> Option<Result<&str, ApiError>> {
+pub(crate) fn bearer(parts: &Parts) -> Option<Result<&str, ApiError>> {
     let value = parts.headers.get(axum::http::header::AUTHORIZATION)?;
     Some(
         value

@@ -1,6 +1,6 @@
 //! The client address behind the per-IP rate limit.
 //!
-//! `X-Forwarded-For` is believed only from configured trusted proxies (LESSONS:
+//! `X-Forwarded-For` is believed only from configured trusted proxies (docs/lessons.md:
 //! "Security"): anyone can send the header, so from an untrusted peer it is ignored and
 //! the peer's own address counts. Behind a chain of trusted proxies the header is read
 //! from the right, hop by hop: a trusted hop passes the walk on to the entry before it;

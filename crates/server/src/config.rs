@@ -1,4 +1,4 @@
-//! Layered configuration (SPEC §8): defaults, then `genstream.toml` (or `--config`),
+//! Layered configuration (docs/protocol.md §8): defaults, then `genstream.toml` (or `--config`),
 //! then `GENSTREAM_*` environment variables, then command-line flags.
 //!
 //! Every problem is a start-up error that names the key, never a silent fallback:
@@ -57,6 +57,11 @@ pub struct Config {
     /// Database URL: `sqlite://genstream.db` (default), `sqlite::memory:`,
     /// `postgres://…`.
     pub database: String,
+    /// Where `GET /metrics` is served: absent (default) = on `bind`, with the API;
+    /// an address = there only, apart from the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_bind: Option<String>,
+    pub log: crate::observe::LogConfig,
     pub redis: RedisSection,
     pub pool: PoolSection,
     pub auth: AuthConfig,
@@ -83,6 +88,10 @@ pub struct ConfigFile {
     bind: String,
     store: String,
     database: String,
+    #[serde(default)]
+    metrics_bind: Option<String>,
+    #[serde(default)]
+    log: crate::observe::LogConfig,
     #[serde(default)]
     redis: RedisSection,
     #[serde(default)]
@@ -160,6 +169,8 @@ impl TryFrom<ConfigFile> for Config {
             bind: file.bind,
             store: file.store,
             database: file.database,
+            metrics_bind: file.metrics_bind,
+            log: file.log,
             redis: file.redis,
             pool: file.pool,
             auth: file.auth,
@@ -351,6 +362,10 @@ pub struct HttpConfig {
     /// Interval of `: ping` comments on SSE streams. Default `"15s"`.
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
+    /// The `retry:` field every SSE response opens with, the time a browser's
+    /// EventSource waits before it reconnects (sent in ms). Default `"1s"`.
+    #[serde(with = "humantime_serde")]
+    pub sse_retry: Duration,
 }
 
 impl Default for HttpConfig {
@@ -358,6 +373,7 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 1024 * 1024,
             keepalive: Duration::from_secs(15),
+            sse_retry: SECOND,
         }
     }
 }
@@ -401,6 +417,8 @@ impl Default for Config {
             bind: "127.0.0.1:3080".into(),
             store: "memory".into(),
             database: "sqlite://genstream.db".into(),
+            metrics_bind: None,
+            log: Default::default(),
             redis: RedisSection::default(),
             pool: PoolSection::default(),
             auth: AuthConfig::default(),
@@ -507,6 +525,7 @@ impl Config {
     /// least 1; `jobs.max_tool_iterations` 1 to 1000; `redis.lease_ttl` 300ms to 1day;
     /// `redis.running_ttl` 1s to 30days; `redis.timeout` 50ms to 10m;
     /// `pool.acquire_timeout` 1ms to 10m; `http.keepalive` 1s to 1h;
+    /// `http.sse_retry` 100ms to 1h;
     /// `http.max_body_bytes` at least 1; `balance.refill_interval` 0s to 30days;
     /// `[[tools]] timeout` 1ms to 1h; and those of `genstream_providers::config` for
     /// the provider sections and model options.
@@ -553,6 +572,7 @@ impl Config {
             10 * MINUTE,
         )?;
         check_duration("http.keepalive", self.http.keepalive, SECOND, HOUR)?;
+        check_duration("http.sse_retry", self.http.sse_retry, 100 * MS, HOUR)?;
         check_count(
             "http.max_body_bytes",
             self.http.max_body_bytes as u64,
@@ -774,6 +794,7 @@ mod tests {
             )?;
             jail.set_env("GENSTREAM_BIND", "127.0.0.1:2");
             jail.set_env("GENSTREAM_JOBS__STALL_TIMEOUT", "7s");
+            jail.set_env("GENSTREAM_HTTP__SSE_RETRY", "2500ms");
             jail.set_env("GENSTREAM_JWT_SECRET", "from-env");
             jail.set_env("GENSTREAM_TEST_SOMETHING", "ignored");
             jail.set_env("GENSTREAM_TOKEN", "the client's, ignored");
@@ -785,6 +806,8 @@ mod tests {
                 "file beats defaults"
             );
             assert_eq!(c.jobs.stall_timeout, Duration::from_secs(7));
+            assert_eq!(c.http.sse_retry, Duration::from_millis(2500));
+            assert_eq!(Config::default().http.sse_retry, Duration::from_secs(1));
             assert_eq!(c.auth.jwt_secret.as_deref(), Some("from-env"));
             assert_eq!(c.database, "sqlite://genstream.db", "default");
             assert_eq!(c.models[0].name, "demo");
@@ -860,6 +883,10 @@ mod tests {
                 (
                     "[http]\nkeepalive = \"0s\"\n",
                     &["`http.keepalive`", "1s to 1h"],
+                ),
+                (
+                    "[http]\nsse_retry = \"10ms\"\n",
+                    &["`http.sse_retry`", "100ms to 1h"],
                 ),
                 (
                     "[jobs]\nreap_interval = \"1ms\"\n",

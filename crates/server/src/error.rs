@@ -28,6 +28,10 @@ pub enum ApiError {
     /// The route exists but not with this method (405).
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    /// A job the request waited for failed (`/v1` non-streaming answers): 502 when the
+    /// upstream failed, 500 otherwise; `code` is genstream's (`upstream_error`, …).
+    #[error("{message}")]
+    JobFailed { code: String, message: String },
 }
 
 impl ApiError {
@@ -60,7 +64,91 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::JobFailed { code, .. } if code == "upstream_error" => {
+                (StatusCode::BAD_GATEWAY, "upstream_error")
+            }
+            ApiError::JobFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
+    }
+
+    /// The parameter a 400 is about, when it names one (`EngineError::BadRequest`'s
+    /// field).
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::Engine(EngineError::BadRequest { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// An [`ApiError`] in OpenAI's shape, for the `/v1` routes:
+/// `{"error": {"message", "type", "param", "code"}}` with the same status as on
+/// `/api`. `type` is OpenAI's class of the status (`invalid_request_error` for 400,
+/// 404, 409 and 413; `authentication_error` 401; `permission_error` 403;
+/// `rate_limit_error` 429; `insufficient_quota` 402; `server_error` 5xx); `param`
+/// names the request field of a 400 (OpenAI's own names, e.g. `messages[2].content`);
+/// `code` is genstream's code (`invalid_request`, `not_found`, `rate_limited`, …).
+#[derive(Debug)]
+pub struct OpenAiError {
+    pub error: ApiError,
+    /// Overrides the parameter the error names (`None`: what the error says).
+    pub param: Option<String>,
+}
+
+impl OpenAiError {
+    /// A 400 about request parameter `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        OpenAiError {
+            error: EngineError::bad_request(param, message).into(),
+            param: None,
+        }
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for OpenAiError {
+    fn from(e: E) -> Self {
+        OpenAiError {
+            error: e.into(),
+            param: None,
+        }
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.error.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self.error, code, "request failed");
+        }
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        let param = self
+            .param
+            .as_deref()
+            .or_else(|| self.error.param())
+            .map(str::to_owned);
+        let message = match &self.error {
+            // The field is in `param`; the message is the engine's own.
+            ApiError::Engine(EngineError::BadRequest { message, .. }) => message.clone(),
+            e => e.to_string(),
+        };
+        let body = json!({"error": {"message": message, "type": kind, "param": param,
+            "code": code}});
+        let mut resp = (status, Json(body)).into_response();
+        if let ApiError::Engine(EngineError::RateLimited { retry_after_ms, .. }) = &self.error {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        resp
     }
 }
 

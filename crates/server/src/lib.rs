@@ -1,4 +1,4 @@
-//! genstream's HTTP layer (SPEC §3, §4).
+//! genstream's HTTP layer (docs/protocol.md §3, §4).
 //!
 //! Handlers are thin: authenticate, parse and validate, call one function of the
 //! engine's [`JobManager`], turn the result into a response. Every error goes through
@@ -10,9 +10,11 @@ pub mod auth;
 pub mod client_ip;
 pub mod config;
 pub mod error;
+pub mod observe;
+pub mod openai;
 mod routes;
 pub mod serve;
-mod sse;
+pub mod sse;
 pub mod ui;
 
 use std::sync::Arc;
@@ -33,14 +35,23 @@ pub struct AppState {
     pub auth: Arc<auth::JwtKeys>,
     /// Interval of `: ping` keep-alive comments on SSE streams. Default 15 s.
     pub keepalive: Duration,
+    /// The `retry:` field every SSE response opens with: how long a browser's
+    /// EventSource waits before it reconnects. Default 1000 ms.
+    pub sse_retry: Duration,
     /// Proxies whose `X-Forwarded-For` is believed, for the per-IP rate limit.
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }
 
-/// The router with every route of SPEC §4, and the web app (`ui`). `max_body_bytes` bounds request bodies
-/// (over it: 413).
+/// The router with every route of docs/protocol.md §4, and the web app (`ui`). `max_body_bytes` bounds request bodies
+/// (over it: 413). Every response carries `x-request-id`, every request is logged and
+/// counted (`observe.rs`).
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+    app_with(state, max_body_bytes, Router::new())
+}
+
+/// [`app`] with `extra` routes (`GET /metrics`) behind the same layers.
+pub fn app_with(state: AppState, max_body_bytes: usize, extra: Router) -> Router {
+    let routes = Router::new()
         .route("/api/chat", post(routes::start_chat))
         .route("/api/chat/stream/{stream_id}", get(sse::stream))
         .route("/api/chat/active", get(routes::active))
@@ -60,11 +71,13 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/api/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .nest("/v1", openai::router())
         // The web app at `/` (and its deep links `/c/{id}`); see `ui.rs`.
         .merge(ui::router())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::Extension(routes::BodyLimit(max_body_bytes)))
-        .with_state(state)
+        .with_state(state);
+    observe::layers(routes.merge(extra))
 }

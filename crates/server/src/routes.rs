@@ -1,4 +1,4 @@
-//! The JSON routes of SPEC §4. Each handler: authenticate, parse, call the engine,
+//! The JSON routes of docs/protocol.md §4. Each handler: authenticate, parse, call the engine,
 //! answer. The SSE route lives in `sse.rs`.
 
 use axum::Json;
@@ -103,6 +103,7 @@ pub async fn start_chat(
             system_prompt: body.system_prompt,
             tools: body.tools.unwrap_or_default(),
             client_ip: client_ip.map(|ip| ip.to_string()),
+            ..Default::default()
         })
         .await?;
     let mut v = serde_json::to_value(&started).unwrap_or_default();
@@ -131,16 +132,6 @@ pub async fn status(
     AuthUser(user): AuthUser,
     Path(conversation_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    // A conversation of another user is 403 even when it has no job in the store.
-    if let Some(c) = state
-        .manager
-        .db()
-        .get_conversation(&conversation_id)
-        .await?
-        && c.user_id != user
-    {
-        return Err(EngineError::Forbidden(format!("conversation {conversation_id}")).into());
-    }
     match state.manager.status(&user, &conversation_id).await? {
         None => Ok(Json(json!({"active": false}))),
         Some((meta, resume)) => Ok(Json(json!({
@@ -187,25 +178,11 @@ pub async fn abort(
     })))
 }
 
-async fn own_conversation(
-    state: &AppState,
-    user: &str,
-    id: &str,
-) -> Result<genstream_engine::persist::Conversation, ApiError> {
-    match state.manager.db().get_conversation(id).await? {
-        None => Err(EngineError::NotFound(format!("conversation {id}")).into()),
-        Some(c) if c.user_id != user => {
-            Err(EngineError::Forbidden(format!("conversation {id}")).into())
-        }
-        Some(c) => Ok(c),
-    }
-}
-
 pub async fn list_conversations(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let list = state.manager.db().list_conversations(&user).await?;
+    let list = state.manager.conversations(&user).await?;
     Ok(Json(json!({ "conversations": list })))
 }
 
@@ -214,7 +191,7 @@ pub async fn get_conversation(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let c = own_conversation(&state, &user, &id).await?;
+    let c = state.manager.own_conversation(&user, &id).await?;
     Ok(Json(serde_json::to_value(c).unwrap_or_default()))
 }
 
@@ -223,24 +200,18 @@ pub async fn list_messages(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    own_conversation(&state, &user, &id).await?;
-    let messages = state.manager.db().list_messages(&id).await?;
+    let messages = state.manager.messages(&user, &id).await?;
     Ok(Json(json!({ "messages": messages })))
 }
 
+/// `DELETE /api/conversations/{id}`: 409 `conversation_busy` while a generation runs
+/// (abort first); atomic against a chat starting in it (`JobManager::delete_conversation`).
 pub async fn delete_conversation(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    own_conversation(&state, &user, &id).await?;
-    // Deleting under a running generation would orphan its answer; abort first.
-    if let Some((meta, _)) = state.manager.status(&user, &id).await?
-        && meta.status == genstream_engine::store::JobStatus::Running
-    {
-        return Err(EngineError::ConversationBusy(id).into());
-    }
-    let deleted = state.manager.db().delete_conversation(&id).await?;
+    let deleted = state.manager.delete_conversation(&user, &id).await?;
     Ok(Json(json!({ "deleted": deleted })))
 }
 
@@ -317,7 +288,6 @@ pub async fn usage(
     };
     let rows = state
         .manager
-        .db()
         .usage_report(&user, period, q.limit.unwrap_or(100).clamp(1, 1000))
         .await?;
     let rows: Vec<_> = rows
@@ -343,8 +313,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let store = state.manager.store().ping().await;
-    let db = state.manager.db().ping().await;
+    let (store, db) = state.manager.readiness().await;
     let body = json!({
         "store": store.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
         "database": db.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),

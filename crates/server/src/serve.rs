@@ -8,9 +8,9 @@ use genstream_engine::persist::Persistence;
 use genstream_engine::store::{JobStore, MemoryStore};
 use tokio::net::TcpListener;
 
+use crate::AppState;
 use crate::auth::{JwtKeys, random_secret};
 use crate::config::Config;
-use crate::{AppState, app};
 
 /// Start-up failures; each is one line naming what could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
             manager,
             auth: Arc::new(JwtKeys::new(&secret)),
             keepalive: config.http.keepalive,
+            sse_retry: config.http.sse_retry,
             trusted_proxies: Arc::new(
                 crate::client_ip::parse_proxies(&config.limits.trusted_proxies)
                     .map_err(ServeError::Config)?,
@@ -148,8 +149,11 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
 ///
 /// Prints `genstream listening on http://ADDR` on stdout once it accepts connections
 /// (tests read the port from it), and before it, when no secret is configured, a token
-/// for user `dev` and the web app's sign-in link with that token in its fragment.
+/// for user `dev` and the web app's sign-in link with that token in its fragment, and
+/// `genstream metrics on http://ADDR/metrics` when `metrics_bind` is set.
 pub async fn run(config: Config) -> Result<(), ServeError> {
+    // The recorder first, so nothing recorded during start-up is lost.
+    let prometheus = crate::observe::prometheus();
     let (state, generated) = build_state(&config).await?;
     let listener = TcpListener::bind(&config.bind)
         .await
@@ -160,6 +164,28 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
     state.manager.spawn_reaper();
     let manager = state.manager.clone();
+    // GET /metrics: with the API, or on a listener of its own.
+    let metrics = prometheus.map(|handle| crate::observe::metrics_router(handle, manager.clone()));
+    let extra = match (&config.metrics_bind, metrics) {
+        (Some(bind), Some(metrics)) => {
+            let listener = TcpListener::bind(bind)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: bind.clone(),
+                    source,
+                })?;
+            let at = listener.local_addr()?;
+            println!("genstream metrics on http://{at}/metrics");
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, crate::observe::layers(metrics)).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+            axum::Router::new()
+        }
+        (None, Some(metrics)) => metrics,
+        (_, None) => axum::Router::new(),
+    };
     // With no configured secret this is a local set-up: hand the user a token at
     // every start, so the walkthrough needs no extra step.
     if generated && let Ok(token) = state.auth.mint("dev", Duration::from_secs(30 * 86_400)) {
@@ -170,7 +196,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     println!("genstream listening on http://{addr}");
     tracing::info!(%addr, store = %config.store, "listening");
 
-    let router = app(state, config.http.max_body_bytes);
+    let router = crate::app_with(state, config.http.max_body_bytes, extra);
     let grace = config.jobs.shutdown_grace;
     let stopped = manager.clone();
     axum::serve(

@@ -1,4 +1,4 @@
-//! `GET /api/chat/stream/{streamId}` (SPEC §3).
+//! `GET /api/chat/stream/{streamId}` (docs/protocol.md §3).
 //!
 //! Everything that can fail is checked before the first byte, so those failures are
 //! plain JSON 4xx answers: authentication, the job's existence and owner, and the
@@ -13,6 +13,10 @@
 //! the cursor ([`EventLogStore::read_range`](genstream_engine::store::EventLogStore::read_range)),
 //! while the copy fills; the reader moves to the copy at the seq it reached, so the
 //! first byte does not wait for the whole log to be read.
+//!
+//! Every stream opens with `retry: N` (`http.sse_retry`, 1000 ms by default) on a line
+//! of its own, so a browser's EventSource reconnects after N ms instead of its own
+//! default of about three seconds (docs/protocol.md §3).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -61,7 +65,7 @@ pub async fn stream(
         state.manager.job_meta_for(&user, &stream_id).await?;
         store.ready_log(&stream_id)
     };
-    // The query's cursor wins over Last-Event-ID (SPEC §3).
+    // The query's cursor wins over Last-Event-ID (docs/protocol.md §3).
     let cursor = match (&query.cursor, headers.get("last-event-id")) {
         (Some(c), _) => Some(parse_cursor("cursor", c)?),
         (None, Some(h)) => Some(parse_cursor(
@@ -131,12 +135,17 @@ pub async fn stream(
         }
     };
 
+    let first = match first {
+        Some(sync) => [retry_field(state.sse_retry), sync].concat().into(),
+        None => retry_field(state.sse_retry),
+    };
     let sub = Subscriber {
         source,
         cursor,
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
-        first,
+        first: Some(first),
+        conn: crate::observe::Connected::new(),
     };
     let body = Body::from_stream(futures::stream::unfold(sub, Subscriber::next));
     let mut resp = Response::new(body);
@@ -151,6 +160,13 @@ pub async fn stream(
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(resp)
+}
+
+/// The SSE `retry:` field, in whole milliseconds, as a block of its own: it sets the
+/// reconnection time of an EventSource and dispatches no event (WHATWG HTML,
+/// server-sent events: a block without `data` is no event).
+pub fn retry_field(retry: std::time::Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", retry.as_millis()))
 }
 
 fn parse_cursor(field: &str, v: &str) -> Result<u64, EngineError> {
@@ -169,7 +185,7 @@ const FIRST_PAGE: usize = 100;
 const PAGE: usize = 1000;
 
 /// Where the cursor and the first frame of a read from this replica's copy of the log
-/// come from: the `resume=true` snapshot (SPEC §3), or the client's cursor checked
+/// come from: the `resume=true` snapshot (docs/protocol.md §3), or the client's cursor checked
 /// against the head (this replica's copy may lag the replica the client read from).
 async fn warm_start(
     state: &AppState,
@@ -180,7 +196,7 @@ async fn warm_start(
 ) -> Result<(Option<u64>, Option<Bytes>), ApiError> {
     if resume {
         // The snapshot carries the seq it folds, so replaying from there cannot
-        // duplicate or skip anything (LESSONS: LibreChat #12225).
+        // duplicate or skip anything (docs/lessons.md: LibreChat #12225).
         let (seq, resume_state) = log.snapshot();
         let first = match seq {
             Some(n) => {
@@ -196,12 +212,8 @@ async fn warm_start(
     if let Some(c) = cursor {
         let mut head = log.head();
         if head.is_none_or(|h| c > h) {
-            state
-                .manager
-                .store()
-                .sync_log(stream_id)
-                .await
-                .map_err(EngineError::from)?;
+            // This replica's mirror may lag the replica the client read from.
+            state.manager.catch_up(stream_id).await?;
             head = log.head();
         }
         if head.is_none_or(|h| c > h) {
@@ -242,6 +254,8 @@ struct Subscriber {
     done: bool,
     ping: Interval,
     first: Option<Bytes>,
+    /// The subscribers gauge and this connection's count of frames delivered.
+    conn: crate::observe::Connected,
 }
 
 impl Subscriber {
@@ -265,6 +279,7 @@ impl Subscriber {
                     if let Some(f) = log.frame_after(self.cursor) {
                         self.cursor = Some(f.seq);
                         self.done = f.terminal;
+                        self.conn.frame();
                         return Some((Ok(f.bytes), self));
                     }
                     if log.terminal().is_some() {
@@ -272,6 +287,8 @@ impl Subscriber {
                         // is behind us, so waiting could only ever send pings.
                         return None;
                     }
+                    // Caught up: the frames counted so far may go to the shared counter.
+                    self.conn.idle();
                     tokio::select! {
                         changed = rx.changed() => {
                             if changed.is_err() {
@@ -295,6 +312,7 @@ impl Subscriber {
                         if f.seq == next_seq {
                             self.cursor = Some(f.seq);
                             self.done = f.terminal;
+                            self.conn.frame();
                             return Some((Ok(f.bytes), self));
                         }
                         // Never skip or repeat a seq: read again from the cursor.

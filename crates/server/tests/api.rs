@@ -464,7 +464,7 @@ async fn cursor_at_the_terminal_event_is_204_and_ends_at_once() {
     assert!(is_terminal(&prev[0]));
 }
 
-/// SPEC §4 asks only for `sub` and `exp`; a token from another issuer without `iat`
+/// docs/protocol.md §4 asks only for `sub` and `exp`; a token from another issuer without `iat`
 /// must work.
 #[tokio::test]
 async fn a_token_with_only_sub_and_exp_is_accepted() {
@@ -766,4 +766,117 @@ async fn idle_streams_get_keepalive_comments_every_15s() {
             && pings[1] < std::time::Duration::from_secs(31),
         "{pings:?}"
     );
+}
+
+/// Every stream opens with the SSE `retry:` field (`http.sse_retry`, 1000 ms by
+/// default), before any event or snapshot: a browser's EventSource then reconnects
+/// after that long rather than its own default of about three seconds.
+#[tokio::test]
+async fn streams_open_with_the_configured_retry_field() {
+    async fn raw(router: &axum::Router, uri: &str) -> String {
+        let req = Request::get(uri)
+            .header("authorization", format!("Bearer {}", token("alice")))
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+    let app = test_app(default_models());
+    let sid = start(&app, "alice", json!({"text": "hi"})).await["streamId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stream = format!("/api/chat/stream/{sid}");
+
+    let body = raw(&app.router, &stream).await;
+    assert!(
+        body.starts_with("retry: 1000\n\nid: 0\nevent: created\n"),
+        "{body:.80}"
+    );
+    // The snapshot follows the field, as the next block.
+    let body = raw(&app.router, &format!("{stream}?resume=true")).await;
+    assert!(body.starts_with("retry: 1000\n\nid: "), "{body:.80}");
+    assert!(body.contains("\nevent: sync\n"), "{body:.200}");
+    // The field dispatches no event: the frames parsed are the log's, from seq 0.
+    let frames = read_stream(&app, &stream, "alice").await;
+    assert_eq!(frames[0].id, Some(0));
+
+    // The configured value is what is sent, in milliseconds.
+    let mut state = app.state.clone();
+    state.sse_retry = std::time::Duration::from_millis(2500);
+    let router = genstream_server::app(state, MAX_BODY);
+    let body = raw(&router, &format!("{stream}?cursor=3")).await;
+    assert!(body.starts_with("retry: 2500\n\nid: 4\n"), "{body:.80}");
+}
+
+/// `DELETE /api/conversations/{id}` raced against `POST /api/chat` in the same
+/// conversation, 100 times: the delete is 409 `conversation_busy` (the job runs, the
+/// conversation keeps its messages) or the chat is 404 (the conversation is gone,
+/// nothing written). Never both 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_racing_a_chat_is_409_or_the_chat_is_404() {
+    let app = std::sync::Arc::new(test_app(default_models()));
+    let t = token("alice");
+    let (mut refused, mut deleted) = (0, 0);
+    for round in 0..100 {
+        let first = start(&app, "alice", json!({"text": "first", "model": "demo"})).await;
+        let cid = first["conversationId"].as_str().unwrap().to_string();
+        // Let the first turn end, so only the racing chat can be running.
+        let frames = read_stream(
+            &app,
+            &format!("/api/chat/stream/{}", first["streamId"].as_str().unwrap()),
+            "alice",
+        )
+        .await;
+        assert_eq!(frames.last().unwrap().event.as_deref(), Some("final"));
+        let body = json!({"text": "again", "model": "slow", "conversationId": cid}).to_string();
+        let chat = tokio::spawn({
+            let (app, t) = (app.clone(), t.clone());
+            async move { call(&app, "POST", "/api/chat", Some(&t), Some(&body)).await }
+        });
+        let delete = tokio::spawn({
+            let (app, t, uri) = (app.clone(), t.clone(), format!("/api/conversations/{cid}"));
+            async move { call(&app, "DELETE", &uri, Some(&t), None).await }
+        });
+        let ((cs, cv), (ds, dv)) = (chat.await.unwrap(), delete.await.unwrap());
+        match (cs, ds) {
+            (StatusCode::OK, StatusCode::CONFLICT) => {
+                refused += 1;
+                assert_eq!(dv["error"]["code"], "conversation_busy", "{dv}");
+                let abort = json!({"streamId": cv["streamId"]}).to_string();
+                let (s, v) = call(&app, "POST", "/api/chat/abort", Some(&t), Some(&abort)).await;
+                assert_eq!(s, StatusCode::OK, "{v}");
+                assert_eq!(v["responseMessage"]["unfinished"], true, "{v}");
+                let (s, v) = call(
+                    &app,
+                    "GET",
+                    &format!("/api/conversations/{cid}/messages"),
+                    Some(&t),
+                    None,
+                )
+                .await;
+                assert_eq!(s, StatusCode::OK);
+                assert_eq!(v["messages"].as_array().unwrap().len(), 4, "{v}");
+            }
+            (StatusCode::NOT_FOUND, StatusCode::OK) => {
+                deleted += 1;
+                assert_eq!(dv["deleted"], true);
+                let (s, _) = call(
+                    &app,
+                    "GET",
+                    &format!("/api/conversations/{cid}"),
+                    Some(&t),
+                    None,
+                )
+                .await;
+                assert_eq!(s, StatusCode::NOT_FOUND);
+            }
+            other => panic!("round {round}: {other:?}: chat {cv}, delete {dv}"),
+        }
+    }
+    app.state.manager.wait_idle().await;
+    assert_eq!(refused + deleted, 100);
+    eprintln!("delete refused {refused}, chat refused {deleted}");
 }

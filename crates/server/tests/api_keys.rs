@@ -32,6 +32,7 @@ fn replica(db: Arc<dyn Persistence>) -> Router {
             manager,
             auth: Arc::new(JwtKeys::new(SECRET)),
             keepalive: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(1),
             trusted_proxies: Arc::new(Vec::new()),
         },
         MAX_BODY,

@@ -1,4 +1,4 @@
-//! Usage, billing, balances and limits end to end (SPEC §7): credits in
+//! Usage, billing, balances and limits end to end (docs/protocol.md §7): credits in
 //! `final` and the abort answer; exactly-once spending under randomized races of
 //! completion vs abort vs repeated abort vs the reaper (the owner presumed dead
 //! mid-stream) across two Redis replicas, on SQLite and on PostgreSQL, with balances

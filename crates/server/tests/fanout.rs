@@ -1,7 +1,7 @@
 //! Fan-out and lifecycle over real loopback HTTP: 50 subscribers joining before,
 //! during and after a generation receive byte-identical streams; concurrent aborts
 //! produce one terminal event and one answer; a new turn in the same conversation gets
-//! a new log starting at seq 0 while old subscribers are unaffected (LESSONS: LibreChat
+//! a new log starting at seq 0 while old subscribers are unaffected (docs/lessons.md: LibreChat
 //! #13117, #14411); cursors compare as integers (LangGraph #8112).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

@@ -5,12 +5,12 @@
 //! (`serve::build_state`: its own Redis connections and its own `JobManager`) behind its
 //! own loopback listener. Every test uses a Redis key prefix of its own.
 //!
-//! - SPEC §3's guarantee across replicas: readers that disconnect at random points and
+//! - docs/protocol.md §3's guarantee across replicas: readers that disconnect at random points and
 //!   reconnect to a random replica, by `Last-Event-ID`, `cursor` or `resume=true`, get
 //!   exactly the log (300 proptest plans per run, some jobs read while they run, some
 //!   after they ended), byte for byte what Redis holds.
 //! - One job watched from all three replicas from seq 0: identical bytes.
-//! - Abort from a replica that does not own the job (LESSONS: LibreChat #11462, #13611,
+//! - Abort from a replica that does not own the job (docs/lessons.md: LibreChat #11462, #13611,
 //!   #11433): the partial answer is saved before the answer, the owner stops, one
 //!   terminal event, repeat gives the same body, a finished job is 409.
 //! - Two reapers racing to end the same orphaned jobs: one terminal event per job.
@@ -195,11 +195,15 @@ impl RawFrame {
     }
 }
 
-/// Splits complete frames (ending with a blank line) off the front of `buf`.
+/// Splits complete frames (ending with a blank line) off the front of `buf`, leaving
+/// out the stream's opening `retry:` field, which carries no event.
 fn take_frames(buf: &mut Vec<u8>) -> Vec<RawFrame> {
     let mut out = Vec::new();
     while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
         let raw: Vec<u8> = buf.drain(..pos + 2).collect();
+        if raw.starts_with(b"retry:") {
+            continue;
+        }
         out.push(parse_frame(raw));
     }
     out
@@ -660,8 +664,14 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
     .expect("the job ends");
     assert_eq!(a, b, "A and B served different bytes");
     assert_eq!(a, c, "A and C served different bytes");
-    let stored: Vec<u8> = cl.prefix.log(&sid).await.concat();
-    assert_eq!(a, stored, "the replicas serve exactly what Redis holds");
+    // After the `retry:` field every stream opens with, the replicas serve exactly
+    // what Redis holds.
+    let stored: Vec<u8> = [
+        b"retry: 1000\n\n".to_vec(),
+        cl.prefix.log(&sid).await.concat(),
+    ]
+    .concat();
+    assert!(a == stored, "the replicas serve exactly what Redis holds");
     let mut buf = a.clone();
     let frames = take_frames(&mut buf);
     assert!(buf.is_empty());
@@ -934,7 +944,7 @@ async fn racing_reapers_end_each_orphan_once() {
 }
 
 /// As above, and the database holds exactly the message the terminal event carries
-/// (LESSONS: one writer per message): only the reaper that won the end claim saves it.
+/// (docs/lessons.md: one writer per message): only the reaper that won the end claim saves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_reapers_write_the_partial_message_once() {
     racing_reapers(true).await;
@@ -1038,6 +1048,8 @@ async fn racing_reapers(strict: bool) {
                 model: "demo".into(),
                 sender: "demo".into(),
                 created_at: meta.created_at.clone(),
+                client_tools: Vec::new(),
+                protocol_options: None,
             }),
             EventBody::RunStep(RunStep {
                 id: "step_0".into(),

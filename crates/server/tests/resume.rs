@@ -1,4 +1,4 @@
-//! The guarantee of SPEC §3, as a property: a reader that disconnects at random points
+//! The guarantee of docs/protocol.md §3, as a property: a reader that disconnects at random points
 //! and resumes — by `Last-Event-ID`, by `cursor`, or by a `resume=true` snapshot —
 //! ends with exactly the uninterrupted log: no duplicate, no gap, in order, and every
 //! snapshot equal to the fold of the log up to its seq.

@@ -29,6 +29,11 @@ pub(crate) const DELETE_MESSAGES_OF: &str = "DELETE FROM messages WHERE conversa
 
 pub(crate) const DELETE_CONVERSATION: &str = "DELETE FROM conversations WHERE conversation_id = $1";
 
+/// The first step of `add_message`: bumps the conversation's `updated_at` and, in
+/// PostgreSQL, locks its row until the transaction ends; no row means it was deleted.
+pub(crate) const TOUCH_CONVERSATION: &str =
+    "UPDATE conversations SET updated_at = $2 WHERE conversation_id = $1";
+
 /// Replaces every column the `Message` carries. `user_id` is not part of a `Message`:
 /// it is copied from the conversation when that row exists, and otherwise an earlier
 /// copy is kept.
@@ -252,6 +257,7 @@ pub(crate) fn ledger_ints(
 
 /// Maps a database failure during `what` ("saving message m1") to the engine's error.
 pub(crate) fn db_error(what: &str, err: sqlx::Error) -> EngineError {
+    genstream_engine::metrics::database_error();
     let message = format!("{what}: {}", describe(&err));
     EngineError::Persistence(Box::new(Caused::with_message(message, err)))
 }
@@ -508,17 +514,19 @@ macro_rules! impl_persistence {
                 let what = || format!("deleting conversation {id}");
                 let err = |e| $crate::imp::db_error(&what(), e);
                 let mut tx = self.pool.begin().await.map_err(err)?;
-                sqlx::query($crate::imp::DELETE_MESSAGES_OF)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
+                // The conversation's row first: it waits for an `add_message` that
+                // holds the row, and then the messages, which include that one's.
                 let deleted = sqlx::query($crate::imp::DELETE_CONVERSATION)
                     .bind(id)
                     .execute(&mut *tx)
                     .await
                     .map_err(err)?
                     .rows_affected();
+                sqlx::query($crate::imp::DELETE_MESSAGES_OF)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
                 tx.commit().await.map_err(err)?;
                 Ok(deleted > 0)
             }
@@ -546,6 +554,44 @@ macro_rules! impl_persistence {
                         $crate::imp::db_error(&format!("saving message {}", m.message_id), e)
                     })?;
                 Ok(())
+            }
+
+            async fn add_message(
+                &self,
+                m: &genstream_engine::event::Message,
+            ) -> Result<bool, genstream_engine::EngineError> {
+                let what = || format!("saving message {}", m.message_id);
+                let err = |e| $crate::imp::db_error(&what(), e);
+                let content = $crate::imp::content_json(m)?;
+                let mut tx = self.pool.begin().await.map_err(err)?;
+                let touched = sqlx::query($crate::imp::TOUCH_CONVERSATION)
+                    .bind(&m.conversation_id)
+                    .bind(&m.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?
+                    .rows_affected();
+                if touched == 0 {
+                    tx.rollback().await.map_err(err)?;
+                    return Ok(false);
+                }
+                sqlx::query($crate::imp::UPSERT_MESSAGE)
+                    .bind(&m.message_id)
+                    .bind(&m.conversation_id)
+                    .bind(&m.parent_message_id)
+                    .bind(&m.sender)
+                    .bind(&m.text)
+                    .bind(content)
+                    .bind(m.is_created_by_user)
+                    .bind(&m.model)
+                    .bind(m.unfinished)
+                    .bind(m.error)
+                    .bind(&m.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                tx.commit().await.map_err(err)?;
+                Ok(true)
             }
 
             async fn get_message(

@@ -89,11 +89,18 @@ mod postgres {
 }
 
 /// The PostgreSQL server the tests use.
+/// Checked to accept connections first (once per process): without PostgreSQL every
+/// test fails at once with one line naming it and `scripts/test`.
 fn postgres_url() -> String {
-    std::env::var("GENSTREAM_TEST_POSTGRES_URL")
+    let url = std::env::var("GENSTREAM_TEST_POSTGRES_URL")
         .ok()
         .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    genstream_test_support::services::require(
+        genstream_test_support::services::Service::Postgres,
+        &url,
+    );
+    url
 }
 
 /// A uniquely named schema for one test.

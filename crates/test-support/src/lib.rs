@@ -6,6 +6,8 @@
 //! - [`server`]: a router served in-process on a free port ([`Served`]) and the real
 //!   `genstream` binary as a child process whose address is read from its first line
 //!   ([`ServerProcess`]).
+//! - [`services`]: the check, once per process, that the shared Redis or PostgreSQL
+//!   answers — else one line naming it and `scripts/test`, which starts it.
 //! - [`stream`]: the signal that a running job has streamed text ([`wait_for_text`]).
 //! - [`wait`]: waiting for a condition with a deadline ([`wait_until`], [`wait_for`])
 //!   instead of sleeping for a guessed time.
@@ -22,6 +24,7 @@
 pub mod postgres;
 pub mod redis;
 pub mod server;
+pub mod services;
 pub mod stream;
 pub mod wait;
 

@@ -5,12 +5,19 @@
 
 use sqlx::Connection;
 
-/// The URL of the database tests create their databases through.
+/// The URL of the database tests create their databases through, checked to accept
+/// connections (once per process).
+///
+/// # Panics
+/// With one line naming PostgreSQL and `scripts/test` when it does not
+/// ([`crate::services::require`]).
 pub fn pg_admin_url() -> String {
-    std::env::var("GENSTREAM_TEST_POSTGRES_ADMIN_URL")
+    let url = std::env::var("GENSTREAM_TEST_POSTGRES_ADMIN_URL")
         .ok()
         .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    crate::services::require(crate::services::Service::Postgres, &url);
+    url
 }
 
 /// `url` with its database name replaced by `name`.

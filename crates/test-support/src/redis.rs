@@ -10,12 +10,18 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The shared test Redis.
+/// The shared test Redis, checked to answer (once per process).
+///
+/// # Panics
+/// With one line naming Redis and `scripts/test` when it does not answer
+/// ([`crate::services::require`]).
 pub fn redis_url() -> String {
-    std::env::var("GENSTREAM_TEST_REDIS_URL")
+    let url = std::env::var("GENSTREAM_TEST_REDIS_URL")
         .ok()
         .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    crate::services::require(crate::services::Service::Redis, &url);
+    url
 }
 
 /// A key prefix no other test uses: `gstest-<uuid v7>`.

@@ -1,4 +1,4 @@
-//! The tools genstream ships (SPEC §6): `calculator`, `current_time`, and HTTP tools
+//! The tools genstream ships (docs/protocol.md §6): `calculator`, `current_time`, and HTTP tools
 //! declared in config. Each implements the engine's [`Tool`] trait; [`registry`] builds
 //! the [`ToolRegistry`] a server hands to its job manager.
 //!

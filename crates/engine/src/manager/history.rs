@@ -29,13 +29,27 @@ pub(super) fn history_to(all: &[Message], parent: Option<&str>) -> Vec<ChatMessa
     let mut out = Vec::new();
     for m in chain {
         if m.is_created_by_user {
-            out.push(ChatMessage {
-                role: Role::User,
-                text: m.text.clone(),
-                tool_calls: Vec::new(),
-                tool_call_id: None,
-                reasoning: Vec::new(),
-            });
+            // Client tool results (see `client_tools.rs`): one `tool` turn each.
+            for part in &m.content {
+                if let ContentPart::ToolCall { tool_call } = part {
+                    out.push(ChatMessage {
+                        role: Role::Tool,
+                        text: tool_call.output.clone().unwrap_or_default(),
+                        tool_calls: Vec::new(),
+                        tool_call_id: Some(tool_call.id.clone()),
+                        reasoning: Vec::new(),
+                    });
+                }
+            }
+            if !m.text.is_empty() || m.content.is_empty() {
+                out.push(ChatMessage {
+                    role: Role::User,
+                    text: m.text.clone(),
+                    tool_calls: Vec::new(),
+                    tool_call_id: None,
+                    reasoning: Vec::new(),
+                });
+            }
         } else {
             // One assistant turn per model call, in order: text or thinking after tool
             // calls begins the next call's turn, so each round's calls are followed by
@@ -180,5 +194,43 @@ mod tests {
             }]
         );
         assert_eq!(history[2].tool_calls[0].id, "c2");
+    }
+
+    /// A user-side message of client tool results becomes one `tool` turn per result,
+    /// right after the answer whose calls they answer.
+    #[test]
+    fn tool_results_become_tool_turns() {
+        let mut user = message("u", None, Vec::new());
+        user.is_created_by_user = true;
+        user.text = "weather?".into();
+        let answer = message(
+            "a",
+            Some("u"),
+            vec![ContentPart::ToolCall {
+                tool_call: ToolCall {
+                    id: "c1".into(),
+                    name: "get_weather".into(),
+                    args: "{}".into(),
+                    output: None,
+                },
+            }],
+        );
+        let mut results = message(
+            "r",
+            Some("a"),
+            super::super::client_tools::results_content(&[
+                super::super::client_tools::ToolResult {
+                    call_id: "c1".into(),
+                    output: "sunny".into(),
+                },
+            ]),
+        );
+        results.is_created_by_user = true;
+        let history = history_to(&[user, answer, results], Some("r"));
+        let roles: Vec<Role> = history.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::User, Role::Assistant, Role::Tool]);
+        assert_eq!(history[1].tool_calls[0].output, None);
+        assert_eq!(history[2].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(history[2].text, "sunny");
     }
 }

@@ -1,8 +1,8 @@
 //! The job manager: starts jobs, runs each in a tracked background task, aborts them,
-//! reaps stalled ones, drops expired logs and shuts down gracefully (SPEC §4, §5).
+//! reaps stalled ones, drops expired logs and shuts down gracefully (docs/protocol.md §4, §5).
 //!
 //! One task per job is the *single writer* of that job's log and response message, so
-//! there is never a race between two writers of the same message (LESSONS: "Stop wrote
+//! there is never a race between two writers of the same message (docs/lessons.md: "Stop wrote
 //! the partial message twice"). Abort, the stall reaper and shutdown do not write: they
 //! set an [`EndReason`] and cancel the job's token; the job task saves the partial
 //! answer and then appends the terminal event, and the abort route answers only once
@@ -34,13 +34,21 @@ use crate::store::{JobMeta, JobStatus, JobStore, StoreError};
 use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
 
+mod attempt;
+mod client_tools;
+mod context;
+mod conversations;
+mod ending;
 mod history;
 mod lifecycle;
 mod run;
+mod start;
 
+pub use client_tools::{PriorTurn, ToolResult};
+use context::JobContext;
+use conversations::ConversationLocks;
 use history::history_to;
 pub use history::title_of;
-use run::JobRun;
 
 /// Timing and capacity settings of the manager.
 #[derive(Clone, Debug)]
@@ -163,6 +171,18 @@ pub struct StartRequest {
     pub tools: Vec<String>,
     /// The client's address, for the per-IP rate limit.
     pub client_ip: Option<String>,
+    /// Function tools the client runs itself, offered to the model with the server's
+    /// tools; a model call that asks for one ends the job (see `client_tools.rs`).
+    pub client_tools: Vec<crate::provider::ToolSpec>,
+    /// Turns the request carries, saved before the new input as a chain under the
+    /// parent (Chat Completions sends its whole conversation).
+    pub prior: Vec<PriorTurn>,
+    /// Non-empty: the new input is these results of the parent answer's client tool
+    /// calls (saved as one user-side message), and `text` must be empty.
+    pub tool_results: Vec<ToolResult>,
+    /// What a client protocol needs to project this job the same way on every replica
+    /// (e.g. the Responses request's echoed parameters), carried opaquely in `created`.
+    pub protocol_options: Option<serde_json::Value>,
 }
 
 /// The answer to a started chat.
@@ -192,14 +212,31 @@ struct LiveJob {
     last_progress: Arc<Mutex<Instant>>,
 }
 
+/// The jobs this replica runs, by stream id.
+type LiveMap = Arc<Mutex<HashMap<String, LiveJob>>>;
+
+/// A job's place in the live map, owned by its task (or by a start in progress);
+/// dropping it frees the place.
+struct LiveSlot {
+    map: LiveMap,
+    stream_id: String,
+    handles: LiveJob,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.map.lock().remove(&self.stream_id);
+    }
+}
+
 struct Inner {
-    store: Arc<dyn JobStore>,
-    db: Arc<dyn Persistence>,
+    /// What job tasks and the reaper use: store, database, tools, settings.
+    ctx: Arc<JobContext>,
     models: Vec<ModelEntry>,
-    tools: crate::tools::ToolRegistry,
-    config: ManagerConfig,
     tracker: TaskTracker,
-    live: Mutex<HashMap<String, LiveJob>>,
+    live: LiveMap,
+    /// Held by a start and a delete of the same conversation (`conversations.rs`).
+    conversations: ConversationLocks,
     accepting: AtomicBool,
     /// Stops the background reaper.
     stop: CancellationToken,
@@ -232,13 +269,16 @@ impl JobManager {
         config: ManagerConfig,
     ) -> Self {
         let inner = Arc::new(Inner {
-            store,
-            db,
+            ctx: Arc::new(JobContext {
+                store,
+                db,
+                tools,
+                config,
+            }),
             models,
-            tools,
-            config,
             tracker: TaskTracker::new(),
-            live: Mutex::new(HashMap::new()),
+            live: LiveMap::default(),
+            conversations: ConversationLocks::default(),
             accepting: AtomicBool::new(true),
             stop: CancellationToken::new(),
         });
@@ -249,6 +289,7 @@ impl JobManager {
         // the store must not keep the manager alive.
         let weak = Arc::downgrade(&inner);
         inner
+            .ctx
             .store
             .set_abort_handler(Arc::new(move |stream_id: &str| {
                 if let Some(inner) = weak.upgrade() {
@@ -258,14 +299,16 @@ impl JobManager {
         JobManager { inner }
     }
 
-    /// The job store.
+    /// The job store, for tests and benches that inspect it; the server's routes go
+    /// through the manager's own methods instead (`conversations.rs`).
     pub fn store(&self) -> &Arc<dyn JobStore> {
-        &self.inner.store
+        &self.inner.ctx.store
     }
 
-    /// The database.
+    /// The database, for tests and benches that inspect it; the server's
+    /// routes go through the manager's own methods instead (`conversations.rs`).
     pub fn db(&self) -> &Arc<dyn Persistence> {
-        &self.inner.db
+        &self.inner.ctx.db
     }
 
     /// The configured models, default first.
@@ -289,296 +332,12 @@ impl JobManager {
 
     /// The balance rules, if balances are on.
     pub fn balance_policy(&self) -> Option<BalancePolicy> {
-        self.inner.config.balance
+        self.inner.ctx.config.balance
     }
 
     /// Number of jobs running on this replica.
     pub fn live_jobs(&self) -> usize {
         self.inner.live.lock().len()
-    }
-
-    /// Starts a job: validates, checks the limits, reserves the conversation, saves the
-    /// user message, appends `created` (seq 0) and spawns the generation — in that
-    /// order, so the user message exists before anything can refer to it.
-    ///
-    /// The checks run in this order, each only if the ones before passed, so that a
-    /// refused request spends no budget it was refused before: shutting down → the
-    /// request itself (text, model, tools, conversation, parentMessageId) → the rate
-    /// limits (per IP, then per user; a hit that passes counts from here on) → the
-    /// balance → this replica's live-job bound → the per-user concurrency limit and the
-    /// conversation's one running job (one atomic step in the store).
-    ///
-    /// Errors: `ShuttingDown`; `BadRequest` (text, model, tools, parentMessageId),
-    /// `NotFound`/`Forbidden` for the conversation; `RateLimited`;
-    /// `InsufficientBalance`; `ServerBusy`; `TooManyConcurrent`, `ConversationBusy`;
-    /// and store or database failures.
-    pub async fn start(&self, req: StartRequest) -> Result<Started, EngineError> {
-        let inner = &self.inner;
-        if !inner.accepting.load(Ordering::SeqCst) {
-            return Err(EngineError::ShuttingDown);
-        }
-        if req.text.trim().is_empty() {
-            return Err(EngineError::bad_request("text", "must not be empty"));
-        }
-        let model = match &req.model {
-            None => inner.models.first(),
-            Some(name) => inner.models.iter().find(|m| &m.name == name),
-        }
-        .cloned()
-        .ok_or_else(|| {
-            EngineError::bad_request(
-                "model",
-                format!(
-                    "unknown model {:?}; known: {}",
-                    req.model.as_deref().unwrap_or(""),
-                    inner
-                        .models
-                        .iter()
-                        .map(|m| m.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
-
-        // Tools: the request may narrow the model's set, never widen it.
-        let tools = if req.tools.is_empty() {
-            model.tools.clone()
-        } else {
-            for t in &req.tools {
-                if !model.tools.contains(t) {
-                    return Err(EngineError::bad_request(
-                        "tools",
-                        format!(
-                            "model {:?} may not use tool {t:?}; it may use: [{}]",
-                            model.name,
-                            model.tools.join(", ")
-                        ),
-                    ));
-                }
-            }
-            req.tools.clone()
-        };
-
-        // The conversation: new, or the caller's own.
-        let existing = match req.conversation_id.as_deref() {
-            None | Some("new") | Some("") => None,
-            Some(id) => match inner.db.get_conversation(id).await? {
-                None => return Err(EngineError::NotFound(format!("conversation {id}"))),
-                Some(c) if c.user_id != req.user_id => {
-                    return Err(EngineError::Forbidden(format!("conversation {id}")));
-                }
-                Some(c) => Some(c),
-            },
-        };
-        let conversation_id = existing
-            .as_ref()
-            .map_or_else(new_id, |c| c.conversation_id.clone());
-        let history = match &existing {
-            Some(_) => inner.db.list_messages(&conversation_id).await?,
-            None => Vec::new(),
-        };
-        let parent_message_id = match &req.parent_message_id {
-            Some(p) if !p.is_empty() => {
-                if !history.iter().any(|m| &m.message_id == p) {
-                    return Err(EngineError::bad_request(
-                        "parentMessageId",
-                        format!("no message {p} in this conversation"),
-                    ));
-                }
-                Some(p.clone())
-            }
-            _ => history.last().map(|m| m.message_id.clone()),
-        };
-
-        // Only a valid request spends rate budget: a 400 or 404 costs nothing.
-        self.check_rate_limits(&req).await?;
-        self.check_balance(&req.user_id).await?;
-
-        let stream_id = new_id();
-        let created_at = now_rfc3339();
-        let user_message = Message {
-            message_id: new_id(),
-            conversation_id: conversation_id.clone(),
-            parent_message_id: parent_message_id.clone(),
-            sender: "User".into(),
-            text: req.text.clone(),
-            content: Vec::new(),
-            is_created_by_user: true,
-            model: None,
-            unfinished: false,
-            error: false,
-            created_at: created_at.clone(),
-        };
-        let meta = JobMeta {
-            stream_id: stream_id.clone(),
-            user_id: req.user_id.clone(),
-            conversation_id: conversation_id.clone(),
-            user_message_id: user_message.message_id.clone(),
-            response_message_id: new_id(),
-            model: model.name.clone(),
-            status: JobStatus::Running,
-            created_at: created_at.clone(),
-        };
-
-        // Reserve a live slot first (never evicting a running job), then the
-        // conversation; undo the slot if the conversation is busy.
-        let live = LiveJob {
-            cancel: CancellationToken::new(),
-            reason: Arc::new(Mutex::new(None)),
-            last_progress: Arc::new(Mutex::new(Instant::now())),
-        };
-        let handles = live.clone();
-        {
-            let mut map = inner.live.lock();
-            if map.len() >= inner.config.max_live_jobs {
-                return Err(EngineError::ServerBusy(inner.config.max_live_jobs));
-            }
-            map.insert(stream_id.clone(), live);
-        }
-        if let Err(e) = inner.store.create_job(&meta).await {
-            inner.live.lock().remove(&stream_id);
-            return Err(e.into());
-        }
-
-        let title = match &existing {
-            Some(c) => c.title.clone(),
-            None => title_of(&req.text),
-        };
-        let saved = async {
-            inner
-                .db
-                .save_conversation(&Conversation {
-                    conversation_id: conversation_id.clone(),
-                    user_id: req.user_id.clone(),
-                    title: title.clone(),
-                    created_at: created_at.clone(),
-                    updated_at: created_at.clone(),
-                })
-                .await?;
-            inner.db.save_message(&user_message).await
-        }
-        .await;
-        let created = EventBody::Created(Created {
-            stream_id: stream_id.clone(),
-            conversation_id: conversation_id.clone(),
-            user_message: user_message.clone(),
-            response_message_id: meta.response_message_id.clone(),
-            model: model.name.clone(),
-            sender: model.name.clone(),
-            created_at: created_at.clone(),
-        });
-        let appended = match saved {
-            Ok(()) => match inner.store.append(&stream_id, &created, Some(0)).await {
-                Ok(_) => Ok(()),
-                Err(e @ StoreError::Append(_)) => Err(EngineError::internal("append created", e)),
-                Err(e) => Err(e.into()),
-            },
-            Err(e) => Err(e),
-        };
-        if let Err(e) = appended {
-            // Leave no job stuck `running`: end the log so the conversation is free.
-            let _ = inner
-                .store
-                .append(
-                    &stream_id,
-                    &EventBody::Error(ErrorEvent {
-                        code: "internal".into(),
-                        message: e.to_string(),
-                        response_message: None,
-                    }),
-                    None,
-                )
-                .await;
-            inner.live.lock().remove(&stream_id);
-            return Err(e);
-        }
-
-        let mut messages = history_to(&history, parent_message_id.as_deref());
-        messages.push(ChatMessage {
-            role: Role::User,
-            text: req.text.clone(),
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-            reasoning: Vec::new(),
-        });
-        let started = Started {
-            stream_id: stream_id.clone(),
-            conversation_id: conversation_id.clone(),
-            user_message_id: meta.user_message_id.clone(),
-            response_message_id: meta.response_message_id.clone(),
-        };
-        let job = JobRun::new(
-            self.clone(),
-            meta,
-            title,
-            model,
-            ModelRequest {
-                model: String::new(),
-                system_prompt: req.system_prompt.clone(),
-                messages,
-                tools: inner.tools.specs(&tools),
-                call_index: 0,
-            },
-            handles,
-            &created,
-        );
-        inner.tracker.spawn(job.run());
-        Ok(started)
-    }
-
-    /// With balances on, the user's balance in micro-credits as a chat is judged by it:
-    /// a new user's is created at the start balance and a refill that is due is applied
-    /// first ([`crate::billing::settle_balance`]). `None` with balances off.
-    ///
-    /// Errors: database failures.
-    pub async fn balance(&self, user_id: &str) -> Result<Option<i64>, EngineError> {
-        match &self.inner.config.balance {
-            None => Ok(None),
-            Some(policy) => crate::billing::settle_balance(&*self.inner.db, policy, user_id)
-                .await
-                .map(Some),
-        }
-    }
-
-    /// With balances on: refuses a chat when the balance (see [`JobManager::balance`])
-    /// is not positive.
-    async fn check_balance(&self, user_id: &str) -> Result<(), EngineError> {
-        let Some(balance) = self.balance(user_id).await? else {
-            return Ok(());
-        };
-        if balance <= 0 {
-            return Err(EngineError::InsufficientBalance {
-                balance: crate::billing::credits(balance),
-            });
-        }
-        Ok(())
-    }
-
-    async fn check_rate_limits(&self, req: &StartRequest) -> Result<(), EngineError> {
-        let l = self.inner.config.limits;
-        let checks = [
-            (
-                l.per_ip,
-                req.client_ip.as_deref().map(|ip| format!("ip:{ip}")),
-                "IP address",
-            ),
-            (l.per_user, Some(format!("user:{}", req.user_id)), "user"),
-        ];
-        for (limit, key, scope) in checks {
-            let (Some(limit), Some(key)) = (limit, key) else {
-                continue;
-            };
-            if let Some(wait) = self.inner.store.rate_limit(&key, limit, l.period).await? {
-                return Err(EngineError::RateLimited {
-                    scope: format!("{scope} ({limit} per {} s)", l.period.as_secs()),
-                    // Rounded up, so that waiting this long is always enough.
-                    retry_after_ms: u64::try_from(wait.as_micros().div_ceil(1000))
-                        .unwrap_or(u64::MAX),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// The job with this stream id, if the caller may read it: its metadata only, not
@@ -592,6 +351,7 @@ impl JobManager {
     ) -> Result<JobMeta, EngineError> {
         let meta = self
             .inner
+            .ctx
             .store
             .get_job(stream_id)
             .await?
@@ -615,6 +375,7 @@ impl JobManager {
         let meta = self.job_meta_for(user_id, stream_id).await?;
         let log = self
             .inner
+            .ctx
             .store
             .open_log(stream_id)
             .await?
@@ -624,18 +385,26 @@ impl JobManager {
 
     /// The caller's running jobs.
     pub async fn active(&self, user_id: &str) -> Result<Vec<JobMeta>, EngineError> {
-        Ok(self.inner.store.running_jobs(user_id).await?)
+        Ok(self.inner.ctx.store.running_jobs(user_id).await?)
     }
 
     /// The conversation's latest job and its snapshot, if one is still in the store.
     ///
-    /// Errors: `Forbidden` for another user's conversation.
+    /// Errors: `Forbidden` for another user's conversation, whether or not it has a
+    /// job in the store.
     pub async fn status(
         &self,
         user_id: &str,
         conversation_id: &str,
     ) -> Result<Option<(JobMeta, ResumeState)>, EngineError> {
-        let Some(meta) = self.inner.store.latest_job(conversation_id).await? else {
+        if let Some(c) = self.inner.ctx.db.get_conversation(conversation_id).await?
+            && c.user_id != user_id
+        {
+            return Err(EngineError::Forbidden(format!(
+                "conversation {conversation_id}"
+            )));
+        }
+        let Some(meta) = self.inner.ctx.store.latest_job(conversation_id).await? else {
             return Ok(None);
         };
         if meta.user_id != user_id {
@@ -643,7 +412,7 @@ impl JobManager {
                 "conversation {conversation_id}"
             )));
         }
-        let Some(log) = self.inner.store.open_log(&meta.stream_id).await? else {
+        let Some(log) = self.inner.ctx.store.open_log(&meta.stream_id).await? else {
             return Ok(None);
         };
         let (_, state) = log.snapshot();
@@ -658,6 +427,7 @@ impl JobManager {
     ) -> Result<AbortOutcome, EngineError> {
         let meta = self
             .inner
+            .ctx
             .store
             .latest_job(conversation_id)
             .await?
@@ -667,7 +437,7 @@ impl JobManager {
         self.abort(user_id, &meta.stream_id).await
     }
 
-    /// Stops a job and returns its partial answer, once saved (SPEC §4).
+    /// Stops a job and returns its partial answer, once saved (docs/protocol.md §4).
     ///
     /// Idempotent: aborting an aborted job returns the same answer again.
     /// Errors: `NotFound`, `Forbidden`, `JobFinished` (completed or failed).
@@ -676,11 +446,11 @@ impl JobManager {
         if log.terminal().is_none() {
             if !cancel_local(&self.inner, stream_id, EndReason::Abort) {
                 // Another replica owns it: ask through the store.
-                self.inner.store.request_abort(stream_id).await?;
+                self.inner.ctx.store.request_abort(stream_id).await?;
             }
             // Wait for the owner to save the partial answer and end the log.
             let mut rx = log.watch();
-            let waited = tokio::time::timeout(self.inner.config.abort_wait, async {
+            let waited = tokio::time::timeout(self.inner.ctx.config.abort_wait, async {
                 loop {
                     rx.borrow_and_update();
                     if log.terminal().is_some() {
@@ -696,7 +466,7 @@ impl JobManager {
                 return Err(EngineError::Internal(
                     format!(
                         "job {stream_id} did not stop within {:?}",
-                        self.inner.config.abort_wait
+                        self.inner.ctx.config.abort_wait
                     )
                     .into(),
                 ));
@@ -726,67 +496,4 @@ fn cancel_local(inner: &Inner, stream_id: &str, reason: EndReason) -> bool {
         }
         None => false,
     }
-}
-
-/// Prices the job's usage records and spends them (exactly once, by the database's
-/// unique key); returns the totals with the job's whole cost in credits.
-///
-/// A database failure is retried with backoff (50 ms doubling to 2 s, jittered) for up
-/// to `store_outage_grace` in all: the spend is keyed by (job, model call, token type),
-/// so a retry of a spend that did land, its answer lost, charges nothing more. Errors:
-/// the last [`EngineError::Persistence`] once the grace is used up; any other error at
-/// once (e.g. a line that does not fit the ledger).
-async fn spend_usage(
-    inner: &Inner,
-    meta: &JobMeta,
-    pricing: Option<&crate::billing::Pricing>,
-    records: &[UsageRecord],
-    context: SpendContext,
-) -> Result<UsageTotals, EngineError> {
-    use backon::Retryable;
-    let lines: Vec<crate::ledger::Line> = records
-        .iter()
-        .flat_map(|r| crate::billing::price(r, pricing))
-        .collect();
-    let total: i64 = lines.iter().map(|l| l.amount_micro).sum();
-    let mut totals = UsageTotals::default();
-    for r in records {
-        totals.add(r);
-    }
-    totals.credits = crate::billing::credits(total);
-    if lines.is_empty() {
-        return Ok(totals);
-    }
-    let req = crate::persist::SpendRequest {
-        user_id: meta.user_id.clone(),
-        conversation_id: meta.conversation_id.clone(),
-        stream_id: meta.stream_id.clone(),
-        message_id: meta.response_message_id.clone(),
-        model: meta.model.clone(),
-        context,
-        lines,
-        created_at: now_rfc3339(),
-    };
-    (|| inner.db.spend(&req))
-        .retry(outage_backoff(inner.config.store_outage_grace))
-        .sleep(tokio::time::sleep)
-        .when(|e| matches!(e, EngineError::Persistence(_)))
-        .notify(|e, wait| {
-            tracing::warn!(stream_id = %meta.stream_id, error = %e, ?wait, "spend failed; retrying");
-        })
-        .await?;
-    Ok(totals)
-}
-
-/// How a job's own writes (appends, its end claim, spends) ride out an outage of the
-/// job store or the database: 50 ms doubling to 2 s, jittered, for at most `grace` of
-/// waiting in all. Every such write is idempotent (an expected seq, a claim its holder
-/// may retake, a unique ledger key), so a retry whose first try landed is harmless.
-fn outage_backoff(grace: Duration) -> backon::ExponentialBuilder {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .with_total_delay(Some(grace))
 }

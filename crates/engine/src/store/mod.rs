@@ -34,7 +34,7 @@ pub mod memory;
 pub use crate::error::StoreError;
 pub use memory::MemoryStore;
 
-/// Lifecycle of a job (SPEC §5).
+/// Lifecycle of a job (docs/protocol.md §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {

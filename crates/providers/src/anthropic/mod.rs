@@ -1,4 +1,4 @@
-//! The `anthropic` provider: Anthropic Messages API streaming (SPEC §6).
+//! The `anthropic` provider: Anthropic Messages API streaming (docs/protocol.md §6).
 //!
 //! One attempt is `POST {base_url}/messages` with `stream: true` (Anthropic API docs,
 //! "Messages" and "Streaming Messages"), authenticated by an `x-api-key` header and

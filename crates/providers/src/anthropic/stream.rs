@@ -41,7 +41,7 @@
 //! - `message_delta.delta.stop_reason` → the `Finish` reason (`end_turn`, `tool_use`,
 //!   `max_tokens`, `stop_sequence`, `pause_turn`, `refusal`); no reason, no `Finish`.
 //!
-//! Usage (SPEC §7): `message_start.message.usage` gives the counts so far and each
+//! Usage (docs/protocol.md §7): `message_start.message.usage` gives the counts so far and each
 //! `message_delta.usage` the cumulative totals ("the token counts shown in the usage
 //! field of the message_delta event are cumulative"); newer API versions repeat
 //! `input_tokens` and the cache fields there. The two are never added: each count is
@@ -157,7 +157,7 @@ struct MessageDeltaBody {
     stop_reason: Option<String>,
 }
 
-/// Anthropic's `usage` (SPEC §7); also the shape of each `iterations` entry.
+/// Anthropic's `usage` (docs/protocol.md §7); also the shape of each `iterations` entry.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct Usage {

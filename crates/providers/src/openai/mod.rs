@@ -1,5 +1,5 @@
 //! The `openai` provider: Chat Completions streaming against any OpenAI-compatible
-//! base URL (SPEC §6).
+//! base URL (docs/protocol.md §6).
 //!
 //! One attempt is `POST {base_url}/chat/completions` with `stream: true` and
 //! `stream_options.include_usage` (OpenAI API reference, "Create chat completion"), the

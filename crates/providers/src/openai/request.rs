@@ -5,7 +5,7 @@
 //! `system` message; an assistant message with tool calls carries them as
 //! `tool_calls: [{id, type: "function", function: {name, arguments}}]` and is followed by
 //! one `tool` message (`tool_call_id`, `content`) for *each* call, as the API answers
-//! 400 to any call without a result right after it (LESSONS: grimoire's 400s). The
+//! 400 to any call without a result right after it (docs/lessons.md: grimoire's 400s). The
 //! content is the call's output, else the `Tool` message for that id, else
 //! [`MISSING_RESULT`]: a call never goes unanswered, even one saved without output. A
 //! `Tool` message already sent that way is not sent again. `arguments` is the call's

@@ -79,7 +79,7 @@ struct FunctionDelta {
     arguments: Option<Value>,
 }
 
-/// `usage` of OpenAI and the compatible servers (SPEC §7).
+/// `usage` of OpenAI and the compatible servers (docs/protocol.md §7).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct Usage {

@@ -86,6 +86,8 @@ pub fn created(m: &JobMeta, text: &str) -> EventBody {
         model: m.model.clone(),
         sender: m.model.clone(),
         created_at: m.created_at.clone(),
+        client_tools: Vec::new(),
+        protocol_options: None,
     })
 }
 

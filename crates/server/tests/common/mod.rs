@@ -49,6 +49,7 @@ pub fn test_app(models: Vec<ModelEntry>) -> TestApp {
         manager,
         auth: Arc::new(JwtKeys::new(SECRET)),
         keepalive: Duration::from_secs(15),
+        sse_retry: Duration::from_secs(1),
         trusted_proxies: Arc::new(Vec::new()),
     };
     let router = app(state.clone(), MAX_BODY);
@@ -81,11 +82,15 @@ pub struct SseFrame {
     pub comment: bool,
 }
 
-/// Splits complete frames off the front of `buf` (frames end with a blank line).
+/// Splits complete frames off the front of `buf` (frames end with a blank line),
+/// leaving out the stream's opening `retry:` field, which carries no event.
 pub fn take_frames(buf: &mut Vec<u8>) -> Vec<SseFrame> {
     let mut out = Vec::new();
     while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
         let raw: Vec<u8> = buf.drain(..pos + 2).collect();
+        if raw.starts_with(b"retry:") {
+            continue;
+        }
         let text = String::from_utf8_lossy(&raw[..pos]).to_string();
         let mut f = SseFrame {
             id: None,
