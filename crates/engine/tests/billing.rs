@@ -16,7 +16,8 @@ use genstream_engine::event::{EventBody, FinalStatus, Message};
 use genstream_engine::log::{EventLog, LogLimits};
 use genstream_engine::manager::{JobManager, ManagerConfig, ModelEntry, RateLimits, StartRequest};
 use genstream_engine::persist::{
-    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
+    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest,
+    UsageRow,
 };
 use genstream_engine::provider::{
     ModelRequest, Provider, ProviderError, ProviderEvent, ProviderStream,

@@ -27,7 +27,8 @@ use genstream_engine::event::{
 };
 use genstream_engine::manager::{JobManager, ManagerConfig};
 use genstream_engine::persist::{
-    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest, UsageRow,
+    ApiKey, Balance, Conversation, MemoryPersistence, Persistence, SpendOutcome, SpendRequest,
+    UsageRow,
 };
 use genstream_engine::store::{EventLogStore, JobCoordination, JobMeta, JobStore};
 use genstream_engine::usage::{UsageRecord, count_tokens};
