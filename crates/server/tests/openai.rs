@@ -254,6 +254,13 @@ async fn chat_completions_stream_and_not() {
         ))
         .await;
     assert_eq!(headers["content-type"], "text/event-stream");
+    // The reconnection time rides in the first event's block, never alone: the
+    // OpenAI SDKs parse every block with a field as an event with JSON data.
+    assert!(
+        raw.starts_with(b"retry: 1000\ndata: {"),
+        "{}",
+        String::from_utf8_lossy(&raw[..raw.len().min(80)])
+    );
     let chunks = chat_chunks(&raw);
     assert_eq!(chunks.last().unwrap(), "[DONE]");
     let parsed: Vec<Value> = chunks[..chunks.len() - 1]
@@ -344,8 +351,11 @@ async fn responses_background_resume_cancel_delete() {
     let (_, rest) = v
         .stream(v.http.get(format!("{}{path}&starting_after={last}", v.url)))
         .await;
+    // Every connection opens with the `retry:` line, glued to its first event.
+    let retry = b"retry: 1000\n";
+    assert!(rest.starts_with(retry) && full.starts_with(retry));
     let mut joined = prefix[..consumed].to_vec();
-    joined.extend_from_slice(&rest);
+    joined.extend_from_slice(&rest[retry.len()..]);
     assert_eq!(
         String::from_utf8_lossy(&joined),
         String::from_utf8_lossy(&full)

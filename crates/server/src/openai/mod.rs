@@ -214,6 +214,10 @@ pub(crate) fn projected_stream<P: Projector + Send + 'static>(
         position: after,
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
+        retry: Some(bytes::Bytes::from(format!(
+            "retry: {}\n",
+            state.sse_retry.as_millis()
+        ))),
     };
     let body = Body::from_stream(futures::stream::unfold(sub, shared::Subscriber::next));
     let mut resp = Response::new(body);

@@ -112,6 +112,10 @@ pub(crate) struct Subscriber<P> {
     pub(crate) position: Option<u64>,
     pub(crate) done: bool,
     pub(crate) ping: Interval,
+    /// `retry: N\n`, sent in front of the first frame and in the same block, never as
+    /// a block of its own: the OpenAI SDKs turn every block that has a field into an
+    /// event and parse its (empty) `data` as JSON, which fails.
+    pub(crate) retry: Option<Bytes>,
 }
 
 impl<P: Projector> Subscriber<P> {
@@ -135,7 +139,12 @@ impl<P: Projector> Subscriber<P> {
             if let Some(f) = next {
                 self.position = Some(f.position);
                 self.done = f.terminal;
-                return Some((Ok(f.bytes), self));
+                let bytes = match self.retry.take() {
+                    // Once per connection: the first frame is copied behind the field.
+                    Some(retry) => [retry, f.bytes].concat().into(),
+                    None => f.bytes,
+                };
+                return Some((Ok(bytes), self));
             }
             if self.log.terminal().is_some() {
                 return None;

@@ -83,15 +83,17 @@ pub struct SseFrame {
 }
 
 /// Splits complete frames off the front of `buf` (frames end with a blank line),
-/// leaving out the stream's opening `retry:` field, which carries no event.
+/// leaving out a block that holds only the `retry:` field, which carries no event.
 pub fn take_frames(buf: &mut Vec<u8>) -> Vec<SseFrame> {
     let mut out = Vec::new();
     while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
         let raw: Vec<u8> = buf.drain(..pos + 2).collect();
-        if raw.starts_with(b"retry:") {
+        let text = String::from_utf8_lossy(&raw[..pos]).to_string();
+        // A block of only `retry:` (the native stream's opening) is no event; on the
+        // `/v1` streams the field rides in the first event's block instead.
+        if text.lines().all(|l| l.starts_with("retry:")) {
             continue;
         }
-        let text = String::from_utf8_lossy(&raw[..pos]).to_string();
         let mut f = SseFrame {
             id: None,
             event: None,
