@@ -6,7 +6,7 @@
 //!   event appended (from `INFO commandstats`, so it counts everything the replicas
 //!   sent: appends, mirror reads, the heal checks).
 //! - `resume-latency`: reconnect → first byte for a job of 10,000 events, on a replica
-//!   whose mirror is cold (it must read the whole stream from Redis first) and warm.
+//!   whose mirror is cold (no subscriber of that job has read it there yet) and warm.
 //! - `abort-latency`: abort round trip across replicas (request on B, job on A) and
 //!   on the owner itself; the round trip includes stopping the generation, saving the
 //!   partial answer and appending `final`.
@@ -376,18 +376,22 @@ async fn first_byte(
 }
 
 /// `resume-latency`.
-pub fn resume_latency() -> Result<(), String> {
+///
+/// `jobs` finished jobs of 10,000 events; each is read cold once on each replica
+/// (the owner `a`, `b` from seq 0, `c` from `Last-Event-ID` 9990), then warm.
+pub fn resume_latency(jobs: usize) -> Result<(), String> {
     let rt = runtime()?;
     rt.block_on(async {
         let prefix = format!("gsbench-{}", genstream_engine::new_id());
         let cfg = config(&redis_url(), &prefix, demo(9_995, Duration::ZERO));
         let a = replica(&cfg).await?;
         let b = replica(&cfg).await?;
+        let c = replica(&cfg).await?;
         let tok = token(&a.state)?;
         let client = reqwest::Client::new();
         let mut rows = Vec::new();
         let mut samples: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
-        for i in 0..10 {
+        for i in 0..jobs {
             let sid = http::start_chat(&client, &format!("http://{}", a.addr), &tok, "bench", &format!("long {i}")).await?;
             // Let it finish (10,000 events).
             loop {
@@ -399,6 +403,7 @@ pub fn resume_latency() -> Result<(), String> {
             }
             // Cold: no subscriber has opened this log on the replica yet.
             samples.entry("other replica, cold mirror, from seq 0").or_default().push(first_byte(b.addr, &sid, &tok, None).await?);
+            samples.entry("other replica, cold mirror, Last-Event-ID 9990").or_default().push(first_byte(c.addr, &sid, &tok, Some(9_990)).await?);
             samples.entry("other replica, warm mirror, from seq 0").or_default().push(first_byte(b.addr, &sid, &tok, None).await?);
             samples.entry("other replica, warm mirror, Last-Event-ID 9990").or_default().push(first_byte(b.addr, &sid, &tok, Some(9_990)).await?);
             samples.entry("owner, cold mirror, Last-Event-ID 9990").or_default().push(first_byte(a.addr, &sid, &tok, Some(9_990)).await?);
@@ -408,7 +413,7 @@ pub fn resume_latency() -> Result<(), String> {
             v.sort_unstable();
             rows.push(vec![what.to_string(), v.len().to_string(), ms(quantile(&v, 0.5)), ms(quantile(&v, 0.99)), ms(*v.last().unwrap_or(&0))]);
         }
-        println!("\n### resume-latency\n\nreconnect → first body byte, job of 10,000 events (Redis store, 2 replicas)\n");
+        println!("\n### resume-latency\n\nreconnect → first body byte, job of 10,000 events (Redis store, 3 replicas; each cold read is the first read of that job on that replica)\n");
         table(&["where", "samples", "p50 ms", "p99 ms", "max ms"], &rows);
         drop_keys(&prefix).await;
         Ok(())

@@ -22,7 +22,7 @@ use genstream_engine::log::EventLog;
 use genstream_engine::manager::JobManager;
 use genstream_engine::store::{
     AbortHandler, EventLogStore, JobCoordination, JobMeta, JobStore, MemoryStore, Orphan,
-    RateLimitStore, StoreError,
+    RangePage, RateLimitStore, StoreError,
 };
 use genstream_server::app;
 use genstream_server::config::{Config, Overrides};
@@ -95,6 +95,17 @@ impl EventLogStore for TimedStore {
     }
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
         self.inner.open_log(stream_id).await
+    }
+    fn ready_log(&self, stream_id: &str) -> Option<Arc<EventLog>> {
+        self.inner.ready_log(stream_id)
+    }
+    async fn read_range(
+        &self,
+        stream_id: &str,
+        cursor: Option<u64>,
+        max: usize,
+    ) -> Result<Option<RangePage>, StoreError> {
+        self.inner.read_range(stream_id, cursor, max).await
     }
     async fn sync_log(&self, stream_id: &str) -> Result<(), StoreError> {
         self.inner.sync_log(stream_id).await

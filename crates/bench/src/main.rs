@@ -66,7 +66,11 @@ enum Cmd {
         delay_ms: u64,
     },
     /// Reconnect → first byte for a job of 10,000 events, on the owner and another replica.
-    ResumeLatency,
+    ResumeLatency {
+        /// Finished jobs of 10,000 events, each read once cold on every replica.
+        #[arg(long, default_value_t = 30)]
+        jobs: usize,
+    },
     /// Abort round trip across replicas and on the owner.
     AbortLatency {
         #[arg(long, default_value_t = 100)]
@@ -138,7 +142,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             tokens,
             delay_ms,
         } => cluster::redis_fanout(subscribers, tokens, delay_ms)?,
-        Cmd::ResumeLatency => cluster::resume_latency()?,
+        Cmd::ResumeLatency { jobs } => cluster::resume_latency(jobs)?,
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,
         Cmd::Projection(args) => projection::run(&args)?,

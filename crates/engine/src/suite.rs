@@ -201,6 +201,61 @@ pub async fn append_assigns_seqs_and_one_terminal(store: Arc<dyn JobStore>) {
     );
 }
 
+/// `read_range` pages the store's own log from any cursor: consecutive frames after
+/// the cursor, byte-equal to what `open_log` serves, with the log's length and end.
+pub async fn read_range_pages_the_log(store: Arc<dyn JobStore>) {
+    assert!(
+        store
+            .read_range("no-such-job", None, 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    let empty = store
+        .read_range(&m.stream_id, None, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(empty.frames.is_empty() && empty.len == 0 && !empty.ended);
+    for i in 0..20u64 {
+        store
+            .append(&m.stream_id, &delta(&format!("t{i}")), Some(i))
+            .await
+            .unwrap();
+    }
+    let running = store
+        .read_range(&m.stream_id, Some(19), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(running.frames.is_empty() && running.len == 20 && !running.ended);
+    store
+        .append(&m.stream_id, &error_end(), None)
+        .await
+        .unwrap();
+    let log = store.open_log(&m.stream_id).await.unwrap().unwrap();
+    let all = log.read_after(None, usize::MAX).frames;
+    assert_eq!(all.len(), 21);
+    for cursor in [None, Some(0), Some(7), Some(18), Some(19), Some(20)] {
+        for max in [1, 3, 100] {
+            let page = store
+                .read_range(&m.stream_id, cursor, max)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((page.len, page.ended), (21, true));
+            let from = cursor.map_or(0, |c| c as usize + 1);
+            let want = &all[from..(from + max).min(all.len())];
+            assert_eq!(page.frames.len(), want.len(), "cursor {cursor:?} max {max}");
+            for (f, w) in page.frames.iter().zip(want) {
+                assert_eq!((f.seq, f.terminal, &f.bytes), (w.seq, w.terminal, &w.bytes));
+            }
+        }
+    }
+}
+
 /// Past the cap, non-terminal appends are refused and the terminal one still fits.
 pub async fn caps_refuse_all_but_the_terminal_event(store: Arc<dyn JobStore>) {
     let m = meta(&unique_user().await, &crate::new_id());
@@ -454,6 +509,7 @@ where
     one_running_job_per_conversation(make().await).await;
     concurrent_creates_one_wins(make().await).await;
     append_assigns_seqs_and_one_terminal(make().await).await;
+    read_range_pages_the_log(make().await).await;
     caps_refuse_all_but_the_terminal_event(make().await).await;
     readers_follow_live_appends(make().await).await;
     orphans_are_running_jobs_nobody_runs(make().await).await;

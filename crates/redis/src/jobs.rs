@@ -11,11 +11,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use genstream_engine::event::{EventBody, FinalStatus, Frame};
 use genstream_engine::log::{AppendError, EventLog};
-use genstream_engine::store::{EventLogStore, JobMeta, JobStatus};
+use genstream_engine::store::{EventLogStore, JobMeta, JobStatus, RangePage};
 use redis::{AsyncCommands, Value};
 
 use crate::functions::{ACQUIRE_SLOT_FN, APPEND_FN, CLAIM_FN};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, stream_frames, xrange};
 use crate::{RedisStore, StoreError, store_err};
 
 impl RedisStore {
@@ -348,6 +348,51 @@ impl EventLogStore for RedisStore {
 
     async fn sync_log(&self, stream_id: &str) -> Result<(), StoreError> {
         self.catch_up(stream_id).await
+    }
+
+    /// The mirror once it is subscribed and filled (see the crate docs, "Fan-out").
+    fn ready_log(&self, stream_id: &str) -> Option<Arc<EventLog>> {
+        let m = self.inner.mirrors.lock().get(stream_id).cloned()?;
+        m.ready.get().map(|_| m.log.clone())
+    }
+
+    /// One pipelined round trip: the job's `len` and `ended` (one `HMGET`), then the
+    /// entries from the cursor on (`XRANGE`). Nothing of this replica's mirror is
+    /// touched, and no frame's JSON is parsed.
+    async fn read_range(
+        &self,
+        stream_id: &str,
+        cursor: Option<u64>,
+        max: usize,
+    ) -> Result<Option<RangePage>, StoreError> {
+        let from = cursor.map_or(0, |c| c.saturating_add(1));
+        let (head, reply): ((Option<u64>, Option<String>), Value) = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.key("job", stream_id))
+            .arg("len")
+            .arg("ended")
+            .add_command(xrange(&self.key("log", stream_id), from, max))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_err)?;
+        let (Some(len), ended) = head else {
+            return Ok(None);
+        };
+        let (mut frames, _) = stream_frames(reply);
+        // Consecutive from the cursor on, or nothing past the first that is not: the
+        // caller must never skip a seq (the log has no holes, so this is defence).
+        if let Some(bad) = frames
+            .iter()
+            .enumerate()
+            .position(|(i, f)| f.seq != from + i as u64)
+        {
+            frames.truncate(bad);
+        }
+        Ok(Some(RangePage {
+            frames,
+            len,
+            ended: ended.as_deref() == Some("1"),
+        }))
     }
 }
 

@@ -56,6 +56,11 @@
 //! repaired within a second; after a lost connection the replica re-subscribes and
 //! re-reads every mirror from its head. A mirror whose job vanished from Redis (a
 //! restart without persistence) ends with a local `error` `store_unavailable`.
+//!
+//! A reader that comes to a replica with no mirror of its job yet is not made to wait
+//! for one: `read_range` pages the stream itself from the reader's cursor (with the
+//! job's `len` and `ended`, one pipelined round trip) while the mirror opens, and the
+//! reader moves to the mirror at the seq it reached.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

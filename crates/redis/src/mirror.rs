@@ -2,7 +2,6 @@
 //! read, filled strictly by seq from published frames and stream reads, healed every
 //! `heal_interval`, dropped once nobody reads it (see the crate docs, "Fan-out").
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use bytes::Bytes;
 use genstream_engine::event::{ErrorEvent, EventBody, Frame};
 use genstream_engine::log::{EventLog, LogLimits};
 use parking_lot::Mutex;
+use redis::Value;
 use tokio::sync::OnceCell;
 
 use crate::{RedisStore, StoreError, store_err};
@@ -133,24 +133,13 @@ impl RedisStore {
         let key = self.key("log", sid);
         let mut conn = self.conn();
         loop {
-            let from = m.log.len() + 1;
-            let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(format!("0-{from}"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(RANGE_BATCH)
+            let reply: Value = xrange(&key, m.log.len(), RANGE_BATCH)
                 .query_async(&mut conn)
                 .await
                 .map_err(store_err)?;
-            let n = entries.len();
-            for (_, fields) in entries {
-                if let Some(f) = fields
-                    .get("f")
-                    .and_then(|b| Frame::parse(Bytes::from(b.clone())))
-                {
-                    self.insert(sid, &m, f)?;
-                }
+            let (frames, n) = stream_frames(reply);
+            for f in frames {
+                self.insert(sid, &m, f)?;
             }
             if n < RANGE_BATCH {
                 return Ok(());
@@ -325,4 +314,49 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// `XRANGE` of up to `count` entries of a log stream from seq `from` on (entry id
+/// `0-(seq+1)`, see the crate docs, "Layout").
+pub(crate) fn xrange(key: &str, from: u64, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(key)
+        .arg(format!("0-{}", from.saturating_add(1)))
+        .arg("+")
+        .arg("COUNT")
+        .arg(count.max(1));
+    cmd
+}
+
+/// The frames (field `f`) of an `XRANGE` reply, in stream order, taking the reply's
+/// buffers without copying them and reading only each frame's header (no JSON), and
+/// the number of entries the reply held.
+pub(crate) fn stream_frames(reply: Value) -> (Vec<Frame>, usize) {
+    let Value::Array(entries) = reply else {
+        return (Vec::new(), 0);
+    };
+    let n = entries.len();
+    let mut frames = Vec::with_capacity(n);
+    for entry in entries {
+        let Value::Array(mut parts) = entry else {
+            continue;
+        };
+        let fields = match parts.pop() {
+            Some(Value::Array(fields)) => fields,
+            Some(Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            _ => continue,
+        };
+        let mut it = fields.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if matches!(&k, Value::BulkString(b) if b == b"f") {
+                if let Value::BulkString(b) = v
+                    && let Some(f) = Frame::parse(Bytes::from(b))
+                {
+                    frames.push(f);
+                }
+                break;
+            }
+        }
+    }
+    (frames, n)
 }

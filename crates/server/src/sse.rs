@@ -8,10 +8,17 @@
 //! queue of its own; the log is the only buffer. The response ends right after the
 //! terminal event; a client whose cursor already is the terminal event gets 204.
 //!
+//! On a replica with no copy of the log yet (Redis mode, no subscriber of this job
+//! here before) the first frames come from the store's own log instead, in pages from
+//! the cursor ([`EventLogStore::read_range`](genstream_engine::store::EventLogStore::read_range)),
+//! while the copy fills; the reader moves to the copy at the seq it reached, so the
+//! first byte does not wait for the whole log to be read.
+//!
 //! Every stream opens with `retry: N` (`http.sse_retry`, 1000 ms by default) on a line
 //! of its own, so a browser's EventSource reconnects after N ms instead of its own
 //! default of about three seconds (docs/protocol.md §3).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -21,8 +28,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use genstream_engine::EngineError;
-use genstream_engine::event::sse_frame;
+use genstream_engine::event::{Frame, sse_frame};
 use genstream_engine::log::EventLog;
+use genstream_engine::store::JobStore;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
@@ -48,9 +56,15 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| EngineError::bad_request("query", e.body_text()))?;
-    let (_meta, log) = state.manager.job_for(&user, &stream_id).await?;
-
     let resume = matches!(query.resume.as_deref(), Some("true" | "1"));
+    let store = state.manager.store().clone();
+    // `resume=true` folds the whole log, so it needs this replica's copy filled.
+    let ready = if resume {
+        Some(state.manager.job_for(&user, &stream_id).await?.1)
+    } else {
+        state.manager.job_meta_for(&user, &stream_id).await?;
+        store.ready_log(&stream_id)
+    };
     // The query's cursor wins over Last-Event-ID (docs/protocol.md §3).
     let cursor = match (&query.cursor, headers.get("last-event-id")) {
         (Some(c), _) => Some(parse_cursor("cursor", c)?),
@@ -62,52 +76,71 @@ pub async fn stream(
         (None, None) => None,
     };
 
-    let (cursor, sync) = if resume {
-        // The snapshot carries the seq it folds, so replaying from there cannot
-        // duplicate or skip anything (docs/lessons.md: LibreChat #12225).
-        let (seq, resume_state) = log.snapshot();
-        let first = match seq {
-            Some(n) => {
-                let data = json!({"sync": true, "seq": n, "resumeState": resume_state});
-                let frame = sse_frame(n, "sync", &data)
-                    .map_err(|e| EngineError::internal("encoding the sync frame", e))?;
-                Some(frame)
-            }
-            None => None,
-        };
-        (seq, first)
-    } else {
-        if let Some(c) = cursor {
-            let mut head = log.head();
-            if head.is_none_or(|h| c > h) {
-                // This replica's mirror may lag the replica the client read from.
-                state.manager.catch_up(&stream_id).await?;
-                head = log.head();
-            }
-            if head.is_none_or(|h| c > h) {
-                return Err(EngineError::CursorOutOfRange {
-                    cursor: c,
-                    head: head.map_or(-1, |h| h as i64),
+    let (source, cursor, first) = match ready {
+        // No copy of the log on this replica yet (a Redis replica that no subscriber
+        // of this job used): answer from the store's own log while the copy fills.
+        None => {
+            let page = store
+                .read_range(&stream_id, cursor, FIRST_PAGE)
+                .await
+                .map_err(EngineError::from)?
+                .ok_or_else(|| EngineError::NotFound(format!("stream {stream_id}")))?;
+            if let Some(c) = cursor {
+                let head = page.len.checked_sub(1);
+                if head.is_none_or(|h| c > h) {
+                    return Err(EngineError::CursorOutOfRange {
+                        cursor: c,
+                        head: head.map_or(-1, |h| h as i64),
+                    }
+                    .into());
                 }
-                .into());
+                if page.ended && head == Some(c) {
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
             }
-            if log.terminal().is_some() && head == Some(c) {
+            if !page.ended {
+                // Live delivery goes through the copy: start filling it now, so it is
+                // there when the pages reach the head. A finished job gets no copy
+                // here: its readers page Redis's log to its end (filling a copy of a
+                // 10,000-event log takes tens of ms of this replica's CPU, measured to
+                // delay the next readers more than a page read does).
+                let (fill, sid) = (store.clone(), stream_id.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = fill.open_log(&sid).await {
+                        tracing::debug!(stream_id = %sid, error = %e, "could not open a log copy");
+                    }
+                });
+            }
+            let more = page.frames.len() >= FIRST_PAGE;
+            let source = Source::Store {
+                store,
+                stream_id: stream_id.clone(),
+                page: page.frames.into(),
+                more,
+            };
+            (source, cursor, None)
+        }
+        Some(log) => {
+            let (cursor, first) = warm_start(&state, &stream_id, &log, resume, cursor).await?;
+            if first.is_none()
+                && cursor.is_some_and(|c| log.terminal().is_some() && log.head() == Some(c))
+            {
                 // The client already has the terminal event: nothing will ever follow.
                 // 204 is what tells a browser's EventSource to stop reconnecting (WHATWG
                 // HTML, server-sent events); an empty 200 would be re-requested forever.
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
+            let rx = log.watch();
+            (Source::Log { log, rx }, cursor, first)
         }
-        (cursor, None)
     };
 
-    let first = match sync {
+    let first = match first {
         Some(sync) => [retry_field(state.sse_retry), sync].concat().into(),
         None => retry_field(state.sse_retry),
     };
     let sub = Subscriber {
-        rx: log.watch(),
-        log,
+        source,
         cursor,
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
@@ -145,10 +178,77 @@ fn parse_cursor(field: &str, v: &str) -> Result<u64, EngineError> {
     })
 }
 
-/// One open SSE connection: a cursor into the log and a wake-up handle.
+/// Frames a cold read asks the store for first: small, so the first byte does not
+/// wait for a large reply.
+const FIRST_PAGE: usize = 100;
+/// Frames per store read after the first.
+const PAGE: usize = 1000;
+
+/// Where the cursor and the first frame of a read from this replica's copy of the log
+/// come from: the `resume=true` snapshot (docs/protocol.md §3), or the client's cursor checked
+/// against the head (this replica's copy may lag the replica the client read from).
+async fn warm_start(
+    state: &AppState,
+    stream_id: &str,
+    log: &EventLog,
+    resume: bool,
+    cursor: Option<u64>,
+) -> Result<(Option<u64>, Option<Bytes>), ApiError> {
+    if resume {
+        // The snapshot carries the seq it folds, so replaying from there cannot
+        // duplicate or skip anything (docs/lessons.md: LibreChat #12225).
+        let (seq, resume_state) = log.snapshot();
+        let first = match seq {
+            Some(n) => {
+                let data = json!({"sync": true, "seq": n, "resumeState": resume_state});
+                let frame = sse_frame(n, "sync", &data)
+                    .map_err(|e| EngineError::internal("encoding the sync frame", e))?;
+                Some(frame)
+            }
+            None => None,
+        };
+        return Ok((seq, first));
+    }
+    if let Some(c) = cursor {
+        let mut head = log.head();
+        if head.is_none_or(|h| c > h) {
+            // This replica's mirror may lag the replica the client read from.
+            state.manager.catch_up(stream_id).await?;
+            head = log.head();
+        }
+        if head.is_none_or(|h| c > h) {
+            return Err(EngineError::CursorOutOfRange {
+                cursor: c,
+                head: head.map_or(-1, |h| h as i64),
+            }
+            .into());
+        }
+    }
+    Ok((cursor, None))
+}
+
+/// What a subscriber reads from.
+enum Source {
+    /// This replica's copy of the log, and a wake-up handle on it.
+    Log {
+        log: Arc<EventLog>,
+        rx: watch::Receiver<u64>,
+    },
+    /// Pages of the store's own log, read while this replica's copy fills; the
+    /// subscriber moves to the copy as soon as it holds the next seq, or once a page
+    /// reached the head (only the copy gets what is appended next).
+    Store {
+        store: Arc<dyn JobStore>,
+        stream_id: String,
+        page: VecDeque<Frame>,
+        /// The last page was full: the store may hold more.
+        more: bool,
+    },
+}
+
+/// One open SSE connection: a cursor into the log and where its frames come from.
 struct Subscriber {
-    log: Arc<EventLog>,
-    rx: watch::Receiver<u64>,
+    source: Source,
     /// Seq of the last frame handed to the socket.
     cursor: Option<u64>,
     done: bool,
@@ -167,35 +267,96 @@ impl Subscriber {
             return None;
         }
         loop {
-            // Mark the current version seen *before* reading, so an append that lands
-            // after the read still wakes us.
-            self.rx.borrow_and_update();
-            // One frame per poll, straight from the log: hyper takes one chunk at a
-            // time anyway, and the subscriber keeps no batch of frames alive.
-            if let Some(f) = self.log.frame_after(self.cursor) {
-                self.cursor = Some(f.seq);
-                self.done = f.terminal;
-                self.conn.frame();
-                return Some((Ok(f.bytes), self));
-            }
-            if self.log.terminal().is_some() {
-                // Nothing after the cursor in an ended log: the terminal event is behind
-                // us, so waiting could only ever send pings.
-                return None;
-            }
-            // Caught up: the frames counted so far may go to the shared counter.
-            self.conn.idle();
-            tokio::select! {
-                changed = self.rx.changed() => {
-                    if changed.is_err() {
-                        // The log is gone; whatever it held was read above.
+            let next_seq = self.cursor.map_or(0, |c| c.saturating_add(1));
+            let log = match &mut self.source {
+                Source::Log { log, rx } => {
+                    // Mark the current version seen *before* reading, so an append that
+                    // lands after the read still wakes us.
+                    rx.borrow_and_update();
+                    // One frame per poll, straight from the log: hyper takes one chunk
+                    // at a time anyway, and the subscriber keeps no batch of frames
+                    // alive.
+                    if let Some(f) = log.frame_after(self.cursor) {
+                        self.cursor = Some(f.seq);
+                        self.done = f.terminal;
+                        self.conn.frame();
+                        return Some((Ok(f.bytes), self));
+                    }
+                    if log.terminal().is_some() {
+                        // Nothing after the cursor in an ended log: the terminal event
+                        // is behind us, so waiting could only ever send pings.
                         return None;
                     }
+                    // Caught up: the frames counted so far may go to the shared counter.
+                    self.conn.idle();
+                    tokio::select! {
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                // The log is gone; whatever it held was read above.
+                                return None;
+                            }
+                        }
+                        _ = self.ping.tick() => {
+                            return Some((Ok(Bytes::from_static(b": ping\n\n")), self));
+                        }
+                    }
+                    continue;
                 }
-                _ = self.ping.tick() => {
-                    return Some((Ok(Bytes::from_static(b": ping\n\n")), self));
+                Source::Store {
+                    store,
+                    stream_id,
+                    page,
+                    more,
+                } => {
+                    if let Some(f) = page.pop_front() {
+                        if f.seq == next_seq {
+                            self.cursor = Some(f.seq);
+                            self.done = f.terminal;
+                            self.conn.frame();
+                            return Some((Ok(f.bytes), self));
+                        }
+                        // Never skip or repeat a seq: read again from the cursor.
+                        page.clear();
+                        continue;
+                    }
+                    match store.ready_log(stream_id) {
+                        Some(log) if log.len() > next_seq => log,
+                        _ if *more => {
+                            match store.read_range(stream_id, self.cursor, PAGE).await {
+                                Ok(Some(p)) => {
+                                    *more = p.frames.len() >= PAGE;
+                                    *page = p.frames.into();
+                                    if page.is_empty() && !p.ended {
+                                        *more = false;
+                                    }
+                                    if page.is_empty() && p.ended {
+                                        return None;
+                                    }
+                                }
+                                Ok(None) => return None,
+                                Err(e) => {
+                                    // The client reconnects with its cursor.
+                                    tracing::warn!(stream_id = %stream_id, error = %e, "could not read the log from the store");
+                                    return None;
+                                }
+                            }
+                            continue;
+                        }
+                        // At the store's head when last read: what comes next is
+                        // delivered to this replica's copy, so wait until it is filled.
+                        _ => match store.open_log(stream_id).await {
+                            Ok(Some(log)) => log,
+                            Ok(None) => return None,
+                            Err(e) => {
+                                tracing::warn!(stream_id = %stream_id, error = %e, "could not open this replica's copy of the log");
+                                return None;
+                            }
+                        },
+                    }
                 }
-            }
+            };
+            let rx = log.watch();
+            self.source = Source::Log { log, rx };
         }
     }
 }

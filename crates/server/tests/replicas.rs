@@ -696,6 +696,84 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
     }
 }
 
+/// A replica with no copy of a job's log answers a reconnect from Redis's own log
+/// (pages from the cursor on) while its copy fills and the job still appends; then it
+/// goes on from its copy. Each reader gets exactly the log after its random cursor,
+/// byte for byte what Redis holds: no gap, no duplicate, one terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_replicas_answer_from_redis_while_the_job_appends() {
+    let cl = cluster(vec![demo_model(
+        "long",
+        json!({"tokens": 2500, "token_delay": "1ms"}),
+    )])
+    .await;
+    let mut runner = TestRunner::default();
+    let mut read_while_running = 0;
+    for i in 0..3 {
+        let v = cl.start(A, &format!("cold {i}"), "long").await;
+        let sid = v["streamId"].as_str().unwrap().to_string();
+        // Enough of the log in Redis for several pages behind the head.
+        wait_until(Duration::from_secs(30), "300 events appended", || async {
+            cl.prefix
+                .job_field(&sid, "len")
+                .await
+                .is_some_and(|l| l.parse::<u64>().unwrap() >= 300)
+        })
+        .await;
+        let len: u64 = cl
+            .prefix
+            .job_field(&sid, "len")
+            .await
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut read = |r: usize| {
+            let cursor = (0..len).new_tree(&mut runner).unwrap().current();
+            let store = cl.replicas[r].state.manager.store().clone();
+            let (http, addr, sid) = (cl.http.clone(), cl.replicas[r].addr, sid.clone());
+            let prefix = &cl.prefix;
+            async move {
+                assert!(store.ready_log(&sid).is_none(), "replica {r} is cold");
+                let running = prefix.job_field(&sid, "ended").await.as_deref() != Some("1");
+                let got = one_connection(
+                    &http,
+                    addr,
+                    &sid,
+                    Mode::LastEventId,
+                    Some(cursor),
+                    usize::MAX,
+                )
+                .await;
+                (cursor, running, got)
+            }
+        };
+        let (b, c) = (read(B), read(C));
+        let ((cb, rb, got_b), (cc, rc, got_c)) =
+            tokio::time::timeout(Duration::from_secs(60), futures::future::join(b, c))
+                .await
+                .expect("the job ends");
+        let stored = cl.prefix.log(&sid).await;
+        for (cursor, running, got) in [(cb, rb, got_b), (cc, rc, got_c)] {
+            let want = &stored[cursor as usize + 1..];
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "cursor {cursor}: a gap or a duplicate"
+            );
+            for (f, w) in got.iter().zip(want) {
+                assert_eq!(f.raw, *w, "cursor {cursor}: not what Redis holds");
+            }
+            assert_eq!(got.iter().filter(|f| f.is_terminal()).count(), 1);
+            read_while_running += usize::from(running);
+        }
+    }
+    assert!(
+        read_while_running >= 3,
+        "too few cold reads began while the job ran ({read_while_running}); the test lost \
+         its point"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Abort across replicas.
 

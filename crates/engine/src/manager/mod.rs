@@ -340,7 +340,30 @@ impl JobManager {
         self.inner.live.lock().len()
     }
 
-    /// The job with this stream id, if the caller may read it.
+    /// The job with this stream id, if the caller may read it: its metadata only, not
+    /// its log (see [`JobManager::job_for`] for both).
+    ///
+    /// Errors: `NotFound` (unknown or expired), `Forbidden` (another user's).
+    pub async fn job_meta_for(
+        &self,
+        user_id: &str,
+        stream_id: &str,
+    ) -> Result<JobMeta, EngineError> {
+        let meta = self
+            .inner
+            .ctx
+            .store
+            .get_job(stream_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("stream {stream_id}")))?;
+        if meta.user_id != user_id {
+            return Err(EngineError::Forbidden(format!("stream {stream_id}")));
+        }
+        Ok(meta)
+    }
+
+    /// The job with this stream id and this replica's copy of its log, if the caller
+    /// may read it.
     ///
     /// Errors: `NotFound` (unknown or expired), `Forbidden` (another user's).
     pub async fn job_for(
@@ -349,16 +372,7 @@ impl JobManager {
         stream_id: &str,
     ) -> Result<(JobMeta, Arc<EventLog>), EngineError> {
         let not_found = || EngineError::NotFound(format!("stream {stream_id}"));
-        let meta = self
-            .inner
-            .ctx
-            .store
-            .get_job(stream_id)
-            .await?
-            .ok_or_else(not_found)?;
-        if meta.user_id != user_id {
-            return Err(EngineError::Forbidden(format!("stream {stream_id}")));
-        }
+        let meta = self.job_meta_for(user_id, stream_id).await?;
         let log = self
             .inner
             .ctx

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use super::{
     AbortHandler, EventLogStore, JobCoordination, JobMeta, JobStatus, Orphan, OrphanReason,
-    RateLimitStore, StoreError,
+    RangePage, RateLimitStore, StoreError,
 };
 use crate::event::EventBody;
 use crate::log::{EventLog, LogLimits};
@@ -170,6 +170,30 @@ impl EventLogStore for MemoryStore {
             .jobs
             .get(stream_id)
             .map(|(_, l)| l.clone()))
+    }
+
+    fn ready_log(&self, stream_id: &str) -> Option<Arc<EventLog>> {
+        self.inner
+            .lock()
+            .jobs
+            .get(stream_id)
+            .map(|(_, l)| l.clone())
+    }
+
+    async fn read_range(
+        &self,
+        stream_id: &str,
+        cursor: Option<u64>,
+        max: usize,
+    ) -> Result<Option<RangePage>, StoreError> {
+        let Some(log) = self.ready_log(stream_id) else {
+            return Ok(None);
+        };
+        // Length and end first, as the Redis store reads them: the frames that follow
+        // can only be more.
+        let (len, ended) = (log.len(), log.terminal().is_some());
+        let frames = log.read_after(cursor, max).frames;
+        Ok(Some(RangePage { frames, len, ended }))
     }
 
     async fn remove_expired(&self, retention: Duration) -> Result<usize, StoreError> {

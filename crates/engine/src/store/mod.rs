@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::TerminalKind;
-use crate::event::EventBody;
+use crate::event::{EventBody, Frame};
 use crate::log::EventLog;
 
 pub mod memory;
@@ -90,6 +90,20 @@ pub struct Orphan {
     pub reason: OrphanReason,
 }
 
+/// A page of a job's log read from the store itself (see
+/// [`EventLogStore::read_range`]).
+#[derive(Clone, Debug, Default)]
+pub struct RangePage {
+    /// Frames of consecutive seqs, the first the one right after the cursor; at most
+    /// the `max` asked for, fewer when the log held no more when it was read.
+    pub frames: Vec<Frame>,
+    /// Events the log held when it was read (its head's seq + 1), read before the
+    /// frames: every frame's seq is below it or it grew meanwhile.
+    pub len: u64,
+    /// Whether the log held its terminal event (at seq `len - 1`) when `len` was read.
+    pub ended: bool,
+}
+
 /// Jobs and their event logs.
 ///
 /// Errors: [`StoreError::Unavailable`] when the backing service fails; the other
@@ -136,6 +150,26 @@ pub trait EventLogStore: Send + Sync + 'static {
     /// The log that this replica's subscribers read (the log itself in memory, a
     /// local mirror in Redis mode); `None` if the job is unknown or expired.
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError>;
+
+    /// This replica's copy of the log if it can be read right away, with no store
+    /// round trip: what [`EventLogStore::open_log`] returns, but `None` where that would
+    /// first have to fill the copy (a Redis replica with no mirror of the job yet), and
+    /// `None` for an unknown job. The stream route serves a cold job with
+    /// [`EventLogStore::read_range`] instead, while `open_log` fills the copy.
+    fn ready_log(&self, stream_id: &str) -> Option<Arc<EventLog>>;
+
+    /// Up to `max` (at least 1) frames right after `cursor` (from seq 0 when `None`),
+    /// read from the store's log itself, not from this replica's copy, so a replica
+    /// can answer a reconnect before its copy is filled; `None` if the job is unknown
+    /// or expired. The frames are the very bytes every other read serves, and the log
+    /// only grows, so a reader may serve pages of it and then go on from the copy at
+    /// the seq it reached, with no gap and no duplicate (`docs/protocol.md` §3).
+    async fn read_range(
+        &self,
+        stream_id: &str,
+        cursor: Option<u64>,
+        max: usize,
+    ) -> Result<Option<RangePage>, StoreError>;
 
     /// Brings this replica's copy of the log up to the store's head. A mirror may lag
     /// the owner by a publish, so a cursor a client got from a faster replica can be
