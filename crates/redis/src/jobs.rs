@@ -307,7 +307,7 @@ impl EventLogStore for RedisStore {
             .get_or_try_init(|| async {
                 // Subscribe first (Redis confirms it), buffering what is published from
                 // then on; then read the stream; then merge the buffer by seq. No event
-                // can fall between the two (LESSONS: Vercel resumable-stream #41), nor
+                // can fall between the two (docs/lessons.md: Vercel resumable-stream #41), nor
                 // between the read and the switch to live delivery.
                 {
                     let mut sink = self.inner.sink.lock().await;

@@ -1,4 +1,4 @@
-//! The Redis job store: many replicas, one set of logs (SPEC §3–§5).
+//! The Redis job store: many replicas, one set of logs (docs/protocol.md §3–§5).
 //!
 //! # Modules
 //! - this file: [`RedisConfig`], [`RedisStore`] and its connection, key names;
