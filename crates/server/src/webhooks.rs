@@ -113,7 +113,8 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || a.is_unspecified()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
-                || a.to_ipv4_mapped().is_some_and(|v4| is_private(IpAddr::V4(v4)))
+                || a.to_ipv4_mapped()
+                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
         }
     }
 }
@@ -377,9 +378,8 @@ impl reqwest::dns::Resolve for PublicResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if addrs.iter().any(|a| is_private(a.ip())) {
                 return Err(format!("{host} {REFUSED}").into());
             }

@@ -97,7 +97,10 @@ async fn call(app: &TestApp, method: &str, uri: &str, body: Value) -> (StatusCod
     let resp = app.router.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// The job's whole log, read from its stream (which ends after the terminal event).
@@ -155,7 +158,10 @@ async fn assert_no_more(app: &TestApp, r: &mut Receiver) {
     assert_eq!(s, StatusCode::OK, "{v}");
     let (h, b) = next(r).await;
     let body = verified(&h, &b);
-    assert_eq!(body["streamId"], v["streamId"], "a duplicate delivery came first");
+    assert_eq!(
+        body["streamId"], v["streamId"],
+        "a duplicate delivery came first"
+    );
 }
 
 #[tokio::test]
@@ -289,4 +295,117 @@ async fn delivery_does_not_delay_the_jobs_end() {
     let log = log_of(&app, sid).await;
     assert_eq!(log.last().unwrap().event.as_deref(), Some("final"));
     gate.notify_one();
+}
+
+/// Two replicas on Redis whose reapers race to end the same orphans (their owner's
+/// lease lapsed): each orphan's webhook is delivered once, by the replica that won its
+/// end claim, with `endReason` `replica_lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_reapers_deliver_each_orphans_webhook_once() {
+    use genstream_engine::store::EventLogStore;
+    use genstream_server::config::{AuthConfig, JobsConfig, LimitsConfig, RedisSection};
+    use genstream_server::webhooks::WebhooksConfig;
+    use genstream_test_support::{KeyPrefix, redis_url, wait_until};
+
+    const JOBS: usize = 10;
+    let prefix = KeyPrefix::new();
+    let config = Config {
+        bind: "127.0.0.1:0".into(),
+        store: redis_url(),
+        database: "sqlite::memory:".into(),
+        redis: RedisSection {
+            key_prefix: prefix.name().into(),
+            lease_ttl: Duration::from_millis(500),
+            ..RedisSection::default()
+        },
+        auth: AuthConfig {
+            jwt_secret: Some(SECRET.into()),
+        },
+        // The reapers are driven by hand below.
+        jobs: JobsConfig {
+            reap_interval: Duration::from_secs(3600),
+            ..JobsConfig::default()
+        },
+        limits: LimitsConfig::off(),
+        webhooks: WebhooksConfig {
+            secret: Some(HOOK_SECRET.into()),
+            allow_private: true,
+            retry_for: Duration::from_secs(30),
+            ..WebhooksConfig::default()
+        },
+        ..Config::default()
+    };
+    let mut managers = Vec::new();
+    for _ in 0..2 {
+        let (state, _) = genstream_server::serve::build_state(&config).await.unwrap();
+        managers.push(state.manager);
+    }
+    let dead_owner = |ttl_ms: u64| {
+        let mut rc = genstream_redis::RedisConfig::new(&redis_url());
+        rc.key_prefix = prefix.name().to_owned();
+        rc.lease_ttl = Duration::from_millis(ttl_ms);
+        genstream_redis::RedisStore::connect(rc)
+    };
+    // A replica judges other replicas' leases only after a whole lease TTL of its own
+    // health: wait until each ends a probe orphan (no webhook: no URL anywhere).
+    for m in &managers {
+        let owner = dead_owner(100).await.unwrap();
+        let probe = genstream_engine::suite::meta("probe", &genstream_engine::new_id());
+        owner.create_job(&probe).await.unwrap();
+        owner.close();
+        wait_until(
+            Duration::from_secs(10),
+            "a reaper judging leases",
+            || async { m.reap_orphans().await.unwrap() == 1 },
+        )
+        .await;
+    }
+    let mut r = receiver(vec![200], None).await;
+    let dead = dead_owner(300).await.unwrap();
+    let mut sids = std::collections::BTreeSet::new();
+    for _ in 0..JOBS {
+        let mut meta = genstream_engine::suite::meta("alice", &genstream_engine::new_id());
+        meta.webhook_url = Some(r.url.clone());
+        dead.create_job(&meta).await.unwrap();
+        sids.insert(meta.stream_id);
+    }
+    dead.close();
+    let lease = format!("replica:{}", dead.replica_id());
+    wait_until(
+        Duration::from_secs(5),
+        "the owner's lease to lapse",
+        || async { !prefix.exists(&lease).await },
+    )
+    .await;
+    let (na, nb) = tokio::join!(managers[0].reap_orphans(), managers[1].reap_orphans());
+    assert_eq!(na.unwrap() + nb.unwrap(), JOBS);
+    let mut delivered = std::collections::BTreeSet::new();
+    for _ in 0..JOBS {
+        let (h, b) = next(&mut r).await;
+        let body = verified(&h, &b);
+        assert_eq!(body["status"], "error", "{body}");
+        assert_eq!(body["endReason"], "replica_lost", "{body}");
+        assert_eq!(body["responseMessageId"], Value::Null, "{body}");
+        let sid = body["streamId"].as_str().unwrap().to_string();
+        assert!(delivered.insert(sid), "a second delivery: {body}");
+    }
+    assert_eq!(delivered, sids);
+    // Every delivery was spawned before the reapers returned; one more orphan, reaped
+    // now, arrives after any duplicate would have.
+    let mut marker = genstream_engine::suite::meta("alice", &genstream_engine::new_id());
+    marker.webhook_url = Some(r.url.clone());
+    let dead = dead_owner(300).await.unwrap();
+    dead.create_job(&marker).await.unwrap();
+    dead.close();
+    let lease = format!("replica:{}", dead.replica_id());
+    wait_until(
+        Duration::from_secs(5),
+        "the owner's lease to lapse",
+        || async { !prefix.exists(&lease).await },
+    )
+    .await;
+    assert_eq!(managers[1].reap_orphans().await.unwrap(), 1);
+    let (h, b) = next(&mut r).await;
+    assert_eq!(verified(&h, &b)["streamId"], marker.stream_id.as_str());
+    assert!(r.got.try_recv().is_err(), "no delivery after the marker");
 }

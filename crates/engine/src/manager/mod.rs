@@ -47,8 +47,8 @@ mod start;
 pub use client_tools::{PriorTurn, ToolResult};
 use context::JobContext;
 use conversations::ConversationLocks;
-use history::history_to;
 pub use ending::EndHook;
+use history::history_to;
 pub use history::title_of;
 
 /// Timing and capacity settings of the manager.
