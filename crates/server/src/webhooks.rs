@@ -78,10 +78,17 @@ impl WebhooksConfig {
         self.secret.is_some() || self.secret_env.is_some()
     }
 
-    /// Checks the section: every configured URL valid, a secret when any is set.
+    /// Checks the section: `timeout` 1ms – 1h, `retry_for` at most 1 day, every
+    /// configured URL valid ([`check_url`]), a secret when any is set.
     pub fn validate(&self) -> Result<(), String> {
         if self.secret.is_some() && self.secret_env.is_some() {
             return Err("webhooks: set secret or secret_env, not both".into());
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
+            return Err("webhooks.timeout must be between 1ms and 1h".into());
+        }
+        if self.retry_for > Duration::from_secs(86_400) {
+            return Err("webhooks.retry_for must be at most 1day".into());
         }
         let urls = self.url.iter().chain(self.users.values());
         for u in urls {
