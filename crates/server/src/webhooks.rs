@@ -419,6 +419,23 @@ mod tests {
     }
 
     #[test]
+    fn config_needs_a_secret_and_public_urls() {
+        let mut c = WebhooksConfig {
+            url: Some("https://example.com/hook".into()),
+            ..WebhooksConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("secret"));
+        c.secret_env = Some("HOOK_SECRET".into());
+        assert!(c.validate().is_ok());
+        c.users.insert("alice".into(), "http://127.0.0.1/hook".into());
+        assert!(c.validate().is_err());
+        c.allow_private = true;
+        assert!(c.validate().is_ok());
+        c.secret = Some("s".into());
+        assert!(c.validate().is_err(), "secret and secret_env both");
+    }
+
+    #[test]
     fn signature_is_stripe_style() {
         // echo -n '1700000000.{}' | openssl dgst -sha256 -hmac secret
         assert_eq!(
