@@ -22,7 +22,7 @@ struct Ai {
 async fn ai() -> Ai {
     let mut models = default_models();
     // Long enough to be running when a test resumes or stops it, short enough to end.
-    models.push(demo("mid", json!({"tokens": 150, "token_delay": "10ms"})));
+    models.push(demo("mid", json!({"tokens": 300, "token_delay": "10ms"})));
     let app = test_app(models);
     let served = Served::start(app.router).await;
     Ai {
