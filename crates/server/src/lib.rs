@@ -6,6 +6,7 @@
 //! [`app`] builds the router so that tests can drive it in-process with `oneshot` and
 //! the binary serves the very same router behind a socket.
 
+pub mod ai_sdk;
 pub mod auth;
 pub mod client_ip;
 pub mod config;
@@ -61,6 +62,8 @@ pub fn app_with(state: AppState, max_body_bytes: usize, extra: Router) -> Router
         .route("/api/chat/active", get(routes::active))
         .route("/api/chat/status/{conversation_id}", get(routes::status))
         .route("/api/chat/abort", post(routes::abort))
+        .route("/api/ai/chat", post(ai_sdk::chat))
+        .route("/api/ai/chat/{chat_id}/stream", get(ai_sdk::resume))
         .route("/api/conversations", get(routes::list_conversations))
         .route(
             "/api/conversations/{id}",

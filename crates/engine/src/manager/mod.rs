@@ -165,6 +165,16 @@ pub struct StartRequest {
     pub text: String,
     /// `None` or `"new"` starts a conversation.
     pub conversation_id: Option<String>,
+    /// With a `conversation_id` that names no conversation yet, create it under that id
+    /// (a client-chosen id, as the AI SDK's `useChat` sends) rather than answer
+    /// `NotFound`. The first user to save it owns it; a later or concurrent start by
+    /// another user is `Forbidden` (the store's upsert never changes an owner).
+    pub create_conversation: bool,
+    /// Regenerate: the input is the existing user message `parent_message_id` (its
+    /// text, not `text`); no user message is saved and the new answer is a sibling of
+    /// that message's earlier answers. `BadRequest` naming `parentMessageId` when it
+    /// is not a user message of the conversation.
+    pub answer_existing: bool,
     /// `None` continues from the conversation's latest message.
     pub parent_message_id: Option<String>,
     pub model: Option<String>,

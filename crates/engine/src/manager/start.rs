@@ -165,11 +165,16 @@ impl JobManager {
         let db = &self.inner.ctx.db;
         let existing = match existing_id(req) {
             None => None,
-            Some(id) => Some(self.own_conversation(&req.user_id, id).await?),
+            Some(id) => match self.own_conversation(&req.user_id, id).await {
+                Err(EngineError::NotFound(_)) if req.create_conversation => None,
+                r => Some(r?),
+            },
         };
-        let conversation_id = existing
-            .as_ref()
-            .map_or_else(new_id, |c| c.conversation_id.clone());
+        let conversation_id = match (&existing, existing_id(req)) {
+            (Some(c), _) => c.conversation_id.clone(),
+            (None, Some(id)) if req.create_conversation => id.to_string(),
+            (None, _) => new_id(),
+        };
         let history = match &existing {
             Some(_) => db.list_messages(&conversation_id).await?,
             None => Vec::new(),
@@ -186,6 +191,17 @@ impl JobManager {
             }
             _ => history.last().map(|m| m.message_id.clone()),
         };
+        if req.answer_existing
+            && !parent_message_id
+                .as_ref()
+                .and_then(|p| history.iter().find(|m| &m.message_id == p))
+                .is_some_and(|m| m.is_created_by_user)
+        {
+            return Err(EngineError::bad_request(
+                "parentMessageId",
+                "must name a user message of the conversation to answer it again",
+            ));
+        }
         let title = match &existing {
             Some(c) => c.title.clone(),
             // A new conversation's title: its first user text (a request may carry
@@ -270,8 +286,22 @@ impl JobManager {
                         updated_at: meta.created_at.clone(),
                     })
                     .await?;
+                // A client-chosen id may have been saved by another user's start at
+                // the same moment: the upsert kept the first owner.
+                if req.create_conversation {
+                    match ctx.db.get_conversation(&meta.conversation_id).await? {
+                        Some(c) if c.user_id == req.user_id => {}
+                        _ => {
+                            return Err(EngineError::Forbidden(format!(
+                                "conversation {}",
+                                meta.conversation_id
+                            )));
+                        }
+                    }
+                }
             }
-            for m in prior.iter().chain([user_message]) {
+            let input = (!req.answer_existing).then_some(user_message);
+            for m in prior.iter().chain(input) {
                 if !ctx.db.add_message(m).await? {
                     return Err(EngineError::NotFound(format!(
                         "conversation {}",
@@ -389,7 +419,15 @@ fn new_job(
         &model.name,
         &created_at,
     );
-    let user_message = Message {
+    let existing_input = req
+        .answer_existing
+        .then(|| {
+            plan.history
+                .iter()
+                .find(|m| Some(&m.message_id) == plan.parent_message_id.as_ref())
+        })
+        .flatten();
+    let user_message = existing_input.cloned().unwrap_or_else(|| Message {
         message_id: new_id(),
         conversation_id: plan.conversation_id.clone(),
         parent_message_id: prior
@@ -404,7 +442,7 @@ fn new_job(
         unfinished: false,
         error: false,
         created_at: created_at.clone(),
-    };
+    });
     let meta = JobMeta {
         stream_id: new_id(),
         user_id: req.user_id.clone(),

@@ -15,7 +15,7 @@
 mod chat;
 mod input;
 mod responses;
-mod shared;
+pub(crate) mod shared;
 
 use std::sync::Arc;
 

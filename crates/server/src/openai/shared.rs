@@ -16,6 +16,7 @@ use bytes::Bytes;
 use genstream_engine::EngineError;
 use genstream_engine::event::Event;
 use genstream_engine::log::EventLog;
+use genstream_protocols::ai_sdk::{AiSdkOptions, AiSdkProjector};
 use genstream_protocols::chat::{ChatOptions, ChatProjector};
 use genstream_protocols::responses::ResponsesProjector;
 use genstream_protocols::{ProjectedLog, Projector};
@@ -57,6 +58,21 @@ impl<P: Projector> Cache<P> {
 pub(crate) static CHAT: LazyLock<Cache<ChatProjector>> = LazyLock::new(Cache::new);
 /// Responses projections, by stream id.
 pub(crate) static RESPONSES: LazyLock<Cache<ResponsesProjector>> = LazyLock::new(Cache::new);
+
+/// AI SDK UI message stream projections, by stream id.
+pub(crate) static AI_SDK: LazyLock<Cache<AiSdkProjector>> = LazyLock::new(Cache::new);
+
+/// The shared AI SDK projection of `log` (`/api/ai/chat`).
+pub(crate) fn ai_sdk(stream_id: &str, log: &EventLog) -> Shared<AiSdkProjector> {
+    AI_SDK.get(stream_id.to_string(), || {
+        AiSdkProjector::new(AiSdkOptions {
+            client_tools: super::created_of(log)
+                .map(|c| c.client_tools.into_iter().collect())
+                .unwrap_or_default(),
+            reset_step_on_retry: false,
+        })
+    })
+}
 
 /// The shared Chat Completions projection of `log`.
 pub(crate) fn chat(stream_id: &str, log: &EventLog, include_usage: bool) -> Shared<ChatProjector> {
