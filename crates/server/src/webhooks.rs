@@ -427,7 +427,8 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("secret"));
         c.secret_env = Some("HOOK_SECRET".into());
         assert!(c.validate().is_ok());
-        c.users.insert("alice".into(), "http://127.0.0.1/hook".into());
+        c.users
+            .insert("alice".into(), "http://127.0.0.1/hook".into());
         assert!(c.validate().is_err());
         c.allow_private = true;
         assert!(c.validate().is_ok());
