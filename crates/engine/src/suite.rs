@@ -31,6 +31,7 @@ pub fn meta(user: &str, conversation: &str) -> JobMeta {
         model: "demo".into(),
         status: JobStatus::Running,
         created_at: crate::now_rfc3339(),
+        webhook_url: None,
     }
 }
 

@@ -122,6 +122,7 @@ impl EventLogStore for RedisStore {
                     ("model", meta.model.as_str()),
                     ("status", "running"),
                     ("createdAt", meta.created_at.as_str()),
+                    ("webhookUrl", meta.webhook_url.as_deref().unwrap_or("")),
                     ("owner", self.inner.replica_id.as_str()),
                     ("len", "0"),
                     ("bytes", "0"),
@@ -412,6 +413,7 @@ pub(crate) fn meta_of(h: &HashMap<String, String>) -> Option<JobMeta> {
             _ => JobStatus::Running,
         },
         created_at: g("createdAt")?,
+        webhook_url: g("webhookUrl").filter(|u| !u.is_empty()),
     })
 }
 

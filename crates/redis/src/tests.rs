@@ -62,6 +62,7 @@ fn meta() -> JobMeta {
         model: "demo".into(),
         status: JobStatus::Running,
         created_at: "2026-01-01T00:00:00.000Z".into(),
+        webhook_url: None,
     }
 }
 

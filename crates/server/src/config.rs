@@ -69,6 +69,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub limits: LimitsConfig,
     pub balance: BalanceConfig,
+    /// `[webhooks]`: job-finished webhooks (`crate::webhooks`). Off by default.
+    pub webhooks: crate::webhooks::WebhooksConfig,
     /// Named upstreams, `[providers.NAME] kind, base_url, api_key_env, retry,
     /// timeouts`.
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -106,6 +108,8 @@ pub struct ConfigFile {
     limits: LimitsConfig,
     #[serde(default)]
     balance: BalanceConfig,
+    #[serde(default)]
+    webhooks: crate::webhooks::WebhooksConfig,
     #[serde(default)]
     providers: BTreeMap<String, ProviderConfig>,
     #[serde(default = "default_model_files")]
@@ -178,6 +182,7 @@ impl TryFrom<ConfigFile> for Config {
             http: file.http,
             limits: file.limits,
             balance: file.balance,
+            webhooks: file.webhooks,
             providers: file.providers,
             models,
             tools: file.tools,
@@ -426,6 +431,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             limits: LimitsConfig::default(),
             balance: BalanceConfig::default(),
+            webhooks: Default::default(),
             providers: BTreeMap::new(),
             models: vec![ModelConfig::demo(DEMO, Default::default())],
             tools: Vec::new(),
@@ -537,6 +543,7 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        self.webhooks.validate().map_err(ConfigError::Invalid)?;
         let j = &self.jobs;
         check_duration("jobs.retention", j.retention, SECOND, MONTH)?;
         check_duration("jobs.stall_timeout", j.stall_timeout, SECOND, MONTH)?;

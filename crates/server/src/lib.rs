@@ -17,6 +17,7 @@ mod routes;
 pub mod serve;
 pub mod sse;
 pub mod ui;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,9 @@ pub struct AppState {
     pub sse_retry: Duration,
     /// Proxies whose `X-Forwarded-For` is believed, for the per-IP rate limit.
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    /// The job-finished webhook client, for checking a request's `webhookUrl` (the
+    /// manager holds it too, as its end hook). Default: off.
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 /// The router with every route of docs/protocol.md §4, and the web app (`ui`). `max_body_bytes` bounds request bodies

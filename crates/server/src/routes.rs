@@ -81,6 +81,9 @@ pub struct ChatBody {
     system_prompt: Option<String>,
     #[serde(default)]
     tools: Option<Vec<String>>,
+    /// Where to POST this job's job-finished webhook (`crate::webhooks`).
+    #[serde(default)]
+    webhook_url: Option<String>,
 }
 
 pub async fn start_chat(
@@ -92,6 +95,12 @@ pub async fn start_chat(
 ) -> Result<Response, ApiError> {
     let client_ip =
         crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
+    if let Some(url) = &body.webhook_url {
+        state
+            .webhooks
+            .check_request_url(url)
+            .map_err(|e| EngineError::bad_request("webhookUrl", e))?;
+    }
     let started = state
         .manager
         .start(StartRequest {
@@ -103,6 +112,7 @@ pub async fn start_chat(
             system_prompt: body.system_prompt,
             tools: body.tools.unwrap_or_default(),
             client_ip: client_ip.map(|ip| ip.to_string()),
+            webhook_url: body.webhook_url,
             ..Default::default()
         })
         .await?;

@@ -128,6 +128,8 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
     // Usage estimates count with tiktoken, whose encodings take a second to build: do
     // it before serving, so that no abort waits for one.
     manager.prepare_estimates().await;
+    let webhooks = Arc::new(crate::webhooks::Webhooks::new(config.webhooks.clone()));
+    manager.set_end_hook(webhooks.clone());
     Ok((
         AppState {
             manager,
@@ -138,6 +140,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
                 crate::client_ip::parse_proxies(&config.limits.trusted_proxies)
                     .map_err(ServeError::Config)?,
             ),
+            webhooks,
         },
         generated,
     ))

@@ -34,6 +34,7 @@ fn replica(db: Arc<dyn Persistence>) -> Router {
             keepalive: Duration::from_secs(15),
             sse_retry: Duration::from_secs(1),
             trusted_proxies: Arc::new(Vec::new()),
+            webhooks: Default::default(),
         },
         MAX_BODY,
     )

@@ -1014,6 +1014,7 @@ async fn racing_reapers(strict: bool) {
             model: "demo".into(),
             status: JobStatus::Running,
             created_at: "2026-01-01T00:00:00.000Z".into(),
+            webhook_url: None,
         };
         dead.create_job(&meta).await.unwrap();
         let user_message = Message {

@@ -11,6 +11,8 @@ pub(super) struct JobContext {
     pub(super) db: Arc<dyn Persistence>,
     pub(super) tools: crate::tools::ToolRegistry,
     pub(super) config: ManagerConfig,
+    /// Told of every job this replica ends ([`JobManager::set_end_hook`]).
+    pub(super) end_hook: std::sync::OnceLock<Arc<dyn super::EndHook>>,
 }
 
 impl JobContext {

@@ -8,6 +8,27 @@
 
 use super::*;
 
+/// Told when a job has ended: implemented outside the engine (the server's webhook
+/// client), set with [`JobManager::set_end_hook`].
+///
+/// Called exactly once per job, by the replica whose end claim won (the job's owner or
+/// the reaper that ended an orphan), right after the terminal event (`final` or
+/// `error`, docs/protocol.md §2) is in the log, from [`announce_end`]. It must not
+/// block: the job's task (or the reaper) calls it inline, so any slow work (an HTTP
+/// delivery) is to be spawned.
+pub trait EndHook: Send + Sync {
+    /// `meta`: the job (its `status` still `running`); `end`: its terminal event.
+    fn job_ended(&self, meta: &JobMeta, end: &EventBody);
+}
+
+/// The one place a job's end is announced to the [`EndHook`], called by both ending
+/// paths (the job's own task and the reaper) once their terminal event is appended.
+pub(super) fn announce_end(ctx: &JobContext, meta: &JobMeta, end: &EventBody) {
+    if let Some(hook) = ctx.end_hook.get() {
+        hook.job_ended(meta, end);
+    }
+}
+
 /// How a job ends, with what its terminal event says.
 #[derive(Clone, Debug)]
 pub(super) enum Ending {

@@ -156,6 +156,7 @@ impl JobManager {
             Ok(_) => {
                 tracing::warn!(stream_id = %sid, code, "ended an orphaned job");
                 crate::metrics::finished(&end);
+                super::ending::announce_end(ctx, &meta, &end);
                 Ok(true)
             }
             Err(StoreError::Append(_)) => Ok(false),

@@ -47,6 +47,7 @@ mod start;
 pub use client_tools::{PriorTurn, ToolResult};
 use context::JobContext;
 use conversations::ConversationLocks;
+pub use ending::EndHook;
 use history::history_to;
 pub use history::title_of;
 
@@ -193,6 +194,9 @@ pub struct StartRequest {
     /// What a client protocol needs to project this job the same way on every replica
     /// (e.g. the Responses request's echoed parameters), carried opaquely in `created`.
     pub protocol_options: Option<serde_json::Value>,
+    /// Where to POST the job-finished webhook (see [`EndHook`]); `None` = the server's
+    /// default. Checked by the caller (the engine knows nothing of HTTP).
+    pub webhook_url: Option<String>,
 }
 
 /// The answer to a started chat.
@@ -284,6 +288,7 @@ impl JobManager {
                 db,
                 tools,
                 config,
+                end_hook: std::sync::OnceLock::new(),
             }),
             models,
             tracker: TaskTracker::new(),
@@ -307,6 +312,12 @@ impl JobManager {
                 }
             }));
         JobManager { inner }
+    }
+
+    /// Sets the hook told of every job this replica ends ([`EndHook`]); once, at
+    /// startup. Returns false (and keeps the first) if one is already set.
+    pub fn set_end_hook(&self, hook: Arc<dyn EndHook>) -> bool {
+        self.inner.ctx.end_hook.set(hook).is_ok()
     }
 
     /// The job store, for tests and benches that inspect it; the server's routes go

@@ -394,7 +394,11 @@ impl JobRun {
             .append(&self.meta.stream_id, &terminal, self.next_seq())
             .await
         {
-            Ok(_) | Err(StoreError::Append(AppendError::Ended)) => Ok(()),
+            Ok(_) => {
+                super::ending::announce_end(&self.ctx, &self.meta, &terminal);
+                Ok(())
+            }
+            Err(StoreError::Append(AppendError::Ended)) => Ok(()),
             Err(e @ StoreError::Append(_)) => Err(EngineError::internal("terminal event", e)),
             // The store lost the job (Redis restarted without its data): the answer is
             // saved, and no log is left to end.

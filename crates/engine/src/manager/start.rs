@@ -452,6 +452,7 @@ fn new_job(
         model: model.name.clone(),
         status: JobStatus::Running,
         created_at,
+        webhook_url: req.webhook_url.clone(),
     };
     (meta, prior, user_message)
 }

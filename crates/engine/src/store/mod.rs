@@ -67,6 +67,11 @@ pub struct JobMeta {
     pub status: JobStatus,
     /// RFC 3339.
     pub created_at: String,
+    /// Where this job's job-finished webhook goes (`POST /api/chat`'s `webhookUrl`);
+    /// `None` = the server's configured default, if any. Kept with the job so that
+    /// whichever replica ends it (owner or reaper) can deliver it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
 }
 
 /// Called with a stream id when another replica asks this one to abort a job.

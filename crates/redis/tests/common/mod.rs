@@ -58,6 +58,7 @@ pub fn meta() -> JobMeta {
         model: "demo".into(),
         status: JobStatus::Running,
         created_at: "2026-01-01T00:00:00.000Z".into(),
+        webhook_url: None,
     }
 }
 

@@ -51,6 +51,7 @@ pub fn test_app(models: Vec<ModelEntry>) -> TestApp {
         keepalive: Duration::from_secs(15),
         sse_retry: Duration::from_secs(1),
         trusted_proxies: Arc::new(Vec::new()),
+        webhooks: Default::default(),
     };
     let router = app(state.clone(), MAX_BODY);
     TestApp { state, router, db }
