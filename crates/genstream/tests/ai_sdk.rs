@@ -10,23 +10,12 @@
 //! installs (`npm ci` in `tests/ai-sdk`); when missing the test fails naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+use genstream_test_support::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn client_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ai-sdk");
@@ -73,27 +62,11 @@ token_delay = "10ms"
     path
 }
 
-fn serve(config: &Path) -> Server {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(u) = line.strip_prefix("genstream listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, url }
+/// `genstream serve --config CONFIG`, listening.
+fn serve(config: &Path) -> ServerProcess {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").arg("--config").arg(config);
+    ServerProcess::spawn("server", cmd).listening()
 }
 
 #[test]

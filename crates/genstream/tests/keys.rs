@@ -4,23 +4,12 @@
 //! revocation made by the CLI is refused by the running server at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
+
+use genstream_test_support::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
     let cfg = format!(
@@ -32,27 +21,11 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn serve(config: &Path) -> Server {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(u) = line.strip_prefix("genstream listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, url }
+/// `genstream serve --config CONFIG`, listening.
+fn serve(config: &Path) -> ServerProcess {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").arg("--config").arg(config);
+    ServerProcess::spawn("server", cmd).listening()
 }
 
 /// Runs `genstream key ARGS --config CONFIG`.
@@ -79,7 +52,7 @@ fn ok(out: Output) -> (String, String) {
     )
 }
 
-async fn status(s: &Server, key: &str, path: &str) -> u16 {
+async fn status(s: &ServerProcess, key: &str, path: &str) -> u16 {
     reqwest::Client::new()
         .get(format!("{}{path}", s.url))
         .bearer_auth(key)

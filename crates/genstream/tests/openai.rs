@@ -11,24 +11,13 @@
 //! `OPENAI_VENV`); when it is missing the test fails with one line naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+use genstream_test_support::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
 const TOOLS_MODEL: &str = "tools?calls=1";
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn python() -> PathBuf {
     let venv = std::env::var_os("OPENAI_VENV")
@@ -89,27 +78,11 @@ model = "{TOOLS_MODEL}"
     path
 }
 
-fn serve(config: &Path) -> Server {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(u) = line.strip_prefix("genstream listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, url }
+/// `genstream serve --config CONFIG`, listening.
+fn serve(config: &Path) -> ServerProcess {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").arg("--config").arg(config);
+    ServerProcess::spawn("server", cmd).listening()
 }
 
 /// Runs `genstream key ARGS --config CONFIG`; its stdout.
