@@ -300,15 +300,8 @@ impl Projector for ChatProjector {
         out: &mut Vec<ProjectedFrame>,
     ) -> Result<(), ProjectionError> {
         let emit = &mut self.emit;
-        let mut failure = None;
-        self.fold.apply_with(seq, body, &mut |fold, change| {
-            if failure.is_none()
-                && let Err(e) = emit.on(fold, change, seq, out)
-            {
-                failure = Some(e);
-            }
-        })?;
-        failure.map_or(Ok(()), Err)
+        self.fold
+            .apply_emitting(seq, body, |fold, change| emit.on(fold, change, seq, out))
     }
 
     fn next_position(&self) -> u64 {

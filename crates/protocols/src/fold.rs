@@ -379,6 +379,29 @@ impl JobFold {
         self.client_tools.contains(name)
     }
 
+    /// Folds in the event at `seq` and hands each change to `emit`, as every projector
+    /// does: the fold always takes the whole event (so its state stays that of the log),
+    /// and the first error `emit` returns is the result.
+    pub(crate) fn apply_emitting<'a, F>(
+        &mut self,
+        seq: u64,
+        body: &'a EventBody,
+        mut emit: F,
+    ) -> Result<(), ProjectionError>
+    where
+        F: FnMut(&JobFold, Change<'a>) -> Result<(), ProjectionError>,
+    {
+        let mut failure = None;
+        self.apply_with(seq, body, &mut |fold, change| {
+            if failure.is_none()
+                && let Err(e) = emit(fold, change)
+            {
+                failure = Some(e);
+            }
+        })?;
+        failure.map_or(Ok(()), Err)
+    }
+
     /// Folds in the event at `seq`, reporting each change to `f` with the fold's state.
     pub(crate) fn apply_with<'a, F>(
         &mut self,

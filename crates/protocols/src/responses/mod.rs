@@ -141,15 +141,9 @@ impl Projector for ResponsesProjector {
     ) -> Result<(), ProjectionError> {
         let emit = &mut self.emit;
         let options = &self.options;
-        let mut failure = None;
-        self.fold.apply_with(seq, body, &mut |fold, change| {
-            if failure.is_none()
-                && let Err(e) = emit.on(fold, options, change, seq, out)
-            {
-                failure = Some(e);
-            }
-        })?;
-        failure.map_or(Ok(()), Err)
+        self.fold.apply_emitting(seq, body, |fold, change| {
+            emit.on(fold, options, change, seq, out)
+        })
     }
 
     fn next_position(&self) -> u64 {
