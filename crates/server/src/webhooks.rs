@@ -198,6 +198,21 @@ impl Webhooks {
         check_url(url, self.config.allow_private).map(|_| ())
     }
 
+    /// A request's webhook URL (the body field `field`: `webhookUrl` on `/api`,
+    /// `webhook_url` on `/v1`), checked: `BadRequest` naming `field` when webhooks are
+    /// off or the URL is not one genstream may call ([`Webhooks::check_request_url`]).
+    pub fn requested(
+        &self,
+        field: &str,
+        url: Option<String>,
+    ) -> Result<Option<String>, genstream_engine::EngineError> {
+        if let Some(u) = &url {
+            self.check_request_url(u)
+                .map_err(|e| genstream_engine::EngineError::bad_request(field, e))?;
+        }
+        Ok(url)
+    }
+
     /// Where `meta`'s webhook goes, if anywhere.
     fn target(&self, meta: &JobMeta) -> Option<String> {
         if !self.config.enabled() {

@@ -159,6 +159,10 @@ pub(super) async fn create(
     OpenAiBody(body): OpenAiBody,
 ) -> Result<Response, OpenAiError> {
     let req = parse(&body)?;
+    let idempotency = crate::idempotency::from_headers(&headers, "/v1/chat/completions", &body)?;
+    let webhook_url = state
+        .webhooks
+        .requested("webhook_url", super::webhook_url_of(&body)?)?;
     let client_ip =
         crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
     let started = state
@@ -172,6 +176,8 @@ pub(super) async fn create(
             client_tools: req.client_tools,
             prior: req.conversation.prior,
             tool_results: req.conversation.tool_results,
+            webhook_url,
+            idempotency,
             ..Default::default()
         })
         .await?;
