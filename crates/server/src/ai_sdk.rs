@@ -146,7 +146,8 @@ pub async fn chat(
         }
     }
     let started = state.manager.start(req).await?;
-    let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
+    // A repeat after the log expired gets the saved answer, replayed.
+    let (meta, log) = state.manager.started_job(&user, &started).await?;
     Ok(stream_of(&state, &meta, log))
 }
 

@@ -40,7 +40,9 @@ pub fn from_headers(
     let key = value
         .to_str()
         .ok()
-        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|k| {
+            !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic())
+        })
         .ok_or_else(|| bad("must be 1-255 visible ASCII characters"))?;
     let canonical = serde_json::to_vec(body)
         .map_err(|e| EngineError::internal("canonicalize the request body", e))?;
@@ -72,10 +74,16 @@ mod tests {
     fn same_body_in_any_key_order_is_the_same_request() {
         let a: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":[1,2]}"#).unwrap();
         let b: serde_json::Value = serde_json::from_str(r#"{ "b": [1,2], "a": 1 }"#).unwrap();
-        let ia = from_headers(&headers(&["k"]), "/api/chat", &a).unwrap().unwrap();
-        let ib = from_headers(&headers(&["k"]), "/api/chat", &b).unwrap().unwrap();
+        let ia = from_headers(&headers(&["k"]), "/api/chat", &a)
+            .unwrap()
+            .unwrap();
+        let ib = from_headers(&headers(&["k"]), "/api/chat", &b)
+            .unwrap()
+            .unwrap();
         assert_eq!(ia, ib);
-        let other_route = from_headers(&headers(&["k"]), "/v1/responses", &a).unwrap().unwrap();
+        let other_route = from_headers(&headers(&["k"]), "/v1/responses", &a)
+            .unwrap()
+            .unwrap();
         assert_ne!(ia.request_hash, other_route.request_hash);
         let other_body = from_headers(&headers(&["k"]), "/api/chat", &json!({"a": 2}))
             .unwrap()
@@ -85,8 +93,16 @@ mod tests {
 
     #[test]
     fn no_header_is_none_and_bad_keys_are_400s() {
-        assert_eq!(from_headers(&HeaderMap::new(), "/r", &json!({})).unwrap(), None);
-        for bad in [headers(&[""]), headers(&[&"x".repeat(256)]), headers(&["a", "b"]), headers(&["a b"])] {
+        assert_eq!(
+            from_headers(&HeaderMap::new(), "/r", &json!({})).unwrap(),
+            None
+        );
+        for bad in [
+            headers(&[""]),
+            headers(&[&"x".repeat(256)]),
+            headers(&["a", "b"]),
+            headers(&["a b"]),
+        ] {
             let e = from_headers(&bad, "/r", &json!({})).unwrap_err();
             assert!(
                 matches!(&e, EngineError::BadRequest { field, .. } if field == "Idempotency-Key"),

@@ -190,10 +190,15 @@ fn ids(route: &Route, a: &Answer) -> Vec<String> {
     match route.path {
         "/api/chat" => {
             let v = a.json();
-            ["streamId", "conversationId", "userMessageId", "responseMessageId"]
-                .iter()
-                .map(|k| v[k].as_str().unwrap().to_string())
-                .collect()
+            [
+                "streamId",
+                "conversationId",
+                "userMessageId",
+                "responseMessageId",
+            ]
+            .iter()
+            .map(|k| v[k].as_str().unwrap().to_string())
+            .collect()
         }
         _ => {
             let mut ids = vec![
@@ -218,7 +223,9 @@ async fn books(s: &Server, user: &str) -> (f64, Value, usize) {
             .is_empty()
     };
     wait_until(Duration::from_secs(20), "the user's jobs to end", running).await;
-    let balance = get(s, user, "/api/balance").await["balance"].as_f64().unwrap();
+    let balance = get(s, user, "/api/balance").await["balance"]
+        .as_f64()
+        .unwrap();
     let usage = get(s, user, "/api/usage").await["usage"].clone();
     let conversations = get(s, user, "/api/conversations").await["conversations"]
         .as_array()
@@ -241,7 +248,12 @@ async fn each_route_repeat_attaches_to_the_first_job_and_spends_once() {
         let (balance, usage, conversations) = books(&s, &user).await;
         let spent = START_BALANCE - balance;
         assert!(spent > 0.0, "{}: nothing spent", route.path);
-        assert_eq!(usage.as_array().unwrap().len(), 1, "{}: {usage}", route.path);
+        assert_eq!(
+            usage.as_array().unwrap().len(),
+            1,
+            "{}: {usage}",
+            route.path
+        );
         assert_eq!(usage[0]["calls"], 1, "{}: {usage}", route.path);
         assert_eq!(conversations, 1, "{}", route.path);
 
@@ -250,10 +262,21 @@ async fn each_route_repeat_attaches_to_the_first_job_and_spends_once() {
         for (k, v) in body.as_object().unwrap().iter().rev() {
             reordered.insert(k.clone(), v.clone());
         }
-        let again = post(&s, &user, route.path, Some("key-1"), &Value::Object(reordered)).await;
+        let again = post(
+            &s,
+            &user,
+            route.path,
+            Some("key-1"),
+            &Value::Object(reordered),
+        )
+        .await;
         assert_eq!(ids(&route, &again), first_ids, "{}", route.path);
         if route.path != "/api/chat" {
-            assert_eq!(again.text, first.text, "{}: the same job's answer", route.path);
+            assert_eq!(
+                again.text, first.text,
+                "{}: the same job's answer",
+                route.path
+            );
         }
         assert_eq!(
             books(&s, &user).await,
@@ -263,7 +286,14 @@ async fn each_route_repeat_attaches_to_the_first_job_and_spends_once() {
         );
 
         // The same key with another body: 422 in the route's shape, nothing started.
-        let other = post(&s, &user, route.path, Some("key-1"), &(route.body)(&user, "another")).await;
+        let other = post(
+            &s,
+            &user,
+            route.path,
+            Some("key-1"),
+            &(route.body)(&user, "another"),
+        )
+        .await;
         assert_eq!(other.status, 422, "{}: {}", route.path, other.text);
         let e = other.json();
         assert_eq!(e["error"]["code"], "idempotency_key_reused", "{e}");
@@ -280,7 +310,14 @@ async fn each_route_repeat_attaches_to_the_first_job_and_spends_once() {
 
         // Another user's same key is another start.
         let stranger = format!("{user}-other");
-        let theirs = post(&s, &stranger, route.path, Some("key-1"), &(route.body)(&stranger, "say something priced")).await;
+        let theirs = post(
+            &s,
+            &stranger,
+            route.path,
+            Some("key-1"),
+            &(route.body)(&stranger, "say something priced"),
+        )
+        .await;
         let their_ids = ids(&route, &theirs);
         assert_ne!(their_ids[0], first_ids[0], "{}", route.path);
         assert_eq!(books(&s, &stranger).await.2, 1);
@@ -318,7 +355,14 @@ async fn a_failed_start_frees_its_key_and_bad_keys_are_400s() {
         assert_eq!(a.status, 400, "{bad:?}: {}", a.text);
         assert!(a.text.contains("Idempotency-Key"), "{}", a.text);
     }
-    let a = post(&s, "pam", "/v1/responses", Some(""), &json!({"model": "priced", "input": "x"})).await;
+    let a = post(
+        &s,
+        "pam",
+        "/v1/responses",
+        Some(""),
+        &json!({"model": "priced", "input": "x"}),
+    )
+    .await;
     assert_eq!(a.status, 400, "{}", a.text);
     assert_eq!(a.json()["error"]["param"], "Idempotency-Key");
 }
@@ -397,7 +441,12 @@ async fn fifty_racing_starts_over_three_replicas_make_one_job_and_one_spend() {
         for s in &replicas {
             let (balance, usage, conversations) = books(s, &user).await;
             assert_eq!(conversations, 1, "{}", route.path);
-            assert_eq!(usage.as_array().unwrap().len(), 1, "{}: {usage}", route.path);
+            assert_eq!(
+                usage.as_array().unwrap().len(),
+                1,
+                "{}: {usage}",
+                route.path
+            );
             assert_eq!(usage[0]["calls"], 1, "{}: {usage}", route.path);
             let spent = START_BALANCE - balance;
             assert!(

@@ -41,6 +41,7 @@ mod conversations;
 mod ending;
 mod history;
 mod lifecycle;
+mod replay;
 mod run;
 mod start;
 

@@ -181,7 +181,8 @@ pub(super) async fn create(
             ..Default::default()
         })
         .await?;
-    let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
+    // A repeat after the log expired gets the saved answer, replayed.
+    let (meta, log) = state.manager.started_job(&user, &started).await?;
     let headers = job_headers(&meta);
     let projection = shared::chat(&meta.stream_id, &log, req.include_usage);
     if req.stream {

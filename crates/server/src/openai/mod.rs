@@ -112,7 +112,9 @@ impl<S: Send + Sync> FromRequest<S> for OpenAiBody {
 /// goes, as `webhookUrl` on `POST /api/chat`.
 ///
 /// Errors: 400 naming `webhook_url` when it is not a string.
-pub(crate) fn webhook_url_of(body: &serde_json::Map<String, Value>) -> Result<Option<String>, OpenAiError> {
+pub(crate) fn webhook_url_of(
+    body: &serde_json::Map<String, Value>,
+) -> Result<Option<String>, OpenAiError> {
     match body.get("webhook_url") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(u)) => Ok(Some(u.clone())),

@@ -261,7 +261,8 @@ pub(super) async fn create(
             ..Default::default()
         })
         .await?;
-    let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
+    // A repeat after the log expired gets the saved answer, replayed.
+    let (meta, log) = state.manager.started_job(&user, &started).await?;
     let headers = job_headers(&meta);
     if req.stream {
         let projection = shared::responses(&meta.stream_id, &log);
