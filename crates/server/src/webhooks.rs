@@ -1,5 +1,6 @@
-//! Job-finished webhooks: when a job ends, a signed JSON POST to the URL its
-//! `POST /api/chat` named (`webhookUrl`), else its user's configured one
+//! Job-finished webhooks: when a job ends, a signed JSON POST to the URL its start
+//! named (`webhookUrl` on `POST /api/chat` and `/api/ai/chat`, `webhook_url` on the
+//! `/v1` create routes; [`Webhooks::requested`]), else its user's configured one
 //! (`[webhooks.users]`), else the global `webhooks.url`.
 //!
 //! - Sent once per job, by the replica that ended it: this is the engine's

@@ -250,17 +250,21 @@ mod tests {
             .expect_err("the leak was not caught")
             .downcast::<String>()
             .unwrap();
-        assert!(message.contains("leaky: its log holds a token"), "{message}");
-        assert!(!message.contains("eyJzdWIiOiJh"), "the token is shown cut: {message}");
+        assert!(
+            message.contains("leaky: its log holds a token"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("eyJzdWIiOiJh"),
+            "the token is shown cut: {message}"
+        );
     }
 
     #[test]
     fn finds_tokens_and_nothing_else() {
         let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbm4ifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
         let key = format!("gsk_{}", "0123456789abcdef".repeat(4));
-        let log = format!(
-            "a {jwt} b\nkey={key}\nGET /s?access_token=abcdefgh12 200\n"
-        );
+        let log = format!("a {jwt} b\nkey={key}\nGET /s?access_token=abcdefgh12 200\n");
         let found = secrets_in(&log);
         assert_eq!(found.len(), 3, "{found:?}");
         assert!(found.iter().any(|f| jwt.starts_with(f.as_str())));
@@ -268,7 +272,10 @@ mod tests {
         let clean = "job finished stream_id=0190-… key gsk_ (64 hex) eyJ short.eyJ.x \
             send ?access_token= or a header; access_token=short";
         assert_eq!(secrets_in(clean), Vec::<String>::new());
-        assert_eq!(secrets_in(&format!("gsk_{}", "a".repeat(63))), Vec::<String>::new());
+        assert_eq!(
+            secrets_in(&format!("gsk_{}", "a".repeat(63))),
+            Vec::<String>::new()
+        );
     }
 }
 
