@@ -223,6 +223,48 @@ pub fn secrets_in(log: &str) -> Vec<String> {
     found
 }
 
+/// A spawned server that has not printed its address yet.
+pub struct Starting {
+    name: &'static str,
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+    logs_done: Option<Receiver<()>>,
+    rx: Receiver<(String, Vec<String>)>,
+}
+
+impl Starting {
+    /// Waits (up to [`START_TIMEOUT`]) for its [`LISTENING`] line.
+    ///
+    /// # Panics
+    /// When it exits or stays silent first, quoting its logs.
+    pub fn listening(mut self) -> ServerProcess {
+        let Ok((url, banner)) = self.rx.recv_timeout(START_TIMEOUT) else {
+            panic!(
+                "{} did not start listening; its logs:\n{}",
+                self.name,
+                self.logs.lock().unwrap()
+            );
+        };
+        ServerProcess {
+            name: self.name,
+            child: self.child.take().unwrap(),
+            url,
+            banner,
+            logs: self.logs.clone(),
+            logs_done: self.logs_done.take(),
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{LISTENING, ServerProcess, secrets_in};
@@ -276,47 +318,5 @@ mod tests {
             secrets_in(&format!("gsk_{}", "a".repeat(63))),
             Vec::<String>::new()
         );
-    }
-}
-
-/// A spawned server that has not printed its address yet.
-pub struct Starting {
-    name: &'static str,
-    child: Option<Child>,
-    logs: Arc<Mutex<String>>,
-    logs_done: Option<Receiver<()>>,
-    rx: Receiver<(String, Vec<String>)>,
-}
-
-impl Starting {
-    /// Waits (up to [`START_TIMEOUT`]) for its [`LISTENING`] line.
-    ///
-    /// # Panics
-    /// When it exits or stays silent first, quoting its logs.
-    pub fn listening(mut self) -> ServerProcess {
-        let Ok((url, banner)) = self.rx.recv_timeout(START_TIMEOUT) else {
-            panic!(
-                "{} did not start listening; its logs:\n{}",
-                self.name,
-                self.logs.lock().unwrap()
-            );
-        };
-        ServerProcess {
-            name: self.name,
-            child: self.child.take().unwrap(),
-            url,
-            banner,
-            logs: self.logs.clone(),
-            logs_done: self.logs_done.take(),
-        }
-    }
-}
-
-impl Drop for Starting {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
