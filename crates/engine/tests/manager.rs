@@ -542,3 +542,103 @@ async fn fifty_subscribers_before_during_after_see_identical_logs() {
         assert_eq!(got[1].as_ptr(), reference[1].as_ptr());
     }
 }
+
+/// A start whose key another start (say, on another replica) holds waits for it: it
+/// answers the other's ids once filled, starts its own once released, and is
+/// `IdempotencyInProgress` when the holder stays silent past `idempotency_wait`.
+#[tokio::test(start_paused = true)]
+async fn an_idempotent_start_waits_for_the_holder_of_its_key() {
+    use genstream_engine::manager::{Idempotency, Started};
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let store = h.manager.store().clone();
+    let idem = |key: &str| Idempotency {
+        key: key.into(),
+        request_hash: "h".into(),
+    };
+    let with_key = |key: &str| StartRequest {
+        idempotency: Some(idem(key)),
+        ..req("fast")
+    };
+    let hold = |key: &str| {
+        let (store, k) = (store.clone(), idem(key).store_key("alice"));
+        async move {
+            let claim = store
+                .claim_idempotency(&k, "h", "other", Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(claim, genstream_engine::store::IdempotencyClaim::Claimed);
+            k
+        }
+    };
+
+    // Filled a second later: the other start's ids, and no job here.
+    let k = hold("filled").await;
+    let theirs = Started {
+        stream_id: "s".into(),
+        conversation_id: "c".into(),
+        user_message_id: "u".into(),
+        response_message_id: "r".into(),
+    };
+    let value = serde_json::to_string(&theirs).unwrap();
+    let filler = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store
+                .fill_idempotency(&k, "other", &value, Duration::from_secs(60))
+                .await
+                .unwrap()
+        })
+    };
+    assert_eq!(h.manager.start(with_key("filled")).await.unwrap(), theirs);
+    assert!(filler.await.unwrap());
+    assert!(
+        h.manager.active("alice").await.unwrap().is_empty(),
+        "no job"
+    );
+
+    // Released (the other start failed): this one starts.
+    let k = hold("released").await;
+    let releaser = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.release_idempotency(&k, "other").await.unwrap();
+        })
+    };
+    let mine = h.manager.start(with_key("released")).await.unwrap();
+    releaser.await.unwrap();
+    wait_end(&*log_of(&h, &mine.stream_id).await).await;
+    // …and its key now answers its ids.
+    assert_eq!(h.manager.start(with_key("released")).await.unwrap(), mine);
+
+    // Held past the wait: 409-to-be, nothing started.
+    hold("stuck").await;
+    let waited = tokio::time::Instant::now();
+    let e = h.manager.start(with_key("stuck")).await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::IdempotencyInProgress(k) if k == "stuck"),
+        "{e:?}"
+    );
+    let wait = ManagerConfig::default().idempotency_wait;
+    assert!(waited.elapsed() <= wait, "{:?}", waited.elapsed());
+    assert!(waited.elapsed() >= wait / 2, "{:?}", waited.elapsed());
+    assert!(h.manager.active("alice").await.unwrap().is_empty());
+
+    // Another request under a used key: refused, whoever holds it.
+    let e = h
+        .manager
+        .start(StartRequest {
+            idempotency: Some(Idempotency {
+                key: "released".into(),
+                request_hash: "other".into(),
+            }),
+            ..req("fast")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, EngineError::IdempotencyConflict(k) if k == "released"),
+        "{e:?}"
+    );
+}

@@ -61,7 +61,7 @@ impl JobManager {
         let Some(idem) = &req.idempotency else {
             return self.start_job(&req, validated).await;
         };
-        let key = scoped_key(&req.user_id, &idem.key);
+        let key = idem.store_key(&req.user_id);
         let token = new_id();
         if let Some(started) = self.claim_key(idem, &key, &token).await? {
             crate::metrics::idempotent_repeat();
@@ -492,15 +492,17 @@ impl JobManager {
 /// mid-start frees the key after this long. A start takes well under a second.
 const IDEMPOTENCY_CLAIM_TTL: Duration = Duration::from_secs(60);
 
-/// The store's key for a user's idempotency key: a hex SHA-256 of both, so that keys
-/// of two users never meet and a key of any length or alphabet is a safe store key.
-fn scoped_key(user_id: &str, key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(user_id.as_bytes());
-    h.update([0u8]);
-    h.update(key.as_bytes());
-    format!("{:x}", h.finalize())
+impl Idempotency {
+    /// The store's key for this key of `user_id`: a hex SHA-256 of both, so that keys
+    /// of two users never meet and a key of any length or alphabet is a safe store key.
+    pub fn store_key(&self, user_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(user_id.as_bytes());
+        h.update([0u8]);
+        h.update(self.key.as_bytes());
+        format!("{:x}", h.finalize())
+    }
 }
 
 /// The existing conversation a request names, if any (`None`, `"new"` and `""` start
