@@ -5,6 +5,7 @@
 use super::run::JobRun;
 use super::*;
 use crate::store::IdempotencyClaim;
+use backon::Retryable;
 
 /// A valid request's model and the tools the job may use.
 struct Validated {
@@ -73,7 +74,18 @@ impl JobManager {
                 let value = serde_json::to_string(&started)
                     .map_err(|e| EngineError::internal("encode started ids", e))?;
                 let ttl = self.inner.ctx.config.idempotency_ttl;
-                match store.fill_idempotency(&key, &token, &value, ttl).await {
+                // A few tries over a blip of the store: an unfilled claim lapses after
+                // its claim TTL, and a repeat after that would start a second job.
+                let fill = || store.fill_idempotency(&key, &token, &value, ttl);
+                let filled = fill
+                    .retry(
+                        backon::ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(50))
+                            .with_max_times(3),
+                    )
+                    .sleep(tokio::time::sleep)
+                    .await;
+                match filled {
                     Ok(true) => {}
                     // The job runs either way; only a repeat may now start another.
                     Ok(false) => tracing::warn!(stream_id = %started.stream_id,

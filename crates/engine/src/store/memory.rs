@@ -39,6 +39,10 @@ struct IdemEntry {
 /// Keys the rate windows hold before idle ones are dropped.
 const RATE_KEYS_BEFORE_SWEEP: usize = 100_000;
 
+/// Idempotency keys held before expired ones are dropped (an expired key is also
+/// replaced when claimed again).
+const IDEMPOTENCY_KEYS_BEFORE_SWEEP: usize = 100_000;
+
 #[derive(Default)]
 struct MemInner {
     /// The stored meta's `status` is never read: a job's status is its log's (see
@@ -271,7 +275,7 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<IdempotencyClaim, StoreError> {
         let now = tokio::time::Instant::now();
         let mut keys = self.idempotency.lock();
-        if keys.len() >= RATE_KEYS_BEFORE_SWEEP {
+        if keys.len() >= IDEMPOTENCY_KEYS_BEFORE_SWEEP {
             keys.retain(|_, e| e.expires_at > now);
         }
         if let Some(e) = keys.get(key).filter(|e| e.expires_at > now) {
