@@ -331,6 +331,29 @@ async fn each_route_repeat_attaches_to_the_first_job_and_spends_once() {
     }
 }
 
+/// A streamed `/v1` start repeated: the same job's stream again, byte for byte (a
+/// projection of the same log), and one spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_repeat_is_the_same_jobs_stream() {
+    let s = serve(&config("sqlite::memory:", "memory", "unused")).await;
+    for route in routes().into_iter().filter(|r| r.openai) {
+        let user = format!("stream{}", route.path.replace('/', "-"));
+        let mut body = (route.body)(&user, "stream it");
+        body["stream"] = json!(true);
+        let first = post(&s, &user, route.path, Some("k"), &body).await;
+        let again = post(&s, &user, route.path, Some("k"), &body).await;
+        assert_eq!(first.status, 200, "{}", first.text);
+        assert_eq!(
+            again.header("x-genstream-stream-id"),
+            first.header("x-genstream-stream-id")
+        );
+        assert!(first.text.contains("data: "), "{}", first.text);
+        assert_eq!(again.text, first.text, "{}", route.path);
+        let (_, usage, conversations) = books(&s, &user).await;
+        assert_eq!((usage[0]["calls"].clone(), conversations), (json!(1), 1));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_start_frees_its_key_and_bad_keys_are_400s() {
     let s = serve(&config("sqlite::memory:", "memory", "unused")).await;
