@@ -438,6 +438,20 @@ async fn a_repeat_after_the_log_expired_gets_the_same_ids() {
             };
             let first: Value = serde_json::from_str(text).unwrap();
             assert_eq!(text_of(&again.json()), text_of(&first), "{}", route.path);
+        } else if route.path == "/api/ai/chat" {
+            // The UI message stream of the saved answer: the same text, then `finish`.
+            let deltas = |stream: &str| -> String {
+                stream
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                    .filter(|v| v["type"] == "text-delta")
+                    .map(|v| v["delta"].as_str().unwrap().to_string())
+                    .collect()
+            };
+            assert!(!deltas(text).is_empty(), "{text}");
+            assert_eq!(deltas(&again.text), deltas(text));
+            assert!(again.text.contains(r#""type":"finish""#), "{}", again.text);
         }
     }
     assert_eq!(books(&s, "ivy").await, before, "nothing started or spent");
