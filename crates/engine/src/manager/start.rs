@@ -59,6 +59,30 @@ impl JobManager {
             return Err(EngineError::ShuttingDown);
         }
         let validated = self.validate(&req)?;
+        if req.idempotency.is_none() {
+            return self.start_job(&req, validated).await;
+        }
+        // In a task of its own: a client that drops the connection (the very client
+        // that will retry) must not cut the start between its claim and its fill, which
+        // would leave the key claimed, unfilled, until the claim lapses.
+        let this = self.clone();
+        let start = async move { this.start_idempotent(req, validated).await };
+        self.inner
+            .tracker
+            .spawn(tracing::Instrument::instrument(
+                start,
+                tracing::Span::current(),
+            ))
+            .await
+            .map_err(|e| EngineError::internal("idempotent start", e))?
+    }
+
+    /// [`JobManager::start`] for a request with an idempotency key, once validated.
+    async fn start_idempotent(
+        &self,
+        req: StartRequest,
+        validated: Validated,
+    ) -> Result<Started, EngineError> {
         let Some(idem) = &req.idempotency else {
             return self.start_job(&req, validated).await;
         };
