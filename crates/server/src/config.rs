@@ -897,6 +897,10 @@ mod tests {
                     &["`jobs.retention`", "1s to 30days"],
                 ),
                 (
+                    "[jobs]\nidempotency_ttl = \"31days\"\n",
+                    &["`jobs.idempotency_ttl`", "1s to 30days"],
+                ),
+                (
                     "[http]\nkeepalive = \"0s\"\n",
                     &["`http.keepalive`", "1s to 1h"],
                 ),
