@@ -21,8 +21,8 @@ use genstream_engine::event::EventBody;
 use genstream_engine::log::EventLog;
 use genstream_engine::manager::JobManager;
 use genstream_engine::store::{
-    AbortHandler, EventLogStore, JobCoordination, JobMeta, JobStore, MemoryStore, Orphan,
-    RangePage, RateLimitStore, StoreError,
+    AbortHandler, EventLogStore, IdempotencyClaim, IdempotencyStore, JobCoordination, JobMeta,
+    JobStore, MemoryStore, Orphan, RangePage, RateLimitStore, StoreError,
 };
 use genstream_server::app;
 use genstream_server::config::{Config, Overrides};
@@ -127,6 +127,33 @@ impl RateLimitStore for TimedStore {
         period: Duration,
     ) -> Result<Option<Duration>, StoreError> {
         self.inner.rate_limit(key, limit, period).await
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for TimedStore {
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        request_hash: &str,
+        token: &str,
+        claim_ttl: Duration,
+    ) -> Result<IdempotencyClaim, StoreError> {
+        self.inner
+            .claim_idempotency(key, request_hash, token, claim_ttl)
+            .await
+    }
+    async fn fill_idempotency(
+        &self,
+        key: &str,
+        token: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.fill_idempotency(key, token, value, ttl).await
+    }
+    async fn release_idempotency(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        self.inner.release_idempotency(key, token).await
     }
 }
 

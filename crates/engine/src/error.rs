@@ -43,6 +43,16 @@ pub enum EngineError {
     /// Graceful shutdown is under way (503 `shutting_down`).
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The idempotency key (the named one) was used by this user for a different
+    /// request within its TTL (422 `idempotency_key_reused`).
+    #[error(
+        "idempotency key {0:?} was already used for a different request; use a new key for a new request"
+    )]
+    IdempotencyConflict(String),
+    /// A start with the same idempotency key (the named one) is still under way and did
+    /// not finish within the wait (409 `idempotency_key_in_use`); retry later.
+    #[error("a request with idempotency key {0:?} is still being processed; retry shortly")]
+    IdempotencyInProgress(String),
     /// A resume cursor past the log's head (400 `cursor_out_of_range`).
     #[error("cursor {cursor} is beyond the log's head ({head})")]
     CursorOutOfRange { cursor: u64, head: i64 },

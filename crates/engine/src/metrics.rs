@@ -59,9 +59,18 @@ pub const MICROCREDITS: &str = "genstream_spent_microcredits_total";
 pub const REDIS_ERRORS: &str = "genstream_redis_errors_total";
 /// Counter: database operations that failed.
 pub const DATABASE_ERRORS: &str = "genstream_database_errors_total";
+/// Counter: starts answered with an earlier start's ids (a repeated
+/// `Idempotency-Key`), which started nothing.
+pub const IDEMPOTENT_REPEATS: &str = "genstream_idempotent_repeats_total";
 /// Counter, labels `method`, `route` (the matched route, `/api/chat/stream/{stream_id}`,
 /// never the raw path), `status`: HTTP requests answered (the server's).
 pub const HTTP_REQUESTS: &str = "genstream_http_requests_total";
+
+/// A start repeated an idempotency key and got the first start's ids.
+pub fn idempotent_repeat() {
+    counter!(IDEMPOTENT_REPEATS).increment(1);
+    tracing::info!("repeated idempotency key: answered the first start's ids");
+}
 
 /// A job was started: its `created` event (seq 0) is in the log and its task is
 /// being spawned.

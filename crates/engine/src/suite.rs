@@ -502,6 +502,129 @@ pub async fn rate_limit_is_a_sliding_window_per_key(store: Arc<dyn JobStore>) {
     );
 }
 
+/// Idempotency keys: of 50 racing claims of a free key exactly one holds it; only
+/// its token fills or releases it; a filled key answers its value and request hash; a
+/// released key can be claimed again; an unfilled claim lapses after its claim TTL;
+/// keys are apart.
+pub async fn idempotency_keys_are_claimed_once(store: Arc<dyn JobStore>) {
+    use crate::store::IdempotencyClaim as C;
+    let key = format!("idem-{}", crate::new_id());
+    let long = Duration::from_secs(60);
+    let claims = futures::future::join_all((0..50).map(|i| {
+        let (store, key) = (store.clone(), key.clone());
+        async move {
+            let token = format!("t{i}");
+            let claim = store
+                .claim_idempotency(&key, "hash-a", &token, long)
+                .await
+                .unwrap();
+            (token, claim)
+        }
+    }))
+    .await;
+    let winners: Vec<_> = claims.iter().filter(|(_, c)| *c == C::Claimed).collect();
+    assert_eq!(winners.len(), 1, "{claims:?}");
+    let holder = winners[0].0.clone();
+    for (_, c) in claims.iter().filter(|(t, _)| *t != holder) {
+        assert_eq!(
+            *c,
+            C::Pending {
+                request_hash: "hash-a".into()
+            }
+        );
+    }
+    // Another hash sees the first one's, so the caller can tell a conflict.
+    assert_eq!(
+        store
+            .claim_idempotency(&key, "hash-b", "x", long)
+            .await
+            .unwrap(),
+        C::Pending {
+            request_hash: "hash-a".into()
+        }
+    );
+    // Only the holder fills or releases.
+    assert!(!store.fill_idempotency(&key, "x", "v", long).await.unwrap());
+    store.release_idempotency(&key, "x").await.unwrap();
+    assert!(
+        store
+            .fill_idempotency(&key, &holder, "ids", long)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .fill_idempotency(&key, &holder, "again", long)
+            .await
+            .unwrap(),
+        "filled once"
+    );
+    store.release_idempotency(&key, &holder).await.unwrap();
+    let filled = C::Filled {
+        request_hash: "hash-a".into(),
+        value: "ids".into(),
+    };
+    assert_eq!(
+        store
+            .claim_idempotency(&key, "hash-a", "y", long)
+            .await
+            .unwrap(),
+        filled,
+        "a filled key is never released"
+    );
+    // A released key is free again; keys are apart.
+    let other = format!("{key}-other");
+    assert_eq!(
+        store
+            .claim_idempotency(&other, "h", "a", long)
+            .await
+            .unwrap(),
+        C::Claimed
+    );
+    store.release_idempotency(&other, "a").await.unwrap();
+    assert_eq!(
+        store
+            .claim_idempotency(&other, "h2", "b", long)
+            .await
+            .unwrap(),
+        C::Claimed
+    );
+    // An unfilled claim lapses (a replica died mid-start); polled, not slept for.
+    let lapsing = format!("{key}-lapsing");
+    let short = Duration::from_millis(200);
+    assert_eq!(
+        store
+            .claim_idempotency(&lapsing, "h", "a", short)
+            .await
+            .unwrap(),
+        C::Claimed
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store
+            .claim_idempotency(&lapsing, "h", "b", short)
+            .await
+            .unwrap()
+        {
+            C::Claimed => break,
+            C::Pending { .. } => {}
+            c => panic!("{c:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !store
+            .fill_idempotency(&lapsing, "a", "v", long)
+            .await
+            .unwrap(),
+        "the lapsed holder cannot fill the new claim"
+    );
+}
+
 /// Runs every case, each on a store from `make`.
 pub async fn run_all<F, Fut>(make: F)
 where
@@ -518,4 +641,5 @@ where
     orphans_are_running_jobs_nobody_runs(make().await).await;
     end_claims(make().await).await;
     abort_requests_reach_the_handler(make().await).await;
+    idempotency_keys_are_claimed_once(make().await).await;
 }

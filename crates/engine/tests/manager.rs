@@ -542,3 +542,283 @@ async fn fifty_subscribers_before_during_after_see_identical_logs() {
         assert_eq!(got[1].as_ptr(), reference[1].as_ptr());
     }
 }
+
+/// A start whose key another start (say, on another replica) holds waits for it: it
+/// answers the other's ids once filled, starts its own once released, and is
+/// `IdempotencyInProgress` when the holder stays silent past `idempotency_wait`.
+#[tokio::test(start_paused = true)]
+async fn an_idempotent_start_waits_for_the_holder_of_its_key() {
+    use genstream_engine::manager::{Idempotency, Started};
+    let h = harness(LogLimits::default(), ManagerConfig::default());
+    let store = h.manager.store().clone();
+    let idem = |key: &str| Idempotency {
+        key: key.into(),
+        request_hash: "h".into(),
+    };
+    let with_key = |key: &str| StartRequest {
+        idempotency: Some(idem(key)),
+        ..req("fast")
+    };
+    let hold = |key: &str| {
+        let (store, k) = (store.clone(), idem(key).store_key("alice"));
+        async move {
+            let claim = store
+                .claim_idempotency(&k, "h", "other", Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(claim, genstream_engine::store::IdempotencyClaim::Claimed);
+            k
+        }
+    };
+
+    // Filled a second later: the other start's ids, and no job here.
+    let k = hold("filled").await;
+    let theirs = Started {
+        stream_id: "s".into(),
+        conversation_id: "c".into(),
+        user_message_id: "u".into(),
+        response_message_id: "r".into(),
+    };
+    let value = serde_json::to_string(&theirs).unwrap();
+    let filler = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store
+                .fill_idempotency(&k, "other", &value, Duration::from_secs(60))
+                .await
+                .unwrap()
+        })
+    };
+    assert_eq!(h.manager.start(with_key("filled")).await.unwrap(), theirs);
+    assert!(filler.await.unwrap());
+    assert!(
+        h.manager.active("alice").await.unwrap().is_empty(),
+        "no job"
+    );
+
+    // Released (the other start failed): this one starts.
+    let k = hold("released").await;
+    let releaser = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.release_idempotency(&k, "other").await.unwrap();
+        })
+    };
+    let mine = h.manager.start(with_key("released")).await.unwrap();
+    releaser.await.unwrap();
+    wait_end(&*log_of(&h, &mine.stream_id).await).await;
+    // …and its key now answers its ids.
+    assert_eq!(h.manager.start(with_key("released")).await.unwrap(), mine);
+
+    // Held past the wait: 409-to-be, nothing started.
+    hold("stuck").await;
+    let waited = tokio::time::Instant::now();
+    let e = h.manager.start(with_key("stuck")).await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::IdempotencyInProgress(k) if k == "stuck"),
+        "{e:?}"
+    );
+    let wait = ManagerConfig::default().idempotency_wait;
+    assert!(waited.elapsed() <= wait, "{:?}", waited.elapsed());
+    assert!(waited.elapsed() >= wait / 2, "{:?}", waited.elapsed());
+    assert!(h.manager.active("alice").await.unwrap().is_empty());
+
+    // Another request under a used key: refused, whoever holds it.
+    let e = h
+        .manager
+        .start(StartRequest {
+            idempotency: Some(Idempotency {
+                key: "released".into(),
+                request_hash: "other".into(),
+            }),
+            ..req("fast")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, EngineError::IdempotencyConflict(k) if k == "released"),
+        "{e:?}"
+    );
+}
+
+/// The memory store whose `create_job` waits for a gate, so a test can drop a start
+/// while it is under way.
+struct GatedStore {
+    inner: MemoryStore,
+    reached: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+}
+
+mod gated {
+    use std::collections::HashSet;
+
+    use genstream_engine::event::EventBody;
+    use genstream_engine::store::*;
+
+    use super::*;
+
+    #[async_trait]
+    impl EventLogStore for GatedStore {
+        async fn create_job(&self, meta: &JobMeta) -> Result<(), StoreError> {
+            self.reached.notify_one();
+            let _pass = self.gate.acquire().await.unwrap();
+            self.inner.create_job(meta).await
+        }
+        async fn get_job(&self, id: &str) -> Result<Option<JobMeta>, StoreError> {
+            self.inner.get_job(id).await
+        }
+        async fn latest_job(&self, id: &str) -> Result<Option<JobMeta>, StoreError> {
+            self.inner.latest_job(id).await
+        }
+        async fn running_jobs(&self, user: &str) -> Result<Vec<JobMeta>, StoreError> {
+            self.inner.running_jobs(user).await
+        }
+        async fn append(
+            &self,
+            id: &str,
+            body: &EventBody,
+            seq: Option<u64>,
+        ) -> Result<u64, StoreError> {
+            self.inner.append(id, body, seq).await
+        }
+        async fn open_log(&self, id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
+            self.inner.open_log(id).await
+        }
+        fn ready_log(&self, id: &str) -> Option<Arc<EventLog>> {
+            self.inner.ready_log(id)
+        }
+        async fn read_range(
+            &self,
+            id: &str,
+            cursor: Option<u64>,
+            max: usize,
+        ) -> Result<Option<RangePage>, StoreError> {
+            self.inner.read_range(id, cursor, max).await
+        }
+        async fn sync_log(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.sync_log(id).await
+        }
+        async fn remove_expired(&self, retention: Duration) -> Result<usize, StoreError> {
+            self.inner.remove_expired(retention).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    #[async_trait]
+    impl JobCoordination for GatedStore {
+        async fn claim_orphan(&self, id: &str) -> Result<bool, StoreError> {
+            self.inner.claim_orphan(id).await
+        }
+        async fn claim_end(&self, id: &str) -> Result<bool, StoreError> {
+            self.inner.claim_end(id).await
+        }
+        async fn orphaned_jobs(&self, live: &HashSet<String>) -> Result<Vec<Orphan>, StoreError> {
+            self.inner.orphaned_jobs(live).await
+        }
+        async fn request_abort(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.request_abort(id).await
+        }
+        fn set_abort_handler(&self, handler: AbortHandler) {
+            self.inner.set_abort_handler(handler)
+        }
+    }
+
+    #[async_trait]
+    impl RateLimitStore for GatedStore {
+        async fn rate_limit(
+            &self,
+            key: &str,
+            limit: u32,
+            period: Duration,
+        ) -> Result<Option<Duration>, StoreError> {
+            self.inner.rate_limit(key, limit, period).await
+        }
+    }
+
+    #[async_trait]
+    impl IdempotencyStore for GatedStore {
+        async fn claim_idempotency(
+            &self,
+            key: &str,
+            hash: &str,
+            token: &str,
+            ttl: Duration,
+        ) -> Result<IdempotencyClaim, StoreError> {
+            self.inner.claim_idempotency(key, hash, token, ttl).await
+        }
+        async fn fill_idempotency(
+            &self,
+            key: &str,
+            token: &str,
+            value: &str,
+            ttl: Duration,
+        ) -> Result<bool, StoreError> {
+            self.inner.fill_idempotency(key, token, value, ttl).await
+        }
+        async fn release_idempotency(&self, key: &str, token: &str) -> Result<(), StoreError> {
+            self.inner.release_idempotency(key, token).await
+        }
+    }
+}
+
+/// A client that drops its connection mid-start (its handler future is dropped) does
+/// not cut an idempotent start: the start finishes and fills its key, so the client's
+/// retry gets that job, and only it.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_idempotent_start_still_finishes_and_fills_its_key() {
+    use genstream_engine::manager::Idempotency;
+    let store = Arc::new(GatedStore {
+        inner: MemoryStore::new(LogLimits::default()),
+        reached: tokio::sync::Notify::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let db = Arc::new(MemoryPersistence::default());
+    let model = ModelEntry::new(
+        "fast",
+        Arc::new(Script {
+            tokens: 5,
+            delay: Duration::from_millis(10),
+            then: Then::Finish,
+            fail_before: false,
+        }),
+    );
+    let manager = JobManager::new(
+        store.clone() as Arc<dyn JobStore>,
+        db as Arc<dyn Persistence>,
+        vec![model],
+        ManagerConfig::default(),
+    );
+    let with_key = || StartRequest {
+        idempotency: Some(Idempotency {
+            key: "k".into(),
+            request_hash: "h".into(),
+        }),
+        ..req("fast")
+    };
+    let first = tokio::spawn({
+        let m = manager.clone();
+        async move { m.start(with_key()).await }
+    });
+    store.reached.notified().await;
+    first.abort(); // the connection is gone
+    assert!(first.await.unwrap_err().is_cancelled());
+    store.gate.add_permits(1000);
+    let retry = manager.start(with_key()).await.unwrap();
+    let jobs = manager.active("alice").await.unwrap();
+    let ended = manager.job_for("alice", &retry.stream_id).await.unwrap().1;
+    let running: Vec<_> = jobs.iter().map(|j| j.stream_id.clone()).collect();
+    assert!(
+        running.is_empty() || running == vec![retry.stream_id.clone()],
+        "one job: {running:?}"
+    );
+    wait_end(&ended).await;
+    assert_eq!(
+        manager.conversations("alice").await.unwrap().len(),
+        1,
+        "the retry started nothing"
+    );
+}

@@ -7,6 +7,8 @@
 //! - `coordination`: [`JobCoordination`](genstream_engine::store::JobCoordination) —
 //!   end claims, orphans, abort requests;
 //! - `rate_limit`: [`RateLimitStore`](genstream_engine::store::RateLimitStore);
+//! - `idempotency`: [`IdempotencyStore`](genstream_engine::store::IdempotencyStore) —
+//!   `Idempotency-Key` claims, one Lua script per step;
 //! - `functions`: the function library (`append.lua`), loading and calling it;
 //! - `mirror`: the local mirrors of logs and their healer;
 //! - `pubsub`: the pub/sub connection, its dispatcher and health check;
@@ -24,6 +26,7 @@
 //! | `P:user:{uid}:running` | set | the user's running jobs (self-healing: stale ids dropped when read) |
 //! | `P:running` | set | every running job (the lease reaper's list; self-healing too) |
 //! | `P:replica:{rid}` | string | a replica's lease, renewed every `lease_ttl / 3` |
+//! | `P:idem:{key}` | hash | an idempotency key's claim: request hash `h`, holder token `t`, the start's ids `v` once filled (TTL: the claim TTL, then the idempotency TTL, 24 h by default) |
 //! | `P:rlw:{key}` | sorted set | a rate limit's hits in its window (member: a hit id, score: Redis `TIME` in µs) |
 //!
 //! Channels: `P:ch:{sid}` carries each appended frame, `P:ctl:abort` carries abort
@@ -80,6 +83,7 @@ use crate::mirror::Mirror;
 
 mod coordination;
 mod functions;
+mod idempotency;
 mod jobs;
 mod lease;
 mod mirror;

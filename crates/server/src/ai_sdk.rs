@@ -56,9 +56,13 @@ fn text_of(message: &Value) -> String {
 /// the last user message of `messages` (its text parts joined) under the
 /// conversation's latest message; `regenerate-message` answers again the user message
 /// that the answer `messageId` (or the conversation's latest answer) replied to, as a
-/// new sibling answer. `model` (from the transport's `body`) picks the model.
+/// new sibling answer. `model` (from the transport's `body`) picks the model;
+/// `webhookUrl` (also from the transport's `body`) is where the job-finished webhook
+/// goes, as on `POST /api/chat`. An `Idempotency-Key` header makes a repeat answer the
+/// first start's stream (`crate::idempotency`).
 ///
-/// Errors: 400 naming `id`, `messages`, `trigger` or `model`; 401; 403 for another
+/// Errors: 400 naming `id`, `messages`, `trigger`, `model`, `webhookUrl` or
+/// `Idempotency-Key`; 422 `idempotency_key_reused`; 401; 403 for another
 /// user's chat id; the engine's start errors (429, 402, 409, …).
 pub async fn chat(
     State(state): State<AppState>,
@@ -96,6 +100,13 @@ pub async fn chat(
             ));
         }
     };
+    let webhook_url = match body.get("webhookUrl") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(u.clone()),
+        Some(_) => return Err(bad("webhookUrl", "must be a string")),
+    };
+    let webhook_url = state.webhooks.requested("webhookUrl", webhook_url)?;
+    let idempotency = crate::idempotency::from_headers(&headers, "/api/ai/chat", body)?;
     let client_ip =
         crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
     let mut req = StartRequest {
@@ -104,6 +115,8 @@ pub async fn chat(
         create_conversation: true,
         model,
         client_ip: client_ip.map(|ip| ip.to_string()),
+        webhook_url,
+        idempotency,
         ..Default::default()
     };
     if regenerate {
@@ -133,7 +146,8 @@ pub async fn chat(
         }
     }
     let started = state.manager.start(req).await?;
-    let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
+    // A repeat after the log expired gets the saved answer, replayed.
+    let (meta, log) = state.manager.started_job(&user, &started).await?;
     Ok(stream_of(&state, &meta, log))
 }
 

@@ -232,6 +232,11 @@ pub struct JobsConfig {
     /// Model calls per job at most (the tool loop's cap); the job then ends with
     /// `final` `reason: "max_tool_iterations"`. Default 10.
     pub max_tool_iterations: u32,
+    /// How long an `Idempotency-Key` answers with its first start's ids, counted from
+    /// the start (keys are per user). Default `"24h"`, past the log's retention, so a
+    /// client retrying a lost answer the next day is still not billed twice.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for JobsConfig {
@@ -247,6 +252,7 @@ impl Default for JobsConfig {
             shutdown_grace: Duration::from_secs(30),
             reap_interval: m.reap_interval,
             max_tool_iterations: m.max_tool_iterations,
+            idempotency_ttl: m.idempotency_ttl,
         }
     }
 }
@@ -525,7 +531,8 @@ impl Config {
     /// `Config` any other way) runs it; `serve` runs it again, for configs built in
     /// code.
     ///
-    /// Ranges: `jobs.retention`, `jobs.stall_timeout` 1s to 30days;
+    /// Ranges: `jobs.retention`, `jobs.stall_timeout`, `jobs.idempotency_ttl` 1s to
+    /// 30days;
     /// `jobs.shutdown_grace` 0s to 1day; `jobs.reap_interval` 10ms to 1h;
     /// `jobs.max_live_jobs`, `jobs.max_events_per_job`, `jobs.max_bytes_per_job` at
     /// least 1; `jobs.max_tool_iterations` 1 to 1000; `redis.lease_ttl` 300ms to 1day;
@@ -547,6 +554,7 @@ impl Config {
         let j = &self.jobs;
         check_duration("jobs.retention", j.retention, SECOND, MONTH)?;
         check_duration("jobs.stall_timeout", j.stall_timeout, SECOND, MONTH)?;
+        check_duration("jobs.idempotency_ttl", j.idempotency_ttl, SECOND, MONTH)?;
         check_duration("jobs.shutdown_grace", j.shutdown_grace, Duration::ZERO, DAY)?;
         check_duration("jobs.reap_interval", j.reap_interval, 10 * MS, HOUR)?;
         check_count("jobs.max_live_jobs", j.max_live_jobs as u64, 1, None)?;
@@ -652,6 +660,7 @@ impl Config {
             max_live_jobs: self.jobs.max_live_jobs,
             reap_interval: self.jobs.reap_interval,
             max_tool_iterations: self.jobs.max_tool_iterations,
+            idempotency_ttl: self.jobs.idempotency_ttl,
             limits: genstream_engine::manager::RateLimits {
                 per_user: Some(self.limits.messages_per_user_per_minute).filter(|n| *n > 0),
                 per_ip: Some(self.limits.messages_per_ip_per_minute).filter(|n| *n > 0),
@@ -886,6 +895,10 @@ mod tests {
                 (
                     "[jobs]\nretention = \"500ms\"\n",
                     &["`jobs.retention`", "1s to 30days"],
+                ),
+                (
+                    "[jobs]\nidempotency_ttl = \"31days\"\n",
+                    &["`jobs.idempotency_ttl`", "1s to 30days"],
                 ),
                 (
                     "[http]\nkeepalive = \"0s\"\n",

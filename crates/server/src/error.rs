@@ -53,6 +53,10 @@ impl ApiError {
                 E::ServerBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
                 E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
                 E::CursorOutOfRange { .. } => (StatusCode::BAD_REQUEST, "cursor_out_of_range"),
+                E::IdempotencyConflict(_) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+                }
+                E::IdempotencyInProgress(_) => (StatusCode::CONFLICT, "idempotency_key_in_use"),
                 E::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
                 E::Persistence(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
                 E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -76,6 +80,9 @@ impl ApiError {
     fn param(&self) -> Option<&str> {
         match self {
             ApiError::Engine(EngineError::BadRequest { field, .. }) => Some(field),
+            ApiError::Engine(
+                EngineError::IdempotencyConflict(_) | EngineError::IdempotencyInProgress(_),
+            ) => Some("Idempotency-Key"),
             _ => None,
         }
     }
@@ -84,7 +91,7 @@ impl ApiError {
 /// An [`ApiError`] in OpenAI's shape, for the `/v1` routes:
 /// `{"error": {"message", "type", "param", "code"}}` with the same status as on
 /// `/api`. `type` is OpenAI's class of the status (`invalid_request_error` for 400,
-/// 404, 409 and 413; `authentication_error` 401; `permission_error` 403;
+/// 404, 409, 413 and 422; `authentication_error` 401; `permission_error` 403;
 /// `rate_limit_error` 429; `insufficient_quota` 402; `server_error` 5xx); `param`
 /// names the request field of a 400 (OpenAI's own names, e.g. `messages[2].content`);
 /// `code` is genstream's code (`invalid_request`, `not_found`, `rate_limited`, …).

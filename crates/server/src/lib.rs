@@ -11,6 +11,7 @@ pub mod auth;
 pub mod client_ip;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod observe;
 pub mod openai;
 mod routes;

@@ -66,8 +66,9 @@ where
 pub struct BodyLimit(pub usize);
 
 /// Body of `POST /api/chat`. Unknown fields are accepted (clients such as LibreChat
-/// send more than genstream reads).
-#[derive(Deserialize)]
+/// send more than genstream reads); an `Idempotency-Key` repeat is compared on the
+/// fields read (serialized back, `crate::idempotency`).
+#[derive(Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatBody {
     text: String,
@@ -95,12 +96,8 @@ pub async fn start_chat(
 ) -> Result<Response, ApiError> {
     let client_ip =
         crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
-    if let Some(url) = &body.webhook_url {
-        state
-            .webhooks
-            .check_request_url(url)
-            .map_err(|e| EngineError::bad_request("webhookUrl", e))?;
-    }
+    let idempotency = crate::idempotency::from_headers(&headers, "/api/chat", &body)?;
+    let webhook_url = state.webhooks.requested("webhookUrl", body.webhook_url)?;
     let started = state
         .manager
         .start(StartRequest {
@@ -112,7 +109,8 @@ pub async fn start_chat(
             system_prompt: body.system_prompt,
             tools: body.tools.unwrap_or_default(),
             client_ip: client_ip.map(|ip| ip.to_string()),
-            webhook_url: body.webhook_url,
+            webhook_url,
+            idempotency,
             ..Default::default()
         })
         .await?;

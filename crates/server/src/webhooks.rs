@@ -1,5 +1,6 @@
-//! Job-finished webhooks: when a job ends, a signed JSON POST to the URL its
-//! `POST /api/chat` named (`webhookUrl`), else its user's configured one
+//! Job-finished webhooks: when a job ends, a signed JSON POST to the URL its start
+//! named (`webhookUrl` on `POST /api/chat` and `/api/ai/chat`, `webhook_url` on the
+//! `/v1` create routes; [`Webhooks::requested`]), else its user's configured one
 //! (`[webhooks.users]`), else the global `webhooks.url`.
 //!
 //! - Sent once per job, by the replica that ended it: this is the engine's
@@ -196,6 +197,21 @@ impl Webhooks {
             return Err("webhooks are not configured on this server".into());
         }
         check_url(url, self.config.allow_private).map(|_| ())
+    }
+
+    /// A request's webhook URL (the body field `field`: `webhookUrl` on `/api`,
+    /// `webhook_url` on `/v1`), checked: `BadRequest` naming `field` when webhooks are
+    /// off or the URL is not one genstream may call ([`Webhooks::check_request_url`]).
+    pub fn requested(
+        &self,
+        field: &str,
+        url: Option<String>,
+    ) -> Result<Option<String>, genstream_engine::EngineError> {
+        if let Some(u) = &url {
+            self.check_request_url(u)
+                .map_err(|e| genstream_engine::EngineError::bad_request(field, e))?;
+        }
+        Ok(url)
     }
 
     /// Where `meta`'s webhook goes, if anywhere.

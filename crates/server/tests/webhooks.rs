@@ -409,3 +409,76 @@ async fn racing_reapers_deliver_each_orphans_webhook_once() {
     assert_eq!(verified(&h, &b)["streamId"], marker.stream_id.as_str());
     assert!(r.got.try_recv().is_err(), "no delivery after the marker");
 }
+
+/// `POST` `body` to `uri` as alice; the status, the job's stream id header and the
+/// body as JSON (`Null` for a stream, read to its end).
+async fn start_on(app: &TestApp, uri: &str, body: Value) -> (StatusCode, String, Value) {
+    let req = Request::post(uri)
+        .header("authorization", format!("Bearer {}", token("alice")))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let sid = resp
+        .headers()
+        .get("x-genstream-stream-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        sid,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// The other start routes take a webhook URL too: `webhook_url` in the body on `/v1`
+/// (an OpenAI SDK's `extra_body`), `webhookUrl` on `/api/ai/chat`; each job's hook
+/// arrives once, and a refused URL is a 400 naming the route's field.
+#[tokio::test]
+async fn every_start_route_takes_a_webhook_url() {
+    let app = server(true).await;
+    let mut r = receiver(vec![200], None).await;
+    let url = r.url.clone();
+    let routes = [
+        (
+            "/v1/chat/completions",
+            "webhook_url",
+            json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                "webhook_url": url}),
+        ),
+        (
+            "/v1/responses",
+            "webhook_url",
+            json!({"model": "demo", "input": "hi", "webhook_url": url}),
+        ),
+        (
+            "/api/ai/chat",
+            "webhookUrl",
+            json!({"id": "hooked-chat", "webhookUrl": url, "messages": [{"id": "m1",
+                "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}),
+        ),
+    ];
+    for (uri, _, body) in &routes {
+        let (s, sid, v) = start_on(&app, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {v}");
+        let (h, b) = next(&mut r).await;
+        let hook = verified(&h, &b);
+        assert_eq!(hook["streamId"], sid, "{uri}");
+        assert_eq!(hook["status"], "complete", "{uri}");
+    }
+    assert_no_more(&app, &mut r).await;
+
+    let strict = server(false).await;
+    for (uri, field, mut body) in routes {
+        body[field] = json!("http://127.0.0.1:9/hook");
+        let (s, _, v) = start_on(&strict, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert!(v.to_string().contains(field), "{uri}: {v}");
+        body[field] = json!(7);
+        let (s, _, v) = start_on(&strict, uri, body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert!(v.to_string().contains(field), "{uri}: {v}");
+    }
+}

@@ -41,6 +41,7 @@ mod conversations;
 mod ending;
 mod history;
 mod lifecycle;
+mod replay;
 mod run;
 mod start;
 
@@ -75,6 +76,13 @@ pub struct ManagerConfig {
     pub limits: RateLimits,
     /// Balances; `None` turns them off (nobody is refused for money).
     pub balance: Option<BalancePolicy>,
+    /// How long an idempotency key keeps answering with its start's ids (see
+    /// [`Idempotency`]), counted from the start. Default 24 h, longer than the log's
+    /// retention: a repeat after the log expired still gets the same ids.
+    pub idempotency_ttl: Duration,
+    /// How long a repeat waits for a concurrent start with the same key to finish
+    /// before it answers `IdempotencyInProgress`. Default 10 s.
+    pub idempotency_wait: Duration,
 }
 
 /// Message rate limits: at most the limit in any `period` (a sliding window, see
@@ -113,6 +121,8 @@ impl Default for ManagerConfig {
             max_tool_iterations: 10,
             limits: RateLimits::default(),
             balance: None,
+            idempotency_ttl: Duration::from_secs(86_400),
+            idempotency_wait: Duration::from_secs(10),
         }
     }
 }
@@ -197,10 +207,27 @@ pub struct StartRequest {
     /// Where to POST the job-finished webhook (see [`EndHook`]); `None` = the server's
     /// default. Checked by the caller (the engine knows nothing of HTTP).
     pub webhook_url: Option<String>,
+    /// Makes the start idempotent: a repeat with the same key by the same user within
+    /// [`ManagerConfig::idempotency_ttl`] answers the first start's [`Started`] and
+    /// starts nothing (see `start.rs`).
+    pub idempotency: Option<Idempotency>,
+}
+
+/// A start's idempotency key (the client's `Idempotency-Key`) and the hash of its
+/// request, as the caller canonicalized it: a repeat with the same key must carry the
+/// same hash, else it is refused (`IdempotencyConflict`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The client's key, scoped by the engine to the user (keys of two users never
+    /// meet).
+    pub key: String,
+    /// Any string that is equal for equal requests, e.g. a hex SHA-256 of the route and
+    /// the canonical JSON body.
+    pub request_hash: String,
 }
 
 /// The answer to a started chat.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Started {
     pub stream_id: String,

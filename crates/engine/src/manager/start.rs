@@ -4,6 +4,8 @@
 
 use super::run::JobRun;
 use super::*;
+use crate::store::IdempotencyClaim;
+use backon::Retryable;
 
 /// A valid request's model and the tools the job may use.
 struct Validated {
@@ -44,25 +46,152 @@ impl JobManager {
     /// `NotFound`/`Forbidden` for the conversation; `RateLimited`;
     /// `InsufficientBalance`; `ServerBusy`; `TooManyConcurrent`, `ConversationBusy`;
     /// and store or database failures.
+    ///
+    /// With [`StartRequest::idempotency`], after the request itself is found valid the
+    /// key is claimed in the store (see [`JobManager::claim_key`]): a repeat answers the
+    /// first start's ids and starts (and bills) nothing; the same key with another
+    /// request is `IdempotencyConflict`; a repeat while the first start is still under
+    /// way waits for it (`IdempotencyInProgress` past
+    /// [`ManagerConfig::idempotency_wait`]). A start that fails releases its key, so a
+    /// retry can start.
     pub async fn start(&self, req: StartRequest) -> Result<Started, EngineError> {
         if !self.inner.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        let Validated { model, tools } = self.validate(&req)?;
-        let _held = match existing_id(&req) {
+        let validated = self.validate(&req)?;
+        if req.idempotency.is_none() {
+            return self.start_job(&req, validated).await;
+        }
+        // In a task of its own: a client that drops the connection (the very client
+        // that will retry) must not cut the start between its claim and its fill, which
+        // would leave the key claimed, unfilled, until the claim lapses.
+        let this = self.clone();
+        let start = async move { this.start_idempotent(req, validated).await };
+        self.inner
+            .tracker
+            .spawn(tracing::Instrument::instrument(
+                start,
+                tracing::Span::current(),
+            ))
+            .await
+            .map_err(|e| EngineError::internal("idempotent start", e))?
+    }
+
+    /// [`JobManager::start`] for a request with an idempotency key, once validated.
+    async fn start_idempotent(
+        &self,
+        req: StartRequest,
+        validated: Validated,
+    ) -> Result<Started, EngineError> {
+        let Some(idem) = &req.idempotency else {
+            return self.start_job(&req, validated).await;
+        };
+        let key = idem.store_key(&req.user_id);
+        let token = new_id();
+        if let Some(started) = self.claim_key(idem, &key, &token).await? {
+            crate::metrics::idempotent_repeat();
+            return Ok(started);
+        }
+        let store = &self.inner.ctx.store;
+        match self.start_job(&req, validated).await {
+            Ok(started) => {
+                let value = serde_json::to_string(&started)
+                    .map_err(|e| EngineError::internal("encode started ids", e))?;
+                let ttl = self.inner.ctx.config.idempotency_ttl;
+                // A few tries over a blip of the store: an unfilled claim lapses after
+                // its claim TTL, and a repeat after that would start a second job.
+                let fill = || store.fill_idempotency(&key, &token, &value, ttl);
+                let filled = fill
+                    .retry(
+                        backon::ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(50))
+                            .with_max_times(3),
+                    )
+                    .sleep(tokio::time::sleep)
+                    .await;
+                match filled {
+                    Ok(true) => {}
+                    // The job runs either way; only a repeat may now start another.
+                    Ok(false) => tracing::warn!(stream_id = %started.stream_id,
+                        "the idempotency claim lapsed before the start finished"),
+                    Err(e) => tracing::warn!(stream_id = %started.stream_id, error = %e,
+                        "could not save the idempotency key's ids"),
+                }
+                Ok(started)
+            }
+            Err(e) => {
+                if let Err(release) = store.release_idempotency(&key, &token).await {
+                    // The claim lapses by itself after its claim TTL.
+                    tracing::warn!(error = %release, "could not release an idempotency key");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Claims the idempotency key `key` (already scoped to the user) with `token`:
+    /// `None` when the caller now holds it and is to start; `Some` with the first
+    /// start's ids for a repeat. A claim held by a start still under way is polled
+    /// (25 ms, doubling to 250 ms) until it is filled, released (then this caller
+    /// claims it) or [`ManagerConfig::idempotency_wait`] passes.
+    ///
+    /// Errors: `IdempotencyConflict` (another request under the key),
+    /// `IdempotencyInProgress` (still under way after the wait), store failures.
+    async fn claim_key(
+        &self,
+        idem: &Idempotency,
+        key: &str,
+        token: &str,
+    ) -> Result<Option<Started>, EngineError> {
+        let store = &self.inner.ctx.store;
+        let config = &self.inner.ctx.config;
+        let deadline = Instant::now() + config.idempotency_wait;
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let claim = store
+                .claim_idempotency(key, &idem.request_hash, token, IDEMPOTENCY_CLAIM_TTL)
+                .await?;
+            let request_hash = match &claim {
+                IdempotencyClaim::Claimed => return Ok(None),
+                IdempotencyClaim::Pending { request_hash }
+                | IdempotencyClaim::Filled { request_hash, .. } => request_hash,
+            };
+            if *request_hash != idem.request_hash {
+                return Err(EngineError::IdempotencyConflict(idem.key.clone()));
+            }
+            if let IdempotencyClaim::Filled { value, .. } = claim {
+                return serde_json::from_str(&value)
+                    .map(Some)
+                    .map_err(|e| EngineError::internal("decode an idempotency key's ids", e));
+            }
+            if Instant::now() + pause > deadline {
+                return Err(EngineError::IdempotencyInProgress(idem.key.clone()));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// The start itself, for a valid request (see [`JobManager::start`]).
+    async fn start_job(
+        &self,
+        req: &StartRequest,
+        Validated { model, tools }: Validated,
+    ) -> Result<Started, EngineError> {
+        let _held = match existing_id(req) {
             Some(id) => Some(self.inner.conversations.hold(id).await),
             None => None,
         };
-        let plan = self.load_conversation(&req).await?;
+        let plan = self.load_conversation(req).await?;
         // Only a valid request spends rate budget: a 400 or 404 costs nothing.
-        self.check_rate_limits(&req).await?;
+        self.check_rate_limits(req).await?;
         self.check_balance(&req.user_id).await?;
 
-        let (meta, prior, user_message) = new_job(&req, &model, &plan);
+        let (meta, prior, user_message) = new_job(req, &model, &plan);
         let live = self.reserve_live_slot(&meta.stream_id)?;
         self.inner.ctx.store.create_job(&meta).await?;
         let created = self
-            .save_and_announce(&req, &model, &plan, &meta, &prior, &user_message)
+            .save_and_announce(req, &model, &plan, &meta, &prior, &user_message)
             .await?;
 
         // The upstream history is the tree's path to the new input, prior turns included.
@@ -392,6 +521,23 @@ impl JobManager {
             }
         }
         Ok(())
+    }
+}
+
+/// How long an unfilled idempotency claim holds its key: a replica that dies
+/// mid-start frees the key after this long. A start takes well under a second.
+const IDEMPOTENCY_CLAIM_TTL: Duration = Duration::from_secs(60);
+
+impl Idempotency {
+    /// The store's key for this key of `user_id`: a hex SHA-256 of both, so that keys
+    /// of two users never meet and a key of any length or alphabet is a safe store key.
+    pub fn store_key(&self, user_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(user_id.as_bytes());
+        h.update([0u8]);
+        h.update(self.key.as_bytes());
+        format!("{:x}", h.finalize())
     }
 }
 

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    AbortHandler, EventLogStore, JobCoordination, JobMeta, JobStatus, Orphan, OrphanReason,
-    RangePage, RateLimitStore, StoreError,
+    AbortHandler, EventLogStore, IdempotencyClaim, IdempotencyStore, JobCoordination, JobMeta,
+    JobStatus, Orphan, OrphanReason, RangePage, RateLimitStore, StoreError,
 };
 use crate::event::EventBody;
 use crate::log::{EventLog, LogLimits};
@@ -22,10 +22,26 @@ pub struct MemoryStore {
     /// Rate-limit key → the times of its hits still in the window, oldest first.
     rate_windows: Mutex<HashMap<String, VecDeque<tokio::time::Instant>>>,
     abort_handler: Mutex<Option<AbortHandler>>,
+    /// Idempotency key → its claim.
+    idempotency: Mutex<HashMap<String, IdemEntry>>,
+}
+
+/// An idempotency key's claim (see [`IdempotencyStore`]).
+struct IdemEntry {
+    request_hash: String,
+    token: String,
+    /// The start's result, once filled.
+    value: Option<String>,
+    /// On tokio's clock, so tests can pause it.
+    expires_at: tokio::time::Instant,
 }
 
 /// Keys the rate windows hold before idle ones are dropped.
 const RATE_KEYS_BEFORE_SWEEP: usize = 100_000;
+
+/// Idempotency keys held before expired ones are dropped (an expired key is also
+/// replaced when claimed again).
+const IDEMPOTENCY_KEYS_BEFORE_SWEEP: usize = 100_000;
 
 #[derive(Default)]
 struct MemInner {
@@ -45,6 +61,7 @@ impl MemoryStore {
             inner: Mutex::new(MemInner::default()),
             rate_windows: Mutex::new(HashMap::new()),
             abort_handler: Mutex::new(None),
+            idempotency: Mutex::new(HashMap::new()),
         }
     }
 
@@ -244,6 +261,74 @@ impl RateLimitStore for MemoryStore {
             return Ok(None);
         }
         Ok(hits.front().map(|oldest| *oldest + period - now))
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        request_hash: &str,
+        token: &str,
+        claim_ttl: Duration,
+    ) -> Result<IdempotencyClaim, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut keys = self.idempotency.lock();
+        if keys.len() >= IDEMPOTENCY_KEYS_BEFORE_SWEEP {
+            keys.retain(|_, e| e.expires_at > now);
+        }
+        if let Some(e) = keys.get(key).filter(|e| e.expires_at > now) {
+            return Ok(match &e.value {
+                None => IdempotencyClaim::Pending {
+                    request_hash: e.request_hash.clone(),
+                },
+                Some(v) => IdempotencyClaim::Filled {
+                    request_hash: e.request_hash.clone(),
+                    value: v.clone(),
+                },
+            });
+        }
+        keys.insert(
+            key.to_string(),
+            IdemEntry {
+                request_hash: request_hash.to_string(),
+                token: token.to_string(),
+                value: None,
+                expires_at: now + claim_ttl,
+            },
+        );
+        Ok(IdempotencyClaim::Claimed)
+    }
+
+    async fn fill_idempotency(
+        &self,
+        key: &str,
+        token: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut keys = self.idempotency.lock();
+        match keys.get_mut(key) {
+            Some(e) if e.token == token && e.value.is_none() && e.expires_at > now => {
+                e.value = Some(value.to_string());
+                e.expires_at = now + ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_idempotency(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let mut keys = self.idempotency.lock();
+        if keys
+            .get(key)
+            .is_some_and(|e| e.token == token && e.value.is_none())
+        {
+            keys.remove(key);
+        }
+        Ok(())
     }
 }
 

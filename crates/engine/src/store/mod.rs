@@ -4,9 +4,11 @@
 //! - [`EventLogStore`]: jobs and their event logs (create, look up, append, read);
 //! - [`JobCoordination`]: who ends a job (the end claims), which jobs nobody runs
 //!   (orphans), and abort requests between replicas;
-//! - [`RateLimitStore`]: sliding-window hit counters shared by all replicas.
+//! - [`RateLimitStore`]: sliding-window hit counters shared by all replicas;
+//! - [`IdempotencyStore`]: `Idempotency-Key` claims, so that a repeated start attaches
+//!   to the first one's job on any replica.
 //!
-//! [`JobStore`] is all three together (implemented for every type that has them), so
+//! [`JobStore`] is all four together (implemented for every type that has them), so
 //! the engine passes one `Arc<dyn JobStore>` around. Implementations: [`MemoryStore`]
 //! (one process, in [`memory`]) and the Redis store in `genstream-redis`; both pass the
 //! one shared suite in [`crate::suite`]. No method that decides who may write (the end
@@ -247,9 +249,61 @@ pub trait RateLimitStore: Send + Sync + 'static {
     ) -> Result<Option<Duration>, StoreError>;
 }
 
-/// The whole job store: its event logs, its coordination of writers, its rate limits.
-/// Implemented for every type that implements the three, so a backend implements
-/// those and never this.
-pub trait JobStore: EventLogStore + JobCoordination + RateLimitStore {}
+/// What [`IdempotencyStore::claim_idempotency`] found under a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// The key was free: the caller holds it now (with its token) and must fill it
+    /// ([`IdempotencyStore::fill_idempotency`]) or release it
+    /// ([`IdempotencyStore::release_idempotency`]).
+    Claimed,
+    /// Another start holds the key and has not filled it yet; `request_hash` is that
+    /// start's.
+    Pending { request_hash: String },
+    /// A start with `request_hash` finished and saved `value` (the engine's started
+    /// ids, opaque to the store).
+    Filled { request_hash: String, value: String },
+}
 
-impl<T: EventLogStore + JobCoordination + RateLimitStore> JobStore for T {}
+/// `Idempotency-Key` claims: one start per key, across replicas.
+///
+/// A key is claimed by one caller (identified by a token it chose), then either filled
+/// with the start's result (kept for the key's TTL) or released when the start failed,
+/// so a retry can start. Only the holder's token fills or releases; a claim never
+/// filled lapses after its claim TTL (a replica that died mid-start frees the key).
+///
+/// Errors: [`StoreError::Unavailable`] when the backing service fails.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `key` for a start of the request whose hash is `request_hash`, held by
+    /// `token` for `claim_ttl` (ms precision) unless filled. One atomic step: of any
+    /// number of concurrent claims of a free key, on any replica, exactly one gets
+    /// [`IdempotencyClaim::Claimed`]; the others see the claim.
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        request_hash: &str,
+        token: &str,
+        claim_ttl: Duration,
+    ) -> Result<IdempotencyClaim, StoreError>;
+
+    /// Saves `value` under `key` for `ttl` if `token` still holds the key's unfilled
+    /// claim; false otherwise (the claim lapsed, or was filled or released).
+    async fn fill_idempotency(
+        &self,
+        key: &str,
+        token: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Drops `key` if `token` holds its claim and has not filled it (the start failed),
+    /// so that a retry can claim it; nothing otherwise.
+    async fn release_idempotency(&self, key: &str, token: &str) -> Result<(), StoreError>;
+}
+
+/// The whole job store: its event logs, its coordination of writers, its rate limits
+/// and its idempotency keys. Implemented for every type that implements the four, so a
+/// backend implements those and never this.
+pub trait JobStore: EventLogStore + JobCoordination + RateLimitStore + IdempotencyStore {}
+
+impl<T: EventLogStore + JobCoordination + RateLimitStore + IdempotencyStore> JobStore for T {}

@@ -107,6 +107,21 @@ impl<S: Send + Sync> FromRequest<S> for OpenAiBody {
     }
 }
 
+/// The body's `webhook_url`, genstream's extension of the create routes (an OpenAI
+/// SDK sends it with `extra_body={"webhook_url": …}`): where the job-finished webhook
+/// goes, as `webhookUrl` on `POST /api/chat`.
+///
+/// Errors: 400 naming `webhook_url` when it is not a string.
+pub(crate) fn webhook_url_of(
+    body: &serde_json::Map<String, Value>,
+) -> Result<Option<String>, OpenAiError> {
+    match body.get("webhook_url") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(u)) => Ok(Some(u.clone())),
+        Some(_) => Err(OpenAiError::invalid("webhook_url", "must be a string")),
+    }
+}
+
 /// `GET /v1/models`: `{"object": "list", "data": [{id, object: "model", created,
 /// owned_by}]}`, the configured models (the default first); `owned_by` is the provider's
 /// configured name.

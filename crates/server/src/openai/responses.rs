@@ -236,6 +236,10 @@ pub(super) async fn create(
             Err(e) => return Err(e),
         },
     };
+    let idempotency = crate::idempotency::from_headers(&headers, "/v1/responses", &body)?;
+    let webhook_url = state
+        .webhooks
+        .requested("webhook_url", super::webhook_url_of(&body)?)?;
     let client_ip =
         crate::client_ip::client_ip(peer.map(|c| c.0.0.ip()), &headers, &state.trusted_proxies);
     let started = state
@@ -251,11 +255,14 @@ pub(super) async fn create(
             client_tools: req.client_tools,
             prior: req.conversation.prior,
             tool_results: req.conversation.tool_results,
+            webhook_url,
+            idempotency,
             protocol_options: Some(json!({ "responses": req.echo })),
             ..Default::default()
         })
         .await?;
-    let (meta, log) = state.manager.job_for(&user, &started.stream_id).await?;
+    // A repeat after the log expired gets the saved answer, replayed.
+    let (meta, log) = state.manager.started_job(&user, &started).await?;
     let headers = job_headers(&meta);
     if req.stream {
         let projection = shared::responses(&meta.stream_id, &log);
