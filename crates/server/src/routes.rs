@@ -67,18 +67,23 @@ pub struct BodyLimit(pub usize);
 
 /// Body of `POST /api/chat`. Unknown fields are accepted (clients such as LibreChat
 /// send more than genstream reads).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatBody {
+    /// The user's message.
     text: String,
+    /// Continue this conversation (new when absent; a new id names a new one).
     #[serde(default)]
     conversation_id: Option<String>,
+    /// Answer under this message (default: the conversation's latest).
     #[serde(default)]
     parent_message_id: Option<String>,
+    /// A configured model's name (default: the first).
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
     system_prompt: Option<String>,
+    /// Server-side tools to offer, by name (of the model's).
     #[serde(default)]
     tools: Option<Vec<String>>,
     /// Where to POST this job's job-finished webhook (`crate::webhooks`).
@@ -86,6 +91,13 @@ pub struct ChatBody {
     webhook_url: Option<String>,
 }
 
+/// `POST /api/chat`: starts a job; its answer streams at
+/// `GET /api/chat/stream/{streamId}`.
+#[utoipa::path(post, path = "/api/chat", tag = "chat",
+    params(crate::openapi::IdempotencyKey),
+    request_body = ChatBody,
+    responses((status = 200, description = "The job started", body = crate::openapi::Started),
+        crate::openapi::ApiErrors))]
 pub async fn start_chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -121,6 +133,9 @@ pub async fn start_chat(
     Ok(Json(v).into_response())
 }
 
+/// `GET /api/chat/active`: the caller's running jobs.
+#[utoipa::path(get, path = "/api/chat/active", tag = "chat",
+    responses((status = 200, description = "The running jobs", body = crate::openapi::ActiveJobs), crate::openapi::ApiErrors))]
 pub async fn active(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -137,6 +152,11 @@ pub async fn active(
     })))
 }
 
+/// `GET /api/chat/status/{conversation_id}`: the conversation's latest job, with the
+/// answer so far.
+#[utoipa::path(get, path = "/api/chat/status/{conversation_id}", tag = "chat",
+    params(("conversation_id" = String, Path)),
+    responses((status = 200, description = "The latest job, or `{\"active\": false}` when none is kept", body = crate::openapi::JobStatusAnswer), crate::openapi::ApiErrors))]
 pub async fn status(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -155,15 +175,20 @@ pub async fn status(
 }
 
 /// Body of `POST /api/chat/abort`: one of the two ids.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AbortBody {
+    /// The job to abort; wins over `conversationId`.
     #[serde(default)]
     stream_id: Option<String>,
+    /// Abort the conversation's running job.
     #[serde(default)]
     conversation_id: Option<String>,
 }
 
+/// `POST /api/chat/abort`: stops a job; its partial answer is saved before this answers.
+#[utoipa::path(post, path = "/api/chat/abort", tag = "chat", request_body = AbortBody,
+    responses((status = 200, description = "The job was aborted", body = crate::openapi::Aborted), crate::openapi::ApiErrors))]
 pub async fn abort(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -188,6 +213,9 @@ pub async fn abort(
     })))
 }
 
+/// `GET /api/conversations`: the caller's conversations.
+#[utoipa::path(get, path = "/api/conversations", tag = "conversations",
+    responses((status = 200, description = "The conversations, most recently updated first", body = crate::openapi::Conversations), crate::openapi::ApiErrors))]
 pub async fn list_conversations(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -196,6 +224,10 @@ pub async fn list_conversations(
     Ok(Json(json!({ "conversations": list })))
 }
 
+/// `GET /api/conversations/{id}`: one of the caller's conversations.
+#[utoipa::path(get, path = "/api/conversations/{id}", tag = "conversations",
+    params(("id" = String, Path, description = "The conversation id")),
+    responses((status = 200, description = "The conversation", body = crate::openapi::Conversation), crate::openapi::ApiErrors))]
 pub async fn get_conversation(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -205,6 +237,10 @@ pub async fn get_conversation(
     Ok(Json(serde_json::to_value(c).unwrap_or_default()))
 }
 
+/// `GET /api/conversations/{id}/messages`: the conversation's saved messages.
+#[utoipa::path(get, path = "/api/conversations/{id}/messages", tag = "conversations",
+    params(("id" = String, Path, description = "The conversation id")),
+    responses((status = 200, description = "The messages, oldest first", body = crate::openapi::Messages), crate::openapi::ApiErrors))]
 pub async fn list_messages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -216,6 +252,9 @@ pub async fn list_messages(
 
 /// `DELETE /api/conversations/{id}`: 409 `conversation_busy` while a generation runs
 /// (abort first); atomic against a chat starting in it (`JobManager::delete_conversation`).
+#[utoipa::path(delete, path = "/api/conversations/{id}", tag = "conversations",
+    params(("id" = String, Path, description = "The conversation id")),
+    responses((status = 200, description = "Whether there was something to delete", body = crate::openapi::Deleted), crate::openapi::ApiErrors))]
 pub async fn delete_conversation(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -225,6 +264,9 @@ pub async fn delete_conversation(
     Ok(Json(json!({ "deleted": deleted })))
 }
 
+/// `GET /api/models`: the configured models.
+#[utoipa::path(get, path = "/api/models", tag = "account",
+    responses((status = 200, description = "The models, the default first", body = crate::openapi::Models), crate::openapi::ApiErrors))]
 pub async fn models(
     State(state): State<AppState>,
     AuthUser(_user): AuthUser,
@@ -253,6 +295,8 @@ pub async fn models(
 /// `GET /api/balance`: `{"balance": credits}`, settled as `POST /api/chat` settles it
 /// (a new user gets the start balance, a refill that is due is applied), so the two
 /// never disagree; `null` when balances are off.
+#[utoipa::path(get, path = "/api/balance", tag = "account",
+    responses((status = 200, description = "The balance", body = crate::openapi::Balance), crate::openapi::ApiErrors))]
 pub async fn balance(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -266,17 +310,21 @@ pub async fn balance(
 }
 
 /// Query of `GET /api/usage`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// `conversation` (default), `day` or `month`.
     #[serde(default)]
     by: Option<String>,
     /// At most this many rows (default 100, at most 1000).
     #[serde(default)]
+    #[param(minimum = 0)]
     limit: Option<u32>,
 }
 
 /// `GET /api/usage?by=conversation|day|month`: the caller's tokens and credits.
+#[utoipa::path(get, path = "/api/usage", tag = "account", params(UsageQuery),
+    responses((status = 200, description = "The usage rows", body = crate::openapi::UsageReport), crate::openapi::ApiErrors))]
 pub async fn usage(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -318,10 +366,18 @@ pub async fn usage(
     Ok(Json(json!({ "by": by, "usage": rows })))
 }
 
+/// `GET /healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "The process is up", body = crate::openapi::Health)))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// `GET /readyz`: the store and the database answer (503 when one does not).
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses((status = 200, description = "Both answer", body = crate::openapi::Readiness),
+        (status = 503, description = "One does not: its error instead of `ok`",
+            body = crate::openapi::Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let (store, db) = state.manager.readiness().await;
     let body = json!({
