@@ -64,7 +64,7 @@ fn text_of(message: &Value) -> String {
     params(crate::openapi::IdempotencyKey),
     request_body = crate::openapi::AiChatBody,
     responses((status = 200, description = crate::openapi::AI_SDK_STREAM,
-        content_type = "text/event-stream", body = String), crate::openapi::ApiErrors))]
+        content_type = "text/event-stream", body = crate::openapi::SseEvent), crate::openapi::ApiErrors))]
 pub async fn chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -147,10 +147,11 @@ pub async fn chat(
 ///
 /// Errors: 401; 403 for another user's chat.
 #[utoipa::path(get, path = "/api/ai/chat/{chat_id}/stream", tag = "ai-sdk",
-    params(("chat_id" = String, Path, description = "The chat (conversation) id")),
+    params(("chat_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,128}$",
+        description = "The chat (conversation) id")),
     responses(
         (status = 200, description = crate::openapi::AI_SDK_STREAM,
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = crate::openapi::SseEvent),
         (status = 204, description = "No job of the chat runs"),
         crate::openapi::ApiErrors))]
 pub async fn resume(

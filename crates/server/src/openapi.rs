@@ -500,7 +500,7 @@ pub struct AiChatBody {
     /// message's text parts are the prompt.
     pub messages: Vec<Object>,
     /// `submit-message` (default) or `regenerate-message`.
-    #[schema(required = false)]
+    #[schema(required = false, pattern = "^(submit-message|regenerate-message)$")]
     pub trigger: Option<String>,
     /// With `regenerate-message`: the answer to regenerate (default: the latest).
     #[schema(required = false)]
@@ -540,7 +540,6 @@ pub struct ResponseRequest {
     /// A configured model's name.
     pub model: String,
     /// A string, or input items (`{role, content}` messages, `function_call_output`).
-    #[schema(value_type = Object)]
     pub input: Value,
     #[schema(required = false)]
     pub instructions: Option<String>,
@@ -624,7 +623,6 @@ pub struct ResponseObject {
     pub parallel_tool_calls: bool,
     pub previous_response_id: Option<String>,
     pub temperature: Option<f64>,
-    #[schema(value_type = Object)]
     pub tool_choice: Value,
     pub tools: Vec<Object>,
     pub top_p: Option<f64>,
@@ -658,26 +656,65 @@ pub struct InputItemList {
 /// Any JSON object.
 pub type Object = serde_json::Map<String, Value>;
 
-// --- descriptions of the event streams -------------------------------------------------
+// --- the event streams -----------------------------------------------------------------
+
+/// One server-sent event, as a client parses it from the stream (WHATWG HTML,
+/// server-sent events): `event` (`message` when the block names none), `data` (the
+/// JSON payload, or `[DONE]` at the end of an OpenAI or AI SDK stream), `id`, and
+/// `retry` (ms) on the stream's first block. `: ping` comment lines are no events.
+#[derive(ToSchema)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+    #[schema(required = false)]
+    pub id: Option<String>,
+    /// Milliseconds an EventSource waits before it reconnects.
+    #[schema(required = false)]
+    pub retry: Option<u64>,
+}
+
+/// One event of the native stream: `id` is its seq, `event` its name, `data` the JSON
+/// `{"seq", "event", "data"}` (docs/protocol.md §3).
+#[derive(ToSchema)]
+pub struct NativeEvent {
+    pub event: NativeEventName,
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+    /// The seq: what `cursor` and `Last-Event-ID` take.
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: String,
+    /// Milliseconds an EventSource waits before it reconnects.
+    #[schema(required = false)]
+    pub retry: Option<u64>,
+}
+
+/// The native events (docs/protocol.md §3); `final` (an aborted job's too) and `error`
+/// are terminal; `sync` opens a `resume=true` stream.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum NativeEventName {
+    Created,
+    OnRunStep,
+    OnRunStepDelta,
+    OnRunStepCompleted,
+    OnMessageDelta,
+    OnReasoningDelta,
+    Usage,
+    Retry,
+    Sync,
+    Final,
+    Error,
+}
 
 /// The native event stream (docs/protocol.md §3).
 pub const NATIVE_STREAM: &str = "The job's event log as server-sent events, from \
     after the cursor: opens with `retry: N`, then one block per event, `id: SEQ`, \
     `event: NAME` and `data: {\"seq\", \"event\", \"data\"}` (events `created`, `on_run_step`, \
     `on_message_delta`, `on_reasoning_delta`, `on_run_step_delta`, \
-    `on_run_step_completed`, `usage`, `retry`, and one terminal event: `final`, \
-    `aborted` or `error`); with `resume=true` a `sync` event with the folded \
-    `resumeState` comes first. `: ping` comments while idle. Ends after the terminal event.";
-
-/// The Chat Completions stream.
-pub const CHAT_STREAM: &str = "With `stream: true`: `chat.completion.chunk` objects as \
-    `data: {…}` blocks, then `data: [DONE]`; `: ping` comments while idle.";
-
-/// The Responses stream.
-pub const RESPONSES_STREAM: &str = "With `stream: true` (or `GET ?stream=true`): \
-    Responses events as `event: TYPE` / `data: {\"type\", \"sequence_number\", …}` blocks \
-    (`response.created`, `response.output_text.delta`, …, and one of \
-    `response.completed`, `response.incomplete`, `response.failed`).";
+    `on_run_step_completed`, `usage`, `retry`, and one terminal event: `final` \
+    (an aborted job's too) or `error`); with `resume=true` a `sync` event, data \
+    `{\"sync\": true, \"seq\", \"resumeState\"}`, comes first. `: ping` comments while idle. Ends after the terminal event.";
 
 /// The AI SDK's UI message stream.
 pub const AI_SDK_STREAM: &str = "The Vercel AI SDK's UI message stream (header \

@@ -315,10 +315,11 @@ pub async fn balance(
 pub struct UsageQuery {
     /// `conversation` (default), `day` or `month`.
     #[serde(default)]
+    #[param(pattern = "^(conversation|day|month)$")]
     by: Option<String>,
     /// At most this many rows (default 100, at most 1000).
     #[serde(default)]
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 4294967295_u64)]
     limit: Option<u32>,
 }
 

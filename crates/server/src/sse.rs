@@ -46,6 +46,7 @@ use crate::error::ApiError;
 pub struct StreamQuery {
     /// Start after this seq (a non-negative integer); wins over `Last-Event-ID`.
     #[serde(default)]
+    #[param(pattern = "^[0-9]+$")]
     cursor: Option<String>,
     /// `true`: open with a `sync` event holding the answer so far, then follow.
     #[serde(default)]
@@ -60,7 +61,7 @@ pub struct StreamQuery {
             description = "The last seq the client has (an EventSource's reconnect)")),
     responses(
         (status = 200, description = crate::openapi::NATIVE_STREAM,
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = crate::openapi::NativeEvent),
         (status = 204, description = "The cursor already is the terminal event: nothing follows"),
         crate::openapi::ApiErrors))]
 pub async fn stream(

@@ -159,7 +159,7 @@ fn parse(body: &Map<String, Value>) -> Result<ChatRequest, OpenAiError> {
             with `stream: true` its chunks as server-sent events (`text/event-stream`): \
             `data: {chat.completion.chunk}` blocks, then `data: [DONE]`",
             content((crate::openapi::ChatCompletion = "application/json"),
-                (String = "text/event-stream")),
+                (crate::openapi::SseEvent = "text/event-stream")),
             headers(("x-genstream-stream-id" = String), ("x-genstream-conversation-id" = String))),
         crate::openapi::OpenAiErrors))]
 pub(super) async fn create(

@@ -223,7 +223,7 @@ fn parse(body: &Map<String, Value>) -> Result<Create, OpenAiError> {
             once with `background: true`); with `stream: true` its events as server-sent \
             events (`text/event-stream`)",
             content((crate::openapi::ResponseObject = "application/json"),
-                (String = "text/event-stream")),
+                (crate::openapi::SseEvent = "text/event-stream")),
             headers(("x-genstream-stream-id" = String), ("x-genstream-conversation-id" = String))),
         crate::openapi::OpenAiErrors))]
 pub(super) async fn create(
@@ -298,7 +298,7 @@ pub(super) struct RetrieveQuery {
         (status = 200, description = "The `response` object; with `stream=true` its \
             events as server-sent events (`text/event-stream`)",
             content((crate::openapi::ResponseObject = "application/json"),
-                (String = "text/event-stream"))),
+                (crate::openapi::SseEvent = "text/event-stream"))),
         crate::openapi::OpenAiErrors))]
 pub(super) async fn retrieve(
     State(state): State<AppState>,
