@@ -9,8 +9,8 @@
 //! (a finished native chat, a chat completion, a response, an AI SDK chat) and hands
 //! their ids and the model's name to Schemathesis as dictionaries, so that part of
 //! the requests reach the handlers' real work instead of a 404. The run is bounded:
-//! a few examples per operation (`GENSTREAM_FUZZ_EXAMPLES`, default 12) and a time
-//! budget; `GENSTREAM_FUZZ_SEED` replays a run (the seed is printed).
+//! a few examples per operation (`FUZZ_EXAMPLES`, default 12) and a time
+//! budget; `FUZZ_SEED` replays a run (the seed is printed).
 //!
 //! The venv is a prerequisite that `scripts/test` installs in `target/fuzz-venv` (or
 //! set `FUZZ_VENV`); when it is missing the test fails with one line naming it.
@@ -212,7 +212,7 @@ async fn schemathesis_finds_nothing() {
     let seeds = seed(&server.url, &key).await;
     let st_config = schemathesis_toml(dir.path(), &seeds);
 
-    let examples = std::env::var("GENSTREAM_FUZZ_EXAMPLES").unwrap_or_else(|_| "12".into());
+    let examples = std::env::var("FUZZ_EXAMPLES").unwrap_or_else(|_| "12".into());
     let mut st = Command::new(schemathesis);
     st.arg("--config-file")
         .arg(&st_config)
@@ -233,7 +233,7 @@ async fn schemathesis_finds_nothing() {
         .args(["--max-failures", "20"])
         .args(["--no-color"])
         .current_dir(dir.path());
-    if let Ok(seed) = std::env::var("GENSTREAM_FUZZ_SEED") {
+    if let Ok(seed) = std::env::var("FUZZ_SEED") {
         st.args(["--seed", &seed]);
     }
     let out = tokio::task::spawn_blocking(move || st.output().unwrap())
@@ -243,7 +243,7 @@ async fn schemathesis_finds_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "schemathesis found failures (GENSTREAM_FUZZ_SEED replays the run):\n{stdout}\n{stderr}"
+        "schemathesis found failures (FUZZ_SEED replays the run):\n{stdout}\n{stderr}"
     );
     // The summary names how many test cases ran: a run that tested nothing is no pass.
     assert!(stdout.contains("generated"), "{stdout}\n{stderr}");
