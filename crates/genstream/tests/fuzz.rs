@@ -1,8 +1,11 @@
 //! Schemathesis (PyPI, pinned in `tests/fuzz/requirements.txt`) fuzzes the real binary
 //! from its own `GET /openapi.json`: for every operation it sends requests made from
-//! the document (valid ones and broken ones), and checks that no answer is a 5xx,
-//! that every status, content type, header and body is one the document describes,
-//! and afterwards that the server's log holds no panic.
+//! the document (valid ones and broken ones, alone and in sequences that pass one
+//! answer's ids on), and checks that no answer is a 5xx, that every status, content
+//! type, header and body is one the document describes, that a route refuses a
+//! request without its token and answers an undocumented method with 405 and
+//! `Allow`, that what was deleted is gone, and afterwards that the server's log holds
+//! no panic.
 //!
 //! The server runs as `genstream serve` does by default (memory store, SQLite) with
 //! the demo provider. Before the run the test makes what the id-taking routes need
@@ -222,9 +225,13 @@ async fn schemathesis_finds_nothing() {
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,\
-             response_headers_conformance,response_schema_conformance",
+             response_headers_conformance,response_schema_conformance,\
+             unsupported_method,allow_header_conformance,missing_required_header,\
+             ignored_auth,use_after_free,ensure_resource_availability",
         ])
-        .args(["--phases", "examples,coverage,fuzzing"])
+        // Stateful: sequences that follow the ids one answer gives to the next request
+        // (start a chat, then read, abort, delete it).
+        .args(["--phases", "examples,coverage,fuzzing,stateful"])
         .args(["--max-examples", &examples])
         // The whole run stays well inside CI's budget on a 2-core machine.
         .args(["--max-time", "90"])
@@ -247,6 +254,9 @@ async fn schemathesis_finds_nothing() {
     );
     // The summary names how many test cases ran: a run that tested nothing is no pass.
     assert!(stdout.contains("generated"), "{stdout}\n{stderr}");
+    // The summary, seed included, for the record.
+    let lines: Vec<&str> = stdout.lines().collect();
+    eprintln!("{}", lines[lines.len().saturating_sub(12)..].join("\n"));
 
     // The server survived all of it, and no handler panicked along the way.
     let health = reqwest::get(format!("{}/healthz", server.url))
