@@ -64,7 +64,10 @@ fn text_of(message: &Value) -> String {
     params(crate::openapi::IdempotencyKey),
     request_body = crate::openapi::AiChatBody,
     responses((status = 200, description = crate::openapi::AI_SDK_STREAM,
-        content_type = "text/event-stream", body = crate::openapi::SseEvent), crate::openapi::ApiErrors))]
+        content_type = "text/event-stream", body = crate::openapi::SseEvent,
+        headers(("x-vercel-ai-ui-message-stream" = String, description = "`v1`"),
+            ("x-genstream-stream-id" = String), ("x-genstream-conversation-id" = String))),
+        crate::openapi::ApiErrors))]
 pub async fn chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
