@@ -461,7 +461,8 @@ pub struct UsageReport {
 #[derive(ToSchema)]
 #[schema(rename_all = "camelCase")]
 pub struct UsageRow {
-    /// The conversation id, `YYYY-MM-DD` or `YYYY-MM`.
+    /// The conversation id, or the day's or month's start (RFC 3339 UTC,
+    /// `2025-01-02T00:00:00.000Z`).
     pub key: String,
     pub input_tokens: u64,
     pub output_tokens: u64,
