@@ -9,16 +9,20 @@
 //! HTML and files, not the API. `GET /metrics` is described although it is added by
 //! `serve.rs` (on the main port, or on `metrics_bind`).
 //!
-//! The types below are the wire shapes of answers the handlers build as JSON values
-//! (the engine's types carry no schema: the engine knows nothing of HTTP). They are
-//! kept honest by `crates/genstream/tests/fuzz.rs`, which checks every answer of the
-//! real binary against this document.
+//! The answer types below are what the handlers serialize, so their schemas are
+//! their wire shapes; where an answer holds an engine type (`Message`, `UsageTotals`,
+//! `Pricing`, `JobStatus`: the engine knows nothing of HTTP, so they carry no schema)
+//! the field names a schema-only twin here (`value_type`), and so do the answers built
+//! elsewhere (the `/v1` objects from `genstream-protocols`, `POST /api/chat`'s). The
+//! twins are kept honest by `crates/genstream/tests/fuzz.rs`, which checks every
+//! answer of the real binary against this document.
 
 use std::sync::LazyLock;
 
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
-use serde::Deserialize;
+use genstream_engine::{billing, event, store, usage};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
@@ -289,7 +293,8 @@ pub struct Started {
 }
 
 /// `GET /api/chat/active`: the caller's running jobs.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 #[schema(rename_all = "camelCase")]
 pub struct ActiveJobs {
     pub active_job_ids: Vec<String>,
@@ -297,41 +302,50 @@ pub struct ActiveJobs {
 }
 
 /// One running job.
-#[derive(ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ActiveJob {
     pub stream_id: String,
     pub conversation_id: String,
-    pub status: JobStatus,
+    #[schema(value_type = JobStatus)]
+    pub status: store::JobStatus,
     /// RFC 3339.
     pub created_at: String,
 }
 
 /// `GET /api/chat/status/{conversation_id}`: the conversation's latest job, if its
 /// log is still kept (`{"active": false}` alone when there is none).
-#[derive(ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct JobStatusAnswer {
     /// True while the job runs.
     pub active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_id: Option<String>,
-    pub status: Option<JobStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<JobStatus>)]
+    pub status: Option<store::JobStatus>,
     /// RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
     /// The answer so far, folded from the log (docs/protocol.md §3: `runSteps`,
     /// `aggregatedContent`, `status`, …).
-    pub resume_state: Option<Object>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resume_state: Option<genstream_engine::aggregate::ResumeState>,
 }
 
 /// `POST /api/chat/abort`: the partial answer as saved and the usage spent.
-#[derive(ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Aborted {
     pub success: bool,
     /// The aborted job's stream id.
     pub aborted: String,
-    pub response_message: Message,
-    pub usage: UsageTotals,
+    #[schema(value_type = Message)]
+    pub response_message: event::Message,
+    #[schema(value_type = UsageTotals)]
+    pub usage: usage::UsageTotals,
 }
 
 /// A saved message, the user's or the assistant's.
@@ -403,20 +417,20 @@ pub struct Messages {
 }
 
 /// `DELETE /api/conversations/{id}`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Deleted {
     /// False when there was nothing to delete.
     pub deleted: bool,
 }
 
 /// `GET /api/models`: the configured models, the default first.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Models {
     pub models: Vec<Model>,
 }
 
 /// A configured model.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Model {
     pub name: String,
     /// The configured provider's name (`[providers.NAME]`, or `demo`).
@@ -426,7 +440,8 @@ pub struct Model {
     /// The server-side tools the model may call.
     pub tools: Vec<String>,
     /// Null when the model costs nothing.
-    pub pricing: Option<Pricing>,
+    #[schema(value_type = Option<Pricing>)]
+    pub pricing: Option<billing::Pricing>,
     pub free: bool,
 }
 
@@ -443,14 +458,14 @@ pub struct Pricing {
 }
 
 /// `GET /api/balance`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Balance {
     /// Credits (1 credit = 1e-6 USD); null when balances are off.
     pub balance: Option<f64>,
 }
 
 /// `GET /api/usage`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct UsageReport {
     /// `conversation`, `day` or `month`.
     pub by: String,
@@ -458,30 +473,32 @@ pub struct UsageReport {
 }
 
 /// The caller's usage in one conversation, day or month.
-#[derive(ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct UsageRow {
     /// The conversation id, or the day's or month's start (RFC 3339 UTC,
     /// `2025-01-02T00:00:00.000Z`).
     pub key: String,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub reasoning_tokens: u64,
-    pub cache_write_tokens: u64,
-    pub cache_read_tokens: u64,
-    pub calls: u64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub cache_read_tokens: i64,
+    /// Model calls.
+    pub calls: i64,
+    /// Credits spent (1 credit = 1e-6 USD).
     pub credits: f64,
 }
 
 /// `GET /healthz`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Health {
     /// Always `ok`.
     pub status: String,
 }
 
 /// `GET /readyz`: `ok`, or what failed, for each dependency.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Readiness {
     pub store: String,
     pub database: String,
