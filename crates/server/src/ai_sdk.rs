@@ -64,6 +64,14 @@ fn text_of(message: &Value) -> String {
 /// Errors: 400 naming `id`, `messages`, `trigger`, `model`, `webhookUrl` or
 /// `Idempotency-Key`; 422 `idempotency_key_reused`; 401; 403 for another
 /// user's chat id; the engine's start errors (429, 402, 409, …).
+#[utoipa::path(post, path = "/api/ai/chat", tag = "ai-sdk",
+    params(crate::openapi::IdempotencyKey),
+    request_body = crate::openapi::AiChatBody,
+    responses((status = 200, description = crate::openapi::AI_SDK_STREAM,
+        content_type = "text/event-stream", body = crate::openapi::SseEvent,
+        headers(("x-vercel-ai-ui-message-stream" = String, description = "`v1`"),
+            ("x-genstream-stream-id" = String), ("x-genstream-conversation-id" = String))),
+        crate::openapi::ApiErrors))]
 pub async fn chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -155,6 +163,14 @@ pub async fn chat(
 /// from its `start`, or 204 No Content when no job of it runs.
 ///
 /// Errors: 401; 403 for another user's chat.
+#[utoipa::path(get, path = "/api/ai/chat/{chat_id}/stream", tag = "ai-sdk",
+    params(("chat_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,128}$",
+        description = "The chat (conversation) id")),
+    responses(
+        (status = 200, description = crate::openapi::AI_SDK_STREAM,
+            content_type = "text/event-stream", body = crate::openapi::SseEvent),
+        (status = 204, description = "No job of the chat runs"),
+        crate::openapi::ApiErrors))]
 pub async fn resume(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

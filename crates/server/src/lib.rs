@@ -14,6 +14,7 @@ pub mod error;
 pub mod idempotency;
 pub mod observe;
 pub mod openai;
+pub mod openapi;
 mod routes;
 pub mod serve;
 pub mod sse;
@@ -25,8 +26,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use genstream_engine::manager::JobManager;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -55,32 +58,41 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     app_with(state, max_body_bytes, Router::new())
 }
 
+/// Every API route, each registered with its OpenAPI description (`openapi.rs`):
+/// utoipa-axum's `routes!` takes the path and the methods from the handler's
+/// `#[utoipa::path]`, so no route is served without being in `GET /openapi.json`.
+/// Handlers of one path go in one `routes!`.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(routes::start_chat))
+        .routes(routes!(sse::stream))
+        .routes(routes!(routes::active))
+        .routes(routes!(routes::status))
+        .routes(routes!(routes::abort))
+        .routes(routes!(ai_sdk::chat))
+        .routes(routes!(ai_sdk::resume))
+        .routes(routes!(routes::list_conversations))
+        .routes(routes!(
+            routes::get_conversation,
+            routes::delete_conversation
+        ))
+        .routes(routes!(routes::list_messages))
+        .routes(routes!(routes::models))
+        .routes(routes!(routes::balance))
+        .routes(routes!(routes::usage))
+        .routes(routes!(routes::healthz))
+        .routes(routes!(routes::readyz))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs))
+        .nest("/v1", openai::router())
+}
+
 /// [`app`] with `extra` routes (`GET /metrics`) behind the same layers.
 pub fn app_with(state: AppState, max_body_bytes: usize, extra: Router) -> Router {
-    let routes = Router::new()
-        .route("/api/chat", post(routes::start_chat))
-        .route("/api/chat/stream/{stream_id}", get(sse::stream))
-        .route("/api/chat/active", get(routes::active))
-        .route("/api/chat/status/{conversation_id}", get(routes::status))
-        .route("/api/chat/abort", post(routes::abort))
-        .route("/api/ai/chat", post(ai_sdk::chat))
-        .route("/api/ai/chat/{chat_id}/stream", get(ai_sdk::resume))
-        .route("/api/conversations", get(routes::list_conversations))
-        .route(
-            "/api/conversations/{id}",
-            get(routes::get_conversation).delete(routes::delete_conversation),
-        )
-        .route(
-            "/api/conversations/{id}/messages",
-            get(routes::list_messages),
-        )
-        .route("/api/models", get(routes::models))
-        .route("/api/balance", get(routes::balance))
-        .route("/api/usage", get(routes::usage))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .nest("/v1", openai::router())
-        // The web app at `/` (and its deep links `/c/{id}`); see `ui.rs`.
+    let (api, _doc) = api_router().split_for_parts();
+    let routes = api
+        // The web app at `/` (and its deep links `/c/{id}`); see `ui.rs`. Not in the
+        // OpenAPI document: it answers HTML and files.
         .merge(ui::router())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

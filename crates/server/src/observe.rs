@@ -27,7 +27,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use genstream_engine::manager::JobManager;
 use genstream_engine::metrics as m;
 use metrics::{counter, gauge};
@@ -36,6 +35,8 @@ use serde::{Deserialize, Serialize};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnRequest, DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// `[log]`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -133,11 +134,24 @@ pub fn prometheus() -> Option<PrometheusHandle> {
 /// `GET /metrics`: the Prometheus text format. The running-jobs gauge is read from
 /// the manager when scraped.
 pub fn metrics_router(handle: PrometheusHandle, manager: JobManager) -> Router {
-    Router::new()
-        .route("/metrics", get(render))
-        .with_state((handle, manager))
+    let (router, _doc) = metrics_routes().split_for_parts();
+    router.with_state((handle, manager))
 }
 
+/// The metrics route with its OpenAPI description (merged into `GET /openapi.json`).
+fn metrics_routes() -> OpenApiRouter<(PrometheusHandle, JobManager)> {
+    OpenApiRouter::new().routes(routes!(render))
+}
+
+/// The OpenAPI description of `GET /metrics`.
+pub fn metrics_openapi() -> utoipa::openapi::OpenApi {
+    metrics_routes().into_openapi()
+}
+
+/// `GET /metrics`: Prometheus's text format (on `metrics_bind` when that is set).
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4",
+        content_type = "text/plain", body = String)))]
 async fn render(State((handle, manager)): State<(PrometheusHandle, JobManager)>) -> Response {
     gauge!(m::JOBS_RUNNING).set(manager.live_jobs() as f64);
     (

@@ -40,14 +40,30 @@ use crate::AppState;
 use crate::auth::StreamUser;
 use crate::error::ApiError;
 
-#[derive(Deserialize)]
+/// Query of the stream route.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// Start after this seq (a non-negative integer); wins over `Last-Event-ID`.
     #[serde(default)]
+    #[param(pattern = "^[0-9]+$")]
     cursor: Option<String>,
+    /// `true`: open with a `sync` event holding the answer so far, then follow.
     #[serde(default)]
     resume: Option<String>,
 }
 
+/// `GET /api/chat/stream/{stream_id}`: the job's events as SSE.
+#[utoipa::path(get, path = "/api/chat/stream/{stream_id}", tag = "chat",
+    security(("bearer" = []), ("access_token" = [])),
+    params(("stream_id" = String, Path), StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header,
+            description = "The last seq the client has (an EventSource's reconnect)")),
+    responses(
+        (status = 200, description = crate::openapi::NATIVE_STREAM,
+            content_type = "text/event-stream", body = crate::openapi::NativeEvent),
+        (status = 204, description = "The cursor already is the terminal event: nothing follows"),
+        crate::openapi::ApiErrors))]
 pub async fn stream(
     State(state): State<AppState>,
     StreamUser(user): StreamUser,

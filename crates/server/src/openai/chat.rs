@@ -151,6 +151,17 @@ fn parse(body: &Map<String, Value>) -> Result<ChatRequest, OpenAiError> {
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(post, path = "/chat/completions", tag = "openai",
+    params(crate::openapi::IdempotencyKey),
+    request_body = crate::openapi::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The `chat.completion` object once the job ended; \
+            with `stream: true` its chunks as server-sent events (`text/event-stream`): \
+            `data: {chat.completion.chunk}` blocks, then `data: [DONE]`",
+            content((crate::openapi::ChatCompletion = "application/json"),
+                (crate::openapi::SseEvent = "text/event-stream")),
+            headers(("x-genstream-stream-id" = String), ("x-genstream-conversation-id" = String))),
+        crate::openapi::OpenAiErrors))]
 pub(super) async fn create(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,
@@ -224,6 +235,9 @@ fn completion_response(
 /// the `chat.completion` object) as the job's log holds it — while the job runs,
 /// what there is so far with `finish_reason: null`. 404 once the log expired
 /// (`jobs.retention`, 1 h by default); the answer itself stays in the conversation.
+#[utoipa::path(get, path = "/chat/completions/{id}", tag = "openai",
+    params(("id" = String, Path, description = "`chatcmpl-…`")),
+    responses((status = 200, description = "The completion as the log holds it (`finish_reason: null` while the job runs)", body = crate::openapi::ChatCompletion), crate::openapi::OpenAiErrors))]
 pub(super) async fn retrieve(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,

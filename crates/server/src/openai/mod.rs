@@ -20,13 +20,11 @@ pub(crate) mod shared;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use genstream_engine::EngineError;
 use genstream_engine::event::{Event, EventBody};
 use genstream_engine::log::EventLog;
@@ -34,24 +32,24 @@ use genstream_engine::store::JobMeta;
 use genstream_protocols::Projector;
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::error::{ApiError, OpenAiError};
 
 /// The `/v1` router (nested under `/v1` by [`crate::app`]).
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/models", get(models))
-        .route("/models/{id}", get(model))
-        .route("/chat/completions", post(chat::create))
-        .route("/chat/completions/{id}", get(chat::retrieve))
-        .route("/responses", post(responses::create))
-        .route(
-            "/responses/{id}",
-            get(responses::retrieve).delete(responses::delete),
-        )
-        .route("/responses/{id}/cancel", post(responses::cancel))
-        .route("/responses/{id}/input_items", get(responses::input_items))
+/// Each route is registered with its OpenAPI description (see `crate::api_router`).
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(models))
+        .routes(routes!(model))
+        .routes(routes!(chat::create))
+        .routes(routes!(chat::retrieve))
+        .routes(routes!(responses::create))
+        .routes(routes!(responses::retrieve, responses::delete))
+        .routes(routes!(responses::cancel))
+        .routes(routes!(responses::input_items))
         .fallback(not_found)
 }
 
@@ -125,6 +123,8 @@ pub(crate) fn webhook_url_of(
 /// `GET /v1/models`: `{"object": "list", "data": [{id, object: "model", created,
 /// owned_by}]}`, the configured models (the default first); `owned_by` is the provider's
 /// configured name.
+#[utoipa::path(get, path = "/models", tag = "openai",
+    responses((status = 200, description = "The models, the default first", body = crate::openapi::ModelList), crate::openapi::OpenAiErrors))]
 async fn models(State(state): State<AppState>, _user: OpenAiUser) -> Json<Value> {
     let data: Vec<Value> = state
         .manager
@@ -136,6 +136,9 @@ async fn models(State(state): State<AppState>, _user: OpenAiUser) -> Json<Value>
 }
 
 /// `GET /v1/models/{id}`: one model; 404 for an unknown one.
+#[utoipa::path(get, path = "/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The model's name")),
+    responses((status = 200, description = "The model", body = crate::openapi::ModelObject), crate::openapi::OpenAiErrors))]
 async fn model(
     State(state): State<AppState>,
     _user: OpenAiUser,

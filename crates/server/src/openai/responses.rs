@@ -215,6 +215,17 @@ fn parse(body: &Map<String, Value>) -> Result<Create, OpenAiError> {
 /// `POST /v1/responses`: starts the job; answers its event stream (`stream: true`),
 /// the `response` object at once (`background: true`: `in_progress`), or the object
 /// once the job ended.
+#[utoipa::path(post, path = "/responses", tag = "openai",
+    params(crate::openapi::IdempotencyKey),
+    request_body = crate::openapi::ResponseRequest,
+    responses(
+        (status = 200, description = "The `response` object (once the job ended, or at \
+            once with `background: true`); with `stream: true` its events as server-sent \
+            events (`text/event-stream`)",
+            content((crate::openapi::ResponseObject = "application/json"),
+                (crate::openapi::SseEvent = "text/event-stream")),
+            headers(("x-genstream-stream-id" = String), ("x-genstream-conversation-id" = String))),
+        crate::openapi::OpenAiErrors))]
 pub(super) async fn create(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,
@@ -274,10 +285,13 @@ pub(super) async fn create(
     Ok(json_with(response_value(&meta.stream_id, &log)?, &headers))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct RetrieveQuery {
+    /// `true`: the event stream instead of the object.
     #[serde(default)]
     stream: Option<String>,
+    /// With `stream=true`: resume after this sequence number.
     #[serde(default)]
     starting_after: Option<String>,
 }
@@ -285,6 +299,14 @@ pub(super) struct RetrieveQuery {
 /// `GET /v1/responses/{id}`: the `response` object (poll its `status`); with
 /// `?stream=true` the event stream, from the start or after `starting_after=N` (a
 /// sequence number the stream has produced; beyond it is a 400).
+#[utoipa::path(get, path = "/responses/{id}", tag = "openai",
+    params(("id" = String, Path, description = "`resp_…`"), RetrieveQuery),
+    responses(
+        (status = 200, description = "The `response` object; with `stream=true` its \
+            events as server-sent events (`text/event-stream`)",
+            content((crate::openapi::ResponseObject = "application/json"),
+                (crate::openapi::SseEvent = "text/event-stream"))),
+        crate::openapi::OpenAiErrors))]
 pub(super) async fn retrieve(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,
@@ -354,6 +376,9 @@ async fn live_response(
 /// `POST /v1/responses/{id}/cancel`: stops the job (genstream's abort: the partial
 /// output is saved before this answers) and answers the `response` object, status
 /// `cancelled`. Idempotent; a response that already ended is answered as it is.
+#[utoipa::path(post, path = "/responses/{id}/cancel", tag = "openai",
+    params(("id" = String, Path, description = "`resp_…`")),
+    responses((status = 200, description = "The response, `cancelled` unless it had ended", body = crate::openapi::ResponseObject), crate::openapi::OpenAiErrors))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,
@@ -374,6 +399,10 @@ pub(super) async fn cancel(
 /// response is cancelled first. What is deleted is the response's conversation (the
 /// saved messages of every response chained with it by `previous_response_id`);
 /// afterwards the id is 404.
+#[utoipa::path(delete, path = "/responses/{id}", tag = "openai",
+    params(("id" = String, Path, description = "`resp_…`")),
+    responses((status = 200, description = "The response is deleted", body = crate::openapi::DeletedResponse),
+        crate::openapi::OpenAiErrors))]
 pub(super) async fn delete(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,
@@ -397,8 +426,10 @@ pub(super) async fn delete(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ItemsQuery {
+    /// `asc` for oldest first; newest first otherwise.
     #[serde(default)]
     order: Option<String>,
 }
@@ -408,6 +439,10 @@ pub(super) struct ItemsQuery {
 /// items), newest first (`?order=asc` for oldest first): the messages the job saved
 /// for its request — its new input and the turns the request carried, which all have
 /// the job's creation time.
+#[utoipa::path(get, path = "/responses/{id}/input_items", tag = "openai",
+    params(("id" = String, Path, description = "`resp_…`"), ItemsQuery),
+    responses((status = 200, description = "The input items", body = crate::openapi::InputItemList),
+        crate::openapi::OpenAiErrors))]
 pub(super) async fn input_items(
     State(state): State<AppState>,
     OpenAiUser(user): OpenAiUser,
