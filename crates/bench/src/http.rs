@@ -60,14 +60,37 @@ pub async fn open_stream(
     token: &str,
     close: bool,
 ) -> Result<Stream, String> {
+    let path = format!("/api/chat/stream/{stream_id}");
+    open(addr, "GET", &path, token, None, close)
+        .await
+        .map(|(s, _)| s)
+}
+
+/// Sends `method path` (with `body` as JSON when given) and reads the response head
+/// (at most 10 s); the stream and the head's text. Anything but 200 is an error.
+pub async fn open(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+    close: bool,
+) -> Result<(Stream, String), String> {
     let fut = async {
         let mut tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
+        let body_head = body.map_or(String::new(), |b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        });
         let req = format!(
-            "GET /api/chat/stream/{stream_id} HTTP/1.1\r\nHost: {addr}\r\n\
-             Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n{}\r\n",
-            if close { "Connection: close\r\n" } else { "" }
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\
+             Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n{}{body_head}\r\n{}",
+            if close { "Connection: close\r\n" } else { "" },
+            body.unwrap_or("")
         );
         tcp.write_all(req.as_bytes())
             .await
@@ -87,12 +110,12 @@ pub async fn open_stream(
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                 if !head.starts_with("HTTP/1.1 200") {
                     return Err(format!(
-                        "stream {stream_id}: {}",
+                        "{method} {path}: {}",
                         head.lines().next().unwrap_or("")
                     ));
                 }
                 let rest = buf.split_off(end + 4);
-                return Ok(Stream { tcp, rest });
+                return Ok((Stream { tcp, rest }, head));
             }
             if buf.len() > 64 * 1024 {
                 return Err("response head too large".into());
@@ -101,7 +124,15 @@ pub async fn open_stream(
     };
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
-        .map_err(|_| format!("stream {stream_id}: no response head within 10 s"))?
+        .map_err(|_| format!("{method} {path}: no response head within 10 s"))?
+}
+
+/// The value of header `name` (lower case) in a response head.
+pub fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then_some(v.trim())
+    })
 }
 
 /// Finds `\nid: N\n` lines in a byte stream fed in arbitrary pieces.
@@ -176,10 +207,79 @@ pub async fn read_ids(stream: Stream, connected: Instant, limit: Duration) -> Re
     r
 }
 
+/// Counts the SSE blocks (`\n\n`-terminated) of a projected stream fed in arbitrary
+/// pieces, leaving out `: ping` comments. A projected stream's `retry:` line rides
+/// in its first block, and JSON payloads hold no raw newline, so each `\n\n` ends
+/// one frame; the chunked encoding's `\r\n` never makes one.
+#[derive(Default)]
+pub struct FrameScanner {
+    last: [u8; 8],
+}
+
+const PING: &[u8; 8] = b": ping\n\n";
+
+impl FrameScanner {
+    /// Scans `buf`, calling `f` once per complete frame.
+    pub fn feed(&mut self, buf: &[u8], mut f: impl FnMut()) {
+        for &b in buf {
+            self.last.rotate_left(1);
+            self.last[7] = b;
+            if self.last[6..] == *b"\n\n" && self.last != *PING {
+                f();
+            }
+        }
+    }
+}
+
+/// Reads a projected stream to its end, noting when each frame arrived: `seen` holds
+/// `(position in the projected stream, instant)`. As [`read_ids`] otherwise.
+pub async fn read_frames(stream: Stream, connected: Instant, limit: Duration) -> Receipts {
+    let Stream { mut tcp, rest } = stream;
+    let mut scan = FrameScanner::default();
+    let mut r = Receipts {
+        connected,
+        seen: Vec::with_capacity(1024),
+        bytes: rest.len() as u64,
+    };
+    let mut n_frames = 0u32;
+    let now = Instant::now();
+    scan.feed(&rest, || {
+        r.seen.push((n_frames, now));
+        n_frames += 1;
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        let now = Instant::now();
+        r.bytes += n as u64;
+        scan.feed(&buf[..n], || {
+            r.seen.push((n_frames, now));
+            n_frames += 1;
+        });
+    }
+    r
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::IdScanner;
+    use super::{FrameScanner, IdScanner};
+
+    #[test]
+    fn frame_scanner_counts_frames_but_not_pings_across_pieces() {
+        let body = b"2a\r\nretry: 1000\nevent: a\ndata: {}\n\n\r\n8\r\n: ping\n\n\r\nd\r\ndata: [DONE]\n\n\r\n";
+        for split in 0..body.len() {
+            let mut s = FrameScanner::default();
+            let mut n = 0;
+            s.feed(&body[..split], || n += 1);
+            s.feed(&body[split..], || n += 1);
+            assert_eq!(n, 2, "split at {split}");
+        }
+    }
 
     #[test]
     fn scanner_finds_ids_across_pieces() {
