@@ -213,21 +213,36 @@ pub async fn read_ids(stream: Stream, connected: Instant, limit: Duration) -> Re
 /// one frame; the chunked encoding's `\r\n` never makes one.
 #[derive(Default)]
 pub struct FrameScanner {
-    last: [u8; 8],
+    /// The last 8 bytes fed, for a `: ping\n\n` split across pieces.
+    tail: [u8; 8],
 }
 
 const PING: &[u8; 8] = b": ping\n\n";
 
 impl FrameScanner {
-    /// Scans `buf`, calling `f` once per complete frame.
+    /// Scans `buf`, calling `f` once per complete frame. One comparison per byte (the
+    /// client must not be what limits the figures).
     pub fn feed(&mut self, buf: &[u8], mut f: impl FnMut()) {
-        for &b in buf {
-            self.last.rotate_left(1);
-            self.last[7] = b;
-            if self.last[6..] == *b"\n\n" && self.last != *PING {
-                f();
+        let mut prev = self.tail[7];
+        for (i, &b) in buf.iter().enumerate() {
+            if b == b'\n' && prev == b'\n' {
+                let ping = if i >= 7 {
+                    buf[i - 7..=i] == PING[..]
+                } else {
+                    let mut w = [0u8; 8];
+                    w[..7 - i].copy_from_slice(&self.tail[i + 1..]);
+                    w[7 - i..].copy_from_slice(&buf[..=i]);
+                    w == *PING
+                };
+                if !ping {
+                    f();
+                }
             }
+            prev = b;
         }
+        let n = buf.len().min(8);
+        self.tail.rotate_left(n);
+        self.tail[8 - n..].copy_from_slice(&buf[buf.len() - n..]);
     }
 }
 

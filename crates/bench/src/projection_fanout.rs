@@ -297,6 +297,7 @@ pub fn run(args: &ProjectionFanoutArgs) -> Result<(), String> {
                 ms(r.p99_us),
                 format!("{:.2}", cpu_per_m(&r)),
                 format!("{:.0}%", 100.0 * cpu_per_m(&r) / native_cpu.max(1e-9)),
+                format!("{:.2}", r.client_cpu / (r.delivered as f64 / 1e6).max(1e-12)),
                 format!("{}/{}", r.late, r.incomplete),
                 format!("{load:.1} / {:.2}", r.other_cores),
             ]);
@@ -324,6 +325,7 @@ pub fn run(args: &ProjectionFanoutArgs) -> Result<(), String> {
             "p99 ms",
             "server CPU s / M ev",
             "CPU of native",
+            "client CPU s / M ev",
             "late/incomplete",
             "load avg 1 min / other processes (cores)",
         ],
