@@ -297,7 +297,10 @@ pub fn run(args: &ProjectionFanoutArgs) -> Result<(), String> {
                 ms(r.p99_us),
                 format!("{:.2}", cpu_per_m(&r)),
                 format!("{:.0}%", 100.0 * cpu_per_m(&r) / native_cpu.max(1e-9)),
-                format!("{:.2}", r.client_cpu / (r.delivered as f64 / 1e6).max(1e-12)),
+                format!(
+                    "{:.2}",
+                    r.client_cpu / (r.delivered as f64 / 1e6).max(1e-12)
+                ),
                 format!("{}/{}", r.late, r.incomplete),
                 format!("{load:.1} / {:.2}", r.other_cores),
             ]);

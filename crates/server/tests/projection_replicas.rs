@@ -349,7 +349,7 @@ async fn responses_resume_across_three_replicas_120_plans() {
     let running = futures::stream::iter(running_plans.chunks(READERS_PER_JOB).enumerate())
         .then(|(i, chunk)| async move {
             let id = create_response(cl_ref, A, &format!("running {i}"), MODELS[i % 3]).await;
-            futures::stream::iter(chunk.to_vec().into_iter().map(move |p| {
+            futures::stream::iter(chunk.iter().cloned().map(move |p| {
                 read_responses(cl_ref.http.clone(), addrs_ref.clone(), id.clone(), p)
             }))
         })
