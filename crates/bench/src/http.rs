@@ -182,17 +182,30 @@ pub struct Receipts {
 /// noting when each id arrived. The instant is taken once per `read`, right after it
 /// returns, and applies to every id in those bytes. Gives up after `limit`.
 pub async fn read_ids(stream: Stream, connected: Instant, limit: Duration) -> Receipts {
-    let Stream { mut tcp, rest } = stream;
     let mut scan = IdScanner::default();
+    // The head's `\r\n\r\n` is gone; the first chunk line ends with `\r\n`, so the
+    // first frame's `id:` still follows a `\n`.
+    read_with(stream, connected, limit, |bytes, now, seen| {
+        scan.feed(bytes, |id| seen.push((id as u32, now)));
+    })
+    .await
+}
+
+/// Reads `stream` to its end or `limit`, handing each piece of bytes to `scan` with
+/// the instant right after it arrived.
+async fn read_with(
+    stream: Stream,
+    connected: Instant,
+    limit: Duration,
+    mut scan: impl FnMut(&[u8], Instant, &mut Vec<(u32, Instant)>),
+) -> Receipts {
+    let Stream { mut tcp, rest } = stream;
     let mut r = Receipts {
         connected,
         seen: Vec::with_capacity(1024),
         bytes: rest.len() as u64,
     };
-    // The head's `\r\n\r\n` is gone; the first chunk line ends with `\r\n`, so the
-    // first frame's `id:` still follows a `\n`.
-    let now = Instant::now();
-    scan.feed(&rest, |id| r.seen.push((id as u32, now)));
+    scan(&rest, Instant::now(), &mut r.seen);
     let mut buf = vec![0u8; 16 * 1024];
     let deadline = tokio::time::Instant::now() + limit;
     loop {
@@ -202,7 +215,7 @@ pub async fn read_ids(stream: Stream, connected: Instant, limit: Duration) -> Re
         };
         let now = Instant::now();
         r.bytes += n as u64;
-        scan.feed(&buf[..n], |id| r.seen.push((id as u32, now)));
+        scan(&buf[..n], now, &mut r.seen);
     }
     r
 }
@@ -249,34 +262,15 @@ impl FrameScanner {
 /// Reads a projected stream to its end, noting when each frame arrived: `seen` holds
 /// `(position in the projected stream, instant)`. As [`read_ids`] otherwise.
 pub async fn read_frames(stream: Stream, connected: Instant, limit: Duration) -> Receipts {
-    let Stream { mut tcp, rest } = stream;
     let mut scan = FrameScanner::default();
-    let mut r = Receipts {
-        connected,
-        seen: Vec::with_capacity(1024),
-        bytes: rest.len() as u64,
-    };
-    let mut n_frames = 0u32;
-    let now = Instant::now();
-    scan.feed(&rest, || {
-        r.seen.push((n_frames, now));
-        n_frames += 1;
-    });
-    let mut buf = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => break,
-        };
-        let now = Instant::now();
-        r.bytes += n as u64;
-        scan.feed(&buf[..n], || {
-            r.seen.push((n_frames, now));
-            n_frames += 1;
+    let mut position = 0u32;
+    read_with(stream, connected, limit, |bytes, now, seen| {
+        scan.feed(bytes, || {
+            seen.push((position, now));
+            position += 1;
         });
-    }
-    r
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cluster::{A, B, C, Cluster, USER, cluster, demo_model, now_ms};
+use cluster::{A, B, C, Cluster, USER, cluster, demo_model, drive_plans, now_ms};
 use common::token;
 use futures::StreamExt;
 use proptest::prelude::*;
@@ -195,6 +195,7 @@ async fn finished_at(cl: &Cluster, stream_id: &str) -> u64 {
 struct ResponsesRun {
     id: String,
     plan: Plan,
+    finished_group: bool,
     first_connect_ms: u64,
     frames: Vec<Frame>,
 }
@@ -206,6 +207,7 @@ async fn read_responses(
     addrs: Vec<SocketAddr>,
     id: String,
     plan: Plan,
+    finished_group: bool,
 ) -> ResponsesRun {
     tokio::time::sleep(Duration::from_millis(plan.join_after_ms)).await;
     let first_connect_ms = now_ms();
@@ -232,6 +234,7 @@ async fn read_responses(
     ResponsesRun {
         id,
         plan,
+        finished_group,
         first_connect_ms,
         frames: all,
     }
@@ -325,49 +328,26 @@ async fn responses_resume_across_three_replicas_120_plans() {
     let started_at = Instant::now();
     let cl = cluster(models()).await;
     let addrs: Vec<SocketAddr> = cl.replicas.iter().map(|r| r.addr).collect();
-    let all_plans = plans(PLANS, 12);
-    let (running_plans, finished_plans) = all_plans.split_at(PLANS / 2);
-
-    // Half of the jobs end before their readers join.
-    let mut finished_jobs = Vec::new();
-    for (i, chunk) in finished_plans.chunks(READERS_PER_JOB).enumerate() {
-        let id = create_response(&cl, A, &format!("finished {i}"), MODELS[i % 3]).await;
-        finished_jobs.push((id, chunk.to_vec()));
-    }
-    for (id, _) in &finished_jobs {
-        read_all(
-            &cl.http,
-            &cl.url(A, &format!("/v1/responses/{id}?stream=true")),
-        )
-        .await;
-    }
-    let finished_by_ms = now_ms();
-
-    // The other half start as their readers are scheduled, so they are read live.
-    let cl_ref = &cl;
-    let addrs_ref = &addrs;
-    let running = futures::stream::iter(running_plans.chunks(READERS_PER_JOB).enumerate())
-        .then(|(i, chunk)| async move {
-            let id = create_response(cl_ref, A, &format!("running {i}"), MODELS[i % 3]).await;
-            futures::stream::iter(chunk.iter().cloned().map(move |p| {
-                read_responses(cl_ref.http.clone(), addrs_ref.clone(), id.clone(), p)
-            }))
-        })
-        .flatten();
-    let finished = futures::stream::iter(finished_jobs.iter().flat_map(|(id, plans)| {
-        plans
-            .iter()
-            .map(|p| read_responses(cl.http.clone(), addrs.clone(), id.clone(), p.clone()))
-    }));
-    let runs: Vec<ResponsesRun> = tokio::time::timeout(
+    let (runs, finished_by_ms) = drive_plans(
+        &plans(PLANS, 12),
+        READERS_PER_JOB,
         Duration::from_secs(60),
-        futures::stream::select(running, finished)
-            .buffer_unordered(48)
-            .collect::<Vec<_>>(),
+        async |i, finished| {
+            let text = format!("{} {i}", if finished { "finished" } else { "running" });
+            create_response(&cl, A, &text, MODELS[i % 3]).await
+        },
+        async |id| {
+            read_all(
+                &cl.http,
+                &cl.url(A, &format!("/v1/responses/{id}?stream=true")),
+            )
+            .await;
+        },
+        async |id, plan, finished| {
+            read_responses(cl.http.clone(), addrs.clone(), id, plan, finished).await
+        },
     )
-    .await
-    .expect("every reader reaches the end within 60 s");
-    assert_eq!(runs.len(), PLANS);
+    .await;
 
     // References: one uninterrupted read per replica after the end, byte-identical.
     let mut ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
@@ -409,7 +389,7 @@ async fn responses_resume_across_three_replicas_120_plans() {
     for run in &runs {
         check_responses(&run.frames, &references[&run.id], &run.plan);
         let fin = finished_ms[&run.id];
-        if finished_jobs.iter().any(|(id, _)| *id == run.id) {
+        if run.finished_group {
             assert!(fin <= finished_by_ms && run.first_connect_ms >= finished_by_ms);
         } else if run.first_connect_ms < fin {
             live_readers += 1;

@@ -24,7 +24,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cluster::{A, B, C, Cluster, USER, cluster, cluster_with, demo_model, now_ms, replica_config};
+use cluster::{
+    A, B, C, Cluster, USER, cluster, cluster_with, demo_model, drive_plans, now_ms, replica_config,
+};
 use common::token;
 use futures::StreamExt;
 use genstream_engine::aggregate::Aggregate;
@@ -359,62 +361,23 @@ async fn resume_across_three_replicas_300_plans() {
     let started_at = Instant::now();
     let cl = cluster(property_models()).await;
     let addrs: Vec<SocketAddr> = cl.replicas.iter().map(|r| r.addr).collect();
-    let all_plans = plans(PLANS);
-    let (running_plans, finished_plans) = all_plans.split_at(PLANS / 2);
-
-    // Half of the jobs end before their readers join.
-    let mut finished_jobs = Vec::new();
-    for (i, chunk) in finished_plans.chunks(READERS_PER_JOB).enumerate() {
-        let v = cl
-            .start(A, &format!("finished {i}"), MODELS[i % MODELS.len()])
-            .await;
-        finished_jobs.push((v["streamId"].as_str().unwrap().to_string(), chunk.to_vec()));
-    }
-    futures::future::join_all(finished_jobs.iter().map(|(sid, _)| {
-        one_connection(&cl.http, addrs[A], sid, Mode::LastEventId, None, usize::MAX)
-    }))
-    .await;
-    let finished_at_ms = now_ms();
-
-    // The other half start as their readers are scheduled, so they are read live.
-    let running_chunks: Vec<(usize, Vec<Plan>)> = running_plans
-        .chunks(READERS_PER_JOB)
-        .map(<[Plan]>::to_vec)
-        .enumerate()
-        .collect();
-    let cl_ref = &cl;
-    let addrs_ref = &addrs;
-    let running = futures::stream::iter(running_chunks)
-        .then(|(i, chunk)| async move {
-            let v = cl_ref
-                .start(A, &format!("running {i}"), MODELS[i % MODELS.len()])
-                .await;
-            let sid = v["streamId"].as_str().unwrap().to_string();
-            futures::stream::iter(chunk.into_iter().map(move |p| {
-                read_with_plan(
-                    cl_ref.http.clone(),
-                    addrs_ref.clone(),
-                    sid.clone(),
-                    p,
-                    false,
-                )
-            }))
-        })
-        .flatten();
-    let finished = futures::stream::iter(finished_jobs.iter().flat_map(|(sid, plans)| {
-        plans
-            .iter()
-            .map(|p| read_with_plan(cl.http.clone(), addrs.clone(), sid.clone(), p.clone(), true))
-    }));
-    let runs: Vec<ReaderRun> = tokio::time::timeout(
+    let (runs, finished_at_ms) = drive_plans(
+        &plans(PLANS),
+        READERS_PER_JOB,
         Duration::from_secs(120),
-        futures::stream::select(running, finished)
-            .buffer_unordered(64)
-            .collect::<Vec<_>>(),
+        async |i, finished| {
+            let text = format!("{} {i}", if finished { "finished" } else { "running" });
+            let v = cl.start(A, &text, MODELS[i % MODELS.len()]).await;
+            v["streamId"].as_str().unwrap().to_string()
+        },
+        async |sid| {
+            one_connection(&cl.http, addrs[A], sid, Mode::LastEventId, None, usize::MAX).await;
+        },
+        async |sid, plan, finished| {
+            read_with_plan(cl.http.clone(), addrs.clone(), sid, plan, finished).await
+        },
     )
-    .await
-    .expect("every reader reaches the end within 120 s");
-    assert_eq!(runs.len(), PLANS);
+    .await;
     let plans_done = started_at.elapsed();
 
     // References: each log read after its end from one replica (rotating), which must

@@ -159,3 +159,55 @@ pub fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// Drives reader plans, `per_job` readers to a job. The jobs of the second half of
+/// `plans` are started (`start(i, true)`, which gives the id readers use) and read to
+/// their end (`finish`) before their readers join; those of the first half are started
+/// (`start(i, false)`) as their readers are scheduled, so they are read while they
+/// run. `read(id, plan, finished_group)` follows one plan; at most 64 readers at once,
+/// all done within `timeout`. The results (in no order) and the instant (ms since the
+/// epoch) by which the finished group's jobs had ended.
+pub async fn drive_plans<P: Clone, R>(
+    plans: &[P],
+    per_job: usize,
+    timeout: Duration,
+    start: impl AsyncFn(usize, bool) -> String,
+    finish: impl AsyncFn(&str),
+    read: impl AsyncFn(String, P, bool) -> R,
+) -> (Vec<R>, u64) {
+    use futures::StreamExt;
+    let (running_plans, finished_plans) = plans.split_at(plans.len() / 2);
+    let mut finished_jobs = Vec::new();
+    for (i, chunk) in finished_plans.chunks(per_job).enumerate() {
+        finished_jobs.push((start(i, true).await, chunk));
+    }
+    futures::future::join_all(finished_jobs.iter().map(|(id, _)| finish(id))).await;
+    let finished_by_ms = now_ms();
+    let (start, read) = (&start, &read);
+    let running = futures::stream::iter(running_plans.chunks(per_job).enumerate())
+        .then(|(i, chunk)| async move {
+            let id = start(i, false).await;
+            futures::stream::iter(
+                chunk
+                    .iter()
+                    .cloned()
+                    .map(move |p| read(id.clone(), p, false)),
+            )
+        })
+        .flatten();
+    let finished = futures::stream::iter(
+        finished_jobs
+            .iter()
+            .flat_map(|(id, chunk)| chunk.iter().map(|p| read(id.clone(), p.clone(), true))),
+    );
+    let runs = tokio::time::timeout(
+        timeout,
+        futures::stream::select(running, finished)
+            .buffer_unordered(64)
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("every reader reaches the end within {timeout:?}"));
+    assert_eq!(runs.len(), plans.len());
+    (runs, finished_by_ms)
+}
