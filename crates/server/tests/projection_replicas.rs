@@ -1,8 +1,8 @@
 //! The client protocol projections across three replicas sharing the real Redis and a
 //! fresh PostgreSQL database (`common/cluster.rs`; the native stream's counterpart is
 //! `replicas.rs`). Readers disconnect at random points (proptest plans) and reconnect
-//! to a random replica; each asserts exactly what its protocol promises
-//! (docs/protocol.md, "Client protocols"):
+//! to a random replica; each asserts exactly what its protocol promises (README's
+//! "OpenAI-compatible API" and "Vercel AI SDK (useChat)"):
 //!
 //! - Responses: `GET /v1/responses/{id}?stream=true&starting_after=N` after a
 //!   disconnect continues after N, so the concatenation of what a reader got is the
