@@ -26,12 +26,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cluster::{A, B, C, Cluster, USER, cluster, demo_model, drive_plans, now_ms};
+use cluster::{
+    A, B, C, Cluster, USER, cluster, demo_model, drive_plans, frames_of, now_ms, samples,
+};
 use common::token;
 use futures::StreamExt;
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
-use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------
@@ -91,26 +91,14 @@ fn take_frames(buf: &mut Vec<u8>) -> Vec<Frame> {
     out
 }
 
-/// One connection: `GET url`, then up to `limit` frames before it is dropped (a
-/// disconnect may fall inside a chunk: only the frames before it "arrived").
+/// One connection: `GET url`, then up to `limit` frames before it is dropped.
 async fn connection(http: &reqwest::Client, url: &str, limit: usize) -> (u16, Vec<Frame>) {
     let resp = http.get(url).bearer_auth(token(USER)).send().await.unwrap();
     let status = resp.status().as_u16();
     if status != 200 {
         return (status, Vec::new());
     }
-    let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut got = Vec::new();
-    while got.len() < limit {
-        let Some(chunk) = body.next().await else {
-            break;
-        };
-        buf.extend_from_slice(&chunk.unwrap());
-        got.extend(take_frames(&mut buf));
-    }
-    got.truncate(limit);
-    (status, got)
+    (status, frames_of(resp, limit, take_frames).await)
 }
 
 async fn read_all(http: &reqwest::Client, url: &str) -> Vec<Frame> {
@@ -167,10 +155,7 @@ fn plans(n: usize, max_frames: usize) -> Vec<Plan> {
                 steps,
             }
         });
-    let mut runner = TestRunner::default();
-    (0..n)
-        .map(|_| plan.new_tree(&mut runner).expect("plan").current())
-        .collect()
+    samples(plan, n)
 }
 
 /// The stream id a `resp_<32 hex>` / `chatcmpl-<32 hex>` id stands for.

@@ -25,7 +25,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cluster::{
-    A, B, C, Cluster, USER, cluster, cluster_with, demo_model, drive_plans, now_ms, replica_config,
+    A, B, C, Cluster, USER, cluster, cluster_with, demo_model, drive_plans, frames_of, now_ms,
+    replica_config, samples,
 };
 use common::token;
 use futures::StreamExt;
@@ -155,11 +156,7 @@ fn plan_strategy() -> impl Strategy<Value = Plan> {
 }
 
 fn plans(n: usize) -> Vec<Plan> {
-    let mut runner = TestRunner::default();
-    let s = plan_strategy();
-    (0..n)
-        .map(|_| s.new_tree(&mut runner).expect("plan").current())
-        .collect()
+    samples(plan_strategy(), n)
 }
 
 fn stream_path(stream_id: &str, mode: Mode, cursor: Option<u64>) -> (String, Option<String>) {
@@ -191,19 +188,13 @@ async fn one_connection(
     }
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 200, "{addr}{path}");
-    let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut got = Vec::new();
-    while got.len() < limit {
-        let Some(chunk) = body.next().await else {
-            break;
-        };
-        buf.extend_from_slice(&chunk.unwrap());
-        got.extend(take_frames(&mut buf).into_iter().filter(|f| !f.comment));
-    }
-    // A disconnect may fall in the middle of a batch: keep only what "arrived".
-    got.truncate(limit);
-    got
+    frames_of(resp, limit, |buf| {
+        take_frames(buf)
+            .into_iter()
+            .filter(|f| !f.comment)
+            .collect()
+    })
+    .await
 }
 
 /// What one reader got, and when it first connected (ms since the epoch).

@@ -211,3 +211,35 @@ pub async fn drive_plans<P: Clone, R>(
     assert_eq!(runs.len(), plans.len());
     (runs, finished_by_ms)
 }
+
+/// `n` values drawn from `strategy` (proptest's default runner: a new seed each run).
+pub fn samples<S: proptest::strategy::Strategy>(strategy: S, n: usize) -> Vec<S::Value> {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::default();
+    (0..n)
+        .map(|_| strategy.new_tree(&mut runner).expect("a sample").current())
+        .collect()
+}
+
+/// Up to `limit` frames of `resp`'s body, split off by `take` as bytes arrive; the
+/// connection is dropped after them. A disconnect may fall in the middle of a chunk:
+/// only the frames before it "arrived".
+pub async fn frames_of<F>(
+    resp: reqwest::Response,
+    limit: usize,
+    mut take: impl FnMut(&mut Vec<u8>) -> Vec<F>,
+) -> Vec<F> {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    while got.len() < limit {
+        let Some(chunk) = body.next().await else {
+            break;
+        };
+        buf.extend_from_slice(&chunk.unwrap());
+        got.extend(take(&mut buf));
+    }
+    got.truncate(limit);
+    got
+}
