@@ -29,13 +29,14 @@ use genstream_server::config::{Config, Overrides};
 use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::http::{Receipts, open_stream, read_ids, start_chat};
+use crate::http::Receipts;
+use crate::projection_fanout::Protocol;
 use crate::report::{ms, quantile, table, thousands};
 use crate::sys;
 
 /// The memory store, plus the instant each append began, per job and seq.
 pub struct TimedStore {
-    inner: MemoryStore,
+    pub(crate) inner: MemoryStore,
     times: Mutex<HashMap<String, Vec<Instant>>>,
 }
 
@@ -283,34 +284,34 @@ impl InProc {
 }
 
 /// One measured run.
-struct CaseResult {
-    delay_ms: u64,
-    tokens: u64,
-    jobs: usize,
-    subs_per_job: usize,
-    setup: Duration,
-    delivered: u64,
-    rate_all_running: f64,
-    rate_overall: f64,
-    per_job_rate: f64,
-    slowest_p50_us: u64,
-    p50_us: u64,
-    p99_us: u64,
-    p999_us: u64,
-    max_us: u64,
-    late: u64,
-    incomplete: usize,
-    server_cpu: f64,
-    server_sys: f64,
-    client_cpu: f64,
-    process_cpu: f64,
-    other_cores: f64,
-    softirq_cores: f64,
-    steal_cores: f64,
-    wall: Duration,
+pub(crate) struct CaseResult {
+    pub(crate) delay_ms: u64,
+    pub(crate) tokens: u64,
+    pub(crate) jobs: usize,
+    pub(crate) subs_per_job: usize,
+    pub(crate) setup: Duration,
+    pub(crate) delivered: u64,
+    pub(crate) rate_all_running: f64,
+    pub(crate) rate_overall: f64,
+    pub(crate) per_job_rate: f64,
+    pub(crate) slowest_p50_us: u64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) p999_us: u64,
+    pub(crate) max_us: u64,
+    pub(crate) late: u64,
+    pub(crate) incomplete: usize,
+    pub(crate) server_cpu: f64,
+    pub(crate) server_sys: f64,
+    pub(crate) client_cpu: f64,
+    pub(crate) process_cpu: f64,
+    pub(crate) other_cores: f64,
+    pub(crate) softirq_cores: f64,
+    pub(crate) steal_cores: f64,
+    pub(crate) wall: Duration,
 }
 
-fn client_runtime(threads: usize) -> Result<Runtime, String> {
+pub(crate) fn client_runtime(threads: usize) -> Result<Runtime, String> {
     let n = AtomicUsize::new(0);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
@@ -320,12 +321,16 @@ fn client_runtime(threads: usize) -> Result<Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-fn run_case(
+/// One run: `jobs` jobs × `subs_per_job` subscribers, each reading `proto`'s stream
+/// of its job (for a projected stream, each frame's delay counts from the append of
+/// the native event that produced it).
+pub(crate) fn run_case(
     args: &FanoutArgs,
     client_rt: &Runtime,
     jobs: usize,
     subs_per_job: usize,
     delay_ms: u64,
+    proto: Protocol,
 ) -> Result<CaseResult, String> {
     let tokens = (args.duration_ms / delay_ms.max(1)).max(1);
     let first_token_delay = args.first_token_delay_ms.unwrap_or(2000 + 3 * jobs as u64);
@@ -356,35 +361,41 @@ fn run_case(
             let (ready_tx, ids_tx, reader_tx) =
                 (ready_tx.clone(), ids_tx.clone(), reader_tx.clone());
             tokio::spawn(async move {
-                let id = {
+                let job = {
                     let _p = post_permits.acquire().await;
-                    match start_chat(&http, &base, &token, "bench", &format!("bench job {j}")).await
-                    {
-                        Ok(id) => id,
+                    match proto.start(&http, addr, &base, &token, j).await {
+                        Ok(job) => job,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     }
                 };
-                let _ = ids_tx.send((j, id.clone()));
+                let _ = ids_tx.send((j, job.stream_id.clone()));
+                let mut first = job.first;
                 for _ in 0..subs_per_job {
-                    let (id, token, open_permits, ready_tx) = (
-                        id.clone(),
+                    let (key, token, open_permits, ready_tx) = (
+                        job.key.clone(),
                         token.clone(),
                         open_permits.clone(),
                         ready_tx.clone(),
                     );
+                    // The job's own answer (Chat Completions, AI SDK) is the first
+                    // subscriber.
+                    let first = first.take();
                     let h = tokio::spawn(async move {
-                        let stream = {
-                            let _p = open_permits.acquire().await;
-                            open_stream(addr, &id, &token, true).await
+                        let stream = match first {
+                            Some(s) => Ok(s),
+                            None => {
+                                let _p = open_permits.acquire().await;
+                                proto.open(addr, &key, &token).await
+                            }
                         };
                         match stream {
                             Ok(s) => {
                                 let connected = Instant::now();
                                 let _ = ready_tx.send(Ok(()));
-                                Some((j, read_ids(s, connected, limit).await))
+                                Some((j, proto.read(s, connected, limit).await))
                             }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
@@ -457,7 +468,10 @@ fn run_case(
         }
     };
     let appended: Vec<Vec<Instant>> = ids.iter().map(|id| srv.store.take(id)).collect();
+    // Projected streams: the native seq behind each frame position, per job.
+    let positions = srv.rt.block_on(proto.positions(&srv.store.inner, &ids));
     srv.rt.shutdown_timeout(Duration::from_secs(2));
+    let positions = positions?;
 
     let (server_user, server_sys) = sys::cpu_secs_between(&cpu0, &cpu1, |n| {
         n.starts_with("server-") || n.starts_with("sqlx")
@@ -483,7 +497,8 @@ fn run_case(
     let mut slowest: Vec<Vec<u64>> = appended.iter().map(|v| vec![0; v.len()]).collect();
     for (j, r) in &receipts {
         let times = &appended[*j];
-        let complete = r.seen.len() == times.len()
+        let expected = positions.as_ref().map_or(times.len(), |p| p[*j].len());
+        let complete = r.seen.len() == expected
             && r.seen
                 .iter()
                 .enumerate()
@@ -491,7 +506,14 @@ fn run_case(
         if !complete {
             incomplete += 1;
         }
-        for (seq, at) in &r.seen {
+        for (pos, at) in &r.seen {
+            let seq = match &positions {
+                None => pos,
+                Some(p) => match p[*j].get(*pos as usize) {
+                    Some(seq) => seq,
+                    None => continue,
+                },
+            };
             if *seq == 0 {
                 continue; // `created` was in the log before anyone attached
             }
@@ -641,7 +663,14 @@ fn run(title: &str, args: &FanoutArgs, jobs: usize, subs_per_job: usize) -> Resu
             );
         }
         eprintln!("{title}: {jobs} job(s) × {subs_per_job} subscriber(s), token delay {d} ms …");
-        results.push(run_case(args, &client_rt, jobs, subs_per_job, d)?);
+        results.push(run_case(
+            args,
+            &client_rt,
+            jobs,
+            subs_per_job,
+            d,
+            Protocol::Native,
+        )?);
     }
     client_rt.shutdown_timeout(Duration::from_secs(2));
     print(title, args, &results);

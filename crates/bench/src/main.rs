@@ -4,6 +4,7 @@
 //! cargo run --release -p genstream-bench -- all
 //! cargo run --release -p genstream-bench -- fanout-one-job --delays-ms 10
 //! cargo run --release -p genstream-bench -- projection
+//! cargo run --release -p genstream-bench -- projection-fanout
 //! ```
 //!
 //! Every scenario talks to a server on 127.0.0.1 only, every loop is bounded in count
@@ -15,6 +16,7 @@ mod http;
 mod logmem;
 mod memory;
 mod projection;
+mod projection_fanout;
 mod report;
 mod sys;
 
@@ -78,6 +80,9 @@ enum Cmd {
     },
     /// Projection cost per event into each client protocol, next to the native frame.
     Projection(projection::ProjectionArgs),
+    /// 1 job × N and N jobs × 1 over the native stream and each projected one (Responses,
+    /// Chat Completions, AI SDK), alternating: events/s, delay, server CPU.
+    ProjectionFanout(projection_fanout::ProjectionFanoutArgs),
     /// Ledger spend latency on SQLite and PostgreSQL.
     Ledger {
         #[arg(long, default_value_t = 1000)]
@@ -146,6 +151,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,
         Cmd::Projection(args) => projection::run(&args)?,
+        Cmd::ProjectionFanout(args) => projection_fanout::run(&args)?,
         Cmd::FanoutManyJobs { jobs, args } => fanout::many_jobs(&args, jobs)?,
         Cmd::MemoryIdle(args) => {
             if (nofile as usize) < args.subscribers + 100 {

@@ -178,3 +178,11 @@ pub fn machine() -> Vec<(&'static str, String)> {
         ),
     ]
 }
+
+/// The machine's 1-minute load average (`/proc/loadavg`), 0 when unreadable.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -3,7 +3,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, or `GENSTREAM_TEST_POSTGRES_ADMIN_URL`,
 //! and dropped at the end). Each replica is what `genstream serve` builds
 //! (`serve::build_state`: its own Redis connections and its own `JobManager`) behind its
-//! own loopback listener. Every test uses a Redis key prefix of its own.
+//! own loopback listener (`common/cluster.rs`). Every test uses a Redis key prefix of its own.
 //!
 //! - docs/protocol.md §3's guarantee across replicas: readers that disconnect at random points and
 //!   reconnect to a random replica, by `Last-Event-ID`, `cursor` or `resume=true`, get
@@ -16,166 +16,30 @@
 //! - Two reapers racing to end the same orphaned jobs: one terminal event per job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{SECRET, token};
+use cluster::{
+    A, B, C, Cluster, USER, cluster, cluster_with, demo_model, drive_plans, frames_of, now_ms,
+    replica_config, samples,
+};
+use common::token;
 use futures::StreamExt;
 use genstream_engine::aggregate::Aggregate;
 use genstream_engine::event::Event;
-use genstream_providers::{ModelOptions, ProviderKind};
-use genstream_server::config::{
-    AuthConfig, Config, JobsConfig, LimitsConfig, ModelConfig, PoolSection, RedisSection,
-};
+use genstream_server::app;
+use genstream_server::config::ModelConfig;
 use genstream_server::serve::build_state;
-use genstream_server::{AppState, app};
 use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url, wait_until};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
-
-// ---------------------------------------------------------------------------------
-// Infrastructure: the database, the key prefix, the replicas.
-
-fn demo_model(name: &str, options: Value) -> ModelConfig {
-    ModelConfig {
-        name: name.into(),
-        provider: "demo".into(),
-        tools: Vec::new(),
-        pricing: None,
-        options: ModelOptions::deserialize_for(ProviderKind::Demo, options).unwrap(),
-    }
-}
-
-fn replica_config(prefix: &str, db_url: &str, models: Vec<ModelConfig>) -> Config {
-    Config {
-        bind: "127.0.0.1:0".into(),
-        store: redis_url(),
-        database: db_url.into(),
-        redis: RedisSection {
-            key_prefix: prefix.into(),
-            ..RedisSection::default()
-        },
-        pool: PoolSection {
-            max_connections: 4,
-            ..PoolSection::default()
-        },
-        auth: AuthConfig {
-            jwt_secret: Some(SECRET.into()),
-        },
-        jobs: JobsConfig {
-            retention: Duration::from_secs(600),
-            ..JobsConfig::default()
-        },
-        limits: LimitsConfig::off(),
-        models,
-        ..Config::default()
-    }
-}
-
-struct Replica {
-    state: AppState,
-    addr: SocketAddr,
-    _served: Served,
-}
-
-/// Three replicas, A = 0, B = 1, C = 2. Field order is drop order: the database and
-/// the keys go last.
-struct Cluster {
-    replicas: Vec<Replica>,
-    http: reqwest::Client,
-    prefix: KeyPrefix,
-    _db: TestDb,
-}
-
-const A: usize = 0;
-const B: usize = 1;
-const C: usize = 2;
-const USER: &str = "alice";
-
-async fn cluster(models: Vec<ModelConfig>) -> Cluster {
-    cluster_with(models, |_| {}).await
-}
-
-async fn cluster_with(models: Vec<ModelConfig>, tweak: impl Fn(&mut Config)) -> Cluster {
-    let db = TestDb::create().await;
-    let prefix = KeyPrefix::new();
-    let mut config = replica_config(prefix.name(), &db.url, models);
-    tweak(&mut config);
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let (state, generated) = build_state(&config).await.expect("replica starts");
-        assert!(!generated, "the configured secret is used");
-        state.manager.spawn_reaper();
-        let served = Served::start(app(state.clone(), config.http.max_body_bytes)).await;
-        replicas.push(Replica {
-            state,
-            addr: served.addr,
-            _served: served,
-        });
-    }
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    Cluster {
-        replicas,
-        http,
-        prefix,
-        _db: db,
-    }
-}
-
-impl Cluster {
-    fn url(&self, r: usize, path: &str) -> String {
-        format!("http://{}{path}", self.replicas[r].addr)
-    }
-
-    async fn post(&self, r: usize, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(self.url(r, path))
-            .bearer_auth(token(USER))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, r: usize, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(self.url(r, path))
-            .bearer_auth(token(USER))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// `POST /api/chat` on replica `r`; the answer's JSON.
-    async fn start(&self, r: usize, text: &str, model: &str) -> Value {
-        let (s, v) = self
-            .post(r, "/api/chat", json!({"text": text, "model": model}))
-            .await;
-        assert_eq!(s, 200, "{v}");
-        v
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 // ---------------------------------------------------------------------------------
 // SSE frames, kept as the raw bytes that arrived.
@@ -292,11 +156,7 @@ fn plan_strategy() -> impl Strategy<Value = Plan> {
 }
 
 fn plans(n: usize) -> Vec<Plan> {
-    let mut runner = TestRunner::default();
-    let s = plan_strategy();
-    (0..n)
-        .map(|_| s.new_tree(&mut runner).expect("plan").current())
-        .collect()
+    samples(plan_strategy(), n)
 }
 
 fn stream_path(stream_id: &str, mode: Mode, cursor: Option<u64>) -> (String, Option<String>) {
@@ -328,19 +188,13 @@ async fn one_connection(
     }
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 200, "{addr}{path}");
-    let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut got = Vec::new();
-    while got.len() < limit {
-        let Some(chunk) = body.next().await else {
-            break;
-        };
-        buf.extend_from_slice(&chunk.unwrap());
-        got.extend(take_frames(&mut buf).into_iter().filter(|f| !f.comment));
-    }
-    // A disconnect may fall in the middle of a batch: keep only what "arrived".
-    got.truncate(limit);
-    got
+    frames_of(resp, limit, |buf| {
+        take_frames(buf)
+            .into_iter()
+            .filter(|f| !f.comment)
+            .collect()
+    })
+    .await
 }
 
 /// What one reader got, and when it first connected (ms since the epoch).
@@ -498,62 +352,23 @@ async fn resume_across_three_replicas_300_plans() {
     let started_at = Instant::now();
     let cl = cluster(property_models()).await;
     let addrs: Vec<SocketAddr> = cl.replicas.iter().map(|r| r.addr).collect();
-    let all_plans = plans(PLANS);
-    let (running_plans, finished_plans) = all_plans.split_at(PLANS / 2);
-
-    // Half of the jobs end before their readers join.
-    let mut finished_jobs = Vec::new();
-    for (i, chunk) in finished_plans.chunks(READERS_PER_JOB).enumerate() {
-        let v = cl
-            .start(A, &format!("finished {i}"), MODELS[i % MODELS.len()])
-            .await;
-        finished_jobs.push((v["streamId"].as_str().unwrap().to_string(), chunk.to_vec()));
-    }
-    futures::future::join_all(finished_jobs.iter().map(|(sid, _)| {
-        one_connection(&cl.http, addrs[A], sid, Mode::LastEventId, None, usize::MAX)
-    }))
-    .await;
-    let finished_at_ms = now_ms();
-
-    // The other half start as their readers are scheduled, so they are read live.
-    let running_chunks: Vec<(usize, Vec<Plan>)> = running_plans
-        .chunks(READERS_PER_JOB)
-        .map(<[Plan]>::to_vec)
-        .enumerate()
-        .collect();
-    let cl_ref = &cl;
-    let addrs_ref = &addrs;
-    let running = futures::stream::iter(running_chunks)
-        .then(|(i, chunk)| async move {
-            let v = cl_ref
-                .start(A, &format!("running {i}"), MODELS[i % MODELS.len()])
-                .await;
-            let sid = v["streamId"].as_str().unwrap().to_string();
-            futures::stream::iter(chunk.into_iter().map(move |p| {
-                read_with_plan(
-                    cl_ref.http.clone(),
-                    addrs_ref.clone(),
-                    sid.clone(),
-                    p,
-                    false,
-                )
-            }))
-        })
-        .flatten();
-    let finished = futures::stream::iter(finished_jobs.iter().flat_map(|(sid, plans)| {
-        plans
-            .iter()
-            .map(|p| read_with_plan(cl.http.clone(), addrs.clone(), sid.clone(), p.clone(), true))
-    }));
-    let runs: Vec<ReaderRun> = tokio::time::timeout(
+    let (runs, finished_at_ms) = drive_plans(
+        &plans(PLANS),
+        READERS_PER_JOB,
         Duration::from_secs(120),
-        futures::stream::select(running, finished)
-            .buffer_unordered(64)
-            .collect::<Vec<_>>(),
+        async |i, finished| {
+            let text = format!("{} {i}", if finished { "finished" } else { "running" });
+            let v = cl.start(A, &text, MODELS[i % MODELS.len()]).await;
+            v["streamId"].as_str().unwrap().to_string()
+        },
+        async |sid| {
+            one_connection(&cl.http, addrs[A], sid, Mode::LastEventId, None, usize::MAX).await;
+        },
+        async |sid, plan, finished| {
+            read_with_plan(cl.http.clone(), addrs.clone(), sid, plan, finished).await
+        },
     )
-    .await
-    .expect("every reader reaches the end within 120 s");
-    assert_eq!(runs.len(), PLANS);
+    .await;
     let plans_done = started_at.elapsed();
 
     // References: each log read after its end from one replica (rotating), which must
