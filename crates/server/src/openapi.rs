@@ -110,14 +110,38 @@ pub async fn openapi_json() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], JSON.as_str()).into_response()
 }
 
+/// Scalar's page (utoipa-scalar's template) with its script pinned to one release and
+/// checked by Subresource Integrity: the CDN cannot serve the reader another script.
+/// The hash is SHA-384 of `dist/browser/standalone.js` in the npm package
+/// `@scalar/api-reference@1.76.4` (what jsDelivr serves under that path).
+const SCALAR_HTML: &str = r#"<!doctype html>
+<html>
+<head>
+    <title>$title</title>
+    <meta charset="utf-8"/>
+    <meta name="viewport" content="width=device-width, initial-scale=1"/>
+</head>
+<body>
+<script id="api-reference" type="application/json">
+    $spec
+</script>
+<script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference@1.76.4/dist/browser/standalone.js"
+        integrity="sha384-hwB9WroDTpZaI38gr+u9CXA6ksz5gUYgD2GxXazKl/agT1L2GWUiRFWGJYNiFu4Q"
+        crossorigin="anonymous"></script>
+</body>
+</html>
+"#;
+
 /// `GET /docs`: the reference, rendered by Scalar from the document (the page embeds
-/// the document; the browser loads Scalar's script from its CDN).
+/// the document; the browser loads Scalar's script, pinned and integrity-checked, from
+/// jsDelivr, so the page needs internet access in the reader's browser).
 #[utoipa::path(get, path = "/docs", tag = "operations", security(()),
     responses((status = 200, description = "An HTML page rendering this document (Scalar)",
         content_type = "text/html", body = String)))]
 pub async fn docs() -> Html<&'static str> {
     static HTML: LazyLock<String> = LazyLock::new(|| {
         utoipa_scalar::Scalar::new(document().clone())
+            .custom_html(SCALAR_HTML)
             .title("genstream API")
             .to_html()
     });

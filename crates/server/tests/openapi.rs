@@ -264,4 +264,7 @@ async fn the_document_has_the_security_schemes_errors_and_idempotency_key() {
     let html = resp.into_body().collect().await.unwrap().to_bytes();
     let html = String::from_utf8_lossy(&html);
     assert!(html.contains("api-reference") && html.contains("/v1/chat/completions"));
+    // Its one script is pinned and integrity-checked.
+    assert!(html.contains("@scalar/api-reference@1.76.4/") && html.contains("integrity=\"sha384-"));
+    assert!(!html.contains("$title") && !html.contains("$spec"));
 }
