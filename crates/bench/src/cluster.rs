@@ -35,22 +35,22 @@ use crate::report::{ms, quantile, table, thousands};
 
 const SECRET: &str = "genstream-bench-secret-0123456789abcdef";
 
-fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("GENSTREAM_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-fn pg_url() -> String {
+pub(crate) fn pg_url() -> String {
     std::env::var("GENSTREAM_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-struct Replica {
-    state: AppState,
-    addr: SocketAddr,
+pub(crate) struct Replica {
+    pub(crate) state: AppState,
+    pub(crate) addr: SocketAddr,
 }
 
 /// Demo options: `tokens` tokens, `token_delay` apart.
-fn demo(tokens: u32, token_delay: Duration) -> DemoOptions {
+pub(crate) fn demo(tokens: u32, token_delay: Duration) -> DemoOptions {
     DemoOptions {
         tokens,
         token_delay,
@@ -60,7 +60,7 @@ fn demo(tokens: u32, token_delay: Duration) -> DemoOptions {
 
 // Field by field reads better than a nested struct literal for a dozen settings.
 #[allow(clippy::field_reassign_with_default)]
-fn config(store: &str, prefix: &str, options: DemoOptions) -> Config {
+pub(crate) fn config(store: &str, prefix: &str, options: DemoOptions) -> Config {
     let mut c = Config::default();
     c.bind = "127.0.0.1:0".into();
     c.store = store.into();
@@ -75,7 +75,7 @@ fn config(store: &str, prefix: &str, options: DemoOptions) -> Config {
     c
 }
 
-async fn replica(config: &Config) -> Result<Replica, String> {
+pub(crate) async fn replica(config: &Config) -> Result<Replica, String> {
     let (state, _) = genstream_server::serve::build_state(config)
         .await
         .map_err(|e| e.to_string())?;
@@ -91,7 +91,7 @@ async fn replica(config: &Config) -> Result<Replica, String> {
     Ok(Replica { state, addr })
 }
 
-fn token(state: &AppState) -> Result<String, String> {
+pub(crate) fn token(state: &AppState) -> Result<String, String> {
     state
         .auth
         .mint("bench", Duration::from_secs(3600))
@@ -125,7 +125,7 @@ async fn redis_calls() -> u64 {
 /// Deletes the keys under `prefix` (a scenario's own), so that a run does not leave
 /// its logs in a shared Redis for the whole retention time (about 1 GB for
 /// `redis-fanout`). Best effort: a failure leaves the keys to their TTLs.
-async fn drop_keys(prefix: &str) {
+pub(crate) async fn drop_keys(prefix: &str) {
     let Ok(client) = redis::Client::open(redis_url()) else {
         return;
     };
@@ -155,7 +155,7 @@ async fn drop_keys(prefix: &str) {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -5,6 +5,7 @@
 //! cargo run --release -p genstream-bench -- fanout-one-job --delays-ms 10
 //! cargo run --release -p genstream-bench -- projection
 //! cargo run --release -p genstream-bench -- projection-fanout
+//! cargo run --release -p genstream-bench -- starts
 //! ```
 //!
 //! Every scenario talks to a server on 127.0.0.1 only, every loop is bounded in count
@@ -18,6 +19,7 @@ mod memory;
 mod projection;
 mod projection_fanout;
 mod report;
+mod starts;
 mod sys;
 
 use std::path::PathBuf;
@@ -83,6 +85,8 @@ enum Cmd {
     /// 1 job × N and N jobs × 1 over the native stream and each projected one (Responses,
     /// Chat Completions, AI SDK), alternating: events/s, delay, server CPU.
     ProjectionFanout(projection_fanout::ProjectionFanoutArgs),
+    /// `POST /api/chat` → job running, per second, for each store × database pair.
+    Starts(starts::StartsArgs),
     /// Ledger spend latency on SQLite and PostgreSQL.
     Ledger {
         #[arg(long, default_value_t = 1000)]
@@ -150,6 +154,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::ResumeLatency { jobs } => cluster::resume_latency(jobs)?,
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,
+        Cmd::Starts(args) => starts::run(&args)?,
         Cmd::Projection(args) => projection::run(&args)?,
         Cmd::ProjectionFanout(args) => projection_fanout::run(&args)?,
         Cmd::FanoutManyJobs { jobs, args } => fanout::many_jobs(&args, jobs)?,
