@@ -301,7 +301,11 @@ async fn fanout_run(
             .map(|(k, at)| at.checked_sub(tick * k as u32).unwrap_or(*at))
             .collect();
         if let Some(origin) = offsets.iter().min() {
-            behind.extend(offsets.iter().map(|o| o.duration_since(*origin).as_micros() as u64));
+            behind.extend(
+                offsets
+                    .iter()
+                    .map(|o| o.duration_since(*origin).as_micros() as u64),
+            );
         }
     }
     behind.sort_unstable();

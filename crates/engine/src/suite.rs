@@ -221,17 +221,26 @@ pub async fn append_batch_lands_in_order_exactly_once(store: Arc<dyn JobStore>) 
     ];
     let landed = |first_seq, count| Appended { first_seq, count };
     assert_eq!(
-        store.append_batch(sid, &bodies[..3], Some(0)).await.unwrap(),
+        store
+            .append_batch(sid, &bodies[..3], Some(0))
+            .await
+            .unwrap(),
         landed(0, 3)
     );
     // The same batch again (its reply was lost): nothing more.
     assert_eq!(
-        store.append_batch(sid, &bodies[..3], Some(0)).await.unwrap(),
+        store
+            .append_batch(sid, &bodies[..3], Some(0))
+            .await
+            .unwrap(),
         landed(0, 3)
     );
     // A batch that overlaps the log by one event appends the other two.
     assert_eq!(
-        store.append_batch(sid, &bodies[2..5], Some(2)).await.unwrap(),
+        store
+            .append_batch(sid, &bodies[2..5], Some(2))
+            .await
+            .unwrap(),
         landed(2, 3)
     );
     // The terminal event ends the batch: what follows it does not land, the events
@@ -253,7 +262,11 @@ pub async fn append_batch_lands_in_order_exactly_once(store: Arc<dyn JobStore>) 
     let frames = log.read_after(None, usize::MAX).frames;
     assert_eq!(frames.len(), bodies.len());
     for (i, (f, body)) in frames.iter().zip(&bodies).enumerate() {
-        assert_eq!(f.bytes, Frame::encode(i as u64, body).unwrap().bytes, "frame {i}");
+        assert_eq!(
+            f.bytes,
+            Frame::encode(i as u64, body).unwrap().bytes,
+            "frame {i}"
+        );
         assert_eq!(f.terminal, i == bodies.len() - 1);
     }
     let page = store.read_range(sid, None, 100).await.unwrap().unwrap();
@@ -272,7 +285,9 @@ pub async fn append_batch_lands_in_order_exactly_once(store: Arc<dyn JobStore>) 
         landed(0, max)
     );
     assert!(matches!(
-        store.append_batch(sid, &over[max..], Some(max as u64)).await,
+        store
+            .append_batch(sid, &over[max..], Some(max as u64))
+            .await,
         Err(StoreError::Append(AppendError::Full))
     ));
     assert_eq!(
@@ -345,7 +360,11 @@ pub async fn batched_appends_survive_lost_calls(store: Arc<dyn JobStore>, plan: 
     }
     let log = store.open_log(sid).await.unwrap().unwrap();
     let frames = log.read_after(None, usize::MAX).frames;
-    let page = store.read_range(sid, None, events.len() + 1).await.unwrap().unwrap();
+    let page = store
+        .read_range(sid, None, events.len() + 1)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(page.len, events.len() as u64);
     assert_eq!(page.ended, plan.terminal);
     assert_eq!(frames.len(), events.len());

@@ -231,7 +231,11 @@ impl EventLogStore for RedisStore {
             .arg(cfg.retention.as_millis() as u64)
             .arg(self.channel(stream_id))
             .arg(now_ms())
-            .arg(expected_first_seq.map(|s| s.to_string()).unwrap_or_default())
+            .arg(
+                expected_first_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            )
             .arg(&self.inner.replica_id);
         let mut terminal = false;
         for body in bodies {

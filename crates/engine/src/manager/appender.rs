@@ -77,7 +77,8 @@ impl Appender {
         let (tx, _) = self.task.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(self.ctx.clone(), self.stream_id.clone(), seq, rx, ack_tx));
+            let task = run(self.ctx.clone(), self.stream_id.clone(), seq, rx, ack_tx);
+            tokio::spawn(tracing::Instrument::in_current_span(task));
             (tx, ack_rx)
         });
         let queued = Queued {
@@ -100,7 +101,10 @@ impl Appender {
     /// Applies the batches that landed so far, without waiting.
     ///
     /// Errors: as [`Appender::push`].
-    pub(super) fn settle(&mut self, landed: &mut (dyn FnMut(u64, &EventBody) + Send)) -> Result<(), StoreError> {
+    pub(super) fn settle(
+        &mut self,
+        landed: &mut (dyn FnMut(u64, &EventBody) + Send),
+    ) -> Result<(), StoreError> {
         while let Some((_, acks)) = self.task.as_mut() {
             match acks.try_recv() {
                 Ok(ack) => self.take(ack, landed)?,
@@ -137,7 +141,11 @@ impl Appender {
         Ok(())
     }
 
-    fn take(&mut self, ack: Ack, landed: &mut (dyn FnMut(u64, &EventBody) + Send)) -> Result<(), StoreError> {
+    fn take(
+        &mut self,
+        ack: Ack,
+        landed: &mut (dyn FnMut(u64, &EventBody) + Send),
+    ) -> Result<(), StoreError> {
         match ack {
             Ok((first, bodies)) => {
                 self.pending -= bodies.len();
@@ -206,7 +214,10 @@ async fn run(
             let rest = bodies.split_off(a.count);
             queued_at.drain(..a.count);
             expected = a.first_seq + a.count as u64;
-            if acks.send(Ok((a.first_seq, std::mem::replace(&mut bodies, rest)))).is_err() {
+            if acks
+                .send(Ok((a.first_seq, std::mem::replace(&mut bodies, rest))))
+                .is_err()
+            {
                 return; // the job is gone
             }
         }

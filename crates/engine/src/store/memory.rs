@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    AbortHandler, Appended, EventLogStore, JobCoordination, JobMeta, JobStatus, Orphan, OrphanReason,
-    RangePage, RateLimitStore, StoreError,
+    AbortHandler, Appended, EventLogStore, JobCoordination, JobMeta, JobStatus, Orphan,
+    OrphanReason, RangePage, RateLimitStore, StoreError,
 };
 use crate::event::EventBody;
 use crate::log::{EventLog, LogLimits};
