@@ -196,6 +196,7 @@ async fn fanout_run(
     let tok = token(&owner.state)?;
     let http_client = reqwest::Client::new();
     let calls_before = redis_calls().await;
+    let append_before = append_buckets();
     let setup_started = Instant::now();
     // Jobs are started 16 at a time (a job's start is several round trips in Redis
     // mode); subscriber k of job j goes to replica (j × subs_per_job + k) mod replicas.
@@ -262,6 +263,7 @@ async fn fanout_run(
         stamps.push(t.await.map_err(|e| e.to_string())?);
     }
     let calls = redis_calls().await.saturating_sub(calls_before);
+    let append_p99 = append_quantile(&append_before, &append_buckets(), 0.99);
     if store != "memory" {
         drop_keys(&prefix).await;
     }
@@ -333,6 +335,7 @@ async fn fanout_run(
         ms(quantile(&delays, 0.99)),
         ms(delays.last().copied().unwrap_or(0)),
         ms(quantile(&behind, 0.99)),
+        append_p99,
         if store == "memory" {
             "—".into()
         } else {
@@ -340,6 +343,50 @@ async fn fanout_run(
         },
         format!("{:.1}", setup.as_secs_f64()),
     ])
+}
+
+/// The cumulative bucket counts of `genstream_append_duration_seconds` (one event's
+/// append, from the job's emit to the store's acknowledgement) in this process's
+/// Prometheus recorder, by upper bound in seconds.
+fn append_buckets() -> Vec<(f64, u64)> {
+    let Some(handle) = genstream_server::observe::prometheus() else {
+        return Vec::new();
+    };
+    // Samples are folded into the buckets by upkeep.
+    handle.run_upkeep();
+    let prefix = format!(
+        "{}_bucket{{le=\"",
+        genstream_engine::metrics::APPEND_SECONDS
+    );
+    handle
+        .render()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of the appends between two [`append_buckets`] readings, as the
+/// upper bound of its histogram bucket ("≤ 25" ms), or "—" without samples.
+fn append_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> String {
+    let at = |b: &[(f64, u64)], le: f64| b.iter().find(|(l, _)| *l == le).map_or(0, |x| x.1);
+    let deltas: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| (*le, n.saturating_sub(at(before, *le))))
+        .collect();
+    let total = deltas.iter().map(|d| d.1).max().unwrap_or(0);
+    if total == 0 {
+        return "—".into();
+    }
+    let want = (q * total as f64).ceil() as u64;
+    match deltas.iter().find(|(_, n)| *n >= want) {
+        Some((le, _)) if le.is_finite() => format!("≤ {}", le * 1000.0),
+        _ => "> 30,000".into(),
+    }
 }
 
 /// `redis-fanout`: 1 job × `subscribers` and `subscribers` jobs × 1 (only the latter
@@ -385,6 +432,7 @@ pub fn redis_fanout(
             "p99 ms",
             "max ms",
             "p99 ms behind the token clock",
+            "p99 ms emit → landed",
             "Redis commands / event appended",
             "setup s",
         ],
