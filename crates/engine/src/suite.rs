@@ -279,7 +279,7 @@ pub async fn append_batch_lands_in_order_exactly_once(store: Arc<dyn JobStore>) 
     let over: Vec<EventBody> = (0..SUITE_LIMITS.max_events + 3)
         .map(|i| delta(&format!("{i}")))
         .collect();
-    let max = SUITE_LIMITS.max_events as usize;
+    let max = SUITE_LIMITS.max_events;
     assert_eq!(
         store.append_batch(sid, &over, Some(0)).await.unwrap(),
         landed(0, max)
