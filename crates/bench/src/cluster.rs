@@ -196,6 +196,7 @@ async fn fanout_run(
     let tok = token(&owner.state)?;
     let http_client = reqwest::Client::new();
     let calls_before = redis_calls().await;
+    let append_before = append_buckets();
     let setup_started = Instant::now();
     // Jobs are started 16 at a time (a job's start is several round trips in Redis
     // mode); subscriber k of job j goes to replica (j × subs_per_job + k) mod replicas.
@@ -262,6 +263,7 @@ async fn fanout_run(
         stamps.push(t.await.map_err(|e| e.to_string())?);
     }
     let calls = redis_calls().await.saturating_sub(calls_before);
+    let append_p99 = append_quantile(&append_before, &append_buckets(), 0.99);
     if store != "memory" {
         drop_keys(&prefix).await;
     }
@@ -283,6 +285,32 @@ async fn fanout_run(
         }
     }
     delays.sort_unstable();
+    // How late each event landed behind the demo's fixed-rate token clock: per job,
+    // stamp(seq) − seq × token delay, less the least of that over the job's tokens
+    // (the job's clock origin, as its most punctual token shows it). The first two
+    // seqs (created, the step) and the last three (usage, final and the like) are
+    // not on the clock.
+    let mut behind: Vec<u64> = Vec::new();
+    for s in &stamps {
+        if s.len() < 6 {
+            continue;
+        }
+        let tick = Duration::from_millis(delay_ms);
+        let on_clock = &s[2..s.len() - 3];
+        let offsets: Vec<Instant> = on_clock
+            .iter()
+            .enumerate()
+            .map(|(k, at)| at.checked_sub(tick * k as u32).unwrap_or(*at))
+            .collect();
+        if let Some(origin) = offsets.iter().min() {
+            behind.extend(
+                offsets
+                    .iter()
+                    .map(|o| o.duration_since(*origin).as_micros() as u64),
+            );
+        }
+    }
+    behind.sort_unstable();
     let secs = match (first, last) {
         (Some(f), Some(l)) => l.duration_since(f).as_secs_f64().max(1e-3),
         _ => 1.0,
@@ -306,6 +334,8 @@ async fn fanout_run(
         ms(quantile(&delays, 0.5)),
         ms(quantile(&delays, 0.99)),
         ms(delays.last().copied().unwrap_or(0)),
+        ms(quantile(&behind, 0.99)),
+        append_p99,
         if store == "memory" {
             "—".into()
         } else {
@@ -315,12 +345,70 @@ async fn fanout_run(
     ])
 }
 
-/// `redis-fanout`: 1 job × `subscribers` and `subscribers` jobs × 1, each on the
-/// memory store and on Redis with 1 and 3 replicas.
-pub fn redis_fanout(subscribers: usize, tokens: u32, delay_ms: u64) -> Result<(), String> {
+/// The cumulative bucket counts of `genstream_append_duration_seconds` (one event's
+/// append, from the job's emit to the store's acknowledgement) in this process's
+/// Prometheus recorder, by upper bound in seconds.
+fn append_buckets() -> Vec<(f64, u64)> {
+    let Some(handle) = genstream_server::observe::prometheus() else {
+        return Vec::new();
+    };
+    // Samples are folded into the buckets by upkeep.
+    handle.run_upkeep();
+    let prefix = format!(
+        "{}_bucket{{le=\"",
+        genstream_engine::metrics::APPEND_SECONDS
+    );
+    handle
+        .render()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of the appends between two [`append_buckets`] readings, as the
+/// upper bound of its histogram bucket ("≤ 25" ms), or "—" without samples.
+fn append_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> String {
+    let at = |b: &[(f64, u64)], le: f64| b.iter().find(|(l, _)| *l == le).map_or(0, |x| x.1);
+    let deltas: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| (*le, n.saturating_sub(at(before, *le))))
+        .collect();
+    let total = deltas.iter().map(|d| d.1).max().unwrap_or(0);
+    if total == 0 {
+        return "—".into();
+    }
+    let want = (q * total as f64).ceil() as u64;
+    match deltas.iter().find(|(_, n)| *n >= want) {
+        Some((le, _)) if le.is_finite() => format!("≤ {}", le * 1000.0),
+        _ => "> 30,000".into(),
+    }
+}
+
+/// `redis-fanout`: 1 job × `subscribers` and `subscribers` jobs × 1 (only the latter
+/// with `many_jobs_only`), each on the memory store and on Redis with 1 and 3 replicas.
+pub fn redis_fanout(
+    subscribers: usize,
+    tokens: u32,
+    delay_ms: u64,
+    many_jobs_only: bool,
+) -> Result<(), String> {
     let rt = runtime()?;
     let mut rows = Vec::new();
-    for (jobs, per_job) in [(1, subscribers), (subscribers, 1)] {
+    let shapes: &[(usize, usize)] = if many_jobs_only {
+        &[(subscribers, 1)]
+    } else {
+        &[(1, subscribers), (subscribers, 1)]
+    };
+    for &(jobs, per_job) in shapes {
         for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
             eprintln!("redis-fanout: {jobs} × {per_job}, {store} × {replicas}");
             let store = if store == "redis" {
@@ -347,6 +435,8 @@ pub fn redis_fanout(subscribers: usize, tokens: u32, delay_ms: u64) -> Result<()
             "p50 ms",
             "p99 ms",
             "max ms",
+            "p99 ms behind the token clock",
+            "p99 ms emit → landed",
             "Redis commands / event appended",
             "setup s",
         ],

@@ -21,8 +21,8 @@ use genstream_engine::event::EventBody;
 use genstream_engine::log::EventLog;
 use genstream_engine::manager::JobManager;
 use genstream_engine::store::{
-    AbortHandler, EventLogStore, IdempotencyClaim, IdempotencyStore, JobCoordination, JobMeta,
-    JobStore, MemoryStore, Orphan, RangePage, RateLimitStore, StoreError,
+    AbortHandler, Appended, EventLogStore, IdempotencyClaim, IdempotencyStore, JobCoordination,
+    JobMeta, JobStore, MemoryStore, Orphan, RangePage, RateLimitStore, StoreError,
 };
 use genstream_server::app;
 use genstream_server::config::{Config, Overrides};
@@ -90,6 +90,27 @@ impl EventLogStore for TimedStore {
                 && v.len() as u64 == *seq
             {
                 v.push(start);
+            }
+        }
+        r
+    }
+    async fn append_batch(
+        &self,
+        stream_id: &str,
+        bodies: &[EventBody],
+        expected_first_seq: Option<u64>,
+    ) -> Result<Appended, StoreError> {
+        let start = Instant::now();
+        let r = self
+            .inner
+            .append_batch(stream_id, bodies, expected_first_seq)
+            .await;
+        if let Ok(a) = &r {
+            let mut g = self.times.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = g.get_mut(stream_id) {
+                while (v.len() as u64) < a.first_seq + a.count as u64 {
+                    v.push(start);
+                }
             }
         }
         r

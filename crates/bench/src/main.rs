@@ -68,6 +68,9 @@ enum Cmd {
         tokens: u32,
         #[arg(long, default_value_t = 10)]
         delay_ms: u64,
+        /// Only the N jobs × 1 rows (skip 1 job × N).
+        #[arg(long)]
+        many_jobs_only: bool,
     },
     /// Reconnect → first byte for a job of 10,000 events, on the owner and another replica.
     ResumeLatency {
@@ -150,7 +153,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
             subscribers,
             tokens,
             delay_ms,
-        } => cluster::redis_fanout(subscribers, tokens, delay_ms)?,
+            many_jobs_only,
+        } => cluster::redis_fanout(subscribers, tokens, delay_ms, many_jobs_only)?,
         Cmd::ResumeLatency { jobs } => cluster::resume_latency(jobs)?,
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,

@@ -37,7 +37,9 @@ pub const SUBSCRIBERS: &str = "genstream_subscribers_connected";
 pub const EVENTS_APPENDED: &str = "genstream_events_appended_total";
 /// Counter: SSE frames written to subscribers (the server's stream route).
 pub const FRAMES_DELIVERED: &str = "genstream_frames_delivered_total";
-/// Histogram, seconds: one append to the job store, outage retries included.
+/// Histogram, seconds: one event's append, from the job's emit to the store's
+/// acknowledgement: the wait behind the call in flight (a job's appends are
+/// pipelined, `manager/appender.rs`), the call itself and its outage retries.
 pub const APPEND_SECONDS: &str = "genstream_append_duration_seconds";
 /// Histogram, seconds, label `model`: from a model call's request to its first
 /// streamed event (text, reasoning or a tool call).

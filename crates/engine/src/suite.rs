@@ -202,6 +202,180 @@ pub async fn append_assigns_seqs_and_one_terminal(store: Arc<dyn JobStore>) {
     );
 }
 
+/// A batch lands like its events one by one: consecutive seqs, frames byte-equal to
+/// `Frame::encode`; a retried batch (whole or overlapping the log) appends only what
+/// had not landed; nothing follows a terminal event, and the events before it stay.
+pub async fn append_batch_lands_in_order_exactly_once(store: Arc<dyn JobStore>) {
+    use crate::store::Appended;
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    let sid = m.stream_id.as_str();
+    let bodies = [
+        step(),
+        delta("a"),
+        delta("b"),
+        delta("c"),
+        delta("d"),
+        delta("e"),
+        error_end(),
+    ];
+    let landed = |first_seq, count| Appended { first_seq, count };
+    assert_eq!(
+        store
+            .append_batch(sid, &bodies[..3], Some(0))
+            .await
+            .unwrap(),
+        landed(0, 3)
+    );
+    // The same batch again (its reply was lost): nothing more.
+    assert_eq!(
+        store
+            .append_batch(sid, &bodies[..3], Some(0))
+            .await
+            .unwrap(),
+        landed(0, 3)
+    );
+    // A batch that overlaps the log by one event appends the other two.
+    assert_eq!(
+        store
+            .append_batch(sid, &bodies[2..5], Some(2))
+            .await
+            .unwrap(),
+        landed(2, 3)
+    );
+    // The terminal event ends the batch: what follows it does not land, the events
+    // before it do, and only a batch of nothing but late events fails.
+    let with_late = [bodies[5].clone(), bodies[6].clone(), delta("late")];
+    assert_eq!(
+        store.append_batch(sid, &with_late, Some(5)).await.unwrap(),
+        landed(5, 2)
+    );
+    assert!(matches!(
+        store.append_batch(sid, &with_late[2..], Some(7)).await,
+        Err(StoreError::Append(AppendError::Ended))
+    ));
+    assert_eq!(
+        store.get_job(sid).await.unwrap().unwrap().status,
+        JobStatus::Error
+    );
+    let log = store.open_log(sid).await.unwrap().unwrap();
+    let frames = log.read_after(None, usize::MAX).frames;
+    assert_eq!(frames.len(), bodies.len());
+    for (i, (f, body)) in frames.iter().zip(&bodies).enumerate() {
+        assert_eq!(
+            f.bytes,
+            Frame::encode(i as u64, body).unwrap().bytes,
+            "frame {i}"
+        );
+        assert_eq!(f.terminal, i == bodies.len() - 1);
+    }
+    let page = store.read_range(sid, None, 100).await.unwrap().unwrap();
+    assert_eq!((page.len, page.ended), (bodies.len() as u64, true));
+
+    // At the cap: the events that fit land, the rest is refused, the terminal fits.
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    let sid = m.stream_id.as_str();
+    let over: Vec<EventBody> = (0..SUITE_LIMITS.max_events + 3)
+        .map(|i| delta(&format!("{i}")))
+        .collect();
+    let max = SUITE_LIMITS.max_events;
+    assert_eq!(
+        store.append_batch(sid, &over, Some(0)).await.unwrap(),
+        landed(0, max)
+    );
+    assert!(matches!(
+        store
+            .append_batch(sid, &over[max..], Some(max as u64))
+            .await,
+        Err(StoreError::Append(AppendError::Full))
+    ));
+    assert_eq!(
+        store
+            .append_batch(sid, &[error_end()], Some(max as u64))
+            .await
+            .unwrap(),
+        landed(max as u64, 1)
+    );
+}
+
+/// What happens to one try of a batched append in [`batched_appends_survive_lost_calls`].
+#[derive(Clone, Copy, Debug)]
+pub enum Fate {
+    /// The call reaches the store and its reply reaches the writer.
+    Lands,
+    /// The call fails before it reaches the store.
+    FailsBefore,
+    /// The call reaches the store (it lands, whole or in part) but its reply is lost.
+    ReplyLost,
+}
+
+/// A writer's run for [`batched_appends_survive_lost_calls`]: the events' texts (one
+/// delta each, then a terminal event if `terminal`), the size of each try's batch
+/// (cycled; a retry may carry more events than the try it repeats, as a queue that
+/// grew meanwhile would), and each try's fate (then [`Fate::Lands`] once used up).
+#[derive(Clone, Debug)]
+pub struct BatchPlan {
+    pub texts: Vec<String>,
+    pub terminal: bool,
+    pub sizes: Vec<usize>,
+    pub fates: Vec<Fate>,
+}
+
+/// A writer that sends its events in batches, each try with the seq it expects first,
+/// and retries every failed try (failed before the store or with its reply lost) until
+/// one lands, ends with the log holding every event exactly once, in order, with the
+/// bytes `Frame::encode` gives them: batching never reorders, drops or duplicates.
+pub async fn batched_appends_survive_lost_calls(store: Arc<dyn JobStore>, plan: &BatchPlan) {
+    let m = meta(&unique_user().await, &crate::new_id());
+    store.create_job(&m).await.unwrap();
+    let sid = m.stream_id.as_str();
+    let mut events: Vec<EventBody> = plan.texts.iter().map(|t| delta(t)).collect();
+    if plan.terminal {
+        events.push(error_end());
+    }
+    let (mut next, mut tries) = (0usize, 0usize);
+    while next < events.len() {
+        let size = plan.sizes.get(tries % plan.sizes.len().max(1)).copied();
+        let size = size.unwrap_or(1).clamp(1, events.len() - next);
+        let fate = plan.fates.get(tries).copied().unwrap_or(Fate::Lands);
+        tries += 1;
+        let batch = &events[next..next + size];
+        match fate {
+            Fate::FailsBefore => continue,
+            Fate::ReplyLost => {
+                let _ = store.append_batch(sid, batch, Some(next as u64)).await;
+                continue;
+            }
+            Fate::Lands => {
+                let a = store
+                    .append_batch(sid, batch, Some(next as u64))
+                    .await
+                    .unwrap();
+                assert_eq!(a.first_seq, next as u64, "try {tries}");
+                assert!(a.count >= 1 && a.count <= size, "try {tries}: {a:?}");
+                next += a.count;
+            }
+        }
+    }
+    let log = store.open_log(sid).await.unwrap().unwrap();
+    let frames = log.read_after(None, usize::MAX).frames;
+    let page = store
+        .read_range(sid, None, events.len() + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(page.len, events.len() as u64);
+    assert_eq!(page.ended, plan.terminal);
+    assert_eq!(frames.len(), events.len());
+    assert_eq!(page.frames.len(), events.len());
+    for (i, body) in events.iter().enumerate() {
+        let want = Frame::encode(i as u64, body).unwrap().bytes;
+        assert_eq!(frames[i].bytes, want, "frame {i} of the log");
+        assert_eq!(page.frames[i].bytes, want, "frame {i} read from the store");
+    }
+}
+
 /// `read_range` pages the store's own log from any cursor: consecutive frames after
 /// the cursor, byte-equal to what `open_log` serves, with the log's length and end.
 pub async fn read_range_pages_the_log(store: Arc<dyn JobStore>) {
@@ -635,6 +809,7 @@ where
     one_running_job_per_conversation(make().await).await;
     concurrent_creates_one_wins(make().await).await;
     append_assigns_seqs_and_one_terminal(make().await).await;
+    append_batch_lands_in_order_exactly_once(make().await).await;
     read_range_pages_the_log(make().await).await;
     caps_refuse_all_but_the_terminal_event(make().await).await;
     readers_follow_live_appends(make().await).await;

@@ -683,6 +683,14 @@ mod gated {
         ) -> Result<u64, StoreError> {
             self.inner.append(id, body, seq).await
         }
+        async fn append_batch(
+            &self,
+            id: &str,
+            bodies: &[EventBody],
+            first: Option<u64>,
+        ) -> Result<Appended, StoreError> {
+            self.inner.append_batch(id, bodies, first).await
+        }
         async fn open_log(&self, id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
             self.inner.open_log(id).await
         }

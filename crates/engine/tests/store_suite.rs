@@ -61,3 +61,36 @@ async fn a_woken_subscriber_never_sees_a_finished_job_running() {
         assert!(next.is_ok(), "follow-up refused: {next:?}");
     }
 }
+
+/// Random batch boundaries and random failures of the call in flight (before it reaches
+/// the store, or with its reply lost) never reorder, drop or duplicate an event.
+#[test]
+fn batched_appends_never_reorder_drop_or_duplicate() {
+    use genstream_engine::suite::{BatchPlan, Fate, batched_appends_survive_lost_calls};
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = Arc::new(MemoryStore::new(SUITE_LIMITS)) as Arc<dyn JobStore>;
+    let fate = prop_oneof![
+        Just(Fate::Lands),
+        Just(Fate::FailsBefore),
+        Just(Fate::ReplyLost)
+    ];
+    let plans = (
+        proptest::collection::vec("\\PC{0,6}", 1..40),
+        any::<bool>(),
+        proptest::collection::vec(1usize..12, 1..8),
+        proptest::collection::vec(fate, 0..30),
+    )
+        .prop_map(|(texts, terminal, sizes, fates)| BatchPlan {
+            texts,
+            terminal,
+            sizes,
+            fates,
+        });
+    proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(128))
+        .run(&plans, |plan| {
+            rt.block_on(batched_appends_survive_lost_calls(store.clone(), &plan));
+            Ok(())
+        })
+        .unwrap();
+}

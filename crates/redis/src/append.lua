@@ -1,7 +1,7 @@
-#!lua name=genstream_v2
--- genstream's Redis functions, version 2. The library name and every function name
+#!lua name=genstream_v3
+-- genstream's Redis functions, version 3. The library name and every function name
 -- carry the version, so that replicas of two releases can run side by side during a
--- rolling deploy: a new release loads genstream_v3 next to this one.
+-- rolling deploy: a new release loads genstream_v4 next to this one.
 --
 -- Fields of the job hash these functions read and write (besides the metadata):
 --   len, bytes        the log's length (the next seq) and total frame bytes
@@ -11,7 +11,7 @@
 --   reaper, reaperAt  who claimed the job's end (its owner about to save its answer,
 --                     or a reaper of an orphan), and when (ms, Redis clock). Only the
 --                     claimant may append from then on. The name predates the owner's
---                     claim; it is kept so that genstream_v1 appends honour a claim.
+--                     claim; it is kept so that appends of earlier versions honour a claim.
 --   abortRequested    "1" once any replica asked to abort; every append reports it
 
 -- Now in ms on the Redis clock, so that claim ages never depend on replicas' clocks.
@@ -28,76 +28,116 @@ local function frame_of(seq, name, body)
     .. string.sub(body, 2) .. '\n\n'
 end
 
--- Appends one event to a job's log, atomically:
---   assign the next seq, check the caps, build the SSE frame, XADD it with stream id
---   0-(seq+1) and the writer's id, update the job hash, refresh TTLs, PUBLISH.
--- There is never a seq without a log entry, nor an entry without a publish.
+-- Appends a batch of events to a job's log, atomically:
+--   assign each the next seq, check the caps, build its SSE frame, XADD it with stream
+--   id 0-(seq+1) and the writer's id, then update the job hash, refresh TTLs, PUBLISH
+--   each frame. There is never a seq without a log entry, nor an entry without a
+--   publish. A batch is the same as its events appended one by one: the events before
+--   one that cannot land (the log is full or ended) stay appended.
 --
 -- KEYS[1] job hash   KEYS[2] log stream   (both with the {streamId} hash tag)
--- ARGV[1] event name
--- ARGV[2] body JSON: {"event":NAME,"data":{...}}
--- ARGV[3] "1" if terminal
--- ARGV[4] max events   ARGV[5] max bytes (terminal events are exempt)
--- ARGV[6] TTL ms while running   ARGV[7] TTL ms once finished
--- ARGV[8] pub/sub channel
--- ARGV[9] job status to set if terminal   ARGV[10] now (ms since epoch)
--- ARGV[11] expected seq, or "": the seq the writer believes comes next. If the log is
---          already past it and the entry there is this writer's with these very bytes,
---          an earlier try landed (its reply was lost): "dup", nothing appended. If the
---          entry is someone else's, the writer lost the job. A non-terminal event whose
---          expected seq is beyond the log means the store lost entries: "lost".
--- ARGV[12] the writer's id (a replica id); once the end is claimed (`reaper`), only
---          the claimant may append
--- Returns {"ok", seq, frame, abort} | {"dup", seq, abort} | {"ended"} | {"full"}
---       | {"missing"} | {"lost"} | {"conflict"}   (abort: 1 if abortRequested)
-local function append(keys, args)
+-- ARGV[1] max events   ARGV[2] max bytes (terminal events are exempt)
+-- ARGV[3] TTL ms while running   ARGV[4] TTL ms once finished
+-- ARGV[5] pub/sub channel   ARGV[6] now (ms since epoch)
+-- ARGV[7] expected first seq, or "": the seq the writer believes the batch's first
+--         event gets. Where the log is already past it, an earlier try of this batch
+--         landed, whole or in part (its reply was lost): each entry there must be this
+--         writer's with these very bytes, and is not appended again; else the writer
+--         lost the job. A batch whose first event is not terminal and whose expected
+--         seq is beyond the log means the store lost entries: "lost".
+-- ARGV[8] the writer's id (a replica id); once the end is claimed (`reaper`), only
+--         the claimant may append
+-- ARGV[9 + 3i], ARGV[10 + 3i], ARGV[11 + 3i] for event i = 0, 1, ...: its name, its
+--         body JSON {"event":NAME,"data":{...}}, and the job status its landing sets
+--         ("" unless it is terminal)
+-- Returns {"ok", first seq, count, abort, frame...} (count events landed from the
+--         first seq on, the frames of those appended by this call, not of those an
+--         earlier try landed) | {"ended"} | {"full"} | {"missing"} | {"lost"}
+--         | {"conflict"}   (abort: 1 if abortRequested; an error only when not even
+--         the first event could land)
+local function append_batch(keys, args)
   local job, log = keys[1], keys[2]
   local h = redis.call('HMGET', job, 'len', 'ended', 'reaper', 'bytes', 'abortRequested')
   if not h[1] then return {'missing'} end
   local len = tonumber(h[1])
-  local writer = args[12]
+  local writer = args[8]
   local abort = 0
   if h[5] == '1' then abort = 1 end
-  local expected = nil
-  if args[11] ~= '' then expected = tonumber(args[11]) end
-  if expected and len > expected then
-    local id = '0-' .. (expected + 1)
-    local e = redis.call('XRANGE', log, id, id)
-    if e[1] then
-      local f, w = nil, nil
-      local fields = e[1][2]
-      for i = 1, #fields, 2 do
-        if fields[i] == 'f' then f = fields[i + 1] elseif fields[i] == 'w' then w = fields[i + 1] end
+  local n = (#args - 8) / 3
+  local lost_claim = h[2] == '1' or (h[3] and h[3] ~= writer)
+  local first = len
+  local from = 1
+  if args[7] ~= '' then
+    local expected = tonumber(args[7])
+    if len > expected then
+      local last = math.min(len - 1, expected + n - 1)
+      local entries = redis.call('XRANGE', log, '0-' .. (expected + 1), '0-' .. (last + 1))
+      local same = #entries == last - expected + 1
+      for i = 1, #entries do
+        if not same then break end
+        local f, w = nil, nil
+        local fields = entries[i][2]
+        for j = 1, #fields, 2 do
+          if fields[j] == 'f' then f = fields[j + 1] elseif fields[j] == 'w' then w = fields[j + 1] end
+        end
+        local k = 9 + 3 * (i - 1)
+        same = w == writer and f == frame_of(expected + i - 1, args[k], args[k + 1])
       end
-      if w == writer and f == frame_of(expected, args[1], args[2]) then
-        return {'dup', expected, abort}
+      if not same then
+        if lost_claim then return {'ended'} end
+        return {'conflict'}
       end
+      first = expected
+      from = last - expected + 2
+      if from > n then return {'ok', first, n, abort} end
+    elseif expected > len and args[11] == '' then
+      -- A terminal event still lands (at the log's own head), so its readers see it end.
+      return {'lost'}
     end
-    if h[2] == '1' or (h[3] and h[3] ~= writer) then return {'ended'} end
-    return {'conflict'}
   end
-  if h[2] == '1' then return {'ended'} end
-  if h[3] and h[3] ~= writer then return {'ended'} end
-  local terminal = args[3] == '1'
-  -- A terminal event still lands (at the log's own head), so its readers see it end.
-  if expected and expected > len and not terminal then return {'lost'} end
-  local seq = len
-  local frame = frame_of(seq, args[1], args[2])
+  if lost_claim then
+    if from == 1 then return {'ended'} end
+    return {'ok', first, from - 1, abort}
+  end
+  local max_events, max_bytes = tonumber(args[1]), tonumber(args[2])
   local bytes = tonumber(h[4] or '0')
-  if not terminal and (seq + 1 > tonumber(args[4]) or bytes + #frame > tonumber(args[5])) then
-    return {'full'}
+  local seq = len
+  local frames = {}
+  local ttl = args[3]
+  local status = nil
+  for i = from, n do
+    local k = 9 + 3 * (i - 1)
+    local terminal = args[k + 2] ~= ''
+    local frame = frame_of(seq, args[k], args[k + 1])
+    if not terminal and (seq + 1 > max_events or bytes + #frame > max_bytes) then break end
+    redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame, 'w', writer)
+    frames[#frames + 1] = frame
+    bytes = bytes + #frame
+    seq = seq + 1
+    if terminal then
+      status = args[k + 2]
+      break
+    end
   end
-  redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame, 'w', writer)
-  redis.call('HSET', job, 'len', seq + 1, 'bytes', bytes + #frame)
-  local ttl = args[6]
-  if terminal then
-    redis.call('HSET', job, 'ended', '1', 'status', args[9], 'finishedAt', args[10])
-    ttl = args[7]
+  if #frames == 0 then
+    if from == 1 then return {'full'} end
+    return {'ok', first, from - 1, abort}
+  end
+  if status then
+    redis.call('HSET', job, 'len', seq, 'bytes', bytes, 'ended', '1', 'status', status,
+      'finishedAt', args[6])
+    ttl = args[4]
+  else
+    redis.call('HSET', job, 'len', seq, 'bytes', bytes)
   end
   redis.call('PEXPIRE', job, ttl)
   redis.call('PEXPIRE', log, ttl)
-  redis.call('PUBLISH', args[8], frame)
-  return {'ok', seq, frame, abort}
+  for i = 1, #frames do
+    redis.call('PUBLISH', args[5], frames[i])
+  end
+  local reply = {'ok', first, from - 1 + #frames, abort}
+  for i = 1, #frames do reply[4 + i] = frames[i] end
+  return reply
 end
 
 -- Makes KEYS[1] (a conversation's latest-job pointer) point to ARGV[1] if it still
@@ -177,9 +217,9 @@ local function rate_window(keys, args)
   return oldest + period - now
 end
 
-redis.register_function('genstream_acquire_slot_v2', acquire_slot)
-redis.register_function('genstream_rate_window_v2', rate_window)
-redis.register_function('genstream_append_v2', append)
-redis.register_function('genstream_claim_end_v2', claim_end)
-redis.register_function('genstream_request_abort_v2', request_abort)
-redis.register_function('genstream_claim_v2', claim)
+redis.register_function('genstream_acquire_slot_v3', acquire_slot)
+redis.register_function('genstream_rate_window_v3', rate_window)
+redis.register_function('genstream_append_batch_v3', append_batch)
+redis.register_function('genstream_claim_end_v3', claim_end)
+redis.register_function('genstream_request_abort_v3', request_abort)
+redis.register_function('genstream_claim_v3', claim)

@@ -9,19 +9,19 @@ use crate::{RedisStore, StoreError, store_err};
 /// The Redis function library; its name carries the version.
 pub(crate) const LIBRARY: &str = include_str!("append.lua");
 
-pub(crate) const LIBRARY_NAME: &str = "genstream_v2";
+pub(crate) const LIBRARY_NAME: &str = "genstream_v3";
 
-pub(crate) const APPEND_FN: &str = "genstream_append_v2";
+pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v3";
 
-pub(crate) const CLAIM_FN: &str = "genstream_claim_v2";
+pub(crate) const CLAIM_FN: &str = "genstream_claim_v3";
 
-pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v2";
+pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v3";
 
-pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v2";
+pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v3";
 
-pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v2";
+pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v3";
 
-pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v2";
+pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v3";
 
 impl RedisStore {
     /// Runs an `FCALL`; if Redis no longer has the function (it restarted without

@@ -1,6 +1,6 @@
 //! [`EventLogStore`] for Redis: registering a job (its hash, the user's running slot,
 //! the conversation's lock), reading its metadata, appending through
-//! `genstream_append_v2`, and opening its log (a mirror).
+//! `genstream_append_batch_v3`, and opening its log (a mirror).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use genstream_engine::event::{EventBody, FinalStatus, Frame};
 use genstream_engine::log::{AppendError, EventLog};
-use genstream_engine::store::{EventLogStore, JobMeta, JobStatus, RangePage};
+use genstream_engine::store::{Appended, EventLogStore, JobMeta, JobStatus, RangePage};
 use redis::{AsyncCommands, Value};
 
-use crate::functions::{ACQUIRE_SLOT_FN, APPEND_FN, CLAIM_FN};
+use crate::functions::{ACQUIRE_SLOT_FN, APPEND_BATCH_FN, CLAIM_FN};
 use crate::mirror::{Mirror, stream_frames, xrange};
 use crate::{RedisStore, StoreError, store_err};
 
@@ -198,56 +198,87 @@ impl EventLogStore for RedisStore {
         body: &EventBody,
         expected_seq: Option<u64>,
     ) -> Result<u64, StoreError> {
-        let json = serde_json::to_string(body).map_err(AppendError::Encode)?;
-        let terminal = body.is_terminal();
-        let status = match body {
-            EventBody::Final(f) => match f.status {
-                FinalStatus::Complete => "complete",
-                FinalStatus::Aborted => "aborted",
-            },
-            EventBody::Error(_) => "error",
-            _ => "running",
-        };
-        let cfg = &self.inner.cfg;
-        let reply: Vec<Value> = self
-            .fcall(
-                redis::cmd("FCALL")
-                    .arg(APPEND_FN)
-                    .arg(2)
-                    .arg(self.key("job", stream_id))
-                    .arg(self.key("log", stream_id))
-                    .arg(body.name())
-                    .arg(json)
-                    .arg(if terminal { "1" } else { "0" })
-                    .arg(cfg.limits.max_events)
-                    .arg(cfg.limits.max_bytes)
-                    .arg(cfg.running_ttl.as_millis() as u64)
-                    .arg(cfg.retention.as_millis() as u64)
-                    .arg(self.channel(stream_id))
-                    .arg(status)
-                    .arg(now_ms())
-                    .arg(expected_seq.map(|s| s.to_string()).unwrap_or_default())
-                    .arg(&self.inner.replica_id),
-            )
+        let appended = self
+            .append_batch(stream_id, std::slice::from_ref(body), expected_seq)
             .await?;
-        let tag = text_of(reply.first());
-        match tag.as_str() {
+        Ok(appended.first_seq)
+    }
+
+    /// One `FCALL` of `genstream_append_batch_v3` for the whole batch; the frames it
+    /// appended go to this replica's mirror right away (local subscribers need not wait
+    /// for the publish to come back).
+    async fn append_batch(
+        &self,
+        stream_id: &str,
+        bodies: &[EventBody],
+        expected_first_seq: Option<u64>,
+    ) -> Result<Appended, StoreError> {
+        if bodies.is_empty() {
+            return Ok(Appended {
+                first_seq: expected_first_seq.unwrap_or_default(),
+                count: 0,
+            });
+        }
+        let cfg = &self.inner.cfg;
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(APPEND_BATCH_FN)
+            .arg(2)
+            .arg(self.key("job", stream_id))
+            .arg(self.key("log", stream_id))
+            .arg(cfg.limits.max_events)
+            .arg(cfg.limits.max_bytes)
+            .arg(cfg.running_ttl.as_millis() as u64)
+            .arg(cfg.retention.as_millis() as u64)
+            .arg(self.channel(stream_id))
+            .arg(now_ms())
+            .arg(
+                expected_first_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(&self.inner.replica_id);
+        let mut terminal = false;
+        for body in bodies {
+            let json = serde_json::to_string(body).map_err(AppendError::Encode)?;
+            let status = match body {
+                EventBody::Final(f) => match f.status {
+                    FinalStatus::Complete => "complete",
+                    FinalStatus::Aborted => "aborted",
+                },
+                EventBody::Error(_) => "error",
+                _ => "",
+            };
+            terminal |= !status.is_empty();
+            cmd.arg(body.name()).arg(json).arg(status);
+        }
+        let reply: Vec<Value> = self.fcall(&cmd).await?;
+        match text_of(reply.first()).as_str() {
             "ok" => {
-                let seq = int_of(reply.get(1)).ok_or_else(|| store_err("bad append reply"))?;
-                if let Some(Value::BulkString(b)) = reply.get(2) {
-                    // Local subscribers need not wait for the publish to come back.
+                let bad = || store_err("bad append reply");
+                let first_seq = int_of(reply.get(1)).ok_or_else(bad)?;
+                let count = int_of(reply.get(2)).ok_or_else(bad)? as usize;
+                let frames = reply.get(4..).unwrap_or_default();
+                if !frames.is_empty() {
                     let mirror = self.inner.mirrors.lock().get(stream_id).cloned();
-                    if let Some(m) = mirror
-                        && let Some(f) = Frame::parse(Bytes::from(b.clone()))
-                    {
-                        self.deliver(stream_id, &m, f);
+                    if let Some(m) = mirror {
+                        for f in frames {
+                            if let Value::BulkString(b) = f
+                                && let Some(f) = Frame::parse(Bytes::from(b.clone()))
+                            {
+                                self.deliver(stream_id, &m, f);
+                            }
+                        }
                     }
                 }
-                if int_of(reply.get(3)) == Some(1) && !terminal {
+                let landed_terminal = terminal && count == bodies.len();
+                if int_of(reply.get(3)) == Some(1) && !landed_terminal {
                     // Someone asked to abort; the publish may not have reached us.
                     self.call_abort_handler(stream_id);
                 }
-                if terminal && let Some((meta, _)) = self.meta(stream_id).await? {
+                if landed_terminal
+                    && !frames.is_empty()
+                    && let Some((meta, _)) = self.meta(stream_id).await?
+                {
                     let freed: redis::RedisResult<()> = redis::pipe()
                         .srem(self.user_running_key(&meta.user_id), stream_id)
                         .ignore()
@@ -261,13 +292,7 @@ impl EventLogStore for RedisStore {
                         tracing::debug!(stream_id, error = %e, "could not free the running slots");
                     }
                 }
-                Ok(seq)
-            }
-            "dup" => {
-                if int_of(reply.get(2)) == Some(1) && !terminal {
-                    self.call_abort_handler(stream_id);
-                }
-                Ok(int_of(reply.get(1)).unwrap_or_default())
+                Ok(Appended { first_seq, count })
             }
             "ended" => Err(AppendError::Ended.into()),
             "full" => Err(AppendError::Full.into()),

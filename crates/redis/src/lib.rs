@@ -33,17 +33,19 @@
 //! requests (a stream id) to whichever replica owns the job.
 //!
 //! # Appending
-//! One server-side step, the Redis Function `genstream_append_v2` (`append.lua`): seq,
-//! caps, frame, XADD, TTLs and PUBLISH together, so there is never a seq without a log
-//! entry or an entry without a publish, and two writers racing to end a job produce
-//! exactly one terminal event. The frame is built in Lua, so every replica serves the
-//! very bytes that were published. One `FCALL` per event; if Redis lost the functions
+//! One server-side step, the Redis Function `genstream_append_batch_v3` (`append.lua`),
+//! for a batch of events (a job's appender sends what queued behind the call in
+//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH of
+//! each event together, so there is never a seq without a log entry or an entry without
+//! a publish, and two writers racing to end a job produce exactly one terminal event.
+//! The frame is built in Lua, so every replica serves the very bytes that were
+//! published. One `FCALL` per batch; if Redis lost the functions
 //! (a restart without persistence, `FUNCTION FLUSH`, a failover) the call loads them
 //! again and retries once.
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's
-//! *end claim* (`genstream_claim_end_v2`), then saves the response message, then
+//! *end claim* (`genstream_claim_end_v3`), then saves the response message, then
 //! appends the terminal event. Only the claimant may append after the claim, so there
 //! is one writer per response message even when an owner presumed dead is alive.
 //!

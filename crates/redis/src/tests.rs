@@ -378,24 +378,33 @@ async fn lua_frames_equal_frame_encode() {
             seq as u64
         );
     }
-    let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-        .arg(store.key("log", &m.stream_id))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut store.conn())
+    // The same events in one batch (of another job) get the same bytes.
+    let batched = meta();
+    store.create_job(&batched).await.unwrap();
+    store
+        .append_batch(&batched.stream_id, &bodies, Some(0))
         .await
         .unwrap();
-    assert_eq!(entries.len(), bodies.len());
-    for (seq, ((_, fields), body)) in entries.iter().zip(&bodies).enumerate() {
-        let lua = fields["f"].as_slice();
-        let rust = Frame::encode(seq as u64, body).unwrap().bytes;
-        assert_eq!(
-            lua,
-            &rust[..],
-            "seq {seq}: Lua built {:?}, Frame::encode {:?}",
-            String::from_utf8_lossy(lua),
-            String::from_utf8_lossy(&rust)
-        );
+    for sid in [&m.stream_id, &batched.stream_id] {
+        let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(store.key("log", sid))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut store.conn())
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), bodies.len());
+        for (seq, ((_, fields), body)) in entries.iter().zip(&bodies).enumerate() {
+            let lua = fields["f"].as_slice();
+            let rust = Frame::encode(seq as u64, body).unwrap().bytes;
+            assert_eq!(
+                lua,
+                &rust[..],
+                "seq {seq}: Lua built {:?}, Frame::encode {:?}",
+                String::from_utf8_lossy(lua),
+                String::from_utf8_lossy(&rust)
+            );
+        }
     }
     store.close();
 }

@@ -350,22 +350,21 @@ async fn a_failed_reap_is_retried_and_does_not_stop_the_sweep() {
 /// on a channel nobody hears: Redis has the event, no mirror got it.
 async fn append_unpublished(s: &Setup, m: &JobMeta, body: &EventBody, seq: u64) {
     let reply: redis::Value = redis::cmd("FCALL")
-        .arg("genstream_append_v2")
+        .arg("genstream_append_batch_v3")
         .arg(2)
         .arg(format!("{}:job:{{{}}}", s.prefix, m.stream_id))
         .arg(format!("{}:log:{{{}}}", s.prefix, m.stream_id))
-        .arg(body.name())
-        .arg(serde_json::to_string(body).unwrap())
-        .arg("0")
         .arg(10_000)
         .arg(1 << 20)
         .arg(120_000)
         .arg(60_000)
         .arg(format!("{}:nowhere", s.prefix))
-        .arg("running")
         .arg(0)
         .arg(seq)
         .arg(s.dead.replica_id())
+        .arg(body.name())
+        .arg(serde_json::to_string(body).unwrap())
+        .arg("")
         .query_async(&mut conn(&redis_url()).await)
         .await
         .unwrap();

@@ -791,9 +791,12 @@ enum Ending {
 async fn exactly_once(database: &str, cases: usize) {
     let prefix = KeyPrefix::new();
     let mut config = base_config(database, &redis_url(), prefix.name());
+    // Long enough (about 50 ms) that the aborts and the lease lapse below, sent 0-30 ms
+    // after the start, land while the job streams: a job's appends are pipelined, so
+    // its length is its token clock's, not its store round trips'.
     config.models = vec![model(
         "priced",
-        json!({"tokens": 8, "token_delay": "2ms"}),
+        json!({"tokens": 10, "token_delay": "5ms"}),
         Some(PRICING),
     )];
     const START_MICRO: i64 = 1_000_000 * 1_000_000;

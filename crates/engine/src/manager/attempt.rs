@@ -296,6 +296,8 @@ impl JobRun {
         }))
         .await?;
         a.current = None;
+        // The block as it landed, so every emitted delta must have.
+        self.flush().await?;
         if let Some(crate::event::ContentPart::Think {
             think,
             signature: Some(signature),

@@ -44,6 +44,38 @@ impl JobContext {
         appended
     }
 
+    /// Appends a batch through the store
+    /// ([`EventLogStore::append_batch`](crate::store::EventLogStore::append_batch)),
+    /// riding out an outage like [`JobContext::append`]: a retry whose earlier try
+    /// landed (whole or in part) appends only what had not. `queued_at[i]` is when the
+    /// job emitted `bodies[i]`; the append-duration metric counts from then, so it
+    /// includes the wait behind the call in flight.
+    ///
+    /// Errors: as `append_batch`, once the grace is used up.
+    pub(super) async fn append_batch(
+        &self,
+        stream_id: &str,
+        bodies: &[EventBody],
+        queued_at: &[Instant],
+        expected: u64,
+    ) -> Result<crate::store::Appended, StoreError> {
+        use backon::Retryable;
+        let appended = (|| self.store.append_batch(stream_id, bodies, Some(expected)))
+            .retry(outage_backoff(self.config.store_outage_grace))
+            .sleep(tokio::time::sleep)
+            .when(StoreError::is_unavailable)
+            .notify(|e, wait| {
+                tracing::warn!(stream_id, error = %e, ?wait, "append failed; retrying");
+            })
+            .await;
+        if let Ok(a) = &appended {
+            for (body, at) in bodies.iter().zip(queued_at).take(a.count) {
+                crate::metrics::appended(body, at.elapsed());
+            }
+        }
+        appended
+    }
+
     /// [`JobCoordination::claim_end`](crate::store::JobCoordination::claim_end), riding
     /// out a store outage like [`JobContext::append`].
     pub(super) async fn claim_end(&self, stream_id: &str) -> Result<bool, StoreError> {

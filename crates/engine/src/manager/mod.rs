@@ -34,6 +34,7 @@ use crate::store::{JobMeta, JobStatus, JobStore, StoreError};
 use crate::usage::{UsageRecord, UsageTotals};
 use crate::{new_id, now_rfc3339};
 
+mod appender;
 mod attempt;
 mod client_tools;
 mod context;

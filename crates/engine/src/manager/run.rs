@@ -3,6 +3,7 @@
 //! into the log by `attempt.rs`), runs tool calls in a loop, and on every way out ends
 //! the job through [`super::ending::conclude`] and appends exactly one terminal event.
 
+use super::appender::Appender;
 use super::attempt::{Attempt, PendingCall};
 use super::ending::{Ending, conclude};
 use super::*;
@@ -43,8 +44,11 @@ pub(super) struct JobRun {
     /// The history sent upstream; grows by one assistant turn per tool round.
     pub(super) request: ModelRequest,
     pub(super) live: LiveSlot,
-    /// The fold of what this task appended: the answer so far.
+    /// The fold of what this task appended and saw land: the answer so far.
     pub(super) aggregate: Aggregate,
+    /// Sends the job's events to the store without waiting for each to land
+    /// (`appender.rs`); what lands comes back into `aggregate`.
+    appender: Appender,
     /// Next content index (back to an attempt's first when its steps are discarded).
     pub(super) next_index: u32,
     /// Next step id number (never reused).
@@ -54,6 +58,15 @@ pub(super) struct JobRun {
     /// The request's client tools, whose calls end the job instead of running
     /// (`client_tools.rs`).
     pub(super) client_tools: std::collections::HashSet<String>,
+}
+
+/// How a store error of an append ends the job.
+fn outcome_of(e: StoreError) -> Outcome {
+    match e {
+        StoreError::Append(AppendError::Full) => Outcome::LogFull,
+        StoreError::Append(AppendError::Ended) => Outcome::Ended,
+        e => Outcome::Internal(e.to_string()),
+    }
 }
 
 impl JobRun {
@@ -70,6 +83,7 @@ impl JobRun {
         let mut aggregate = Aggregate::default();
         aggregate.apply(0, created);
         JobRun {
+            appender: Appender::new(ctx.clone(), meta.stream_id.clone()),
             ctx,
             meta,
             title,
@@ -87,6 +101,12 @@ impl JobRun {
     /// Runs the job to its end; its live slot is freed when this returns.
     pub(super) async fn run(mut self) {
         let outcome = self.generate().await;
+        // What the job emitted lands before it ends; a store error of those events
+        // came first, so it decides how the job ends.
+        let outcome = match self.flush().await {
+            Ok(()) => outcome,
+            Err(o) => o,
+        };
         let stream_id = self.meta.stream_id.clone();
         if let Err(e) = self.finish(outcome).await {
             // The database failed while saving the answer: still end the log, so no
@@ -118,26 +138,49 @@ impl JobRun {
         &self.live.handles.cancel
     }
 
-    /// The seq the next append gets.
+    /// The seq the next emitted event gets: after what landed and what is on its way.
     fn next_seq(&self) -> u64 {
-        self.aggregate.last_seq().map_or(0, |s| s + 1)
+        self.aggregate.last_seq().map_or(0, |s| s + 1) + self.appender.pending() as u64
     }
 
+    /// Appends `body` to the job's log through its [`Appender`]: returns once it is
+    /// queued, not once it landed (it is in `aggregate` once it did).
+    ///
+    /// Errors: the outcome that ends the job when an earlier or this event could not
+    /// land (the log is full or ended, the store failed).
     pub(super) async fn emit(&mut self, body: EventBody) -> Result<(), Outcome> {
-        match self
-            .ctx
-            .append(&self.meta.stream_id, &body, self.next_seq())
+        let seq = self.next_seq();
+        let JobRun {
+            appender,
+            aggregate,
+            live,
+            ..
+        } = self;
+        let mut landed = |seq: u64, body: &EventBody| {
+            aggregate.apply(seq, body);
+            *live.handles.last_progress.lock() = Instant::now();
+        };
+        appender
+            .push(body, seq, &mut landed)
             .await
-        {
-            Ok(seq) => {
-                self.aggregate.apply(seq, &body);
-                *self.live.handles.last_progress.lock() = Instant::now();
-                Ok(())
-            }
-            Err(StoreError::Append(AppendError::Full)) => Err(Outcome::LogFull),
-            Err(StoreError::Append(AppendError::Ended)) => Err(Outcome::Ended),
-            Err(e) => Err(Outcome::Internal(e.to_string())),
-        }
+            .map_err(outcome_of)
+    }
+
+    /// Waits until every emitted event landed and is in `aggregate`.
+    ///
+    /// Errors: as [`JobRun::emit`].
+    pub(super) async fn flush(&mut self) -> Result<(), Outcome> {
+        let JobRun {
+            appender,
+            aggregate,
+            live,
+            ..
+        } = self;
+        let mut landed = |seq: u64, body: &EventBody| {
+            aggregate.apply(seq, body);
+            *live.handles.last_progress.lock() = Instant::now();
+        };
+        appender.flush(&mut landed).await.map_err(outcome_of)
     }
 
     /// The agent loop: model call (with retries), then the tools it asked for, until
@@ -334,6 +377,7 @@ impl JobRun {
                 return; // the log refuses more; the saved message still pairs them
             }
         }
+        let _ = self.flush().await; // likewise
     }
 
     /// Ends the job: closes open tool calls, takes the end claim (one writer per

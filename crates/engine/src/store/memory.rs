@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    AbortHandler, EventLogStore, IdempotencyClaim, IdempotencyStore, JobCoordination, JobMeta,
-    JobStatus, Orphan, OrphanReason, RangePage, RateLimitStore, StoreError,
+    AbortHandler, Appended, EventLogStore, IdempotencyClaim, IdempotencyStore, JobCoordination,
+    JobMeta, JobStatus, Orphan, OrphanReason, RangePage, RateLimitStore, StoreError,
 };
 use crate::event::EventBody;
 use crate::log::{EventLog, LogLimits};
@@ -178,6 +178,40 @@ impl EventLogStore for MemoryStore {
         // The status follows from the log itself, so it changes in the same step as the
         // terminal event lands (before any subscriber is woken).
         Ok(log.append(body)?.seq)
+    }
+
+    async fn append_batch(
+        &self,
+        stream_id: &str,
+        bodies: &[EventBody],
+        expected_first_seq: Option<u64>,
+    ) -> Result<Appended, StoreError> {
+        let log = {
+            let g = self.inner.lock();
+            match g.jobs.get(stream_id) {
+                Some((_, log)) => log.clone(),
+                None => return Err(StoreError::UnknownJob(stream_id.to_string())),
+            }
+        };
+        // Already in the log (one process: cannot happen, but keep the contract).
+        let skip = expected_first_seq.map_or(0, |e| log.len().saturating_sub(e) as usize);
+        let skip = skip.min(bodies.len());
+        let mut first_seq = expected_first_seq.filter(|_| skip > 0);
+        let mut count = skip;
+        for body in &bodies[skip..] {
+            match log.append(body) {
+                Ok(f) => {
+                    first_seq.get_or_insert(f.seq);
+                    count += 1;
+                }
+                Err(e) if count == 0 => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        Ok(Appended {
+            first_seq: first_seq.unwrap_or_else(|| log.len()),
+            count,
+        })
     }
 
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {

@@ -111,6 +111,14 @@ pub struct RangePage {
     pub ended: bool,
 }
 
+/// What [`EventLogStore::append_batch`] appended: `count` events (at least 1 unless
+/// the batch was empty), the first at seq `first_seq`, the rest right after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub first_seq: u64,
+    pub count: usize,
+}
+
 /// Jobs and their event logs.
 ///
 /// Errors: [`StoreError::Unavailable`] when the backing service fails; the other
@@ -153,6 +161,32 @@ pub trait EventLogStore: Send + Sync + 'static {
         body: &EventBody,
         expected_seq: Option<u64>,
     ) -> Result<u64, StoreError>;
+
+    /// Appends `bodies` (at least one) with consecutive seqs from the log's head, in one
+    /// atomic step per store call, and returns how many landed and the first one's seq
+    /// ([`Appended`]). The rules of [`EventLogStore::append`] hold for each event in
+    /// order (a terminal one sets the job's status in the same step, nothing follows a
+    /// terminal event), so a batch is the same as its events appended one by one.
+    ///
+    /// `expected_first_seq` is the seq the caller believes the first body gets. Where
+    /// the log is already past some of the batch, an earlier try of this very batch
+    /// landed (whole or in part) and its reply was lost: those events are not appended
+    /// again, only the rest is (the returned `first_seq` is then `expected_first_seq`).
+    ///
+    /// When an event cannot land (the log ended or is full), the events before it
+    /// stay appended and the call returns `Ok` with `count` short of `bodies.len()`;
+    /// only when the very first event cannot land does it fail, with the error
+    /// [`EventLogStore::append`] gives. So a caller that sends the rest again gets
+    /// that error, and never an error for events that did land.
+    ///
+    /// Errors: as [`EventLogStore::append`] (`AppendError::Encode` like an event
+    /// that cannot land).
+    async fn append_batch(
+        &self,
+        stream_id: &str,
+        bodies: &[EventBody],
+        expected_first_seq: Option<u64>,
+    ) -> Result<Appended, StoreError>;
 
     /// The log that this replica's subscribers read (the log itself in memory, a
     /// local mirror in Redis mode); `None` if the job is unknown or expired.
