@@ -35,6 +35,10 @@ pub struct StartsArgs {
     /// Starts sent first and not counted.
     #[arg(long, default_value_t = 100)]
     pub warmup: usize,
+    /// The database pool's connections (`pool.max_connections`); 0 = the default
+    /// (8 for SQLite, 16 for PostgreSQL).
+    #[arg(long, default_value_t = 0)]
+    pub pool: u32,
 }
 
 /// A fresh PostgreSQL database for one row, dropped afterwards.
@@ -121,6 +125,7 @@ pub fn run(args: &StartsArgs) -> Result<(), String> {
                 let store = if redis { redis_url() } else { "memory".to_string() };
                 let mut cfg = config(&store, &prefix, demo(1, Duration::from_millis(1)));
                 cfg.database = database;
+                cfg.pool.max_connections = args.pool;
                 let r = replica(&cfg).await?;
                 let tok = token(&r.state)?;
                 let base = format!("http://{}", r.addr);
