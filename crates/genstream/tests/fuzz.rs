@@ -28,16 +28,12 @@ use serde_json::{Value, json};
 const BIN: &str = env!("CARGO_BIN_EXE_genstream");
 
 fn schemathesis() -> PathBuf {
-    let venv = std::env::var_os("FUZZ_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fuzz-venv"));
-    let bin = venv.join("bin/schemathesis");
-    assert!(
-        bin.is_file(),
-        "fuzz test: the Python venv with `schemathesis` is missing ({}): run scripts/test, which installs it",
-        bin.display()
-    );
-    bin
+    genstream_test_support::services::installed(
+        "FUZZ_VENV",
+        "fuzz-venv",
+        "bin/schemathesis",
+        "fuzz test: the Python venv with `schemathesis`",
+    )
 }
 
 fn config(dir: &Path) -> PathBuf {
@@ -70,17 +66,9 @@ token_delay = "1ms"
 
 /// A `genstream key create` key for `user`.
 fn api_key(config: &Path, user: &str) -> String {
-    let out = Command::new(BIN)
-        .args(["key", "create", "--user", user, "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "genstream key create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    genstream_test_support::genstream_key(BIN, config, &["create", "--user", user])
+        .trim()
+        .to_string()
 }
 
 /// The ids the id-taking routes are fed with, made through the API itself.

@@ -20,16 +20,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_genstream");
 const TOOLS_MODEL: &str = "tools?calls=1";
 
 fn python() -> PathBuf {
-    let venv = std::env::var_os("OPENAI_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/openai-venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.is_file(),
-        "openai tests: the Python venv with the `openai` package is missing ({}): run scripts/test, which installs it",
-        python.display()
-    );
-    python
+    genstream_test_support::services::installed(
+        "OPENAI_VENV",
+        "openai-venv",
+        "bin/python",
+        "openai tests: the Python venv with the `openai` package",
+    )
 }
 
 fn config(dir: &Path, upstream: &str) -> PathBuf {
@@ -87,19 +83,7 @@ fn serve(config: &Path) -> ServerProcess {
 
 /// Runs `genstream key ARGS --config CONFIG`; its stdout.
 fn key(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("key")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "genstream key {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    genstream_test_support::genstream_key(BIN, config, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,6 +265,27 @@ impl Drop for Starting {
     }
 }
 
+/// Runs `BIN key ARGS --config CONFIG` (the `genstream key` command, `bin` being
+/// `env!("CARGO_BIN_EXE_genstream")`) and returns its stdout.
+///
+/// # Panics
+/// When the command fails, with its stderr.
+pub fn genstream_key(bin: &str, config: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin)
+        .arg("key")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin} key: {e}"));
+    assert!(
+        out.status.success(),
+        "genstream key {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{LISTENING, ServerProcess, secrets_in};

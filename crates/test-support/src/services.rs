@@ -117,6 +117,30 @@ fn host_port(service: Service, url: &str) -> String {
     }
 }
 
+/// An executable that `scripts/test` installs outside cargo (a Python venv's
+/// `bin/python`, `bin/schemathesis`, …): `rel` under the directory named by the
+/// environment variable `env`, or else under `default` (relative to the workspace's
+/// `target/`, e.g. `openai-venv`).
+///
+/// # Panics
+/// With one line naming `what` and `scripts/test` when the file is missing.
+pub fn installed(env: &str, default: &str, rel: &str, what: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os(env)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target")
+                .join(default)
+        });
+    let path = dir.join(rel);
+    assert!(
+        path.is_file(),
+        "{what} is missing ({}): run scripts/test, which installs it",
+        path.display()
+    );
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
