@@ -25,8 +25,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cluster::{
-    A, B, C, Cluster, USER, cluster, cluster_with, demo_model, drive_plans, frames_of, now_ms,
-    replica_config, samples,
+    A, B, C, Cluster, USER, cluster, cluster_on, cluster_with, demo_model, drive_plans, frames_of,
+    now_ms, replica_config, samples,
 };
 use common::token;
 use futures::StreamExt;
@@ -35,7 +35,7 @@ use genstream_engine::event::Event;
 use genstream_server::app;
 use genstream_server::config::ModelConfig;
 use genstream_server::serve::build_state;
-use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url, wait_until};
+use genstream_test_support::{KeyPrefix, OwnRedisCluster, Served, TestDb, redis_url, wait_until};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -517,10 +517,26 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
 /// byte for byte what Redis holds: no gap, no duplicate, one terminal event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_replicas_answer_from_redis_while_the_job_appends() {
-    let cl = cluster(vec![demo_model(
-        "long",
-        json!({"tokens": 2500, "token_delay": "1ms"}),
-    )])
+    cold_replicas_resume(&redis_url()).await;
+}
+
+/// The same on a Redis Cluster of three primaries (`redis+cluster://`): the page reads
+/// (`HMGET` + `XRANGE`, one slot), the mirrors' sharded channels and the healer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_replicas_answer_from_redis_while_the_job_appends_on_a_cluster() {
+    let redis = OwnRedisCluster::start();
+    cold_replicas_resume(&redis.url()).await;
+}
+
+async fn cold_replicas_resume(store: &str) {
+    let cl = cluster_on(
+        store,
+        vec![demo_model(
+            "long",
+            json!({"tokens": 2500, "token_delay": "1ms"}),
+        )],
+        |_| {},
+    )
     .await;
     let mut runner = TestRunner::default();
     let mut read_while_running = 0;

@@ -56,25 +56,40 @@ impl KeyPrefix {
         &self.name
     }
 
-    /// A new connection to its Redis.
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+    /// One command on its Redis: on one Redis, or routed by key on the Redis Cluster a
+    /// `redis+cluster://host:port,...` URL names.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        match cluster_nodes(&self.url) {
+            Some(nodes) => {
+                let mut conn = redis::cluster::ClusterClient::new(nodes)
+                    .unwrap()
+                    .get_async_connection()
+                    .await
+                    .unwrap();
+                cmd.query_async(&mut conn).await.unwrap()
+            }
+            None => {
+                let mut conn = redis::Client::open(self.url.as_str())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                cmd.query_async(&mut conn).await.unwrap()
+            }
+        }
     }
 
     /// The job's log as Redis holds it (`P:log:{sid}`): each entry's frame bytes, in
     /// order. Asserts that entry ids are `0-(seq+1)`.
     pub async fn log(&self, sid: &str) -> Vec<Vec<u8>> {
-        let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-            .arg(format!("{}:log:{{{sid}}}", self.name))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.conn().await)
-            .await
-            .unwrap();
+        let entries: Vec<(String, HashMap<String, Vec<u8>>)> = self
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(format!("{}:log:{{{sid}}}", self.name))
+                    .arg("-")
+                    .arg("+"),
+            )
+            .await;
         entries
             .into_iter()
             .enumerate()
@@ -87,21 +102,18 @@ impl KeyPrefix {
 
     /// Whether the key `P:{rest}` exists, e.g. `replica:{rid}` (a replica's lease).
     pub async fn exists(&self, rest: &str) -> bool {
-        redis::cmd("EXISTS")
-            .arg(format!("{}:{rest}", self.name))
-            .query_async(&mut self.conn().await)
+        self.query(redis::cmd("EXISTS").arg(format!("{}:{rest}", self.name)))
             .await
-            .unwrap()
     }
 
     /// A field of the job's hash (`P:job:{sid}`).
     pub async fn job_field(&self, sid: &str, field: &str) -> Option<String> {
-        redis::cmd("HGET")
-            .arg(format!("{}:job:{{{sid}}}", self.name))
-            .arg(field)
-            .query_async(&mut self.conn().await)
-            .await
-            .unwrap()
+        self.query(
+            redis::cmd("HGET")
+                .arg(format!("{}:job:{{{sid}}}", self.name))
+                .arg(field),
+        )
+        .await
     }
 }
 
@@ -113,6 +125,10 @@ impl Default for KeyPrefix {
 
 impl Drop for KeyPrefix {
     fn drop(&mut self) {
+        if cluster_nodes(&self.url).is_some() {
+            // A Cluster here is a test's own (`OwnRedisCluster`): its keys go with it.
+            return;
+        }
         let Ok(client) = redis::Client::open(self.url.as_str()) else {
             return;
         };
@@ -252,6 +268,19 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The `redis://host:port` of each node a `redis+cluster://host:port,...` URL names;
+/// `None` for any other URL.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let hosts = url.strip_prefix("redis+cluster://")?;
+    Some(
+        hosts
+            .trim_end_matches('/')
+            .split(',')
+            .map(|h| format!("redis://{h}"))
+            .collect(),
+    )
 }
 
 /// A port nobody listens on now.
