@@ -605,6 +605,117 @@ async fn cold_replicas_resume(store: &str) {
     );
 }
 
+/// A Redis Cluster primary fails over to its replica (`CLUSTER FAILOVER`) while jobs
+/// stream on three replicas, each job read live from another replica than its owner:
+/// every event a reader got is in the final log at its seq, byte for byte (nothing
+/// acknowledged is lost, nothing is duplicated), the log's seqs are strict, and every
+/// job ends with exactly one terminal event, `final` or an explicit `error`, that its
+/// reader got too (no job ends silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_while_jobs_stream_loses_nothing_acknowledged() {
+    const JOBS: usize = 9;
+    let redis = OwnRedisCluster::start_with_replica();
+    let cl = cluster_on(
+        &redis.url(),
+        vec![demo_model(
+            "long",
+            json!({"tokens": 2000, "token_delay": "4ms"}),
+        )],
+        |_| {},
+    )
+    .await;
+    let mut sids = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..JOBS {
+        let v = cl.start(i % 3, &format!("failover {i}"), "long").await;
+        let sid = v["streamId"].as_str().unwrap().to_string();
+        let (http, addr, s) = (cl.http.clone(), cl.replicas[(i + 1) % 3].addr, sid.clone());
+        readers.push(tokio::spawn(async move {
+            one_connection(&http, addr, &s, Mode::LastEventId, None, usize::MAX).await
+        }));
+        sids.push(sid);
+    }
+    // Every job streams when the failover begins (the last one started does).
+    let last = sids.last().unwrap();
+    wait_until(Duration::from_secs(20), "20 events appended", || async {
+        cl.prefix
+            .job_field(last, "len")
+            .await
+            .is_some_and(|l| l.parse::<u64>().unwrap() >= 20)
+    })
+    .await;
+    let failover_ms = now_ms();
+    let failover_began = Instant::now();
+    tokio::task::block_in_place(|| redis.fail_over());
+    let failover_took = failover_began.elapsed();
+    let got = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(readers))
+        .await
+        .expect("every reader's stream ends");
+    let (mut errors, mut moved, mut moved_running) = (0, 0, 0);
+    for (sid, got) in sids.iter().zip(got) {
+        let got = got.unwrap();
+        // Strict seqs: `log` asserts entry ids 0-(seq+1).
+        let stored = cl.prefix.log(sid).await;
+        assert!(
+            got.len() <= stored.len(),
+            "{sid}: the reader got {} events, the log holds {}",
+            got.len(),
+            stored.len()
+        );
+        for (i, (f, s)) in got.iter().zip(&stored).enumerate() {
+            assert_eq!(f.id, Some(i as u64), "{sid}: seq {i}");
+            assert_eq!(f.raw, *s, "{sid}: event {i} is not what the log holds");
+        }
+        let terminals: Vec<_> = stored
+            .iter()
+            .enumerate()
+            .filter(|(_, raw)| {
+                raw.starts_with(b"id: ") && {
+                    let text = String::from_utf8_lossy(raw);
+                    text.contains("\nevent: final\n") || text.contains("\nevent: error\n")
+                }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            terminals,
+            vec![stored.len() - 1],
+            "{sid}: one terminal event, last"
+        );
+        let last = got.last().expect("events");
+        assert!(
+            last.is_terminal(),
+            "{sid}: the reader's stream ended without its end"
+        );
+        assert_eq!(
+            got.len(),
+            stored.len(),
+            "{sid}: the reader got the whole log"
+        );
+        errors += usize::from(last.event.as_deref() == Some("error"));
+        // In the failed-over slots, and still running when the failover began.
+        let finished: u64 = cl
+            .prefix
+            .job_field(sid, "finishedAt")
+            .await
+            .unwrap()
+            .parse()
+            .unwrap();
+        if redis.on_first_primary(&format!("{}:job:{{{sid}}}", cl.prefix.name())) {
+            moved += 1;
+            moved_running += usize::from(finished > failover_ms);
+        }
+    }
+    eprintln!(
+        "{JOBS} jobs, {moved} in the failed-over primary's slots, {moved_running} of them \
+         running at the failover (took {failover_took:?}), {errors} ended with an error"
+    );
+    assert!(
+        moved_running >= 1,
+        "no job of the failed-over slots ran at the failover; the test lost its point"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Abort across replicas.
 

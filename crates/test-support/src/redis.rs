@@ -399,6 +399,14 @@ impl OwnRedisCluster {
         }
     }
 
+    /// Whether `key` lies in the first primary's slots (0 to 5460: `redis-cli --cluster
+    /// create` gives the three primaries the slots in equal ranges, in order), the ones
+    /// [`OwnRedisCluster::fail_over`] moves to the replica.
+    pub fn on_first_primary(&self, key: &str) -> bool {
+        let slot: i64 = query(self.nodes[1].port, &["CLUSTER", "KEYSLOT", key]);
+        slot <= 5460
+    }
+
     /// Polls `cmd arg` on the node at `port` until its reply contains `text` (20 s at
     /// most).
     fn wait_for(&self, port: u16, text: &str, cmd: &str, arg: &str) {
