@@ -194,6 +194,10 @@ pub(crate) enum Published {
     /// A Cluster node's pub/sub connection dropped: the cluster connection reconnects
     /// and re-subscribes by itself, but what was published meanwhile is lost.
     NodeLost,
+    /// A sharded channel is no longer subscribed: our own `SUNSUBSCRIBE`, or the node
+    /// dropped it because the channel's slot moved (a failover, a resharding), which the
+    /// cluster connection does not undo by itself.
+    ShardUnsubscribed { channel: String },
 }
 
 /// The receiving half of a pub/sub connection.
@@ -225,6 +229,13 @@ impl PubSubFeed {
                         }
                     }
                     PushKind::Disconnection => return Some(Published::NodeLost),
+                    PushKind::SUnsubscribe => {
+                        if let Some(Value::BulkString(ch)) = push.data.into_iter().next() {
+                            return Some(Published::ShardUnsubscribed {
+                                channel: String::from_utf8_lossy(&ch).into_owned(),
+                            });
+                        }
+                    }
                     // Subscription confirmations and the like.
                     _ => {}
                 }

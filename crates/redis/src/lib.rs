@@ -1,7 +1,8 @@
 //! The Redis job store: many replicas, one set of logs (docs/protocol.md §3–§5).
 //!
 //! # Modules
-//! - this file: [`RedisConfig`], [`RedisStore`] and its connection, key names;
+//! - this file: [`RedisConfig`], [`RedisStore`], key names;
+//! - `conn`: the connections, to one Redis or to a Redis Cluster, behind one type each;
 //! - `jobs`: [`EventLogStore`](genstream_engine::store::EventLogStore) — registering a
 //!   job, its metadata, the append, opening a log;
 //! - `coordination`: [`JobCoordination`](genstream_engine::store::JobCoordination) —
@@ -29,19 +30,37 @@
 //! | `P:idem:{key}` | hash | an idempotency key's claim: request hash `h`, holder token `t`, the start's ids `v` once filled (TTL: the claim TTL, then the idempotency TTL, 24 h by default) |
 //! | `P:rlw:{key}` | sorted set | a rate limit's hits in its window (member: a hit id, score: Redis `TIME` in µs) |
 //!
-//! Channels: `P:ch:{sid}` carries each appended frame, `P:ctl:abort` carries abort
-//! requests (a stream id) to whichever replica owns the job.
+//! Channels: `P:ch:sid` carries each appended frame (on a Cluster the sharded channel
+//! `P:ch:{sid}`, in the job's slot), `P:ctl:abort` carries abort requests (a stream id)
+//! to whichever replica owns the job.
 //!
 //! # Appending
 //! One server-side step, the Redis Function `genstream_append_batch_v3` (`append.lua`),
 //! for a batch of events (a job's appender sends what queued behind the call in
-//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH of
-//! each event together, so there is never a seq without a log entry or an entry without
-//! a publish, and two writers racing to end a job produce exactly one terminal event.
+//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH
+//! (`SPUBLISH` on a Cluster) of each event together, so there is never a seq without
+//! a log entry or an entry without a publish, and two writers racing to end a job
+//! produce exactly one terminal event.
 //! The frame is built in Lua, so every replica serves the very bytes that were
 //! published. One `FCALL` per batch; if Redis lost the functions
 //! (a restart without persistence, `FUNCTION FLUSH`, a failover) the call loads them
 //! again and retries once.
+//!
+//! # Redis Cluster
+//! With a `redis+cluster://host:port,...` URL the store runs on a Redis Cluster: the
+//! command connection is a `cluster_async::ClusterConnection` (`conn`), and no call
+//! crosses slots. A job's keys share `{sid}`; the conversation, user, idempotency and
+//! rate-limit keys are each touched alone; what a pipeline or `MULTI` joined across
+//! slots on one Redis (creating a job: hash and `P:running`; undoing it; freeing the
+//! running sets; the reaper's, healer's and lease reads) becomes separate calls
+//! (`query_each`). Only creation loses atomicity: the hash goes first, then the set, so
+//! a replica dying in between leaves a hash nobody waits for (nothing else was taken
+//! yet, the caller never got the job) that expires. The function library is loaded on
+//! every primary, with frames published by `SPUBLISH` to the job's sharded channel;
+//! abort requests stay a plain `PUBLISH` (it reaches every node's subscribers). When a
+//! job's slot moves, its node drops the sharded subscription: the dispatcher then
+//! replaces the pub/sub connection (a fresh topology), re-subscribes and re-reads every
+//! mirror. ARCHITECTURE.md, "Redis Cluster", has the whole of it.
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's

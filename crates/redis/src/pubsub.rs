@@ -67,6 +67,23 @@ impl RedisStore {
                         });
                         continue;
                     }
+                    Some(Published::ShardUnsubscribed { channel }) => {
+                        // A live mirror's channel, so not our own unsubscribe (a mirror
+                        // leaves the map before it is unsubscribed): its slot moved to
+                        // another primary. Subscribing again on this connection would
+                        // go by its stale slot map, to the old primary, now a replica
+                        // that takes the subscription but gets no frames. A new
+                        // connection learns the topology afresh, subscribes every
+                        // mirror's channel, and the mirrors are re-read.
+                        let live = self
+                            .channel_sid(&channel)
+                            .is_some_and(|sid| self.inner.mirrors.lock().contains_key(sid));
+                        if live {
+                            tracing::info!(channel, "a job channel's slot moved; resubscribing");
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 if channel == ctl {
                     if let Ok(sid) = std::str::from_utf8(&payload) {

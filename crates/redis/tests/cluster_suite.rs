@@ -149,3 +149,60 @@ async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
     writer.close();
     reader.close();
 }
+
+/// After a failover moves a primary's slots to its replica, frames published there
+/// still reach another replica's mirrors by pub/sub (the healer is off): the sharded
+/// subscriptions follow the slots to their new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_subscriptions_follow_a_failover() {
+    use genstream_engine::store::EventLogStore;
+    let cluster = OwnRedisCluster::start_with_replica();
+    let mut cfg = config(&cluster.url());
+    cfg.heal_interval = Duration::from_secs(3600);
+    let writer = RedisStore::connect(cfg.clone()).await.unwrap();
+    let reader = RedisStore::connect(cfg.clone()).await.unwrap();
+    let mut jobs = Vec::new();
+    while jobs.len() < 3 {
+        let m = job();
+        if cluster.on_first_primary(&format!("{}:job:{{{}}}", cfg.key_prefix, m.stream_id)) {
+            jobs.push(m);
+        }
+    }
+    let mut logs = Vec::new();
+    for m in &jobs {
+        writer.create_job(m).await.unwrap();
+        writer
+            .append(&m.stream_id, &delta("a"), Some(0))
+            .await
+            .unwrap();
+        logs.push(reader.open_log(&m.stream_id).await.unwrap().unwrap());
+    }
+    tokio::task::block_in_place(|| cluster.fail_over());
+    for m in &jobs {
+        for seq in 1..5 {
+            writer
+                .append(&m.stream_id, &delta(&format!("e{seq}")), Some(seq))
+                .await
+                .unwrap();
+        }
+    }
+    for (m, log) in jobs.iter().zip(&logs) {
+        let reached = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut rx = log.watch();
+            while log.len() < 5 {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok() && log.len() == 5,
+            "job {} mirror has {}",
+            m.stream_id,
+            log.len()
+        );
+    }
+    writer.close();
+    reader.close();
+}
