@@ -430,3 +430,31 @@ fn cluster_library_publishes_frames_sharded() {
         cluster.matches("'PUBLISH'").count()
     );
 }
+
+/// A `redis+cluster://` URL names each seed node; credentials before the hosts apply
+/// to every node; a URL without a node is refused at once.
+#[test]
+fn cluster_urls_name_every_seed_node() {
+    use crate::conn::Target;
+    let Ok(Target::Cluster(nodes)) = Target::open("redis+cluster://u:pw@a:7000, b:7001,c:7002/")
+    else {
+        panic!("a cluster target");
+    };
+    assert_eq!(
+        nodes,
+        [
+            "redis://u:pw@a:7000",
+            "redis://u:pw@b:7001",
+            "redis://u:pw@c:7002"
+        ]
+    );
+    assert!(Target::open("redis+cluster://").is_err());
+    assert!(matches!(
+        Target::open("redis://127.0.0.1:6379"),
+        Ok(Target::Single(_))
+    ));
+    assert_eq!(
+        redact_url("redis+cluster://u:secret@a:7000,b:7001"),
+        "redis+cluster://u:***@a:7000,b:7001"
+    );
+}
