@@ -14,6 +14,8 @@
 //!   #11433): the partial answer is saved before the answer, the owner stops, one
 //!   terminal event, repeat gives the same body, a finished job is 409.
 //! - Two reapers racing to end the same orphaned jobs: one terminal event per job.
+//! - On a Redis Cluster of the test's own (`OwnRedisCluster`): the 300 resume plans, the
+//!   cold-replica reads, and a primary failing over while jobs stream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/cluster.rs"]
@@ -347,10 +349,21 @@ fn property_models() -> Vec<ModelConfig> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_across_three_replicas_300_plans() {
+    resume_across_three_replicas(&redis_url()).await;
+}
+
+/// The same 300 plans with the three replicas on a Redis Cluster of three primaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_across_three_replicas_300_plans_on_a_cluster() {
+    let redis = OwnRedisCluster::start();
+    resume_across_three_replicas(&redis.url()).await;
+}
+
+async fn resume_across_three_replicas(store: &str) {
     const PLANS: usize = 300;
     const READERS_PER_JOB: usize = 5;
     let started_at = Instant::now();
-    let cl = cluster(property_models()).await;
+    let cl = cluster_on(store, property_models(), |_| {}).await;
     let addrs: Vec<SocketAddr> = cl.replicas.iter().map(|r| r.addr).collect();
     let (runs, finished_at_ms) = drive_plans(
         &plans(PLANS),
