@@ -626,8 +626,20 @@ async fn cold_replicas_resume(store: &str) {
 /// reader got too (no job ends silently).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_failover_while_jobs_stream_loses_nothing_acknowledged() {
+    cluster_failover(false).await;
+}
+
+/// The same when the primary is killed and its replica promoted (after
+/// `cluster-node-timeout`, 2 s here): appends to its slots fail meanwhile and are
+/// retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cluster_primary_while_jobs_stream_loses_nothing_acknowledged() {
+    cluster_failover(true).await;
+}
+
+async fn cluster_failover(kill: bool) {
     const JOBS: usize = 9;
-    let redis = OwnRedisCluster::start_with_replica();
+    let mut redis = OwnRedisCluster::start_with_replica();
     let cl = cluster_on(
         &redis.url(),
         vec![demo_model(
@@ -659,11 +671,33 @@ async fn a_cluster_failover_while_jobs_stream_loses_nothing_acknowledged() {
     .await;
     let failover_ms = now_ms();
     let failover_began = Instant::now();
-    tokio::task::block_in_place(|| redis.fail_over());
+    tokio::task::block_in_place(|| {
+        if kill {
+            redis.kill_first_primary();
+        } else {
+            redis.fail_over();
+        }
+    });
     let failover_took = failover_began.elapsed();
-    let got = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(readers))
-        .await
-        .expect("every reader's stream ends");
+    let readers_done =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(readers)).await;
+    let Ok(got) = readers_done else {
+        for (i, sid) in sids.iter().enumerate() {
+            let mirrors: Vec<Option<u64>> = cl
+                .replicas
+                .iter()
+                .map(|r| r.state.manager.store().ready_log(sid).map(|l| l.len()))
+                .collect();
+            eprintln!(
+                "job {i} {sid}: len {:?} ended {:?} owner replica {} reader replica {}, mirrors {mirrors:?}",
+                cl.prefix.job_field(sid, "len").await,
+                cl.prefix.job_field(sid, "ended").await,
+                i % 3,
+                (i + 1) % 3
+            );
+        }
+        panic!("a reader's stream did not end within 60 s of the failover");
+    };
     let (mut errors, mut moved, mut moved_running) = (0, 0, 0);
     for (sid, got) in sids.iter().zip(got) {
         let got = got.unwrap();

@@ -407,6 +407,22 @@ impl OwnRedisCluster {
         slot <= 5460
     }
 
+    /// Kills the first primary (SIGKILL): its replica is promoted once the others judge
+    /// it failed (`cluster-node-timeout` 2 s, then an election). Returns once the replica
+    /// is primary and the live nodes report `cluster_state:ok`. Writes the replica had
+    /// not received (replication is asynchronous) are lost.
+    ///
+    /// # Panics
+    /// Without a replica, or if the promotion does not finish within 20 s.
+    pub fn kill_first_primary(&mut self) {
+        let replica = self.nodes.get(3).expect("a cluster with a replica").port;
+        self.nodes[0].kill();
+        self.wait_for(replica, "role:master", "INFO", "replication");
+        for n in &self.nodes[1..] {
+            self.wait_for(n.port, "cluster_state:ok", "CLUSTER", "INFO");
+        }
+    }
+
     /// Polls `cmd arg` on the node at `port` until its reply contains `text` (20 s at
     /// most).
     fn wait_for(&self, port: u16, text: &str, cmd: &str, arg: &str) {
