@@ -110,14 +110,15 @@ impl JobCoordination for RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.hgetall(self.key("job", id));
-        }
-        let hashes: Vec<HashMap<String, String>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(store_err)?;
+        let cmds = ids
+            .iter()
+            .map(|id| {
+                let mut c = redis::cmd("HGETALL");
+                c.arg(self.key("job", id));
+                c
+            })
+            .collect();
+        let hashes: Vec<HashMap<String, String>> = self.query_each(cmds).await?;
         // Whose claims and leases matter, then one round trip for the leases and one
         // for the Redis clock (claim ages are stamped with it).
         let mut running = Vec::new();

@@ -1,9 +1,9 @@
 //! genstream's Redis function library (`append.lua`): its name and functions, loading
 //! it, and calling a function with one reload if Redis lost the library.
 
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Value};
 
+use crate::conn::Conn;
 use crate::{RedisStore, StoreError, store_err};
 
 /// The Redis function library; its name carries the version.
@@ -42,21 +42,23 @@ impl RedisStore {
         }
     }
 
-    /// Loads the function library unless Redis has it.
+    /// Loads the function library unless Redis (on a Cluster: every primary) has it.
     pub(crate) async fn ensure_library(&self) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let found: Value = redis::cmd("FUNCTION")
-            .arg("LIST")
-            .arg("LIBRARYNAME")
-            .arg(LIBRARY_NAME)
-            .query_async(&mut conn)
+        let found = conn
+            .on_all_primaries(
+                redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg(LIBRARY_NAME),
+            )
             .await
             .map_err(store_err)?;
-        let loaded = match &found {
+        let loaded = found.iter().all(|v| match v {
             Value::Array(libs) => !libs.is_empty(),
             Value::Set(libs) => !libs.is_empty(),
             _ => false,
-        };
+        });
         if !loaded {
             tracing::warn!("Redis does not have genstream's functions; loading them");
             load_library(&mut conn).await?;
@@ -70,12 +72,34 @@ pub(crate) fn is_missing_function(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 
-/// `FUNCTION LOAD REPLACE` of the library.
-pub(crate) async fn load_library(conn: &mut ConnectionManager) -> Result<(), StoreError> {
+/// The library as a Cluster loads it: each job's frames go out with `SPUBLISH` on its
+/// sharded channel `P:ch:{sid}`, which lies in the job's slot (a function may only
+/// publish to a shard channel of its keys' slot), instead of `PUBLISH`. Everything else
+/// is the same text, so the two cannot drift apart; the abort request stays a plain
+/// `PUBLISH` (it must reach every replica, whichever node it listens on).
+pub(crate) fn cluster_library() -> String {
+    LIBRARY.replace(
+        FRAME_PUBLISH,
+        &FRAME_PUBLISH.replace("'PUBLISH'", "'SPUBLISH'"),
+    )
+}
+
+/// How `append.lua` publishes a frame to the job's channel (ARGV[5]).
+pub(crate) const FRAME_PUBLISH: &str = "redis.call('PUBLISH', args[5]";
+
+/// `FUNCTION LOAD REPLACE` of the library: on one Redis, [`LIBRARY`]; on a Cluster,
+/// [`cluster_library`] on every primary (the cluster connection routes `FUNCTION LOAD`
+/// to all of them). Replicas get the functions by replication.
+pub(crate) async fn load_library(conn: &mut Conn) -> Result<(), StoreError> {
+    let text = if conn.is_cluster() {
+        cluster_library()
+    } else {
+        LIBRARY.to_string()
+    };
     let _: Value = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(LIBRARY)
+        .arg(text)
         .query_async(conn)
         .await
         .map_err(|e| {

@@ -109,8 +109,8 @@ impl EventLogStore for RedisStore {
         // ends it.
         let job_key = self.key("job", &meta.stream_id);
         let ttl_ms = self.inner.cfg.running_ttl.as_millis() as u64;
-        let registered: redis::RedisResult<()> = redis::pipe()
-            .atomic()
+        let mut hash = redis::pipe();
+        hash.atomic()
             .hset_multiple(
                 &job_key,
                 &[
@@ -131,24 +131,33 @@ impl EventLogStore for RedisStore {
             )
             .ignore()
             .pexpire(&job_key, ttl_ms as i64)
-            .ignore()
-            .sadd(self.running_key(), &meta.stream_id)
-            .ignore()
-            .query_async(&mut self.conn())
-            .await;
+            .ignore();
+        let registered: redis::RedisResult<()> = if self.is_cluster() {
+            // The hash and the global set lie in different slots: the hash first, then
+            // the set. A replica that dies between the two leaves a hash no set names,
+            // no conversation nor user slot taken yet (those come after), and its
+            // caller never got the job: nothing waits for it, and it expires.
+            match hash.query_async::<()>(&mut self.conn()).await {
+                Ok(()) => self.conn().sadd(self.running_key(), &meta.stream_id).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            hash.sadd(self.running_key(), &meta.stream_id)
+                .ignore()
+                .query_async(&mut self.conn())
+                .await
+        };
         let result = match registered {
             Ok(()) => self.create_steps(meta).await,
             Err(e) => Err(store_err(e)),
         };
         if result.is_err() {
-            let undone: redis::RedisResult<()> = redis::pipe()
-                .srem(self.user_running_key(&meta.user_id), &meta.stream_id)
-                .ignore()
-                .srem(self.running_key(), &meta.stream_id)
-                .ignore()
-                .del(&job_key)
-                .ignore()
-                .query_async(&mut self.conn())
+            let undone: Result<Vec<redis::Value>, StoreError> = self
+                .query_each(vec![
+                    srem(&self.user_running_key(&meta.user_id), &meta.stream_id),
+                    srem(&self.running_key(), &meta.stream_id),
+                    redis::cmd("DEL").arg(&job_key).clone(),
+                ])
                 .await;
             if let Err(e) = undone {
                 tracing::warn!(stream_id = %meta.stream_id, error = %e,
@@ -279,12 +288,11 @@ impl EventLogStore for RedisStore {
                     && !frames.is_empty()
                     && let Some((meta, _)) = self.meta(stream_id).await?
                 {
-                    let freed: redis::RedisResult<()> = redis::pipe()
-                        .srem(self.user_running_key(&meta.user_id), stream_id)
-                        .ignore()
-                        .srem(self.running_key(), stream_id)
-                        .ignore()
-                        .query_async(&mut self.conn())
+                    let freed: Result<Vec<redis::Value>, StoreError> = self
+                        .query_each(vec![
+                            srem(&self.user_running_key(&meta.user_id), stream_id),
+                            srem(&self.running_key(), stream_id),
+                        ])
                         .await;
                     // Not an error of the append (it landed): both sets heal themselves,
                     // dropping ids of ended jobs when they are next read.
@@ -340,7 +348,7 @@ impl EventLogStore for RedisStore {
                     match sink.as_mut() {
                         Some(s) => tokio::time::timeout(
                             self.inner.cfg.timeout,
-                            s.subscribe(self.channel(stream_id)),
+                            s.subscribe_jobs(std::slice::from_ref(&self.channel(stream_id))),
                         )
                         .await
                         .map_err(|_| store_err("pub/sub subscribe timed out"))?
@@ -440,6 +448,13 @@ pub(crate) fn meta_of(h: &HashMap<String, String>) -> Option<JobMeta> {
         created_at: g("createdAt")?,
         webhook_url: g("webhookUrl").filter(|u| !u.is_empty()),
     })
+}
+
+/// `SREM set member`.
+fn srem(set: &str, member: &str) -> redis::Cmd {
+    let mut c = redis::cmd("SREM");
+    c.arg(set).arg(member);
+    c
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
-use crate::{RedisStore, StoreError, command_connection, store_err};
+use crate::{RedisStore, StoreError, store_err};
 
 impl RedisStore {
     pub(crate) async fn renew_lease(&self) -> Result<(), StoreError> {
@@ -44,7 +44,12 @@ impl RedisStore {
                     tracing::warn!(error = %e, "could not renew the replica lease");
                     timeouts = if e.is_timeout() { timeouts + 1 } else { 0 };
                     if timeouts >= 2 {
-                        match command_connection(&self.inner.client, self.inner.cfg.timeout).await {
+                        match self
+                            .inner
+                            .target
+                            .command_connection(self.inner.cfg.timeout)
+                            .await
+                        {
                             Ok(c) => {
                                 tracing::warn!(
                                     "the Redis command connection stopped answering; replaced it"
@@ -88,14 +93,16 @@ impl RedisStore {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.exists(self.lease_key(id));
-        }
-        let alive: Vec<bool> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(store_err)?;
+        // Leases lie in different Cluster slots: `query_each`.
+        let cmds = ids
+            .iter()
+            .map(|id| {
+                let mut c = redis::cmd("EXISTS");
+                c.arg(self.lease_key(id));
+                c
+            })
+            .collect();
+        let alive: Vec<bool> = self.query_each(cmds).await?;
         Ok(ids.iter().cloned().zip(alive).collect())
     }
 }

@@ -1,7 +1,8 @@
 //! The Redis job store: many replicas, one set of logs (docs/protocol.md §3–§5).
 //!
 //! # Modules
-//! - this file: [`RedisConfig`], [`RedisStore`] and its connection, key names;
+//! - this file: [`RedisConfig`], [`RedisStore`], key names;
+//! - `conn`: the connections, to one Redis or to a Redis Cluster, behind one type each;
 //! - `jobs`: [`EventLogStore`](genstream_engine::store::EventLogStore) — registering a
 //!   job, its metadata, the append, opening a log;
 //! - `coordination`: [`JobCoordination`](genstream_engine::store::JobCoordination) —
@@ -29,19 +30,37 @@
 //! | `P:idem:{key}` | hash | an idempotency key's claim: request hash `h`, holder token `t`, the start's ids `v` once filled (TTL: the claim TTL, then the idempotency TTL, 24 h by default) |
 //! | `P:rlw:{key}` | sorted set | a rate limit's hits in its window (member: a hit id, score: Redis `TIME` in µs) |
 //!
-//! Channels: `P:ch:{sid}` carries each appended frame, `P:ctl:abort` carries abort
-//! requests (a stream id) to whichever replica owns the job.
+//! Channels: `P:ch:sid` carries each appended frame (on a Cluster the sharded channel
+//! `P:ch:{sid}`, in the job's slot), `P:ctl:abort` carries abort requests (a stream id)
+//! to whichever replica owns the job.
 //!
 //! # Appending
 //! One server-side step, the Redis Function `genstream_append_batch_v3` (`append.lua`),
 //! for a batch of events (a job's appender sends what queued behind the call in
-//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH of
-//! each event together, so there is never a seq without a log entry or an entry without
-//! a publish, and two writers racing to end a job produce exactly one terminal event.
+//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH
+//! (`SPUBLISH` on a Cluster) of each event together, so there is never a seq without
+//! a log entry or an entry without a publish, and two writers racing to end a job
+//! produce exactly one terminal event.
 //! The frame is built in Lua, so every replica serves the very bytes that were
 //! published. One `FCALL` per batch; if Redis lost the functions
 //! (a restart without persistence, `FUNCTION FLUSH`, a failover) the call loads them
 //! again and retries once.
+//!
+//! # Redis Cluster
+//! With a `redis+cluster://host:port,...` URL the store runs on a Redis Cluster: the
+//! command connection is a `cluster_async::ClusterConnection` (`conn`), and no call
+//! crosses slots. A job's keys share `{sid}`; the conversation, user, idempotency and
+//! rate-limit keys are each touched alone; what a pipeline or `MULTI` joined across
+//! slots on one Redis (creating a job: hash and `P:running`; undoing it; freeing the
+//! running sets; the reaper's, healer's and lease reads) becomes separate calls
+//! (`query_each`). Only creation loses atomicity: the hash goes first, then the set, so
+//! a replica dying in between leaves a hash nobody waits for (nothing else was taken
+//! yet, the caller never got the job) that expires. The function library is loaded on
+//! every primary, with frames published by `SPUBLISH` to the job's sharded channel;
+//! abort requests stay a plain `PUBLISH` (it reaches every node's subscribers). When a
+//! job's slot moves, its node drops the sharded subscription: the dispatcher then
+//! replaces the pub/sub connection (a fresh topology), re-subscribes and re-reads every
+//! mirror. ARCHITECTURE.md, "Redis Cluster", has the whole of it.
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's
@@ -76,13 +95,16 @@ use genstream_engine::error::BoxError;
 use genstream_engine::log::LogLimits;
 use genstream_engine::store::{AbortHandler, StoreError};
 use parking_lot::{Mutex, RwLock};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::{Conn, PubSubSink, Target};
 use crate::functions::load_library;
 use crate::mirror::Mirror;
 
+pub use crate::conn::CLUSTER_SCHEME;
+
+mod conn;
 mod coordination;
 mod functions;
 mod idempotency;
@@ -95,7 +117,9 @@ mod rate_limit;
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]` (one Redis), or
+    /// `redis+cluster://[user:password@]host:port,host:port,...` (the seed nodes of a
+    /// Redis Cluster; the credentials apply to every node).
     pub url: String,
     /// Prefix of every key and channel, so several deployments (or CI runs) can share
     /// one Redis. Default `genstream`.
@@ -141,11 +165,12 @@ impl RedisConfig {
 struct Inner {
     cfg: RedisConfig,
     replica_id: String,
-    client: redis::Client,
+    /// One Redis or a Cluster's seed nodes.
+    target: Target,
     /// The multiplexed command connection. Replaced when it stops answering: the
     /// manager reconnects by itself after an I/O error, not after timeouts (a half-open
     /// connection gives nothing else).
-    conn: RwLock<ConnectionManager>,
+    conn: RwLock<Conn>,
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
     abort_handler: RwLock<Option<AbortHandler>>,
@@ -201,12 +226,12 @@ impl RedisStore {
         let fail = |e: redis::RedisError| {
             StoreError::unavailable(format!("could not connect to Redis at {shown}"), e)
         };
-        let client = redis::Client::open(cfg.url.as_str()).map_err(fail)?;
-        let mut conn = command_connection(&client, cfg.timeout)
-            .await
-            .map_err(fail)?;
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
+        let target = Target::open(&cfg.url).map_err(fail)?;
+        let mut conn = target.command_connection(cfg.timeout).await.map_err(fail)?;
+        // On a Cluster: every primary answers (a cluster with a slot unserved refuses
+        // commands for it anyway).
+        let _ = conn
+            .on_all_primaries(&redis::cmd("PING"))
             .await
             .map_err(fail)?;
         load_library(&mut conn).await?;
@@ -214,7 +239,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 replica_id: uuid::Uuid::now_v7().to_string(),
                 cfg,
-                client,
+                target,
                 conn: RwLock::new(conn),
                 sink: tokio::sync::Mutex::new(None),
                 mirrors: Mutex::new(HashMap::new()),
@@ -250,8 +275,25 @@ impl RedisStore {
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}:{kind}:{{{id}}}", self.inner.cfg.key_prefix)
     }
+    /// The job's frame channel: `P:ch:sid`, or on a Cluster the sharded channel
+    /// `P:ch:{sid}`, in the slot of the job's keys (the append function publishes to it).
     fn channel(&self, sid: &str) -> String {
-        format!("{}:ch:{sid}", self.inner.cfg.key_prefix)
+        if self.is_cluster() {
+            format!("{}:ch:{{{sid}}}", self.inner.cfg.key_prefix)
+        } else {
+            format!("{}:ch:{sid}", self.inner.cfg.key_prefix)
+        }
+    }
+    /// The stream id of a frame channel's name (see [`Self::channel`]).
+    fn channel_sid<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let rest = channel
+            .strip_prefix(self.inner.cfg.key_prefix.as_str())?
+            .strip_prefix(":ch:")?;
+        if self.is_cluster() {
+            rest.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(rest)
+        }
     }
     fn ctl_channel(&self) -> String {
         format!("{}:ctl:abort", self.inner.cfg.key_prefix)
@@ -265,8 +307,43 @@ impl RedisStore {
     fn lease_key(&self, rid: &str) -> String {
         format!("{}:replica:{rid}", self.inner.cfg.key_prefix)
     }
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.conn.read().clone()
+    }
+
+    /// True on a Redis Cluster.
+    fn is_cluster(&self) -> bool {
+        matches!(self.inner.target, Target::Cluster(_))
+    }
+
+    /// Runs `cmds` and returns their replies in order: one pipelined round trip on one
+    /// Redis; on a Cluster, where their keys may lie in different slots (a pipeline
+    /// must stay in one), each on its own, all at once.
+    ///
+    /// Errors: the first that fails.
+    async fn query_each<T: redis::FromRedisValue>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn();
+        if !conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            for c in cmds {
+                pipe.add_command(c);
+            }
+            let mut conn = conn;
+            return pipe.query_async(&mut conn).await.map_err(store_err);
+        }
+        let calls = cmds.into_iter().map(|c| {
+            let mut conn = conn.clone();
+            async move { c.query_async::<T>(&mut conn).await }
+        });
+        futures::future::try_join_all(calls)
+            .await
+            .map_err(store_err)
     }
 
     /// A point where a unit test may hold this task (no-op outside tests).
@@ -280,22 +357,6 @@ impl RedisStore {
             }
         }
     }
-}
-
-/// A multiplexed command connection that reconnects by itself after I/O errors, with
-/// `timeout` to connect and for every command.
-async fn command_connection(
-    client: &redis::Client,
-    timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
-    let mgr_cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(1));
-    tokio::time::timeout(timeout, client.get_connection_manager_with_config(mgr_cfg))
-        .await
-        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))?
 }
 
 #[cfg(test)]

@@ -228,17 +228,15 @@ impl RedisStore {
         if mirrors.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (sid, _, _) in &mirrors {
-            pipe.cmd("HMGET")
-                .arg(self.key("job", sid))
-                .arg("len")
-                .arg("ended");
-        }
-        let heads: Vec<(Option<u64>, Option<String>)> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(store_err)?;
+        let cmds = mirrors
+            .iter()
+            .map(|(sid, _, _)| {
+                let mut c = redis::cmd("HMGET");
+                c.arg(self.key("job", sid)).arg("len").arg("ended");
+                c
+            })
+            .collect();
+        let heads: Vec<(Option<u64>, Option<String>)> = self.query_each(cmds).await?;
         for ((sid, m, have), (len, ended)) in mirrors.into_iter().zip(heads) {
             let ended = ended.as_deref() == Some("1");
             match len {
@@ -310,7 +308,7 @@ impl RedisStore {
             // Best effort: a subscription left behind only brings frames that
             // `on_frame` drops (no mirror), and goes with the next reconnect.
             let unsubscribed =
-                tokio::time::timeout(self.inner.cfg.timeout, s.unsubscribe(&channels)).await;
+                tokio::time::timeout(self.inner.cfg.timeout, s.unsubscribe_jobs(&channels)).await;
             if !matches!(unsubscribed, Ok(Ok(()))) {
                 tracing::debug!(
                     count = channels.len(),

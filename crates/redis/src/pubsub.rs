@@ -5,37 +5,35 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use genstream_engine::event::Frame;
-use redis::Value;
 
 use crate::RedisStore;
+use crate::conn::{PubSubFeed, Published};
 
 impl RedisStore {
     /// A fresh pub/sub connection subscribed to the control channel and to every
     /// mirror's channel.
-    pub(crate) async fn open_pubsub(&self) -> redis::RedisResult<redis::aio::PubSubStream> {
+    pub(crate) async fn open_pubsub(&self) -> redis::RedisResult<PubSubFeed> {
         let timeout = self.inner.cfg.timeout;
         let timed_out =
             || redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out"));
-        let ps = tokio::time::timeout(timeout, self.inner.client.get_async_pubsub())
-            .await
-            .map_err(|_| timed_out())??;
-        let (mut sink, stream) = ps.split();
+        let (mut sink, stream) = self.inner.target.pubsub(timeout).await?;
         // Holding the sink's lock while reading the mirror list: a mirror opened from
         // now on subscribes through the new sink, one opened before is in the list.
         let mut guard = self.inner.sink.lock().await;
-        let mut channels = vec![self.ctl_channel()];
-        channels.extend(
-            self.inner
-                .mirrors
-                .lock()
-                .keys()
-                .map(|sid| self.channel(sid)),
-        );
-        tokio::time::timeout(timeout, sink.subscribe(&channels))
-            .await
-            .map_err(|_| timed_out())??;
+        let channels: Vec<String> = self
+            .inner
+            .mirrors
+            .lock()
+            .keys()
+            .map(|sid| self.channel(sid))
+            .collect();
+        tokio::time::timeout(timeout, async {
+            sink.subscribe_control(&self.ctl_channel()).await?;
+            sink.subscribe_jobs(&channels).await
+        })
+        .await
+        .map_err(|_| timed_out())??;
         *guard = Some(sink);
         self.inner.pubsub_up.store(true, Ordering::SeqCst);
         Ok(stream)
@@ -43,8 +41,7 @@ impl RedisStore {
 
     /// Applies published frames and abort requests; reconnects when the connection
     /// drops (or fails its health check), then re-reads every mirror from its head.
-    pub(crate) async fn dispatch(self, mut stream: redis::aio::PubSubStream) {
-        let ch_prefix = format!("{}:ch:", self.inner.cfg.key_prefix);
+    pub(crate) async fn dispatch(self, mut stream: PubSubFeed) {
         let ctl = self.ctl_channel();
         loop {
             loop {
@@ -53,14 +50,47 @@ impl RedisStore {
                     _ = self.inner.reconnect.notified() => break,
                     m = stream.next() => m,
                 };
-                let Some(msg) = msg else { break };
-                let channel = msg.get_channel_name();
+                let (channel, payload) = match msg {
+                    None => break,
+                    Some(Published::Message { channel, payload }) => (channel, payload),
+                    Some(Published::NodeLost) => {
+                        // One Cluster node's connection dropped; the cluster connection
+                        // re-subscribes by itself. What was published meanwhile is read
+                        // from the logs now rather than at the next heal pass.
+                        tracing::info!("a Redis Cluster node's pub/sub connection dropped");
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let mirrors = this.mirror_list();
+                            if let Err(e) = this.resync(mirrors).await {
+                                tracing::debug!(error = %e, "could not re-read mirrors");
+                            }
+                        });
+                        continue;
+                    }
+                    Some(Published::ShardUnsubscribed { channel }) => {
+                        // A live mirror's channel, so not our own unsubscribe (a mirror
+                        // leaves the map before it is unsubscribed): its slot moved to
+                        // another primary. Subscribing again on this connection would
+                        // go by its stale slot map, to the old primary, now a replica
+                        // that takes the subscription but gets no frames. A new
+                        // connection learns the topology afresh, subscribes every
+                        // mirror's channel, and the mirrors are re-read.
+                        let live = self
+                            .channel_sid(&channel)
+                            .is_some_and(|sid| self.inner.mirrors.lock().contains_key(sid));
+                        if live {
+                            tracing::info!(channel, "a job channel's slot moved; resubscribing");
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 if channel == ctl {
-                    if let Ok(sid) = std::str::from_utf8(msg.get_payload_bytes()) {
+                    if let Ok(sid) = std::str::from_utf8(&payload) {
                         self.call_abort_handler(sid);
                     }
-                } else if let Some(sid) = channel.strip_prefix(&ch_prefix) {
-                    self.on_frame(sid, Bytes::copy_from_slice(msg.get_payload_bytes()));
+                } else if let Some(sid) = self.channel_sid(&channel) {
+                    self.on_frame(sid, payload);
                 }
             }
             self.inner.pubsub_up.store(false, Ordering::SeqCst);
@@ -116,7 +146,7 @@ impl RedisStore {
             let answered = {
                 let mut sink = self.inner.sink.lock().await;
                 match sink.as_mut() {
-                    Some(s) => tokio::time::timeout(self.inner.cfg.timeout, s.ping::<Value>())
+                    Some(s) => tokio::time::timeout(self.inner.cfg.timeout, s.ping())
                         .await
                         .is_ok_and(|r| r.is_ok()),
                     None => true,

@@ -266,7 +266,7 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
         .await
         .as_mut()
         .unwrap()
-        .unsubscribe(&ctl)
+        .unsubscribe_control(&ctl)
         .await
         .unwrap();
     asker.request_abort(&m.stream_id).await.unwrap();
@@ -293,7 +293,7 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
         .await
         .as_mut()
         .unwrap()
-        .subscribe(&ctl)
+        .subscribe_control(&ctl)
         .await
         .unwrap();
     let again = tokio::time::timeout(Duration::from_secs(2), rx.recv())
@@ -407,4 +407,54 @@ async fn lua_frames_equal_frame_encode() {
         }
     }
     store.close();
+}
+
+/// The Cluster's library differs from the single Redis's only in how frames are
+/// published: `SPUBLISH` to the job's sharded channel. A change to `append.lua` that
+/// moves the frame publish away from the text the replacement looks for fails here,
+/// not on a Cluster where frames would silently go out unsharded.
+#[test]
+fn cluster_library_publishes_frames_sharded() {
+    use crate::functions::{FRAME_PUBLISH, LIBRARY, cluster_library};
+    let cluster = cluster_library();
+    assert_eq!(
+        LIBRARY.matches(FRAME_PUBLISH).count(),
+        1,
+        "one frame publish"
+    );
+    assert!(!cluster.contains(FRAME_PUBLISH));
+    assert_eq!(cluster.matches("redis.call('SPUBLISH', args[5]").count(), 1);
+    // The abort request stays a plain PUBLISH (it reaches every node's subscribers).
+    assert_eq!(
+        LIBRARY.matches("'PUBLISH'").count() - 1,
+        cluster.matches("'PUBLISH'").count()
+    );
+}
+
+/// A `redis+cluster://` URL names each seed node; credentials before the hosts apply
+/// to every node; a URL without a node is refused at once.
+#[test]
+fn cluster_urls_name_every_seed_node() {
+    use crate::conn::Target;
+    let Ok(Target::Cluster(nodes)) = Target::open("redis+cluster://u:pw@a:7000, b:7001,c:7002/")
+    else {
+        panic!("a cluster target");
+    };
+    assert_eq!(
+        nodes,
+        [
+            "redis://u:pw@a:7000",
+            "redis://u:pw@b:7001",
+            "redis://u:pw@c:7002"
+        ]
+    );
+    assert!(Target::open("redis+cluster://").is_err());
+    assert!(matches!(
+        Target::open("redis://127.0.0.1:6379"),
+        Ok(Target::Single(_))
+    ));
+    assert_eq!(
+        redact_url("redis+cluster://u:secret@a:7000,b:7001"),
+        "redis+cluster://u:***@a:7000,b:7001"
+    );
 }

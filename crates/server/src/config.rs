@@ -51,8 +51,10 @@ const SECOND: Duration = Duration::from_secs(1);
 pub struct Config {
     /// Address to listen on. Default `127.0.0.1:3080`.
     pub bind: String,
-    /// Job store: `memory` (default, one process) or `redis://host:port[/db]` (any
-    /// number of replicas sharing one Redis).
+    /// Job store: `memory` (default, one process), `redis://host:port[/db]` (any
+    /// number of replicas sharing one Redis) or
+    /// `redis+cluster://host:port,host:port,...` (replicas sharing a Redis Cluster, the
+    /// listed nodes being seeds; `[redis]` applies the same).
     pub store: String,
     /// Database URL: `sqlite://genstream.db` (default), `sqlite::memory:`,
     /// `postgres://…`.
@@ -257,7 +259,7 @@ impl Default for JobsConfig {
     }
 }
 
-/// `[redis]`: used when `store` is a `redis://` URL.
+/// `[redis]`: used when `store` is a `redis://` or `redis+cluster://` URL.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {

@@ -44,7 +44,8 @@ pub async fn open_database(config: &Config) -> Result<Arc<dyn Persistence>, Serv
         .map_err(|e| ServeError::Database(e.to_string()))
 }
 
-/// The job store named by the config: `memory` or `redis://…`.
+/// The job store named by the config: `memory`, `redis://…` (one Redis) or
+/// `redis+cluster://host:port,…` (a Redis Cluster; the same `[redis]` settings).
 pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError> {
     match config.store.as_str() {
         "memory" => Ok(Arc::new(
@@ -52,7 +53,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError
                 Some(config.limits.concurrent_per_user).filter(|n| *n > 0),
             ),
         )),
-        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+        url if url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with(genstream_redis::CLUSTER_SCHEME) =>
+        {
             let mut rc = genstream_redis::RedisConfig::new(url);
             rc.key_prefix.clone_from(&config.redis.key_prefix);
             rc.lease_ttl = config.redis.lease_ttl;
@@ -67,7 +71,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn JobStore>, ServeError
             Ok(Arc::new(store))
         }
         other => Err(ServeError::Config(format!(
-            "unsupported store {other:?}: use \"memory\" or a redis:// URL"
+            "unsupported store {other:?}: use \"memory\", a redis:// URL or a \
+             redis+cluster://host:port,host:port,... URL"
         ))),
     }
 }

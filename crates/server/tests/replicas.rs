@@ -14,6 +14,8 @@
 //!   #11433): the partial answer is saved before the answer, the owner stops, one
 //!   terminal event, repeat gives the same body, a finished job is 409.
 //! - Two reapers racing to end the same orphaned jobs: one terminal event per job.
+//! - On a Redis Cluster of the test's own (`OwnRedisCluster`): the 300 resume plans, the
+//!   cold-replica reads, and a primary failing over while jobs stream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/cluster.rs"]
@@ -25,8 +27,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cluster::{
-    A, B, C, Cluster, USER, cluster, cluster_with, demo_model, drive_plans, frames_of, now_ms,
-    replica_config, samples,
+    A, B, C, Cluster, USER, cluster, cluster_on, cluster_with, demo_model, drive_plans, frames_of,
+    now_ms, replica_config, samples,
 };
 use common::token;
 use futures::StreamExt;
@@ -35,7 +37,7 @@ use genstream_engine::event::Event;
 use genstream_server::app;
 use genstream_server::config::ModelConfig;
 use genstream_server::serve::build_state;
-use genstream_test_support::{KeyPrefix, Served, TestDb, redis_url, wait_until};
+use genstream_test_support::{KeyPrefix, OwnRedisCluster, Served, TestDb, redis_url, wait_until};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -347,10 +349,21 @@ fn property_models() -> Vec<ModelConfig> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_across_three_replicas_300_plans() {
+    resume_across_three_replicas(&redis_url()).await;
+}
+
+/// The same 300 plans with the three replicas on a Redis Cluster of three primaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_across_three_replicas_300_plans_on_a_cluster() {
+    let redis = OwnRedisCluster::start();
+    resume_across_three_replicas(&redis.url()).await;
+}
+
+async fn resume_across_three_replicas(store: &str) {
     const PLANS: usize = 300;
     const READERS_PER_JOB: usize = 5;
     let started_at = Instant::now();
-    let cl = cluster(property_models()).await;
+    let cl = cluster_on(store, property_models(), |_| {}).await;
     let addrs: Vec<SocketAddr> = cl.replicas.iter().map(|r| r.addr).collect();
     let (runs, finished_at_ms) = drive_plans(
         &plans(PLANS),
@@ -517,10 +530,26 @@ async fn one_job_watched_from_three_replicas_is_byte_identical() {
 /// byte for byte what Redis holds: no gap, no duplicate, one terminal event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_replicas_answer_from_redis_while_the_job_appends() {
-    let cl = cluster(vec![demo_model(
-        "long",
-        json!({"tokens": 2500, "token_delay": "1ms"}),
-    )])
+    cold_replicas_resume(&redis_url()).await;
+}
+
+/// The same on a Redis Cluster of three primaries (`redis+cluster://`): the page reads
+/// (`HMGET` + `XRANGE`, one slot), the mirrors' sharded channels and the healer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_replicas_answer_from_redis_while_the_job_appends_on_a_cluster() {
+    let redis = OwnRedisCluster::start();
+    cold_replicas_resume(&redis.url()).await;
+}
+
+async fn cold_replicas_resume(store: &str) {
+    let cl = cluster_on(
+        store,
+        vec![demo_model(
+            "long",
+            json!({"tokens": 2500, "token_delay": "1ms"}),
+        )],
+        |_| {},
+    )
     .await;
     let mut runner = TestRunner::default();
     let mut read_while_running = 0;
@@ -586,6 +615,151 @@ async fn cold_replicas_answer_from_redis_while_the_job_appends() {
         read_while_running >= 3,
         "too few cold reads began while the job ran ({read_while_running}); the test lost \
          its point"
+    );
+}
+
+/// A Redis Cluster primary fails over to its replica (`CLUSTER FAILOVER`) while jobs
+/// stream on three replicas, each job read live from another replica than its owner:
+/// every event a reader got is in the final log at its seq, byte for byte (nothing
+/// acknowledged is lost, nothing is duplicated), the log's seqs are strict, and every
+/// job ends with exactly one terminal event, `final` or an explicit `error`, that its
+/// reader got too (no job ends silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_while_jobs_stream_loses_nothing_acknowledged() {
+    cluster_failover(false).await;
+}
+
+/// The same when the primary is killed and its replica promoted (after
+/// `cluster-node-timeout`, 2 s here): appends to its slots fail meanwhile and are
+/// retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cluster_primary_while_jobs_stream_loses_nothing_acknowledged() {
+    cluster_failover(true).await;
+}
+
+async fn cluster_failover(kill: bool) {
+    const JOBS: usize = 9;
+    let mut redis = OwnRedisCluster::start_with_replica();
+    let cl = cluster_on(
+        &redis.url(),
+        vec![demo_model(
+            "long",
+            json!({"tokens": 2000, "token_delay": "4ms"}),
+        )],
+        |_| {},
+    )
+    .await;
+    let mut sids = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..JOBS {
+        let v = cl.start(i % 3, &format!("failover {i}"), "long").await;
+        let sid = v["streamId"].as_str().unwrap().to_string();
+        let (http, addr, s) = (cl.http.clone(), cl.replicas[(i + 1) % 3].addr, sid.clone());
+        readers.push(tokio::spawn(async move {
+            one_connection(&http, addr, &s, Mode::LastEventId, None, usize::MAX).await
+        }));
+        sids.push(sid);
+    }
+    // Every job streams when the failover begins (the last one started does).
+    let last = sids.last().unwrap();
+    wait_until(Duration::from_secs(20), "20 events appended", || async {
+        cl.prefix
+            .job_field(last, "len")
+            .await
+            .is_some_and(|l| l.parse::<u64>().unwrap() >= 20)
+    })
+    .await;
+    let failover_ms = now_ms();
+    let failover_began = Instant::now();
+    tokio::task::block_in_place(|| {
+        if kill {
+            redis.kill_first_primary();
+        } else {
+            redis.fail_over();
+        }
+    });
+    let failover_took = failover_began.elapsed();
+    let readers_done =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(readers)).await;
+    let Ok(got) = readers_done else {
+        for (i, sid) in sids.iter().enumerate() {
+            let mirrors: Vec<Option<u64>> = cl
+                .replicas
+                .iter()
+                .map(|r| r.state.manager.store().ready_log(sid).map(|l| l.len()))
+                .collect();
+            eprintln!(
+                "job {i} {sid}: len {:?} ended {:?} owner replica {} reader replica {}, mirrors {mirrors:?}",
+                cl.prefix.job_field(sid, "len").await,
+                cl.prefix.job_field(sid, "ended").await,
+                i % 3,
+                (i + 1) % 3
+            );
+        }
+        panic!("a reader's stream did not end within 60 s of the failover");
+    };
+    let (mut errors, mut moved, mut moved_running) = (0, 0, 0);
+    for (sid, got) in sids.iter().zip(got) {
+        let got = got.unwrap();
+        // Strict seqs: `log` asserts entry ids 0-(seq+1).
+        let stored = cl.prefix.log(sid).await;
+        assert!(
+            got.len() <= stored.len(),
+            "{sid}: the reader got {} events, the log holds {}",
+            got.len(),
+            stored.len()
+        );
+        for (i, (f, s)) in got.iter().zip(&stored).enumerate() {
+            assert_eq!(f.id, Some(i as u64), "{sid}: seq {i}");
+            assert_eq!(f.raw, *s, "{sid}: event {i} is not what the log holds");
+        }
+        let terminals: Vec<_> = stored
+            .iter()
+            .enumerate()
+            .filter(|(_, raw)| {
+                raw.starts_with(b"id: ") && {
+                    let text = String::from_utf8_lossy(raw);
+                    text.contains("\nevent: final\n") || text.contains("\nevent: error\n")
+                }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            terminals,
+            vec![stored.len() - 1],
+            "{sid}: one terminal event, last"
+        );
+        let last = got.last().expect("events");
+        assert!(
+            last.is_terminal(),
+            "{sid}: the reader's stream ended without its end"
+        );
+        assert_eq!(
+            got.len(),
+            stored.len(),
+            "{sid}: the reader got the whole log"
+        );
+        errors += usize::from(last.event.as_deref() == Some("error"));
+        // In the failed-over slots, and still running when the failover began.
+        let finished: u64 = cl
+            .prefix
+            .job_field(sid, "finishedAt")
+            .await
+            .unwrap()
+            .parse()
+            .unwrap();
+        if redis.on_first_primary(&format!("{}:job:{{{sid}}}", cl.prefix.name())) {
+            moved += 1;
+            moved_running += usize::from(finished > failover_ms);
+        }
+    }
+    eprintln!(
+        "{JOBS} jobs, {moved} in the failed-over primary's slots, {moved_running} of them \
+         running at the failover (took {failover_took:?}), {errors} ended with an error"
+    );
+    assert!(
+        moved_running >= 1,
+        "no job of the failed-over slots ran at the failover; the test lost its point"
     );
 }
 

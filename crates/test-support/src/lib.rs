@@ -29,7 +29,7 @@ pub mod stream;
 pub mod wait;
 
 pub use postgres::TestDb;
-pub use redis::{KeyPrefix, OwnRedis, redis_url, unique_prefix};
+pub use redis::{KeyPrefix, OwnRedis, OwnRedisCluster, redis_url, unique_prefix};
 pub use server::{Served, ServerProcess, genstream_key, unused_addr};
 pub use stream::wait_for_text;
 pub use wait::{wait_for, wait_until};

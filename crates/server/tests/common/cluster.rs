@@ -35,9 +35,19 @@ pub fn demo_model(name: &str, options: Value) -> ModelConfig {
 }
 
 pub fn replica_config(prefix: &str, db_url: &str, models: Vec<ModelConfig>) -> Config {
+    replica_config_on(&redis_url(), prefix, db_url, models)
+}
+
+/// A replica's config with `store` (a `redis://` or `redis+cluster://` URL).
+pub fn replica_config_on(
+    store: &str,
+    prefix: &str,
+    db_url: &str,
+    models: Vec<ModelConfig>,
+) -> Config {
     Config {
         bind: "127.0.0.1:0".into(),
-        store: redis_url(),
+        store: store.into(),
         database: db_url.into(),
         redis: RedisSection {
             key_prefix: prefix.into(),
@@ -85,9 +95,19 @@ pub async fn cluster(models: Vec<ModelConfig>) -> Cluster {
 }
 
 pub async fn cluster_with(models: Vec<ModelConfig>, tweak: impl Fn(&mut Config)) -> Cluster {
+    cluster_on(&redis_url(), models, tweak).await
+}
+
+/// Three replicas on the store at `store`: the shared Redis, a Redis of the test's
+/// own, or a Redis Cluster (`redis+cluster://…`, e.g. an `OwnRedisCluster`'s).
+pub async fn cluster_on(
+    store: &str,
+    models: Vec<ModelConfig>,
+    tweak: impl Fn(&mut Config),
+) -> Cluster {
     let db = TestDb::create().await;
-    let prefix = KeyPrefix::new();
-    let mut config = replica_config(prefix.name(), &db.url, models);
+    let prefix = KeyPrefix::on(store);
+    let mut config = replica_config_on(store, prefix.name(), &db.url, models);
     tweak(&mut config);
     let mut replicas = Vec::new();
     for _ in 0..3 {
