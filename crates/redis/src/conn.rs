@@ -4,6 +4,8 @@
 //! in both modes; the few places where a call would cross Cluster slots ask
 //! [`Conn::is_cluster`] (see the crate docs, "Redis Cluster").
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -123,7 +125,11 @@ impl Target {
                 let c = tokio::time::timeout(timeout, client.get_async_connection())
                     .await
                     .map_err(|_| timed_out())??;
-                Ok((PubSubSink::Cluster(c), PubSubFeed::Cluster(rx)))
+                let own = OwnUnsubscribes::default();
+                Ok((
+                    PubSubSink::Cluster(c, own.clone()),
+                    PubSubFeed::Cluster(rx, own),
+                ))
             }
         }
     }
@@ -200,10 +206,17 @@ pub(crate) enum Published {
     ShardUnsubscribed { channel: String },
 }
 
+/// Sharded channels this connection unsubscribed from, each with the number of its
+/// `SUNSUBSCRIBE` confirmations still to come. A confirmation looks exactly like a
+/// node dropping the channel after its slot moved; without this count, a mirror
+/// opened again for the same job between our unsubscribe and its confirmation would
+/// read as a moved slot and make the whole pub/sub connection reconnect.
+type OwnUnsubscribes = Arc<parking_lot::Mutex<HashMap<String, usize>>>;
+
 /// The receiving half of a pub/sub connection.
 pub(crate) enum PubSubFeed {
     Single(redis::aio::PubSubStream),
-    Cluster(mpsc::UnboundedReceiver<PushInfo>),
+    Cluster(mpsc::UnboundedReceiver<PushInfo>, OwnUnsubscribes),
 }
 
 impl PubSubFeed {
@@ -214,7 +227,7 @@ impl PubSubFeed {
                 channel: m.get_channel_name().to_string(),
                 payload: Bytes::copy_from_slice(m.get_payload_bytes()),
             }),
-            PubSubFeed::Cluster(rx) => loop {
+            PubSubFeed::Cluster(rx, own) => loop {
                 let push = rx.recv().await?;
                 match push.kind {
                     PushKind::Message | PushKind::SMessage => {
@@ -231,9 +244,11 @@ impl PubSubFeed {
                     PushKind::Disconnection => return Some(Published::NodeLost),
                     PushKind::SUnsubscribe => {
                         if let Some(Value::BulkString(ch)) = push.data.into_iter().next() {
-                            return Some(Published::ShardUnsubscribed {
-                                channel: String::from_utf8_lossy(&ch).into_owned(),
-                            });
+                            let channel = String::from_utf8_lossy(&ch).into_owned();
+                            if take_own(&own, &channel) {
+                                continue;
+                            }
+                            return Some(Published::ShardUnsubscribed { channel });
                         }
                     }
                     // Subscription confirmations and the like.
@@ -247,7 +262,7 @@ impl PubSubFeed {
 /// The sending half of a pub/sub connection: subscriptions and its health `PING`.
 pub(crate) enum PubSubSink {
     Single(redis::aio::PubSubSink),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, OwnUnsubscribes),
 }
 
 impl PubSubSink {
@@ -256,7 +271,7 @@ impl PubSubSink {
     pub(crate) async fn subscribe_control(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             PubSubSink::Single(s) => s.subscribe(channel).await,
-            PubSubSink::Cluster(c) => c.subscribe(channel).await,
+            PubSubSink::Cluster(c, _) => c.subscribe(channel).await,
         }
     }
 
@@ -265,7 +280,7 @@ impl PubSubSink {
     pub(crate) async fn unsubscribe_control(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             PubSubSink::Single(s) => s.unsubscribe(channel).await,
-            PubSubSink::Cluster(c) => c.unsubscribe(channel).await,
+            PubSubSink::Cluster(c, _) => c.unsubscribe(channel).await,
         }
     }
 
@@ -278,7 +293,7 @@ impl PubSubSink {
         }
         match self {
             PubSubSink::Single(s) => s.subscribe(channels).await,
-            PubSubSink::Cluster(c) => {
+            PubSubSink::Cluster(c, _) => {
                 let calls = channels.iter().map(|ch| {
                     let mut c = c.clone();
                     async move { c.ssubscribe(ch).await }
@@ -295,7 +310,13 @@ impl PubSubSink {
         }
         match self {
             PubSubSink::Single(s) => s.unsubscribe(channels).await,
-            PubSubSink::Cluster(c) => {
+            PubSubSink::Cluster(c, own) => {
+                {
+                    let mut own = own.lock();
+                    for ch in channels {
+                        *own.entry(ch.clone()).or_default() += 1;
+                    }
+                }
                 let calls = channels.iter().map(|ch| {
                     let mut c = c.clone();
                     async move { c.sunsubscribe(ch).await }
@@ -309,7 +330,24 @@ impl PubSubSink {
     pub(crate) async fn ping(&mut self) -> RedisResult<()> {
         match self {
             PubSubSink::Single(s) => s.ping::<Value>().await.map(|_| ()),
-            PubSubSink::Cluster(c) => redis::cmd("PING").query_async::<Value>(c).await.map(|_| ()),
+            PubSubSink::Cluster(c, _) => redis::cmd("PING").query_async::<Value>(c).await.map(|_| ()),
         }
+    }
+}
+
+/// Counts off one of our own `SUNSUBSCRIBE` confirmations of `channel`; false if none
+/// was expected (the node dropped the channel by itself).
+fn take_own(own: &OwnUnsubscribes, channel: &str) -> bool {
+    let mut own = own.lock();
+    match own.get_mut(channel) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            true
+        }
+        Some(_) => {
+            own.remove(channel);
+            true
+        }
+        None => false,
     }
 }

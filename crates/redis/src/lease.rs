@@ -43,22 +43,12 @@ impl RedisStore {
                     self.mark_unhealthy();
                     tracing::warn!(error = %e, "could not renew the replica lease");
                     timeouts = if e.is_timeout() { timeouts + 1 } else { 0 };
-                    if timeouts >= 2 {
-                        match self
-                            .inner
-                            .target
-                            .command_connection(self.inner.cfg.timeout)
+                    if timeouts >= 2
+                        && self
+                            .replace_conn("the Redis command connection stopped answering")
                             .await
-                        {
-                            Ok(c) => {
-                                tracing::warn!(
-                                    "the Redis command connection stopped answering; replaced it"
-                                );
-                                *self.inner.conn.write() = c;
-                                timeouts = 0;
-                            }
-                            Err(e) => tracing::debug!(error = %e, "could not reconnect"),
-                        }
+                    {
+                        timeouts = 0;
                     }
                 }
                 Ok(()) => {
@@ -68,6 +58,27 @@ impl RedisStore {
                         *h = Some(tokio::time::Instant::now());
                     }
                 }
+            }
+        }
+    }
+
+    /// Replaces the command connection with a fresh one (`why` goes to the log);
+    /// false if no new connection could be made (the old one stays).
+    pub(crate) async fn replace_conn(&self, why: &str) -> bool {
+        match self
+            .inner
+            .target
+            .command_connection(self.inner.cfg.timeout)
+            .await
+        {
+            Ok(c) => {
+                tracing::warn!("{why}; replaced the Redis command connection");
+                *self.inner.conn.write() = c;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not reconnect");
+                false
             }
         }
     }

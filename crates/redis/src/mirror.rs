@@ -17,6 +17,10 @@ use crate::{RedisStore, StoreError, store_err};
 /// Stream entries read per XRANGE when catching a mirror up.
 pub(crate) const RANGE_BATCH: usize = 1000;
 
+/// Heal passes in a row that could not compare the mirrors with Redis before a
+/// Cluster's command connection is replaced (see `heal_loop`).
+const FAILED_PASSES: u32 = 3;
+
 /// Frames a mirror buffers while it is being opened; past it the rest are left to the
 /// range read that follows (it reads to the stream's head anyway).
 pub(crate) const PENDING_CAP: usize = 10_000;
@@ -154,21 +158,38 @@ impl RedisStore {
 
     /// Heals mirrors every `heal_interval`; a pass is cut short after
     /// `timeout + heal_interval`, so one slow pass never stalls the next.
+    ///
+    /// On a Cluster, [`FAILED_PASSES`] passes in a row that could not compare the
+    /// mirrors replace the command connection: after a failover the cluster connection
+    /// may keep a slot map that sends one slot's commands to the wrong node (its
+    /// `MOVED` answers reaching us instead of being followed) while other slots, the
+    /// lease's among them, still answer; a fresh connection learns the topology anew.
     pub(crate) async fn heal_loop(self) {
         let every = self.inner.cfg.heal_interval.max(Duration::from_millis(10));
         let bound = self.inner.cfg.timeout + every;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed = 0;
         loop {
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if tokio::time::timeout(bound, self.heal_mirrors())
-                .await
-                .is_err()
+            match tokio::time::timeout(bound, self.heal_mirrors()).await {
+                Ok(true) => failed = 0,
+                Ok(false) => failed += 1,
+                Err(_) => {
+                    tracing::warn!("a mirror heal pass took longer than {bound:?}; cut short");
+                    failed += 1;
+                }
+            }
+            if failed >= FAILED_PASSES
+                && self.is_cluster()
+                && self
+                    .replace_conn("mirror heal passes kept failing on the Cluster")
+                    .await
             {
-                tracing::warn!("a mirror heal pass took longer than {bound:?}; cut short");
+                failed = 0;
             }
         }
     }
@@ -186,7 +207,8 @@ impl RedisStore {
 
     /// One heal pass: mirrors that fell behind (a lost publish) read the missing
     /// range, mirrors whose job vanished end, mirrors nobody reads any more go.
-    pub(crate) async fn heal_mirrors(&self) {
+    /// False if the mirrors could not be compared with Redis.
+    pub(crate) async fn heal_mirrors(&self) -> bool {
         self.pause_point("heal.pass").await;
         let mirrors = self.mirror_list();
         let mut unused = Vec::new();
@@ -199,13 +221,18 @@ impl RedisStore {
                 live.push((sid, m));
             }
         }
-        if let Err(e) = self.resync(live).await {
-            // The next pass, within `heal_interval`, tries again.
-            tracing::warn!(error = %e, "could not compare mirrors with Redis");
-        }
+        let compared = match self.resync(live).await {
+            Ok(()) => true,
+            Err(e) => {
+                // The next pass, within `heal_interval`, tries again.
+                tracing::warn!(error = %e, "could not compare mirrors with Redis");
+                false
+            }
+        };
         if !unused.is_empty() {
             self.drop_unused(&unused).await;
         }
+        compared
     }
 
     /// Compares the mirrors with their jobs' hashes (one pipelined round trip) and

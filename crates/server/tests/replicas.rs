@@ -189,7 +189,11 @@ async fn one_connection(
         req = req.header("last-event-id", id);
     }
     let resp = req.send().await.unwrap();
-    assert_eq!(resp.status(), 200, "{addr}{path}");
+    let status = resp.status();
+    if status != 200 {
+        let body = resp.text().await.unwrap_or_default();
+        panic!("{addr}{path}: {status} {body}");
+    }
     frames_of(resp, limit, |buf| {
         take_frames(buf)
             .into_iter()
