@@ -251,7 +251,11 @@ impl RedisStore {
         format!("{}:{kind}:{{{id}}}", self.inner.cfg.key_prefix)
     }
     fn channel(&self, sid: &str) -> String {
-        format!("{}:ch:{sid}", self.inner.cfg.key_prefix)
+        format!(
+            "{}:{}:{sid}",
+            self.inner.cfg.key_prefix,
+            functions::CHANNEL_KIND
+        )
     }
     fn ctl_channel(&self) -> String {
         format!("{}:ctl:abort", self.inner.cfg.key_prefix)

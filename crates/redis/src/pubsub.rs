@@ -10,6 +10,7 @@ use genstream_engine::event::Frame;
 use redis::Value;
 
 use crate::RedisStore;
+use crate::functions::CHANNEL_KIND;
 
 impl RedisStore {
     /// A fresh pub/sub connection subscribed to the control channel and to every
@@ -44,7 +45,7 @@ impl RedisStore {
     /// Applies published frames and abort requests; reconnects when the connection
     /// drops (or fails its health check), then re-reads every mirror from its head.
     pub(crate) async fn dispatch(self, mut stream: redis::aio::PubSubStream) {
-        let ch_prefix = format!("{}:ch:", self.inner.cfg.key_prefix);
+        let ch_prefix = format!("{}:{CHANNEL_KIND}:", self.inner.cfg.key_prefix);
         let ctl = self.ctl_channel();
         loop {
             loop {
@@ -60,7 +61,7 @@ impl RedisStore {
                         self.call_abort_handler(sid);
                     }
                 } else if let Some(sid) = channel.strip_prefix(&ch_prefix) {
-                    self.on_frame(sid, Bytes::copy_from_slice(msg.get_payload_bytes()));
+                    self.on_frames(sid, msg.get_payload_bytes());
                 }
             }
             self.inner.pubsub_up.store(false, Ordering::SeqCst);
@@ -137,13 +138,34 @@ impl RedisStore {
         }
     }
 
-    pub(crate) fn on_frame(&self, sid: &str, bytes: Bytes) {
-        let Some(frame) = Frame::parse(bytes) else {
-            return;
-        };
+    /// Applies one message of a job's channel: the frames of one appended batch,
+    /// concatenated in seq order (see [`split_frames`]). Nothing is copied or parsed
+    /// for a job this replica does not mirror.
+    pub(crate) fn on_frames(&self, sid: &str, payload: &[u8]) {
         let Some(m) = self.inner.mirrors.lock().get(sid).cloned() else {
             return;
         };
-        self.deliver(sid, &m, frame);
+        for frame in split_frames(Bytes::copy_from_slice(payload)) {
+            self.deliver(sid, &m, frame, None);
+        }
     }
+}
+
+/// The frames of one message of a job's channel: `genstream_append_batch_v4` publishes
+/// a batch's frames concatenated, in seq order. Each frame ends with a blank line
+/// (`\n\n`) and none holds one before its end (its JSON is compact, newlines escaped),
+/// so the message is cut after each `\n\n`. The frames share the message's buffer. A
+/// piece that is not a frame is left out: the mirror then sees a gap at the next
+/// frame and reads the missing range from the stream.
+pub(crate) fn split_frames(payload: Bytes) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while let Some(at) = payload[start..].windows(2).position(|w| w == b"\n\n") {
+        let end = start + at + 2;
+        if let Some(f) = Frame::parse(payload.slice(start..end)) {
+            frames.push(f);
+        }
+        start = end;
+    }
+    frames
 }
