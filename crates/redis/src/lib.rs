@@ -29,15 +29,20 @@
 //! | `P:idem:{key}` | hash | an idempotency key's claim: request hash `h`, holder token `t`, the start's ids `v` once filled (TTL: the claim TTL, then the idempotency TTL, 24 h by default) |
 //! | `P:rlw:{key}` | sorted set | a rate limit's hits in its window (member: a hit id, score: Redis `TIME` in µs) |
 //!
-//! Channels: `P:ch:{sid}` carries each appended frame, `P:ctl:abort` carries abort
-//! requests (a stream id) to whichever replica owns the job.
+//! Channels: `P:ch4:{sid}` carries each appended batch as one message (its frames
+//! concatenated in seq order; `4` is the payload's version, see `functions.rs`),
+//! `P:ctl:abort` carries abort requests (a stream id) to whichever replica owns the
+//! job.
 //!
 //! # Appending
-//! One server-side step, the Redis Function `genstream_append_batch_v3` (`append.lua`),
+//! One server-side step, the Redis Function `genstream_append_batch_v4` (`append.lua`),
 //! for a batch of events (a job's appender sends what queued behind the call in
-//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH of
-//! each event together, so there is never a seq without a log entry or an entry without
-//! a publish, and two writers racing to end a job produce exactly one terminal event.
+//! flight; `append` is a batch of one): seq, caps, frame and XADD of each event, TTLs
+//! and one PUBLISH of the batch's frames together, so there is never a seq without a
+//! log entry or an entry without a publish, and two writers racing to end a job
+//! produce exactly one terminal event. The owner's mirror takes the frames the call
+//! returns with the events it sent (`EventLog::insert_encoded`): no JSON decode of
+//! its own frames; other replicas decode each frame once, for their mirror's fold.
 //! The frame is built in Lua, so every replica serves the very bytes that were
 //! published. One `FCALL` per batch; if Redis lost the functions
 //! (a restart without persistence, `FUNCTION FLUSH`, a failover) the call loads them
@@ -45,7 +50,7 @@
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's
-//! *end claim* (`genstream_claim_end_v3`), then saves the response message, then
+//! *end claim* (`genstream_claim_end_v4`), then saves the response message, then
 //! appends the terminal event. Only the claimant may append after the claim, so there
 //! is one writer per response message even when an owner presumed dead is alive.
 //!
