@@ -118,6 +118,9 @@ impl EventLogStore for TimedStore {
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
         self.inner.open_log(stream_id).await
     }
+    fn appends_locally(&self) -> bool {
+        self.inner.appends_locally()
+    }
     fn ready_log(&self, stream_id: &str) -> Option<Arc<EventLog>> {
         self.inner.ready_log(stream_id)
     }

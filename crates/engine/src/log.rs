@@ -135,15 +135,24 @@ impl EventLog {
     /// store logs it and reports its log as inconsistent).
     pub fn insert_frame(&self, frame: Frame) -> Result<bool, serde_json::Error> {
         let event = serde_json::from_slice::<Event>(frame.data_json())?;
+        Ok(self.insert_encoded(frame, &event.body))
+    }
+
+    /// [`EventLog::insert_frame`] for the writer of the event, which has it at hand:
+    /// `body` must be the event `frame` encodes (the Redis owner inserting the frames
+    /// its append returned), and the frame's JSON is not read again. True if inserted;
+    /// false (nothing inserted) if `frame` is not the next seq or the log ended.
+    pub fn insert_encoded(&self, frame: Frame, body: &EventBody) -> bool {
+        let seq = frame.seq;
         {
             let mut st = self.state.write();
-            if frame.seq != st.frames.len() as u64 || st.terminal.is_some() {
-                return Ok(false);
+            if seq != st.frames.len() as u64 || st.terminal.is_some() {
+                return false;
             }
-            Self::push(&mut st, frame.clone(), &event.body);
+            Self::push(&mut st, frame, body);
         }
-        self.len_tx.send_replace(frame.seq + 1);
-        Ok(true)
+        self.len_tx.send_replace(seq + 1);
+        true
     }
 
     fn push(st: &mut State, frame: Frame, body: &EventBody) {

@@ -1,7 +1,9 @@
-#!lua name=genstream_v3
--- genstream's Redis functions, version 3. The library name and every function name
+#!lua name=genstream_v4
+-- genstream's Redis functions, version 4. The library name and every function name
 -- carry the version, so that replicas of two releases can run side by side during a
--- rolling deploy: a new release loads genstream_v4 next to this one.
+-- rolling deploy: a new release loads genstream_v5 next to this one. Version 4 publishes
+-- a batch's frames as one message (version 3 published one message per frame), so the
+-- payload of a job's channel changed with it.
 --
 -- Fields of the job hash these functions read and write (besides the metadata):
 --   len, bytes        the log's length (the next seq) and total frame bytes
@@ -31,7 +33,7 @@ end
 -- Appends a batch of events to a job's log, atomically:
 --   assign each the next seq, check the caps, build its SSE frame, XADD it with stream
 --   id 0-(seq+1) and the writer's id, then update the job hash, refresh TTLs, PUBLISH
---   each frame. There is never a seq without a log entry, nor an entry without a
+--   the batch's frames (one message, the frames concatenated in seq order). There is never a seq without a log entry, nor an entry without a
 --   publish. A batch is the same as its events appended one by one: the events before
 --   one that cannot land (the log is full or ended) stay appended.
 --
@@ -132,9 +134,9 @@ local function append_batch(keys, args)
   end
   redis.call('PEXPIRE', job, ttl)
   redis.call('PEXPIRE', log, ttl)
-  for i = 1, #frames do
-    redis.call('PUBLISH', args[5], frames[i])
-  end
+  -- One message per batch, its frames concatenated: each frame ends with a blank line
+  -- and its JSON has no newline, so readers split the message after each "\n\n".
+  redis.call('PUBLISH', args[5], table.concat(frames))
   local reply = {'ok', first, from - 1 + #frames, abort}
   for i = 1, #frames do reply[4 + i] = frames[i] end
   return reply
@@ -217,9 +219,9 @@ local function rate_window(keys, args)
   return oldest + period - now
 end
 
-redis.register_function('genstream_acquire_slot_v3', acquire_slot)
-redis.register_function('genstream_rate_window_v3', rate_window)
-redis.register_function('genstream_append_batch_v3', append_batch)
-redis.register_function('genstream_claim_end_v3', claim_end)
-redis.register_function('genstream_request_abort_v3', request_abort)
-redis.register_function('genstream_claim_v3', claim)
+redis.register_function('genstream_acquire_slot_v4', acquire_slot)
+redis.register_function('genstream_rate_window_v4', rate_window)
+redis.register_function('genstream_append_batch_v4', append_batch)
+redis.register_function('genstream_claim_end_v4', claim_end)
+redis.register_function('genstream_request_abort_v4', request_abort)
+redis.register_function('genstream_claim_v4', claim)

@@ -9,19 +9,27 @@ use crate::{RedisStore, StoreError, store_err};
 /// The Redis function library; its name carries the version.
 pub(crate) const LIBRARY: &str = include_str!("append.lua");
 
-pub(crate) const LIBRARY_NAME: &str = "genstream_v3";
+pub(crate) const LIBRARY_NAME: &str = "genstream_v4";
 
-pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v3";
+/// The kind in a job's channel name (`P:ch4:sid`; `P:ch4:{sid}` on a Cluster). It
+/// carries the version of what is published there: version 4 of the library publishes
+/// one message per batch, the frames concatenated (version 3 published one per frame
+/// on `P:ch:sid`), so
+/// replicas of the two versions, during a rolling deploy, never read each other's
+/// messages (each mirror still fills from the log stream, which both write alike).
+pub(crate) const CHANNEL_KIND: &str = "ch4";
 
-pub(crate) const CLAIM_FN: &str = "genstream_claim_v3";
+pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v4";
 
-pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v3";
+pub(crate) const CLAIM_FN: &str = "genstream_claim_v4";
 
-pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v3";
+pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v4";
 
-pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v3";
+pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v4";
 
-pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v3";
+pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v4";
+
+pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v4";
 
 impl RedisStore {
     /// Runs an `FCALL`; if Redis no longer has the function (it restarted without
@@ -73,7 +81,7 @@ pub(crate) fn is_missing_function(e: &redis::RedisError) -> bool {
 }
 
 /// The library as a Cluster loads it: each job's frames go out with `SPUBLISH` on its
-/// sharded channel `P:ch:{sid}`, which lies in the job's slot (a function may only
+/// sharded channel `P:ch4:{sid}`, which lies in the job's slot (a function may only
 /// publish to a shard channel of its keys' slot), instead of `PUBLISH`. Everything else
 /// is the same text, so the two cannot drift apart; the abort request stays a plain
 /// `PUBLISH` (it must reach every replica, whichever node it listens on).

@@ -1,6 +1,6 @@
 //! [`EventLogStore`] for Redis: registering a job (its hash, the user's running slot,
 //! the conversation's lock), reading its metadata, appending through
-//! `genstream_append_batch_v3`, and opening its log (a mirror).
+//! `genstream_append_batch_v4`, and opening its log (a mirror).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -213,7 +213,7 @@ impl EventLogStore for RedisStore {
         Ok(appended.first_seq)
     }
 
-    /// One `FCALL` of `genstream_append_batch_v3` for the whole batch; the frames it
+    /// One `FCALL` of `genstream_append_batch_v4` for the whole batch; the frames it
     /// appended go to this replica's mirror right away (local subscribers need not wait
     /// for the publish to come back).
     async fn append_batch(
@@ -266,26 +266,37 @@ impl EventLogStore for RedisStore {
                 let bad = || store_err("bad append reply");
                 let first_seq = int_of(reply.get(1)).ok_or_else(bad)?;
                 let count = int_of(reply.get(2)).ok_or_else(bad)? as usize;
-                let frames = reply.get(4..).unwrap_or_default();
-                if !frames.is_empty() {
-                    let mirror = self.inner.mirrors.lock().get(stream_id).cloned();
-                    if let Some(m) = mirror {
-                        for f in frames {
-                            if let Value::BulkString(b) = f
-                                && let Some(f) = Frame::parse(Bytes::from(b.clone()))
-                            {
-                                self.deliver(stream_id, &m, f);
-                            }
+                let abort = int_of(reply.get(3)) == Some(1);
+                // The frames this call appended are those of the batch's last events
+                // (an earlier try landed the ones before): the mirror takes each with
+                // its event, so the owner never decodes its own frames' JSON.
+                let appended = reply.len().saturating_sub(4);
+                let has_frames = appended > 0;
+                let mirror = if has_frames {
+                    self.inner.mirrors.lock().get(stream_id).cloned()
+                } else {
+                    None
+                };
+                if let Some(m) = mirror
+                    && let Some(own) = count
+                        .checked_sub(appended)
+                        .and_then(|from| bodies.get(from..count))
+                {
+                    for (f, body) in reply.into_iter().skip(4).zip(own) {
+                        if let Value::BulkString(b) = f
+                            && let Some(f) = Frame::parse(Bytes::from(b))
+                        {
+                            self.deliver(stream_id, &m, f, Some(body));
                         }
                     }
                 }
                 let landed_terminal = terminal && count == bodies.len();
-                if int_of(reply.get(3)) == Some(1) && !landed_terminal {
+                if abort && !landed_terminal {
                     // Someone asked to abort; the publish may not have reached us.
                     self.call_abort_handler(stream_id);
                 }
                 if landed_terminal
-                    && !frames.is_empty()
+                    && has_frames
                     && let Some((meta, _)) = self.meta(stream_id).await?
                 {
                     let freed: Result<Vec<redis::Value>, StoreError> = self

@@ -30,17 +30,21 @@
 //! | `P:idem:{key}` | hash | an idempotency key's claim: request hash `h`, holder token `t`, the start's ids `v` once filled (TTL: the claim TTL, then the idempotency TTL, 24 h by default) |
 //! | `P:rlw:{key}` | sorted set | a rate limit's hits in its window (member: a hit id, score: Redis `TIME` in µs) |
 //!
-//! Channels: `P:ch:sid` carries each appended frame (on a Cluster the sharded channel
-//! `P:ch:{sid}`, in the job's slot), `P:ctl:abort` carries abort requests (a stream id)
-//! to whichever replica owns the job.
+//! Channels: `P:ch4:sid` carries each appended batch as one message (its frames
+//! concatenated in seq order; `4` is the payload's version, see `functions.rs`; on a
+//! Cluster the sharded channel `P:ch4:{sid}`, in the job's slot), `P:ctl:abort`
+//! carries abort requests (a stream id) to whichever replica owns the job.
 //!
 //! # Appending
-//! One server-side step, the Redis Function `genstream_append_batch_v3` (`append.lua`),
+//! One server-side step, the Redis Function `genstream_append_batch_v4` (`append.lua`),
 //! for a batch of events (a job's appender sends what queued behind the call in
-//! flight; `append` is a batch of one): seq, caps, frame, XADD, TTLs and PUBLISH
-//! (`SPUBLISH` on a Cluster) of each event together, so there is never a seq without
-//! a log entry or an entry without a publish, and two writers racing to end a job
-//! produce exactly one terminal event.
+//! flight; `append` is a batch of one): seq, caps, frame and XADD of each event, TTLs
+//! and one PUBLISH (`SPUBLISH` on a Cluster) of the batch's frames together, so there
+//! is never a seq without a log entry or an entry without a publish, and two writers
+//! racing to end a job produce exactly one terminal event. The owner's mirror takes
+//! the frames the call returns with the events it sent (`EventLog::insert_encoded`):
+//! no JSON decode of its own frames; other replicas decode each frame once, for their
+//! mirror's fold.
 //! The frame is built in Lua, so every replica serves the very bytes that were
 //! published. One `FCALL` per batch; if Redis lost the functions
 //! (a restart without persistence, `FUNCTION FLUSH`, a failover) the call loads them
@@ -64,7 +68,7 @@
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's
-//! *end claim* (`genstream_claim_end_v3`), then saves the response message, then
+//! *end claim* (`genstream_claim_end_v4`), then saves the response message, then
 //! appends the terminal event. Only the claimant may append after the claim, so there
 //! is one writer per response message even when an owner presumed dead is alive.
 //!
@@ -99,6 +103,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{Conn, PubSubSink, Target};
+use crate::functions::CHANNEL_KIND;
 use crate::functions::load_library;
 use crate::mirror::Mirror;
 
@@ -278,17 +283,20 @@ impl RedisStore {
     /// The job's frame channel: `P:ch:sid`, or on a Cluster the sharded channel
     /// `P:ch:{sid}`, in the slot of the job's keys (the append function publishes to it).
     fn channel(&self, sid: &str) -> String {
+        let prefix = &self.inner.cfg.key_prefix;
         if self.is_cluster() {
-            format!("{}:ch:{{{sid}}}", self.inner.cfg.key_prefix)
+            format!("{prefix}:{CHANNEL_KIND}:{{{sid}}}")
         } else {
-            format!("{}:ch:{sid}", self.inner.cfg.key_prefix)
+            format!("{prefix}:{CHANNEL_KIND}:{sid}")
         }
     }
     /// The stream id of a frame channel's name (see [`Self::channel`]).
     fn channel_sid<'a>(&self, channel: &'a str) -> Option<&'a str> {
         let rest = channel
             .strip_prefix(self.inner.cfg.key_prefix.as_str())?
-            .strip_prefix(":ch:")?;
+            .strip_prefix(':')?
+            .strip_prefix(CHANNEL_KIND)?
+            .strip_prefix(':')?;
         if self.is_cluster() {
             rest.strip_prefix('{')?.strip_suffix('}')
         } else {

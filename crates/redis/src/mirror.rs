@@ -52,8 +52,16 @@ impl Mirror {
 impl RedisStore {
     /// Puts a published (or just appended) frame into the mirror: buffered while the
     /// mirror is being opened, else inserted at its seq; a gap makes the replica read
-    /// the missing range, never skip it.
-    pub(crate) fn deliver(&self, sid: &str, m: &Arc<Mirror>, frame: Frame) {
+    /// the missing range, never skip it. `body` is the event the frame encodes when
+    /// the caller has it (the owner, with the frames its append returned): its JSON is
+    /// then not decoded again.
+    pub(crate) fn deliver(
+        &self,
+        sid: &str,
+        m: &Arc<Mirror>,
+        frame: Frame,
+        body: Option<&EventBody>,
+    ) {
         {
             let mut pending = m.pending.lock();
             if let Some(buf) = pending.as_mut() {
@@ -63,10 +71,24 @@ impl RedisStore {
                 return;
             }
         }
-        // An unreadable frame has ended the mirror already: nothing to catch up.
-        if let Ok(true) = self.insert(sid, m, frame) {
+        let gap = match body {
+            Some(body) => self.insert_encoded(m, frame, body),
+            // An unreadable frame has ended the mirror already: nothing to catch up.
+            None => matches!(self.insert(sid, m, frame), Ok(true)),
+        };
+        if gap {
             self.spawn_catch_up(sid);
         }
+    }
+
+    /// [`RedisStore::insert`] of a frame whose event the caller has (`body`): no JSON
+    /// decode, and so no error. True if the frame lies past the mirror's head (a gap).
+    fn insert_encoded(&self, m: &Mirror, frame: Frame, body: &EventBody) -> bool {
+        let seq = frame.seq;
+        if seq < m.log.len() {
+            return false;
+        }
+        !m.log.insert_encoded(frame, body) && seq > m.log.len()
     }
 
     /// Inserts `frame` at its seq; `Ok(true)` if it lies past the mirror's head (a gap:
@@ -333,7 +355,7 @@ impl RedisStore {
             && !channels.is_empty()
         {
             // Best effort: a subscription left behind only brings frames that
-            // `on_frame` drops (no mirror), and goes with the next reconnect.
+            // `on_frames` drops (no mirror), and goes with the next reconnect.
             let unsubscribed =
                 tokio::time::timeout(self.inner.cfg.timeout, s.unsubscribe_jobs(&channels)).await;
             if !matches!(unsubscribed, Ok(Ok(()))) {

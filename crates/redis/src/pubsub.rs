@@ -90,7 +90,7 @@ impl RedisStore {
                         self.call_abort_handler(sid);
                     }
                 } else if let Some(sid) = self.channel_sid(&channel) {
-                    self.on_frame(sid, payload);
+                    self.on_frames(sid, payload);
                 }
             }
             self.inner.pubsub_up.store(false, Ordering::SeqCst);
@@ -167,13 +167,34 @@ impl RedisStore {
         }
     }
 
-    pub(crate) fn on_frame(&self, sid: &str, bytes: Bytes) {
-        let Some(frame) = Frame::parse(bytes) else {
-            return;
-        };
+    /// Applies one message of a job's channel: the frames of one appended batch,
+    /// concatenated in seq order (see [`split_frames`]). Nothing is copied or parsed
+    /// for a job this replica does not mirror.
+    pub(crate) fn on_frames(&self, sid: &str, payload: Bytes) {
         let Some(m) = self.inner.mirrors.lock().get(sid).cloned() else {
             return;
         };
-        self.deliver(sid, &m, frame);
+        for frame in split_frames(payload) {
+            self.deliver(sid, &m, frame, None);
+        }
     }
+}
+
+/// The frames of one message of a job's channel: `genstream_append_batch_v4` publishes
+/// a batch's frames concatenated, in seq order. Each frame ends with a blank line
+/// (`\n\n`) and none holds one before its end (its JSON is compact, newlines escaped),
+/// so the message is cut after each `\n\n`. The frames share the message's buffer. A
+/// piece that is not a frame is left out: the mirror then sees a gap at the next
+/// frame and reads the missing range from the stream.
+pub(crate) fn split_frames(payload: Bytes) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while let Some(at) = payload[start..].windows(2).position(|w| w == b"\n\n") {
+        let end = start + at + 2;
+        if let Some(f) = Frame::parse(payload.slice(start..end)) {
+            frames.push(f);
+        }
+        start = end;
+    }
+    frames
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use futures::StreamExt;
 use genstream_engine::event::{
     ContentPart, Delta, DeltaContent, ErrorEvent, EventBody, Frame, ToolCallChunk, ToolCallsDelta,
 };
@@ -457,4 +458,183 @@ fn cluster_urls_name_every_seed_node() {
         redact_url("redis+cluster://u:secret@a:7000,b:7001"),
         "redis+cluster://u:***@a:7000,b:7001"
     );
+}
+
+/// The frames of `bodies` from seq `first` on, as `Frame::encode` (and so the append
+/// function) builds them.
+fn frames_of(first: u64, bodies: &[EventBody]) -> Vec<Frame> {
+    bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Frame::encode(first + i as u64, b).unwrap())
+        .collect()
+}
+
+/// A batch goes out as one message on the job's channel, and `split_frames` cuts it
+/// into exactly the batch's frames, byte for byte as the log stream holds them, even
+/// where an event's text holds newlines, blank lines or `\n\n` escapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
+    let p = prefix();
+    let store = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    store.create_job(&m).await.unwrap();
+    let mut listener = redis::Client::open(redis_url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    listener
+        .subscribe(store.channel(&m.stream_id))
+        .await
+        .unwrap();
+    let bodies: Vec<EventBody> = ["a", "two\n\nlines", "\\n\\n", "\n\n\n", "", "é😀", "z"]
+        .iter()
+        .map(|t| delta(t))
+        .collect();
+    let first = store
+        .append_batch(&m.stream_id, &bodies, Some(0))
+        .await
+        .unwrap();
+    assert_eq!((first.first_seq, first.count), (0, bodies.len()));
+    // Then one event alone: the next message must be it, so the batch was one message.
+    let last = delta("after");
+    store
+        .append_batch(&m.stream_id, std::slice::from_ref(&last), Some(7))
+        .await
+        .unwrap();
+    let mut messages = listener.on_message();
+    let mut payloads = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("the pub/sub stream is open");
+        payloads.push(bytes::Bytes::copy_from_slice(msg.get_payload_bytes()));
+    }
+    let (batch, alone) = (payloads[0].clone(), payloads[1].clone());
+    let want = frames_of(0, &bodies);
+    let got = pubsub::split_frames(batch.clone());
+    assert_eq!(
+        got.iter()
+            .map(|f| (f.seq, f.bytes.clone()))
+            .collect::<Vec<_>>(),
+        want.iter()
+            .map(|f| (f.seq, f.bytes.clone()))
+            .collect::<Vec<_>>(),
+        "split of {:?}",
+        String::from_utf8_lossy(&batch)
+    );
+    let joined: Vec<u8> = want.iter().flat_map(|f| f.bytes.to_vec()).collect();
+    assert_eq!(
+        &batch[..],
+        &joined[..],
+        "the message is the frames concatenated"
+    );
+    let alone_frames = pubsub::split_frames(alone);
+    assert_eq!(alone_frames.len(), 1);
+    assert_eq!(alone_frames[0].bytes, frames_of(7, &[last])[0].bytes);
+    // And they are the very bytes of the log stream.
+    let (stored, n) = mirror::stream_frames(
+        mirror::xrange(&store.key("log", &m.stream_id), 0, 100)
+            .query_async(&mut store.conn())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(n, 8);
+    for (s, w) in stored.iter().zip(&want) {
+        assert_eq!(s.bytes, w.bytes, "seq {}", s.seq);
+    }
+    store.close();
+}
+
+/// A published batch whose first frames the mirror already holds (a range read got
+/// them first) adds only the rest, each once and in order, and a batch past the
+/// mirror's head is not inserted (the replica reads the gap instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_batch_the_mirror_partly_holds_adds_only_the_rest() {
+    let p = prefix();
+    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let reader = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    owner.create_job(&m).await.unwrap();
+    let bodies: Vec<EventBody> = (0..8).map(|i| delta(&format!("t{i}\n"))).collect();
+    owner
+        .append_batch(&m.stream_id, &bodies[..3], Some(0))
+        .await
+        .unwrap();
+    let log = reader.open_log(&m.stream_id).await.unwrap().unwrap();
+    assert_eq!(log.len(), 3);
+    // Seqs 1..=5 as one message: 1 and 2 are held, 3..=5 are new.
+    let frames = frames_of(1, &bodies[1..6]);
+    let payload: Vec<u8> = frames.iter().flat_map(|f| f.bytes.to_vec()).collect();
+    reader.on_frames(&m.stream_id, bytes::Bytes::from(payload));
+    let all = log.read_after(None, 100).frames;
+    assert_eq!(
+        all.iter().map(|f| f.seq).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<u64>>()
+    );
+    for (f, want) in all.iter().zip(frames_of(0, &bodies[..6])) {
+        assert_eq!(f.bytes, want.bytes, "seq {}", f.seq);
+    }
+    // The fold took each new event once: it equals a log fed the same six events.
+    let local = EventLog::new(genstream_engine::log::LogLimits::default());
+    for b in &bodies[..6] {
+        local.append(b).unwrap();
+    }
+    assert_eq!(log.snapshot(), local.snapshot());
+    owner.close();
+    reader.close();
+}
+
+/// The owner's mirror takes the frames its own append returned with the events it
+/// sent (no JSON decode): it holds them, folded, as soon as the append returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_mirror_holds_its_own_batch_when_the_append_returns() {
+    let p = prefix();
+    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    owner.create_job(&m).await.unwrap();
+    let log = owner.open_log(&m.stream_id).await.unwrap().unwrap();
+    // Only the append's reply may bring the frames in: no publish reaches this mirror.
+    owner
+        .inner
+        .sink
+        .lock()
+        .await
+        .as_mut()
+        .unwrap()
+        .unsubscribe_jobs(&[owner.channel(&m.stream_id)])
+        .await
+        .unwrap();
+    let bodies: Vec<EventBody> = (0..5).map(|i| delta(&format!("o{i}"))).collect();
+    // A retry whose first try landed two of them: only the other three come back.
+    owner
+        .append_batch(&m.stream_id, &bodies[..2], Some(0))
+        .await
+        .unwrap();
+    let a = owner
+        .append_batch(&m.stream_id, &bodies, Some(0))
+        .await
+        .unwrap();
+    assert_eq!((a.first_seq, a.count), (0, 5));
+    assert_eq!(
+        log.len(),
+        5,
+        "the mirror holds the batch when the call returns"
+    );
+    let local = EventLog::new(genstream_engine::log::LogLimits::default());
+    for b in &bodies {
+        local.append(b).unwrap();
+    }
+    assert_eq!(log.snapshot(), local.snapshot());
+    for (f, want) in log
+        .read_after(None, 100)
+        .frames
+        .iter()
+        .zip(frames_of(0, &bodies))
+    {
+        assert_eq!(f.bytes, want.bytes, "seq {}", f.seq);
+    }
+    owner.close();
 }

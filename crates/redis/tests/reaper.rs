@@ -350,7 +350,7 @@ async fn a_failed_reap_is_retried_and_does_not_stop_the_sweep() {
 /// on a channel nobody hears: Redis has the event, no mirror got it.
 async fn append_unpublished(s: &Setup, m: &JobMeta, body: &EventBody, seq: u64) {
     let reply: redis::Value = redis::cmd("FCALL")
-        .arg("genstream_append_batch_v3")
+        .arg("genstream_append_batch_v4")
         .arg(2)
         .arg(format!("{}:job:{{{}}}", s.prefix, m.stream_id))
         .arg(format!("{}:log:{{{}}}", s.prefix, m.stream_id))

@@ -12,7 +12,12 @@
 //! failed one are dropped (none of them landed), and the next emit starts afresh from
 //! the fold's next seq.
 //!
+//! A store whose append is local ([`EventLogStore::appends_locally`], the memory
+//! store) gets no task: with nothing in flight the job calls the store inline and
+//! applies what landed at once, so an event costs no task hop and no channel send.
+//!
 //! [`EventLogStore::append_batch`]: crate::store::EventLogStore::append_batch
+//! [`EventLogStore::appends_locally`]: crate::store::EventLogStore::appends_locally
 
 use tokio::sync::mpsc;
 
@@ -44,15 +49,19 @@ pub(super) struct Appender {
     task: Option<(mpsc::Sender<Queued>, mpsc::UnboundedReceiver<Ack>)>,
     /// Events handed to the task and not yet acknowledged.
     pending: usize,
+    /// The store appends in this process: append inline when nothing is in flight.
+    inline: bool,
 }
 
 impl Appender {
     pub(super) fn new(ctx: Arc<JobContext>, stream_id: String) -> Self {
+        let inline = ctx.store.appends_locally();
         Appender {
             ctx,
             stream_id,
             task: None,
             pending: 0,
+            inline,
         }
     }
 
@@ -74,6 +83,9 @@ impl Appender {
         landed: &mut (dyn FnMut(u64, &EventBody) + Send),
     ) -> Result<(), StoreError> {
         self.settle(landed)?;
+        if self.inline && self.pending == 0 {
+            return self.append_inline(body, seq, landed).await;
+        }
         let (tx, _) = self.task.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -95,6 +107,32 @@ impl Appender {
             )));
         }
         self.pending += 1;
+        Ok(())
+    }
+
+    /// Appends `body` at `seq` with the job's own call, nothing being in flight (a
+    /// local store: the call does no I/O), and applies it once it landed.
+    ///
+    /// Errors: as [`Appender::push`] (here the error of this very event).
+    async fn append_inline(
+        &mut self,
+        body: EventBody,
+        seq: u64,
+        landed: &mut (dyn FnMut(u64, &EventBody) + Send),
+    ) -> Result<(), StoreError> {
+        let at = [Instant::now()];
+        let bodies = std::slice::from_ref(&body);
+        let a = self
+            .ctx
+            .append_batch(&self.stream_id, bodies, &at, seq)
+            .await?;
+        if a.count != 1 {
+            return Err(StoreError::Inconsistent(format!(
+                "the store landed {} of a batch of 1 event of job {}",
+                a.count, self.stream_id
+            )));
+        }
+        landed(a.first_seq, &body);
         Ok(())
     }
 

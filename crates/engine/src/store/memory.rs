@@ -214,6 +214,11 @@ impl EventLogStore for MemoryStore {
         })
     }
 
+    /// An append is a lock and an encode in this process: jobs append inline.
+    fn appends_locally(&self) -> bool {
+        true
+    }
+
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
         Ok(self
             .inner

@@ -188,6 +188,15 @@ pub trait EventLogStore: Send + Sync + 'static {
         expected_first_seq: Option<u64>,
     ) -> Result<Appended, StoreError>;
 
+    /// True when an append is a local, in-process step that never waits on I/O (the
+    /// memory store): a job then appends inline instead of handing each event to its
+    /// appender task, which would only add a task hop per event. False (the default)
+    /// for a store behind a network round trip, where keeping one call in flight and
+    /// batching what queues meanwhile is what pays.
+    fn appends_locally(&self) -> bool {
+        false
+    }
+
     /// The log that this replica's subscribers read (the log itself in memory, a
     /// local mirror in Redis mode); `None` if the job is unknown or expired.
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError>;
