@@ -290,7 +290,7 @@ fn models() -> Vec<genstream_server::config::ModelConfig> {
             json!({"tokens": 40, "token_delay": "1ms", "behavior": "reasoning"}),
         ),
         // Long enough that AI SDK readers reconnect while it runs.
-        demo_model("ai", json!({"tokens": 80, "token_delay": "4ms"})),
+        demo_model("ai", json!({"tokens": 80, "token_delay": "10ms"})),
     ]
 }
 
