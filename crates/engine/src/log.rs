@@ -278,7 +278,10 @@ impl EventLog {
             return Some(single(first));
         }
         // The block holding `next`: the last one starting at or before it.
-        let b = st.blocks.partition_point(|b| b.first <= next).checked_sub(1)?;
+        let b = st
+            .blocks
+            .partition_point(|b| b.first <= next)
+            .checked_sub(1)?;
         let block = &st.blocks[b];
         let block_end = st.blocks.get(b + 1).map_or(st.sealed, |n| n.first);
         let mut len = first.bytes.len();
@@ -455,7 +458,10 @@ mod tests {
         let log = log_of(&[100; 100], false);
         let frames = log.read_after(None, usize::MAX).frames;
         let run = log.frames_after(None, 64 * 1024).unwrap();
-        assert!(run.frames > 10, "a sealed block is read as one run: {run:?}");
+        assert!(
+            run.frames > 10,
+            "a sealed block is read as one run: {run:?}"
+        );
         let whole: Vec<u8> = frames[..run.frames]
             .iter()
             .flat_map(|f| f.bytes.to_vec())
@@ -463,7 +469,10 @@ mod tests {
         assert_eq!(run.bytes, whole);
         assert_eq!(run.last_seq, run.frames as u64 - 1);
         let st_sealed = log.state.read().sealed;
-        assert!(st_sealed < frames.len(), "the last frames are not sealed yet");
+        assert!(
+            st_sealed < frames.len(),
+            "the last frames are not sealed yet"
+        );
         let open = log.frames_after(Some(st_sealed as u64), 64 * 1024).unwrap();
         assert_eq!(open.frames, 1);
         assert_eq!(open.last_seq, st_sealed as u64 + 1);
@@ -476,7 +485,10 @@ mod tests {
 
         log.append(&error_event()).unwrap();
         let tail = log.frames_after(Some(st_sealed as u64), 64 * 1024).unwrap();
-        assert!(tail.ended, "the terminal event seals the open tail: {tail:?}");
+        assert!(
+            tail.ended,
+            "the terminal event seals the open tail: {tail:?}"
+        );
         assert_eq!(tail.last_seq, 100);
         assert_eq!(tail.frames, 100 - st_sealed);
     }

@@ -185,7 +185,14 @@ async fn runs_of_frames_give_the_same_bytes_as_one_frame_per_chunk() {
     let frames = log.read_after(None, usize::MAX).frames;
     assert!(frames.len() > 400);
     let head = frames.len() as u64 - 1;
-    for cursor in [None, Some(0), Some(1), Some(57), Some(head / 2), Some(head - 1)] {
+    for cursor in [
+        None,
+        Some(0),
+        Some(1),
+        Some(57),
+        Some(head / 2),
+        Some(head - 1),
+    ] {
         let query = cursor.map_or(String::new(), |c| format!("?cursor={c}"));
         let expected: Vec<u8> = frames[cursor.map_or(0, |c| c as usize + 1)..]
             .iter()
