@@ -174,6 +174,8 @@ pub(crate) struct RunOptions {
     pub(crate) server: Option<tokio::runtime::Handle>,
     /// `http.sse_chunk_bytes` of the replicas (default: the config's).
     pub(crate) sse_chunk_bytes: Option<usize>,
+    /// The demo's wait before the first token, in ms (default 2 s + 4 ms per job).
+    pub(crate) first_token_ms: Option<u64>,
 }
 
 /// What one [`fanout_run`] measured, beyond its `redis-fanout` table row.
@@ -215,7 +217,7 @@ pub(crate) async fn fanout_run(
     // Every job waits this long before its first token, so that all of them are
     // started and subscribed to before any streams: the rates below are then those of
     // all jobs running at once, not of a staggered start.
-    let first_token_ms = 2000 + 4 * jobs as u64;
+    let first_token_ms = opts.first_token_ms.unwrap_or(2000 + 4 * jobs as u64);
     let options = DemoOptions {
         tokens,
         token_delay: Duration::from_millis(delay_ms),
