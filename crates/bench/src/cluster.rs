@@ -166,31 +166,82 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
 type StampTask = tokio::task::JoinHandle<Vec<Instant>>;
 type SubTask = tokio::task::JoinHandle<http::Receipts>;
 
+/// Options of [`fanout_run`] beyond the load's shape (`Default`: as `redis-fanout`).
+#[derive(Default)]
+pub(crate) struct RunOptions {
+    /// Run the replicas on this runtime (name its threads `server-N`, so their CPU is
+    /// told apart from the subscribers'), instead of the caller's.
+    pub(crate) server: Option<tokio::runtime::Handle>,
+    /// `http.sse_chunk_bytes` of the replicas (default: the config's).
+    pub(crate) sse_chunk_bytes: Option<usize>,
+    /// The demo's wait before the first token, in ms (default 2 s + 4 ms per job).
+    pub(crate) first_token_ms: Option<u64>,
+}
+
+/// What one [`fanout_run`] measured, beyond its `redis-fanout` table row.
+pub(crate) struct RunFigures {
+    pub(crate) row: Vec<String>,
+    /// Events received by all subscribers.
+    pub(crate) delivered: u64,
+    /// Delivered events/s while every job was producing tokens, if they ever all were.
+    pub(crate) rate_all_running: Option<f64>,
+    /// Delivered events/s from the first receipt to the last.
+    pub(crate) rate_overall: f64,
+    /// Appends/s of one job, mean over the jobs (from its first token to its end).
+    pub(crate) per_job_rate: f64,
+    /// CPU seconds of the `server-N` threads (user + system, and system alone) from the
+    /// end of the setup to the last receipt; 0 without [`RunOptions::server`].
+    pub(crate) server_cpu: f64,
+    pub(crate) server_sys: f64,
+    /// CPU seconds Redis spent meanwhile (`INFO cpu`: user + system, all its clients).
+    pub(crate) redis_cpu: f64,
+    /// From the end of the setup to the last receipt.
+    pub(crate) wall: Duration,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+}
+
 /// One fan-out run: `jobs` jobs, each with `subs_per_job` subscribers spread over the
-/// replicas; every job starts on the first replica. Returns a table row.
-async fn fanout_run(
+/// replicas; every job starts on the first replica. Returns the `redis-fanout` table
+/// row and the figures behind it.
+pub(crate) async fn fanout_run(
     store: &str,
     replicas: usize,
     jobs: usize,
     subs_per_job: usize,
     tokens: u32,
     delay_ms: u64,
-) -> Result<Vec<String>, String> {
+    opts: &RunOptions,
+) -> Result<RunFigures, String> {
     let prefix = format!("gsbench-{}", genstream_engine::new_id());
     // Every job waits this long before its first token, so that all of them are
     // started and subscribed to before any streams: the rates below are then those of
     // all jobs running at once, not of a staggered start.
-    let first_token_ms = 2000 + 4 * jobs as u64;
+    let first_token_ms = opts.first_token_ms.unwrap_or(2000 + 4 * jobs as u64);
     let options = DemoOptions {
         tokens,
         token_delay: Duration::from_millis(delay_ms),
         first_token_delay: Duration::from_millis(first_token_ms),
         ..DemoOptions::default()
     };
-    let cfg = config(store, &prefix, options);
+    let mut cfg = config(store, &prefix, options);
+    if let Some(n) = opts.sse_chunk_bytes {
+        cfg.http.sse_chunk_bytes = n;
+    }
     let mut rs = Vec::new();
     for _ in 0..replicas {
-        rs.push(replica(&cfg).await?);
+        rs.push(match &opts.server {
+            Some(h) => {
+                // `block_on` on a blocking thread: the future stays on that thread
+                // (the compiler cannot prove it `Send` for `spawn`), while everything
+                // it spawns (the listener, the job tasks) runs on `h`'s runtime.
+                let (cfg, h) = (cfg.clone(), h.clone());
+                tokio::task::spawn_blocking(move || h.block_on(replica(&cfg)))
+                    .await
+                    .map_err(|e| e.to_string())??
+            }
+            None => replica(&cfg).await?,
+        });
     }
     let owner = &rs[0];
     let tok = token(&owner.state)?;
@@ -258,10 +309,22 @@ async fn fanout_run(
     let (stamp_tasks, subs): (Vec<StampTask>, Vec<Vec<(usize, SubTask)>>) =
         started.into_iter().unzip();
     let subs: Vec<(usize, SubTask)> = subs.into_iter().flatten().collect();
+    let cpu0 = crate::sys::thread_ticks();
+    let redis0 = redis_cpu().await;
+    let streaming = Instant::now();
     let mut stamps = Vec::new();
     for t in stamp_tasks {
         stamps.push(t.await.map_err(|e| e.to_string())?);
     }
+    let mut receipts = Vec::with_capacity(subs.len());
+    for (j, s) in subs {
+        receipts.push((j, s.await.map_err(|e| e.to_string())?));
+    }
+    let wall = streaming.elapsed();
+    let cpu1 = crate::sys::thread_ticks();
+    let redis_cpu = (redis_cpu().await - redis0).max(0.0);
+    let (server_user, server_sys) =
+        crate::sys::cpu_secs_between(&cpu0, &cpu1, |n| n.starts_with("server-"));
     let calls = redis_calls().await.saturating_sub(calls_before);
     let append_p99 = append_quantile(&append_before, &append_buckets(), 0.99);
     if store != "memory" {
@@ -271,8 +334,8 @@ async fn fanout_run(
     let mut in_window = 0u64;
     let mut delays: Vec<u64> = Vec::new();
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    for (j, s) in subs {
-        let r = s.await.map_err(|e| e.to_string())?;
+    for (j, r) in &receipts {
+        let j = *j;
         for (seq, at) in &r.seen {
             if let Some(appended) = stamps[j].get(*seq as usize) {
                 delays.push(at.saturating_duration_since(*appended).as_micros() as u64);
@@ -320,7 +383,15 @@ async fn fanout_run(
         |w| thousands(w.rate(in_window) as u64),
     );
     let events: u64 = stamps.iter().map(|s| s.len() as u64).sum();
-    Ok(vec![
+    let per_job_rate = {
+        let rates: Vec<f64> = stamps
+            .iter()
+            .filter(|v| v.len() > 2 && v[v.len() - 1] > v[1])
+            .map(|v| (v.len() - 2) as f64 / (v[v.len() - 1] - v[1]).as_secs_f64())
+            .collect();
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64
+    };
+    let row = vec![
         if store == "memory" {
             "memory".into()
         } else {
@@ -342,7 +413,44 @@ async fn fanout_run(
             format!("{:.1}", calls as f64 / events.max(1) as f64)
         },
         format!("{:.1}", setup.as_secs_f64()),
-    ])
+    ];
+    Ok(RunFigures {
+        row,
+        delivered: delays.len() as u64,
+        rate_all_running: all_running.map(|w| w.rate(in_window)),
+        rate_overall: delays.len() as f64 / secs,
+        per_job_rate,
+        server_cpu: server_user + server_sys,
+        server_sys,
+        redis_cpu,
+        wall,
+        p50_us: quantile(&delays, 0.5),
+        p99_us: quantile(&delays, 0.99),
+    })
+}
+
+/// Redis's own CPU seconds so far (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`), 0
+/// when it cannot be read. It counts every client of that Redis, not only this run.
+pub(crate) async fn redis_cpu() -> f64 {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return 0.0;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return 0.0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            matches!(k, "used_cpu_user" | "used_cpu_sys")
+                .then(|| v.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// The cumulative bucket counts of `genstream_append_duration_seconds` (one event's
@@ -416,9 +524,18 @@ pub fn redis_fanout(
             } else {
                 "memory".into()
             };
-            rows.push(rt.block_on(fanout_run(
-                &store, replicas, jobs, per_job, tokens, delay_ms,
-            ))?);
+            rows.push(
+                rt.block_on(fanout_run(
+                    &store,
+                    replicas,
+                    jobs,
+                    per_job,
+                    tokens,
+                    delay_ms,
+                    &RunOptions::default(),
+                ))?
+                .row,
+            );
         }
     }
     println!(

@@ -229,6 +229,11 @@ pub struct FanoutArgs {
     /// comparison; `genstream serve` installs it, and so does this by default.
     #[arg(long)]
     pub no_metrics: bool,
+    /// The server's `http.sse_chunk_bytes` (most bytes of consecutive frames a
+    /// subscriber that is behind writes as one chunk; 0: one frame per chunk).
+    /// Default: the config's.
+    #[arg(long)]
+    pub sse_chunk_bytes: Option<usize>,
 }
 
 /// A server running in this process.
@@ -257,13 +262,14 @@ impl InProc {
         ));
         std::fs::write(
             &file,
-            crate::memory::config_toml("sqlite::memory:", 4096, options_toml),
+            // Room for the 5,000 jobs of `saturation`'s growth sweep.
+            crate::memory::config_toml("sqlite::memory:", 10_000, options_toml),
         )
         .map_err(|e| e.to_string())?;
         let config = Config::load(Some(&file), &Overrides::default());
         let _ = std::fs::remove_file(&file);
         let config = config.map_err(|e| e.to_string())?;
-        let nagle = args.nagle;
+        let (nagle, chunk_bytes) = (args.nagle, args.sse_chunk_bytes);
         if !args.no_metrics {
             // As `serve::run`: the process's recorder, so every metric costs what it
             // costs in production.
@@ -279,6 +285,9 @@ impl InProc {
             let models = state.manager.models().to_vec();
             state.manager = JobManager::new(dyn_store, db, models, config.manager_config());
             state.manager.spawn_reaper();
+            if let Some(n) = chunk_bytes {
+                state.sse_chunk_bytes = n;
+            }
             let token = state
                 .auth
                 .mint("bench", Duration::from_secs(3600))

@@ -4,7 +4,8 @@
 //! A raw subscriber writes `GET /api/chat/stream/ID HTTP/1.1`, reads the response
 //! head, checks the status, and then either idles or reads the chunked body, noting the
 //! instant each `id: N` line arrives. The body is scanned for `\nid: ` directly in the
-//! chunked bytes: hyper writes every SSE frame as one chunk, so a frame never straddles
+//! chunked bytes: hyper writes every chunk the server hands it (one SSE frame, or a
+//! run of whole frames) as one HTTP chunk, so a frame never straddles
 //! chunk boundaries, and event JSON is compact (`"id":"…"`), so it never contains
 //! `\nid: ` itself.
 

@@ -6,6 +6,7 @@
 //! cargo run --release -p genstream-bench -- projection
 //! cargo run --release -p genstream-bench -- projection-fanout
 //! cargo run --release -p genstream-bench -- starts
+//! cargo run --release -p genstream-bench -- saturation --quick
 //! ```
 //!
 //! Every scenario talks to a server on 127.0.0.1 only, every loop is bounded in count
@@ -19,6 +20,7 @@ mod memory;
 mod projection;
 mod projection_fanout;
 mod report;
+mod saturation;
 mod starts;
 mod sys;
 
@@ -88,6 +90,11 @@ enum Cmd {
     /// 1 job × N and N jobs × 1 over the native stream and each projected one (Responses,
     /// Chat Completions, AI SDK), alternating: events/s, delay, server CPU.
     ProjectionFanout(projection_fanout::ProjectionFanoutArgs),
+    /// How far one machine goes: delivered events/s at saturation (1 × 1,000 and
+    /// 1,000 × 1, memory and Redis), CPU per M events from 100 to 10,000 subscribers
+    /// and 10 to 5,000 jobs, a minimal tokio fan-out for reference, and runs of frames
+    /// per chunk against one frame per chunk.
+    Saturation(saturation::SaturationArgs),
     /// `POST /api/chat` → job running, per second, for each store × database pair.
     Starts(starts::StartsArgs),
     /// Ledger spend latency on SQLite and PostgreSQL.
@@ -159,6 +166,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,
         Cmd::Starts(args) => starts::run(&args)?,
+        Cmd::Saturation(args) => saturation::run(&args)?,
         Cmd::Projection(args) => projection::run(&args)?,
         Cmd::ProjectionFanout(args) => projection_fanout::run(&args)?,
         Cmd::FanoutManyJobs { jobs, args } => fanout::many_jobs(&args, jobs)?,

@@ -379,6 +379,11 @@ pub struct HttpConfig {
     /// EventSource waits before it reconnects (sent in ms). Default `"1s"`.
     #[serde(with = "humantime_serde")]
     pub sse_retry: Duration,
+    /// Most bytes of consecutive frames one SSE subscriber hands the socket as one
+    /// chunk when it is behind (a slice of the event log, never a copy); a frame is
+    /// never split, so a larger frame still goes alone. 0: one frame per chunk.
+    /// Default 16384.
+    pub sse_chunk_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -387,6 +392,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             keepalive: Duration::from_secs(15),
             sse_retry: SECOND,
+            sse_chunk_bytes: 16 * 1024,
         }
     }
 }
@@ -540,7 +546,7 @@ impl Config {
     /// least 1; `jobs.max_tool_iterations` 1 to 1000; `redis.lease_ttl` 300ms to 1day;
     /// `redis.running_ttl` 1s to 30days; `redis.timeout` 50ms to 10m;
     /// `pool.acquire_timeout` 1ms to 10m; `http.keepalive` 1s to 1h;
-    /// `http.sse_retry` 100ms to 1h;
+    /// `http.sse_retry` 100ms to 1h; `http.sse_chunk_bytes` at most 1048576;
     /// `http.max_body_bytes` at least 1; `balance.refill_interval` 0s to 30days;
     /// `[[tools]] timeout` 1ms to 1h; and those of `genstream_providers::config` for
     /// the provider sections and model options.
@@ -590,6 +596,12 @@ impl Config {
         )?;
         check_duration("http.keepalive", self.http.keepalive, SECOND, HOUR)?;
         check_duration("http.sse_retry", self.http.sse_retry, 100 * MS, HOUR)?;
+        check_count(
+            "http.sse_chunk_bytes",
+            self.http.sse_chunk_bytes as u64,
+            0,
+            Some(1024 * 1024),
+        )?;
         check_count(
             "http.max_body_bytes",
             self.http.max_body_bytes as u64,

@@ -44,6 +44,9 @@ pub struct AppState {
     /// The `retry:` field every SSE response opens with: how long a browser's
     /// EventSource waits before it reconnects. Default 1000 ms.
     pub sse_retry: Duration,
+    /// Most bytes of consecutive frames an SSE subscriber that is behind writes as one
+    /// chunk (`http.sse_chunk_bytes`); 0: one frame per chunk. Default 16384.
+    pub sse_chunk_bytes: usize,
     /// Proxies whose `X-Forwarded-For` is believed, for the per-IP rate limit.
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     /// The job-finished webhook client, for checking a request's `webhookUrl` (the

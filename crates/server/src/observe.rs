@@ -196,6 +196,11 @@ impl Connected {
         self.frames += 1;
     }
 
+    /// `n` frames handed to the socket (one run).
+    pub(crate) fn frames(&mut self, n: usize) {
+        self.frames += n as u64;
+    }
+
     /// Caught up: adds the frames counted so far to the shared counter, if enough
     /// frames or time have passed.
     pub(crate) fn idle(&mut self) {

@@ -141,6 +141,7 @@ pub async fn build_state(config: &Config) -> Result<(AppState, bool), ServeError
             auth: Arc::new(JwtKeys::new(&secret)),
             keepalive: config.http.keepalive,
             sse_retry: config.http.sse_retry,
+            sse_chunk_bytes: config.http.sse_chunk_bytes,
             trusted_proxies: Arc::new(
                 crate::client_ip::parse_proxies(&config.limits.trusted_proxies)
                     .map_err(ServeError::Config)?,

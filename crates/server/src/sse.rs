@@ -3,7 +3,9 @@
 //! Everything that can fail is checked before the first byte, so those failures are
 //! plain JSON 4xx answers: authentication, the job's existence and owner, and the
 //! cursor. After that the response is a loop over the job's log: read the frames past
-//! the cursor (cloning `Bytes` handles, never the bytes), write them, and sleep on the
+//! the cursor (cloning `Bytes` handles, never the bytes; a subscriber that is behind
+//! takes a run of consecutive whole frames, up to `http.sse_chunk_bytes`, as one
+//! chunk: [`EventLog::frames_after`]), write them, and sleep on the
 //! log's watch until it grows, sending `: ping` while idle. The subscriber keeps no
 //! queue of its own; the log is the only buffer. The response ends right after the
 //! terminal event; a client whose cursor already is the terminal event gets 204.
@@ -161,6 +163,7 @@ pub async fn stream(
         done: false,
         ping: tokio::time::interval_at(Instant::now() + state.keepalive, state.keepalive),
         first: Some(first),
+        chunk_bytes: state.sse_chunk_bytes,
         conn: crate::observe::Connected::new(),
     };
     let body = Body::from_stream(futures::stream::unfold(sub, Subscriber::next));
@@ -270,6 +273,8 @@ struct Subscriber {
     done: bool,
     ping: Interval,
     first: Option<Bytes>,
+    /// Most bytes of consecutive frames handed over as one chunk (`http.sse_chunk_bytes`).
+    chunk_bytes: usize,
     /// The subscribers gauge and this connection's count of frames delivered.
     conn: crate::observe::Connected,
 }
@@ -289,14 +294,16 @@ impl Subscriber {
                     // Mark the current version seen *before* reading, so an append that
                     // lands after the read still wakes us.
                     rx.borrow_and_update();
-                    // One frame per poll, straight from the log: hyper takes one chunk
-                    // at a time anyway, and the subscriber keeps no batch of frames
-                    // alive.
-                    if let Some(f) = log.frame_after(self.cursor) {
-                        self.cursor = Some(f.seq);
-                        self.done = f.terminal;
-                        self.conn.frame();
-                        return Some((Ok(f.bytes), self));
+                    // Straight from the log: the frame after the cursor, or, when this
+                    // subscriber is behind, a run of consecutive whole frames as one
+                    // slice of the log's buffer (no copy), so hyper writes one chunk
+                    // instead of one per frame. The subscriber keeps no batch of frames
+                    // alive, and the cursor is always the seq of a whole frame sent.
+                    if let Some(run) = log.frames_after(self.cursor, self.chunk_bytes) {
+                        self.cursor = Some(run.last_seq);
+                        self.done = run.ended;
+                        self.conn.frames(run.frames);
+                        return Some((Ok(run.bytes), self));
                     }
                     if log.terminal().is_some() {
                         // Nothing after the cursor in an ended log: the terminal event

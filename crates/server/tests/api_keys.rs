@@ -33,6 +33,7 @@ fn replica(db: Arc<dyn Persistence>) -> Router {
             auth: Arc::new(JwtKeys::new(SECRET)),
             keepalive: Duration::from_secs(15),
             sse_retry: Duration::from_secs(1),
+            sse_chunk_bytes: 16 * 1024,
             trusted_proxies: Arc::new(Vec::new()),
             webhooks: Default::default(),
         },

@@ -157,3 +157,58 @@ async fn each_turn_has_its_own_log_and_cursors_are_integers() {
     assert_eq!(after9[0].id, Some(10));
     assert_eq!(after9.len(), frames2.len() - 10);
 }
+
+/// A subscriber that is behind takes runs of consecutive frames as one chunk
+/// (`http.sse_chunk_bytes`): from any cursor of a finished job of a few hundred
+/// events, the body is byte for byte the log's frames after that cursor, the same as
+/// with one frame per chunk, and it ends right after the terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_frames_give_the_same_bytes_as_one_frame_per_chunk() {
+    let app = test_app(vec![demo(
+        "demo",
+        json!({"tokens": 400, "token_delay": "0ms"}),
+    )]);
+    let batched = serve(&app).await;
+    let single = Served::start(genstream_server::app(
+        genstream_server::AppState {
+            sse_chunk_bytes: 0,
+            ..app.state.clone()
+        },
+        MAX_BODY,
+    ))
+    .await;
+    let (_, started) = post(&batched.url, "alice", "/api/chat", json!({"text": "runs"})).await;
+    let sid = started["streamId"].as_str().unwrap().to_string();
+    // Read once to the end, so the job is finished and its whole log sealed.
+    read_all(&batched.url, &sid, "").await;
+    let (_, log) = app.state.manager.job_for("alice", &sid).await.unwrap();
+    let frames = log.read_after(None, usize::MAX).frames;
+    assert!(frames.len() > 400);
+    let head = frames.len() as u64 - 1;
+    for cursor in [
+        None,
+        Some(0),
+        Some(1),
+        Some(57),
+        Some(head / 2),
+        Some(head - 1),
+    ] {
+        let query = cursor.map_or(String::new(), |c| format!("?cursor={c}"));
+        let expected: Vec<u8> = frames[cursor.map_or(0, |c| c as usize + 1)..]
+            .iter()
+            .flat_map(|f| f.bytes.to_vec())
+            .collect();
+        for base in [&batched.url, &single.url] {
+            let body = read_all(base, &sid, &query).await;
+            let events = body
+                .strip_prefix(b"retry: 1000\n\n".as_slice())
+                .expect("the stream opens with retry:");
+            assert!(
+                events == expected.as_slice(),
+                "cursor {cursor:?} on {base}: {} bytes, expected {}",
+                events.len(),
+                expected.len()
+            );
+        }
+    }
+}

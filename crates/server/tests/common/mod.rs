@@ -50,6 +50,7 @@ pub fn test_app(models: Vec<ModelEntry>) -> TestApp {
         auth: Arc::new(JwtKeys::new(SECRET)),
         keepalive: Duration::from_secs(15),
         sse_retry: Duration::from_secs(1),
+        sse_chunk_bytes: 16 * 1024,
         trusted_proxies: Arc::new(Vec::new()),
         webhooks: Default::default(),
     };
