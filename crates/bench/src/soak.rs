@@ -162,8 +162,9 @@ struct Slot {
 enum Check {
     /// No reference yet: the readings wait for it.
     Pending(Vec<Reading>),
-    /// The reference log, frame by frame.
-    Done(Arc<Vec<Bytes>>),
+    /// The reference log, frame by frame (`None`: it could not be read, the readings
+    /// stay unchecked).
+    Done(Option<Arc<Vec<Bytes>>>),
 }
 
 /// The frames one reader got for one job, over all its connections.
@@ -270,11 +271,17 @@ struct Stats {
     readings: AtomicU64,
     complete: AtomicU64,
     mismatches: AtomicU64,
+    /// Readings of jobs whose reference log could not be read.
+    unchecked: AtomicU64,
     jobs_started: AtomicU64,
     jobs_checked: AtomicU64,
     start_errors: AtomicU64,
+    /// The first job start error, as the server answered it.
+    start_error: Mutex<Option<String>>,
     /// The first few mismatches, described.
     errors: Mutex<Vec<String>>,
+    /// Why connections failed or ended early, and how often (a few kinds).
+    notes: Mutex<BTreeMap<String, u64>>,
 }
 
 /// What the readers and drivers share.
@@ -292,6 +299,25 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Counts one failure of kind `what` (stream ids left out, so that kinds group).
+    fn note(&self, what: String) {
+        let what = what
+            .split('/')
+            .map(|p| {
+                if p.len() == 36 && p.matches('-').count() == 4 {
+                    "ID"
+                } else {
+                    p
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        let mut notes = self.stats.notes.lock();
+        if notes.len() < 20 || notes.contains_key(&what) {
+            *notes.entry(what).or_insert(0) += 1;
+        }
+    }
+
     fn stopped(&self) -> bool {
         *self.stop.borrow()
     }
@@ -315,12 +341,16 @@ impl Ctx {
             Check::Done(reference) => {
                 let reference = reference.clone();
                 drop(check);
-                self.tally(&slot.id, &reading, &reference);
+                self.tally(&slot.id, &reading, reference.as_deref().map(Vec::as_slice));
             }
         }
     }
 
-    fn tally(&self, id: &str, reading: &Reading, reference: &[Bytes]) {
+    fn tally(&self, id: &str, reading: &Reading, reference: Option<&[Bytes]>) {
+        let Some(reference) = reference else {
+            self.stats.unchecked.fetch_add(1, Relaxed);
+            return;
+        };
         self.stats.readings.fetch_add(1, Relaxed);
         if reading.complete {
             self.stats.complete.fetch_add(1, Relaxed);
@@ -349,6 +379,7 @@ impl Ctx {
             Err(e) if e.contains(" 404 ") => Ok(None),
             Err(e) => {
                 self.stats.connect_errors.fetch_add(1, Relaxed);
+                self.note(e.clone());
                 Err(e)
             }
         }
@@ -546,7 +577,14 @@ async fn session(ctx: &Ctx, sse: &mut Sse, reading: &mut Reading, budget: u32) -
                     };
                 }
             }
-            Ok(None) | Err(_) => return Session::Broken,
+            Ok(None) => {
+                ctx.note("connection ended before the terminal event".into());
+                return Session::Broken;
+            }
+            Err(e) => {
+                ctx.note(e);
+                return Session::Broken;
+            }
         }
     }
     Session::Dropped
@@ -610,29 +648,56 @@ async fn reader(ctx: Arc<Ctx>, index: usize, delay: Duration) {
     }
 }
 
-/// Reads a job from seq 0 to its end on one connection.
-async fn read_whole(ctx: &Ctx, slot: &Slot, mut each: impl FnMut(&Frame)) -> Result<(), String> {
-    let mut sse = ctx
-        .connect(&slot.id, None)
-        .await?
-        .ok_or_else(|| format!("job {}: 404", slot.id))?;
-    loop {
-        match sse.next_frame(SILENCE).await? {
-            Some(frame) => {
-                each(&frame);
-                if frame.terminal {
-                    return Ok(());
-                }
+/// Reads a job into `reading` up to its terminal event, reconnecting after its last
+/// seq when a connection fails (a transient 503, a reset), for at most `FOLLOW_LIMIT`;
+/// `each` sees every frame taken. An error when the job is gone (404), on a sequence
+/// error, or past the limit.
+async fn follow(
+    ctx: &Ctx,
+    slot: &Slot,
+    reading: &mut Reading,
+    mut each: impl FnMut(&Frame),
+) -> Result<(), String> {
+    let deadline = Instant::now() + FOLLOW_LIMIT;
+    let mut backoff = Duration::from_millis(50);
+    while Instant::now() < deadline {
+        let mut sse = match ctx.connect(&slot.id, reading.next.checked_sub(1)).await {
+            Ok(Some(sse)) => sse,
+            Ok(None) => return Err("404 before the terminal event".into()),
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
             }
-            None => {
-                return Err(format!(
-                    "job {}: stream ended before the terminal event",
-                    slot.id
-                ));
+        };
+        loop {
+            match sse.next_frame(SILENCE).await {
+                Ok(Some(frame)) => {
+                    if !reading.take(&frame) {
+                        if reading.complete {
+                            each(&frame);
+                            return Ok(());
+                        }
+                        return Err(reading.error.clone().unwrap_or_default());
+                    }
+                    each(&frame);
+                }
+                Ok(None) => {
+                    ctx.note("connection ended before the terminal event".into());
+                    break;
+                }
+                Err(e) => {
+                    ctx.note(e);
+                    break;
+                }
             }
         }
     }
+    Err(format!("not ended within {} s", FOLLOW_LIMIT.as_secs()))
 }
+
+/// How long a driver keeps trying to read its job to the end.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(600);
 
 /// One driver: starts a job, follows it live, takes its reference log, and again,
 /// until the run stops (the job in progress is finished).
@@ -653,6 +718,7 @@ async fn driver(ctx: Arc<Ctx>, index: usize) {
             Err(e) => {
                 ctx.stats.start_errors.fetch_add(1, Relaxed);
                 eprintln!("soak: {e}");
+                ctx.stats.start_error.lock().get_or_insert(e);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -667,24 +733,23 @@ async fn driver(ctx: Arc<Ctx>, index: usize) {
         ctx.offered.lock().push(slot.clone());
         // The live read, itself a reading.
         let mut live = Reading::new(0);
-        let followed = read_whole(&ctx, &slot, |f| {
-            live.take(f);
+        let followed = follow(&ctx, &slot, &mut live, |f| {
             slot.head.store(f.seq + 1, Relaxed);
         })
         .await;
         let _ = slot.ended.set(Instant::now());
         if let Err(e) = followed {
-            live.error.get_or_insert(e);
+            live.error.get_or_insert(format!("live read: {e}"));
         }
         // The reference: the ended job read again from seq 0.
         let mut frames = Vec::new();
-        let reference = read_whole(&ctx, &slot, |f| frames.push(f.bytes.clone())).await;
+        let mut whole = Reading::new(0);
+        let reference = follow(&ctx, &slot, &mut whole, |f| frames.push(f.bytes.clone())).await;
         let reference = match reference {
-            Ok(()) => Arc::new(frames),
+            Ok(()) => Some(Arc::new(frames)),
             Err(e) => {
-                ctx.stats.errors.lock().push(format!("reference read: {e}"));
-                ctx.stats.mismatches.fetch_add(1, Relaxed);
-                Arc::new(Vec::new())
+                ctx.note(format!("no reference log: {e}"));
+                None
             }
         };
         let pending =
@@ -692,9 +757,10 @@ async fn driver(ctx: Arc<Ctx>, index: usize) {
                 Check::Pending(v) => v,
                 Check::Done(_) => Vec::new(),
             };
-        ctx.tally(&slot.id, &live, &reference);
+        let reference = reference.as_deref().map(Vec::as_slice);
+        ctx.tally(&slot.id, &live, reference);
         for r in &pending {
-            ctx.tally(&slot.id, r, &reference);
+            ctx.tally(&slot.id, r, reference);
         }
         ctx.stats.jobs_checked.fetch_add(1, Relaxed);
         // Still offered for a while after its end, then only readers that hold it
@@ -757,6 +823,13 @@ async fn redis_figures(
     }
 }
 
+/// The fd kind of the SQLite database's files.
+const DB_FILES: &str = "database file";
+
+/// Most database fds the server's SQLite pool can hold: 8 connections (the default
+/// size) with the database, its WAL and its shared-memory file each, and one more.
+const DB_FDS_MAX: usize = 8 * 3 + 1;
+
 /// The server's open fds by kind: sockets, the database's files, the rest (eventfd,
 /// epoll, pipes, …).
 fn fd_kinds(pid: u32) -> BTreeMap<&'static str, usize> {
@@ -771,7 +844,7 @@ fn fd_kinds(pid: u32) -> BTreeMap<&'static str, usize> {
         let kind = if target.starts_with("socket:") {
             "socket"
         } else if target.contains("bench.db") {
-            "database file"
+            DB_FILES
         } else if target.starts_with("anon_inode:") || target.starts_with("pipe:") {
             "eventfd / epoll / pipe"
         } else {
@@ -797,6 +870,9 @@ struct Report {
     mismatches: u64,
     readings: u64,
     errors: Vec<String>,
+    notes: BTreeMap<String, u64>,
+    unchecked: u64,
+    start_error: Option<String>,
     load_start: f64,
     load_end: f64,
 }
@@ -830,8 +906,17 @@ impl Report {
         )
     }
 
+    /// Fds gained over the run, the database's files left out: the server's SQLite
+    /// pool opens connections lazily, up to its size, and keeps idle ones.
     fn fd_leak(&self) -> i64 {
-        total(&self.fds_after) as i64 - total(&self.fds_before) as i64
+        let rest = |k: &BTreeMap<&'static str, usize>| {
+            total(k) as i64 - k.get(DB_FILES).copied().unwrap_or(0) as i64
+        };
+        rest(&self.fds_after) - rest(&self.fds_before)
+    }
+
+    fn db_fds_after(&self) -> usize {
+        self.fds_after.get(DB_FILES).copied().unwrap_or(0)
     }
 
     fn criteria(&self, args: &SoakArgs) -> Vec<(String, String, bool)> {
@@ -844,20 +929,24 @@ impl Report {
                 max <= args.max_growth_pct && self.samples.len() > self.baseline,
             ),
             (
-                "no fd leak (end ≤ before)".into(),
                 format!(
-                    "{} → {} ({leak:+})",
-                    total(&self.fds_before),
-                    total(&self.fds_after)
+                    "no fd leak: the end ≤ before the load, database files ≤ {DB_FDS_MAX} (the pool's)"
                 ),
-                leak <= 0,
+                format!(
+                    "{} → {} ({leak:+} besides database files; {} database files)",
+                    total(&self.fds_before),
+                    total(&self.fds_after),
+                    self.db_fds_after()
+                ),
+                leak <= 0 && self.db_fds_after() <= DB_FDS_MAX,
             ),
             (
                 "every reading exact".into(),
                 format!(
-                    "{} mismatches in {} readings",
+                    "{} mismatches in {} readings ({} unchecked: no reference log)",
                     thousands(self.mismatches),
-                    thousands(self.readings)
+                    thousands(self.readings),
+                    thousands(self.unchecked)
                 ),
                 self.mismatches == 0 && self.readings > 0,
             ),
@@ -976,6 +1065,16 @@ impl Report {
         for e in &self.errors {
             println!("- mismatch: {e}");
         }
+        if !self.notes.is_empty() {
+            println!("Connection failures and early ends, by kind (retried or resumed):\n");
+            for (what, n) in &self.notes {
+                println!("- {n} × `{what}`");
+            }
+            println!();
+        }
+        if let Some(e) = &self.start_error {
+            println!("First job start error: `{e}`\n");
+        }
         let rows: Vec<Vec<String>> = self
             .criteria(args)
             .into_iter()
@@ -1011,7 +1110,12 @@ async fn prime(ctx: &Arc<Ctx>) -> Result<(), String> {
                 ended: OnceLock::new(),
                 check: Mutex::new(Check::Pending(Vec::new())),
             };
-            let readers: Vec<_> = (0..4).map(|_| read_whole(&ctx, &slot, |_| {})).collect();
+            let readers: Vec<_> = (0..4)
+                .map(|_| async {
+                    let mut reading = Reading::new(0);
+                    follow(&ctx, &slot, &mut reading, |_| {}).await
+                })
+                .collect();
             futures::future::try_join_all(readers).await.map(|_| ())
         }));
     }
@@ -1051,7 +1155,11 @@ async fn soak_once(args: &SoakArgs, store: StoreKind) -> Result<Report, String> 
         addr: server.addr,
         base: server.base(),
         token: server.token.clone(),
-        http: reqwest::Client::new(),
+        // No idle keep-alive connections: they would sit in the server's fd counts.
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| e.to_string())?,
         offered: Mutex::new(Vec::new()),
         stats: Stats::default(),
         stop,
@@ -1193,6 +1301,9 @@ async fn soak_once(args: &SoakArgs, store: StoreKind) -> Result<Report, String> 
         mismatches: st.mismatches.load(Relaxed),
         readings: st.readings.load(Relaxed),
         errors: st.errors.lock().clone(),
+        start_error: st.start_error.lock().clone(),
+        notes: st.notes.lock().clone(),
+        unchecked: st.unchecked.load(Relaxed),
         load_start,
         load_end,
     };
