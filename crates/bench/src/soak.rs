@@ -578,7 +578,14 @@ async fn session(ctx: &Ctx, sse: &mut Sse, reading: &mut Reading, budget: u32) -
                 }
             }
             Ok(None) => {
-                ctx.note("connection ended before the terminal event".into());
+                ctx.note(format!(
+                    "connection ended before the terminal event ({})",
+                    if matches!(sse.state, Chunk::Done) {
+                        "the body ended"
+                    } else {
+                        "the socket closed mid-body"
+                    }
+                ));
                 return Session::Broken;
             }
             Err(e) => {
