@@ -299,15 +299,23 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Counts one failure of kind `what` (stream ids left out, so that kinds group).
+    /// Counts one failure of kind `what` (stream ids and cursors left out, so that
+    /// kinds group).
     fn note(&self, what: String) {
         let what = what
             .split('/')
             .map(|p| {
-                if p.len() == 36 && p.matches('-').count() == 4 {
-                    "ID"
-                } else {
-                    p
+                let id = p.get(..36).filter(|id| id.matches('-').count() == 4);
+                let rest = p.get(36..).unwrap_or("");
+                match id {
+                    // `ID?cursor=N: …` → `ID?cursor=N` without the N.
+                    Some(_) => match rest.split_once(':') {
+                        Some((query, tail)) if query.starts_with("?cursor=") => {
+                            format!("ID?cursor=N:{tail}")
+                        }
+                        _ => format!("ID{rest}"),
+                    },
+                    None => p.to_owned(),
                 }
             })
             .collect::<Vec<_>>()
