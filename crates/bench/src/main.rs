@@ -7,6 +7,7 @@
 //! cargo run --release -p genstream-bench -- projection-fanout
 //! cargo run --release -p genstream-bench -- starts
 //! cargo run --release -p genstream-bench -- saturation --quick
+//! cargo run --release -p genstream-bench -- soak --store memory,redis
 //! ```
 //!
 //! Every scenario talks to a server on 127.0.0.1 only, every loop is bounded in count
@@ -21,6 +22,7 @@ mod projection;
 mod projection_fanout;
 mod report;
 mod saturation;
+mod soak;
 mod starts;
 mod sys;
 
@@ -102,6 +104,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         spends: usize,
     },
+    /// Subscribers connecting and disconnecting for minutes while jobs stream: RSS,
+    /// fds (and Redis memory) flat, every reader's log exact.
+    Soak(soak::SoakArgs),
     /// Every scenario with its defaults, one after the other.
     All,
     /// Print the machine description only.
@@ -180,6 +185,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             memory::idle(&args)?
         }
         Cmd::MemoryRetained(args) => memory::retained(&args)?,
+        Cmd::Soak(args) => soak::run(&args, nofile)?,
         Cmd::All => {
             let parse = |argv: &[&str]| Cli::try_parse_from(argv).map_err(|e| e.to_string());
             for argv in [

@@ -27,13 +27,28 @@ const SECRET: &str = "genstream-bench-secret-0123456789abcdef";
 /// store, `database`, a fixed JWT secret, every per-user and per-IP limit off (one
 /// user starts all the jobs), and one demo model `bench` with `options_toml`.
 pub fn config_toml(database: &str, max_live_jobs: usize, options_toml: &str) -> String {
+    config_toml_with("memory", database, max_live_jobs, "", options_toml, "")
+}
+
+/// [`config_toml`] with the job store `store` (`memory` or a Redis URL), `jobs_toml`
+/// (lines added to `[jobs]`, e.g. a retention) and `tail_toml` (tables added at the
+/// end, e.g. `[redis]`).
+pub fn config_toml_with(
+    store: &str,
+    database: &str,
+    max_live_jobs: usize,
+    jobs_toml: &str,
+    options_toml: &str,
+    tail_toml: &str,
+) -> String {
     format!(
-        "bind = \"127.0.0.1:0\"\nstore = \"memory\"\ndatabase = \"{database}\"\n\n\
+        "bind = \"127.0.0.1:0\"\nstore = \"{store}\"\ndatabase = \"{database}\"\n\n\
          [auth]\njwt_secret = \"{SECRET}\"\n\n\
-         [jobs]\nmax_live_jobs = {max_live_jobs}\n\n\
+         [jobs]\nmax_live_jobs = {max_live_jobs}\n{jobs_toml}\n\n\
          [limits]\nconcurrent_per_user = 0\nmessages_per_user_per_minute = 0\n\
          messages_per_ip_per_minute = 0\n\n\
-         [[models]]\nname = \"bench\"\nprovider = \"demo\"\n[models.options]\n{options_toml}\n"
+         [[models]]\nname = \"bench\"\nprovider = \"demo\"\n[models.options]\n{options_toml}\n\n\
+         {tail_toml}\n"
     )
 }
 
@@ -51,7 +66,7 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    fn binary(&self) -> PathBuf {
+    pub(crate) fn binary(&self) -> PathBuf {
         if let Some(b) = &self.server_bin {
             return b.clone();
         }
@@ -62,11 +77,12 @@ impl ServerArgs {
 }
 
 /// A server child process; killed when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    token: String,
+    pub(crate) pid: u32,
+    pub(crate) addr: SocketAddr,
+    /// A bearer token of user `bench`, valid for an hour.
+    pub(crate) token: String,
     dir: PathBuf,
 }
 
@@ -98,6 +114,25 @@ impl Server {
         options_toml: &str,
         mode: Mode,
     ) -> Result<Server, String> {
+        Self::spawn(args, name, mode, |db| config_toml(db, 1000, options_toml))
+    }
+
+    /// A `genstream serve` child whose config file is `config(database URL)`: the
+    /// database is a SQLite file in the server's temporary directory.
+    pub(crate) fn start_config(
+        args: &ServerArgs,
+        name: &str,
+        config: impl FnOnce(&str) -> String,
+    ) -> Result<Server, String> {
+        Self::spawn(args, name, Mode::Genstream, config)
+    }
+
+    fn spawn(
+        args: &ServerArgs,
+        name: &str,
+        mode: Mode,
+        config_text: impl FnOnce(&str) -> String,
+    ) -> Result<Server, String> {
         let dir = std::env::temp_dir().join(format!(
             "genstream-bench-{}-{name}-{}",
             std::process::id(),
@@ -108,11 +143,8 @@ impl Server {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let config = dir.join("genstream.toml");
         let db = dir.join("bench.db");
-        std::fs::write(
-            &config,
-            config_toml(&format!("sqlite://{}", db.display()), 1000, options_toml),
-        )
-        .map_err(|e| e.to_string())?;
+        std::fs::write(&config, config_text(&format!("sqlite://{}", db.display())))
+            .map_err(|e| e.to_string())?;
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let (bin, sub): (PathBuf, &[&str]) = match mode {
             Mode::Genstream => (args.binary(), &["serve"]),
@@ -163,16 +195,16 @@ impl Server {
         Ok(server)
     }
 
-    fn base(&self) -> String {
+    pub(crate) fn base(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn rss(&self) -> u64 {
+    pub(crate) fn rss(&self) -> u64 {
         sys::rss_bytes(self.pid).unwrap_or(0)
     }
 }
 
-fn mib(b: u64) -> String {
+pub(crate) fn mib(b: u64) -> String {
     format!("{:.1}", b as f64 / 1024.0 / 1024.0)
 }
 
