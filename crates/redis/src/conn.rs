@@ -245,7 +245,7 @@ impl PubSubFeed {
                     PushKind::SUnsubscribe => {
                         if let Some(Value::BulkString(ch)) = push.data.into_iter().next() {
                             let channel = String::from_utf8_lossy(&ch).into_owned();
-                            if take_own(&own, &channel) {
+                            if take_own(own, &channel) {
                                 continue;
                             }
                             return Some(Published::ShardUnsubscribed { channel });
@@ -330,7 +330,9 @@ impl PubSubSink {
     pub(crate) async fn ping(&mut self) -> RedisResult<()> {
         match self {
             PubSubSink::Single(s) => s.ping::<Value>().await.map(|_| ()),
-            PubSubSink::Cluster(c, _) => redis::cmd("PING").query_async::<Value>(c).await.map(|_| ()),
+            PubSubSink::Cluster(c, _) => {
+                redis::cmd("PING").query_async::<Value>(c).await.map(|_| ())
+            }
         }
     }
 }
