@@ -791,12 +791,13 @@ enum Ending {
 async fn exactly_once(database: &str, cases: usize) {
     let prefix = KeyPrefix::new();
     let mut config = base_config(database, &redis_url(), prefix.name());
-    // Long enough (about 50 ms) that the aborts and the lease lapse below, sent 0-30 ms
-    // after the start, land while the job streams: a job's appends are pipelined, so
-    // its length is its token clock's, not its store round trips'.
+    // Long enough (about 100 ms) that the aborts and the lease lapse below, sent 0-30
+    // ms after the start, land while the job streams, even on loaded cores: a job's
+    // appends are pipelined, so its length is its token clock's, not its store round
+    // trips' (at 50 ms, one CI run on PostgreSQL saw no abort win in 1,000 races).
     config.models = vec![model(
         "priced",
-        json!({"tokens": 10, "token_delay": "5ms"}),
+        json!({"tokens": 20, "token_delay": "5ms"}),
         Some(PRICING),
     )];
     const START_MICRO: i64 = 1_000_000 * 1_000_000;
