@@ -171,9 +171,9 @@ test('a retry shows "retrying in N s (attempt k of n)" with its reason, then the
   await send(page, 'an answer after one failure', 'flaky');
   const answer = lastMessage(page);
   const retry = answer.getByTestId('retry');
-  await expect(retry).toBeVisible();
-  await expect(retry).toContainText(/retrying in \d+ s \(attempt 1 of 4\)/);
-  await expect(retry).toContainText('503');
+  // One assertion for the whole notice: it shows for the 2 s of Retry-After only, and
+  // on loaded cores separate checks could each start after it is gone.
+  await expect(retry).toContainText(/retrying in \d+ s \(attempt 1 of 4\)[^]*503/);
   await expect(answer).toHaveAttribute('data-status', 'complete');
   await expect(retry).toHaveCount(0);
   const saved = await savedMessages(request, token, conversationIdOf(page));
