@@ -74,27 +74,15 @@ fn delta(text: &str) -> genstream_engine::event::EventBody {
     })
 }
 
-/// With the healer off, only pub/sub can bring another replica's appends to a mirror:
-/// frames of jobs spread over all three primaries' slots reach it on their sharded
-/// channels, and an abort request (a plain `PUBLISH` from whichever primary holds the
-/// job) reaches the owner whichever node its connection listens on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
-    use genstream_engine::store::{EventLogStore, JobCoordination};
-    let cluster = OwnRedisCluster::start();
-    let mut cfg = config(&cluster.url());
-    cfg.heal_interval = Duration::from_secs(3600);
-    let writer = RedisStore::connect(cfg.clone()).await.unwrap();
-    let reader = RedisStore::connect(cfg).await.unwrap();
-    let (tx, mut aborts) = tokio::sync::mpsc::unbounded_channel::<String>();
-    writer.set_abort_handler(Arc::new(move |sid: &str| {
-        let _ = tx.send(sid.to_string());
-    }));
-    // 12 jobs: the chance that all fall in the slots of fewer than three primaries
-    // is 3 × (2/3)^12 ≈ 2.3%, and the test holds either way.
-    let jobs: Vec<_> = (0..12).map(|_| job()).collect();
+/// Creates `jobs` on `writer` with one event each and opens `reader`'s mirror of each.
+async fn start_mirrored(
+    writer: &RedisStore,
+    reader: &RedisStore,
+    jobs: &[genstream_engine::store::JobMeta],
+) -> Vec<Arc<genstream_engine::log::EventLog>> {
+    use genstream_engine::store::EventLogStore;
     let mut logs = Vec::new();
-    for m in &jobs {
+    for m in jobs {
         writer.create_job(m).await.unwrap();
         writer
             .append(&m.stream_id, &delta("a"), Some(0))
@@ -102,7 +90,18 @@ async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
             .unwrap();
         logs.push(reader.open_log(&m.stream_id).await.unwrap().unwrap());
     }
-    for m in &jobs {
+    logs
+}
+
+/// Appends seqs 1..5 to every job on `writer`, then waits (5 s at most) until each
+/// mirror in `logs` holds all 5 events.
+async fn append_rest_and_wait(
+    writer: &RedisStore,
+    jobs: &[genstream_engine::store::JobMeta],
+    logs: &[Arc<genstream_engine::log::EventLog>],
+) {
+    use genstream_engine::store::EventLogStore;
+    for m in jobs {
         for seq in 1..5 {
             writer
                 .append(&m.stream_id, &delta(&format!("e{seq}")), Some(seq))
@@ -110,7 +109,7 @@ async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
                 .unwrap();
         }
     }
-    for (m, log) in jobs.iter().zip(&logs) {
+    for (m, log) in jobs.iter().zip(logs) {
         let reached = tokio::time::timeout(Duration::from_secs(5), async {
             let mut rx = log.watch();
             while log.len() < 5 {
@@ -127,6 +126,29 @@ async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
             log.len()
         );
     }
+}
+
+/// With the healer off, only pub/sub can bring another replica's appends to a mirror:
+/// frames of jobs spread over all three primaries' slots reach it on their sharded
+/// channels, and an abort request (a plain `PUBLISH` from whichever primary holds the
+/// job) reaches the owner whichever node its connection listens on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
+    use genstream_engine::store::JobCoordination;
+    let cluster = OwnRedisCluster::start();
+    let mut cfg = config(&cluster.url());
+    cfg.heal_interval = Duration::from_secs(3600);
+    let writer = RedisStore::connect(cfg.clone()).await.unwrap();
+    let reader = RedisStore::connect(cfg).await.unwrap();
+    let (tx, mut aborts) = tokio::sync::mpsc::unbounded_channel::<String>();
+    writer.set_abort_handler(Arc::new(move |sid: &str| {
+        let _ = tx.send(sid.to_string());
+    }));
+    // 12 jobs: the chance that all fall in the slots of fewer than three primaries
+    // is 3 × (2/3)^12 ≈ 2.3%, and the test holds either way.
+    let jobs: Vec<_> = (0..12).map(|_| job()).collect();
+    let logs = start_mirrored(&writer, &reader, &jobs).await;
+    append_rest_and_wait(&writer, &jobs, &logs).await;
     for m in &jobs {
         reader.request_abort(&m.stream_id).await.unwrap();
         // Requests of earlier jobs are published again while those run: skip them.
@@ -155,7 +177,6 @@ async fn frames_and_abort_requests_cross_replicas_by_pubsub() {
 /// subscriptions follow the slots to their new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_subscriptions_follow_a_failover() {
-    use genstream_engine::store::EventLogStore;
     let cluster = OwnRedisCluster::start_with_replica();
     let mut cfg = config(&cluster.url());
     cfg.heal_interval = Duration::from_secs(3600);
@@ -168,41 +189,9 @@ async fn sharded_subscriptions_follow_a_failover() {
             jobs.push(m);
         }
     }
-    let mut logs = Vec::new();
-    for m in &jobs {
-        writer.create_job(m).await.unwrap();
-        writer
-            .append(&m.stream_id, &delta("a"), Some(0))
-            .await
-            .unwrap();
-        logs.push(reader.open_log(&m.stream_id).await.unwrap().unwrap());
-    }
+    let logs = start_mirrored(&writer, &reader, &jobs).await;
     tokio::task::block_in_place(|| cluster.fail_over());
-    for m in &jobs {
-        for seq in 1..5 {
-            writer
-                .append(&m.stream_id, &delta(&format!("e{seq}")), Some(seq))
-                .await
-                .unwrap();
-        }
-    }
-    for (m, log) in jobs.iter().zip(&logs) {
-        let reached = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut rx = log.watch();
-            while log.len() < 5 {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
-        assert!(
-            reached.is_ok() && log.len() == 5,
-            "job {} mirror has {}",
-            m.stream_id,
-            log.len()
-        );
-    }
+    append_rest_and_wait(&writer, &jobs, &logs).await;
     writer.close();
     reader.close();
 }
