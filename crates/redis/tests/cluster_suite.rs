@@ -4,6 +4,7 @@
 //! function library is on every primary; the suite's cases (the same ones the single
 //! Redis and the memory store pass) find out if any of that is wrong.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::sync::Arc;
 use std::time::Duration;
 
