@@ -1,9 +1,11 @@
-#!lua name=genstream_v4
--- genstream's Redis functions, version 4. The library name and every function name
+#!lua name=genstream_v5
+-- genstream's Redis functions, version 5. The library name and every function name
 -- carry the version, so that replicas of two releases can run side by side during a
--- rolling deploy: a new release loads genstream_v5 next to this one. Version 4 publishes
--- a batch's frames as one message (version 3 published one message per frame), so the
--- payload of a job's channel changed with it.
+-- rolling deploy: a new release loads genstream_v6 next to this one. Version 5 takes
+-- each event as the SSE frame its writer built (version 4 took a name and a body and
+-- built the frame here) and replies without frames; what it publishes is as in
+-- version 4 (one message per batch, the frames concatenated), so the channel name
+-- keeps version 4's kind (`ch4`) and replicas of both versions read each other's.
 --
 -- Fields of the job hash these functions read and write (besides the metadata):
 --   len, bytes        the log's length (the next seq) and total frame bytes
@@ -22,20 +24,25 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The SSE frame of an event: the same bytes as `Frame::encode` in the engine
--- (engine/src/event.rs), held byte-equal by `lua_frames_equal_frame_encode` in
--- genstream-redis's tests. BODY is serde_json's compact {"event":NAME,"data":{...}}.
-local function frame_of(seq, name, body)
-  return 'id: ' .. seq .. '\nevent: ' .. name .. '\ndata: {"seq":' .. seq .. ','
-    .. string.sub(body, 2) .. '\n\n'
+-- The frame `frame` (built by the writer for some seq) rebuilt for `seq`: only its two
+-- seq numbers change. The writer builds each frame with `Frame::encode` for the seq it
+-- expects (engine/src/event.rs); this runs only where the event lands elsewhere (no
+-- expected seq, or a terminal event landing at the log's own head). The bytes equal
+-- `Frame::encode` at `seq`, held so by `lua_frames_equal_frame_encode` in
+-- genstream-redis's tests. Nil if `frame` is not an SSE frame of ours.
+local function reseq(frame, seq)
+  local name, rest = string.match(frame, '^id: %d+\nevent: ([^\n]*)\ndata: {"seq":%d+,(.*)$')
+  if not name then return nil end
+  return 'id: ' .. seq .. '\nevent: ' .. name .. '\ndata: {"seq":' .. seq .. ',' .. rest
 end
 
 -- Appends a batch of events to a job's log, atomically:
---   assign each the next seq, check the caps, build its SSE frame, XADD it with stream
---   id 0-(seq+1) and the writer's id, then update the job hash, refresh TTLs, PUBLISH
---   the batch's frames (one message, the frames concatenated in seq order). There is never a seq without a log entry, nor an entry without a
---   publish. A batch is the same as its events appended one by one: the events before
---   one that cannot land (the log is full or ended) stay appended.
+--   assign each the next seq, check the caps, XADD its SSE frame with stream id
+--   0-(seq+1) and the writer's id, then update the job hash, refresh TTLs, PUBLISH
+--   the batch's frames (one message, the frames concatenated in seq order). There is
+--   never a seq without a log entry, nor an entry without a publish. A batch is the
+--   same as its events appended one by one: the events before one that cannot land
+--   (the log is full or ended) stay appended.
 --
 -- KEYS[1] job hash   KEYS[2] log stream   (both with the {streamId} hash tag)
 -- ARGV[1] max events   ARGV[2] max bytes (terminal events are exempt)
@@ -49,14 +56,15 @@ end
 --         seq is beyond the log means the store lost entries: "lost".
 -- ARGV[8] the writer's id (a replica id); once the end is claimed (`reaper`), only
 --         the claimant may append
--- ARGV[9 + 3i], ARGV[10 + 3i], ARGV[11 + 3i] for event i = 0, 1, ...: its name, its
---         body JSON {"event":NAME,"data":{...}}, and the job status its landing sets
---         ("" unless it is terminal)
--- Returns {"ok", first seq, count, abort, frame...} (count events landed from the
---         first seq on, the frames of those appended by this call, not of those an
---         earlier try landed) | {"ended"} | {"full"} | {"missing"} | {"lost"}
---         | {"conflict"}   (abort: 1 if abortRequested; an error only when not even
---         the first event could land)
+-- ARGV[9] the position (1-based) in the batch of its first terminal event, 0 if none
+-- ARGV[10] the job status that terminal event sets ("" if none)
+-- ARGV[11 + i] for event i = 0, 1, ...: its SSE frame as the writer built it for seq
+--         (expected first seq + i), or for seq i when ARGV[7] is ""; an event landing
+--         at another seq gets its frame rebuilt for that seq (`reseq`)
+-- Returns {"ok", first seq, count, abort} (count events landed from the first seq on;
+--         abort: 1 if abortRequested; the writer has the frames, so the reply carries
+--         none) | {"ended"} | {"full"} | {"missing"} | {"lost"} | {"conflict"}
+--         | {"bad frame"} (an error only when not even the first event could land)
 local function append_batch(keys, args)
   local job, log = keys[1], keys[2]
   local h = redis.call('HMGET', job, 'len', 'ended', 'reaper', 'bytes', 'abortRequested')
@@ -65,12 +73,16 @@ local function append_batch(keys, args)
   local writer = args[8]
   local abort = 0
   if h[5] == '1' then abort = 1 end
-  local n = (#args - 8) / 3
+  local n = #args - 10
+  local terminal_at = tonumber(args[9])
   local lost_claim = h[2] == '1' or (h[3] and h[3] ~= writer)
   local first = len
   local from = 1
+  -- The seq the writer built the batch's first frame for.
+  local built = 0
   if args[7] ~= '' then
     local expected = tonumber(args[7])
+    built = expected
     if len > expected then
       local last = math.min(len - 1, expected + n - 1)
       local entries = redis.call('XRANGE', log, '0-' .. (expected + 1), '0-' .. (last + 1))
@@ -82,8 +94,7 @@ local function append_batch(keys, args)
         for j = 1, #fields, 2 do
           if fields[j] == 'f' then f = fields[j + 1] elseif fields[j] == 'w' then w = fields[j + 1] end
         end
-        local k = 9 + 3 * (i - 1)
-        same = w == writer and f == frame_of(expected + i - 1, args[k], args[k + 1])
+        same = w == writer and f == args[10 + i]
       end
       if not same then
         if lost_claim then return {'ended'} end
@@ -92,7 +103,7 @@ local function append_batch(keys, args)
       first = expected
       from = last - expected + 2
       if from > n then return {'ok', first, n, abort} end
-    elseif expected > len and args[11] == '' then
+    elseif expected > len and terminal_at ~= 1 then
       -- A terminal event still lands (at the log's own head), so its readers see it end.
       return {'lost'}
     end
@@ -108,16 +119,22 @@ local function append_batch(keys, args)
   local ttl = args[3]
   local status = nil
   for i = from, n do
-    local k = 9 + 3 * (i - 1)
-    local terminal = args[k + 2] ~= ''
-    local frame = frame_of(seq, args[k], args[k + 1])
+    local terminal = i == terminal_at
+    local frame = args[10 + i]
+    if seq ~= built + i - 1 then
+      frame = reseq(frame, seq)
+      if not frame then
+        if #frames == 0 and from == 1 then return {'bad frame'} end
+        break
+      end
+    end
     if not terminal and (seq + 1 > max_events or bytes + #frame > max_bytes) then break end
     redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame, 'w', writer)
     frames[#frames + 1] = frame
     bytes = bytes + #frame
     seq = seq + 1
     if terminal then
-      status = args[k + 2]
+      status = args[10]
       break
     end
   end
@@ -137,9 +154,7 @@ local function append_batch(keys, args)
   -- One message per batch, its frames concatenated: each frame ends with a blank line
   -- and its JSON has no newline, so readers split the message after each "\n\n".
   redis.call('PUBLISH', args[5], table.concat(frames))
-  local reply = {'ok', first, from - 1 + #frames, abort}
-  for i = 1, #frames do reply[4 + i] = frames[i] end
-  return reply
+  return {'ok', first, from - 1 + #frames, abort}
 end
 
 -- Makes KEYS[1] (a conversation's latest-job pointer) point to ARGV[1] if it still
@@ -219,9 +234,9 @@ local function rate_window(keys, args)
   return oldest + period - now
 end
 
-redis.register_function('genstream_acquire_slot_v4', acquire_slot)
-redis.register_function('genstream_rate_window_v4', rate_window)
-redis.register_function('genstream_append_batch_v4', append_batch)
-redis.register_function('genstream_claim_end_v4', claim_end)
-redis.register_function('genstream_request_abort_v4', request_abort)
-redis.register_function('genstream_claim_v4', claim)
+redis.register_function('genstream_acquire_slot_v5', acquire_slot)
+redis.register_function('genstream_rate_window_v5', rate_window)
+redis.register_function('genstream_append_batch_v5', append_batch)
+redis.register_function('genstream_claim_end_v5', claim_end)
+redis.register_function('genstream_request_abort_v5', request_abort)
+redis.register_function('genstream_claim_v5', claim)

@@ -9,7 +9,7 @@ use crate::{RedisStore, StoreError, store_err};
 /// The Redis function library; its name carries the version.
 pub(crate) const LIBRARY: &str = include_str!("append.lua");
 
-pub(crate) const LIBRARY_NAME: &str = "genstream_v4";
+pub(crate) const LIBRARY_NAME: &str = "genstream_v5";
 
 /// The kind in a job's channel name (`P:ch4:sid`; `P:ch4:{sid}` on a Cluster). It
 /// carries the version of what is published there: version 4 of the library publishes
@@ -19,17 +19,17 @@ pub(crate) const LIBRARY_NAME: &str = "genstream_v4";
 /// messages (each mirror still fills from the log stream, which both write alike).
 pub(crate) const CHANNEL_KIND: &str = "ch4";
 
-pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v4";
+pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v5";
 
-pub(crate) const CLAIM_FN: &str = "genstream_claim_v4";
+pub(crate) const CLAIM_FN: &str = "genstream_claim_v5";
 
-pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v4";
+pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v5";
 
-pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v4";
+pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v5";
 
-pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v4";
+pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v5";
 
-pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v4";
+pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v5";
 
 impl RedisStore {
     /// Runs an `FCALL`; if Redis no longer has the function (it restarted without

@@ -1,6 +1,6 @@
 //! [`EventLogStore`] for Redis: registering a job (its hash, the user's running slot,
 //! the conversation's lock), reading its metadata, appending through
-//! `genstream_append_batch_v4`, and opening its log (a mirror).
+//! `genstream_append_batch_v5`, and opening its log (a mirror).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use genstream_engine::event::{EventBody, FinalStatus, Frame};
 use genstream_engine::log::{AppendError, EventLog};
 use genstream_engine::store::{Appended, EventLogStore, JobMeta, JobStatus, RangePage};
@@ -213,9 +212,11 @@ impl EventLogStore for RedisStore {
         Ok(appended.first_seq)
     }
 
-    /// One `FCALL` of `genstream_append_batch_v4` for the whole batch; the frames it
-    /// appended go to this replica's mirror right away (local subscribers need not wait
-    /// for the publish to come back).
+    /// One `FCALL` of `genstream_append_batch_v5` for the whole batch, each event sent
+    /// as the SSE frame [`Frame::encode`] builds for the seq it is expected to get; the
+    /// frames that landed go to this replica's mirror right away from this side (local
+    /// subscribers need not wait for the publish to come back, and the reply carries
+    /// no frames back).
     async fn append_batch(
         &self,
         stream_id: &str,
@@ -229,6 +230,24 @@ impl EventLogStore for RedisStore {
             });
         }
         let cfg = &self.inner.cfg;
+        // The seq the frames are built for: the expected one, else 0 (the function
+        // rebuilds a frame that lands at another seq).
+        let built = expected_first_seq.unwrap_or_default();
+        let frames = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| Frame::encode(built + i as u64, body))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AppendError::Encode)?;
+        let terminal_at = bodies.iter().position(EventBody::is_terminal);
+        let status = match terminal_at.map(|i| &bodies[i]) {
+            Some(EventBody::Final(f)) => match f.status {
+                FinalStatus::Complete => "complete",
+                FinalStatus::Aborted => "aborted",
+            },
+            Some(_) => "error",
+            None => "",
+        };
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(APPEND_BATCH_FN)
             .arg(2)
@@ -245,49 +264,38 @@ impl EventLogStore for RedisStore {
                     .map(|s| s.to_string())
                     .unwrap_or_default(),
             )
-            .arg(&self.inner.replica_id);
-        let mut terminal = false;
-        for body in bodies {
-            let json = serde_json::to_string(body).map_err(AppendError::Encode)?;
-            let status = match body {
-                EventBody::Final(f) => match f.status {
-                    FinalStatus::Complete => "complete",
-                    FinalStatus::Aborted => "aborted",
-                },
-                EventBody::Error(_) => "error",
-                _ => "",
-            };
-            terminal |= !status.is_empty();
-            cmd.arg(body.name()).arg(json).arg(status);
+            .arg(&self.inner.replica_id)
+            .arg(terminal_at.map_or(0, |i| i + 1))
+            .arg(status);
+        for f in &frames {
+            cmd.arg(&f.bytes[..]);
         }
+        let terminal = terminal_at.is_some();
         let reply: Vec<Value> = self.fcall(&cmd).await?;
         match text_of(reply.first()).as_str() {
             "ok" => {
                 let bad = || store_err("bad append reply");
                 let first_seq = int_of(reply.get(1)).ok_or_else(bad)?;
-                let count = int_of(reply.get(2)).ok_or_else(bad)? as usize;
+                let count = (int_of(reply.get(2)).ok_or_else(bad)? as usize).min(bodies.len());
                 let abort = int_of(reply.get(3)) == Some(1);
-                // The frames this call appended are those of the batch's last events
-                // (an earlier try landed the ones before): the mirror takes each with
-                // its event, so the owner never decodes its own frames' JSON.
-                let appended = reply.len().saturating_sub(4);
-                let has_frames = appended > 0;
+                // The mirror takes the landed events with their frames (built here, or
+                // again for the seq they got): the owner never decodes its own JSON. Those
+                // an earlier try landed are in the mirror or reach it as any other frame.
+                let has_frames = count > 0;
                 let mirror = if has_frames {
                     self.inner.mirrors.lock().get(stream_id).cloned()
                 } else {
                     None
                 };
-                if let Some(m) = mirror
-                    && let Some(own) = count
-                        .checked_sub(appended)
-                        .and_then(|from| bodies.get(from..count))
-                {
-                    for (f, body) in reply.into_iter().skip(4).zip(own) {
-                        if let Value::BulkString(b) = f
-                            && let Some(f) = Frame::parse(Bytes::from(b))
-                        {
-                            self.deliver(stream_id, &m, f, Some(body));
-                        }
+                if let Some(m) = mirror {
+                    for (i, (f, body)) in frames.into_iter().zip(bodies).take(count).enumerate() {
+                        let seq = first_seq + i as u64;
+                        let f = if f.seq == seq {
+                            f
+                        } else {
+                            Frame::encode(seq, body).map_err(AppendError::Encode)?
+                        };
+                        self.deliver(stream_id, &m, f, Some(body));
                     }
                 }
                 let landed_terminal = terminal && count == bodies.len();
@@ -322,6 +330,9 @@ impl EventLogStore for RedisStore {
             ))),
             "conflict" => Err(StoreError::Inconsistent(format!(
                 "another writer appended to job {stream_id}"
+            ))),
+            "bad frame" => Err(store_err(format!(
+                "the append function could not read a frame of job {stream_id}"
             ))),
             other => Err(store_err(format!("unexpected append reply {other:?}"))),
         }

@@ -36,7 +36,7 @@
 //! carries abort requests (a stream id) to whichever replica owns the job.
 //!
 //! # Appending
-//! One server-side step, the Redis Function `genstream_append_batch_v4` (`append.lua`),
+//! One server-side step, the Redis Function `genstream_append_batch_v5` (`append.lua`),
 //! for a batch of events (a job's appender sends what queued behind the call in
 //! flight; `append` is a batch of one): seq, caps, frame and XADD of each event, TTLs
 //! and one PUBLISH (`SPUBLISH` on a Cluster) of the batch's frames together, so there
@@ -68,7 +68,7 @@
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's
-//! *end claim* (`genstream_claim_end_v4`), then saves the response message, then
+//! *end claim* (`genstream_claim_end_v5`), then saves the response message, then
 //! appends the terminal event. Only the claimant may append after the claim, so there
 //! is one writer per response message even when an owner presumed dead is alive.
 //!

@@ -180,7 +180,7 @@ impl RedisStore {
     }
 }
 
-/// The frames of one message of a job's channel: `genstream_append_batch_v4` publishes
+/// The frames of one message of a job's channel: `genstream_append_batch_v5` publishes
 /// a batch's frames concatenated, in seq order. Each frame ends with a blank line
 /// (`\n\n`) and none holds one before its end (its JSON is compact, newlines escaped),
 /// so the message is cut after each `\n\n`. The frames share the message's buffer. A

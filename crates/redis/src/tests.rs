@@ -326,10 +326,14 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
     asker.close();
 }
 
-/// The Redis append function builds each frame in Lua; its bytes must be exactly
-/// those `Frame::encode` makes for the same event, for JSON that is easy to get wrong:
-/// escapes, control characters, quotes and backslashes, non-ASCII and astral-plane
-/// text, U+2028/U+2029, JSON inside strings, and seqs of more than one digit.
+/// The Redis append function rewrites the seq of a frame that lands at another seq
+/// than its writer built it for (`reseq` in Lua); its bytes must be exactly those
+/// `Frame::encode` makes for the event at that seq, for JSON that is easy to get
+/// wrong: escapes, control characters, quotes and backslashes, non-ASCII and
+/// astral-plane text, U+2028/U+2029, JSON inside strings, and seqs of more than one
+/// digit. Three logs: events appended one by one with no expected seq (each frame is
+/// built for seq 0 and rewritten), one batch at its expected seq (taken as built),
+/// and one batch with no expected seq behind a first event (every frame rewritten).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lua_frames_equal_frame_encode() {
     let p = prefix();
@@ -372,21 +376,34 @@ async fn lua_frames_equal_frame_encode() {
     }));
     for (seq, body) in bodies.iter().enumerate() {
         assert_eq!(
-            store
-                .append(&m.stream_id, body, Some(seq as u64))
-                .await
-                .unwrap(),
+            store.append(&m.stream_id, body, None).await.unwrap(),
             seq as u64
         );
     }
-    // The same events in one batch (of another job) get the same bytes.
     let batched = meta();
     store.create_job(&batched).await.unwrap();
     store
         .append_batch(&batched.stream_id, &bodies, Some(0))
         .await
         .unwrap();
-    for sid in [&m.stream_id, &batched.stream_id] {
+    let shifted = meta();
+    store.create_job(&shifted).await.unwrap();
+    let first = delta("first");
+    store
+        .append(&shifted.stream_id, &first, Some(0))
+        .await
+        .unwrap();
+    let a = store
+        .append_batch(&shifted.stream_id, &bodies, None)
+        .await
+        .unwrap();
+    assert_eq!((a.first_seq, a.count), (1, bodies.len()));
+    let shifted_bodies: Vec<EventBody> = std::iter::once(first).chain(bodies.clone()).collect();
+    for (sid, bodies) in [
+        (&m.stream_id, &bodies),
+        (&batched.stream_id, &bodies),
+        (&shifted.stream_id, &shifted_bodies),
+    ] {
         let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
             .arg(store.key("log", sid))
             .arg("-")
@@ -395,7 +412,7 @@ async fn lua_frames_equal_frame_encode() {
             .await
             .unwrap();
         assert_eq!(entries.len(), bodies.len());
-        for (seq, ((_, fields), body)) in entries.iter().zip(&bodies).enumerate() {
+        for (seq, ((_, fields), body)) in entries.iter().zip(bodies).enumerate() {
             let lua = fields["f"].as_slice();
             let rust = Frame::encode(seq as u64, body).unwrap().bytes;
             assert_eq!(

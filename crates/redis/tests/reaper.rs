@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use common::*;
 use genstream_engine::EngineError;
 use genstream_engine::event::{
-    Event, EventBody, Message, RunStep, RunStepCompleted, StepDetails, StepResult, StepType,
+    Event, EventBody, Frame, Message, RunStep, RunStepCompleted, StepDetails, StepResult, StepType,
     ToolCall,
 };
 use genstream_engine::manager::{JobManager, ManagerConfig};
@@ -350,7 +350,7 @@ async fn a_failed_reap_is_retried_and_does_not_stop_the_sweep() {
 /// on a channel nobody hears: Redis has the event, no mirror got it.
 async fn append_unpublished(s: &Setup, m: &JobMeta, body: &EventBody, seq: u64) {
     let reply: redis::Value = redis::cmd("FCALL")
-        .arg("genstream_append_batch_v4")
+        .arg("genstream_append_batch_v5")
         .arg(2)
         .arg(format!("{}:job:{{{}}}", s.prefix, m.stream_id))
         .arg(format!("{}:log:{{{}}}", s.prefix, m.stream_id))
@@ -362,9 +362,9 @@ async fn append_unpublished(s: &Setup, m: &JobMeta, body: &EventBody, seq: u64) 
         .arg(0)
         .arg(seq)
         .arg(s.dead.replica_id())
-        .arg(body.name())
-        .arg(serde_json::to_string(body).unwrap())
+        .arg(0)
         .arg("")
+        .arg(&Frame::encode(seq, body).unwrap().bytes[..])
         .query_async(&mut conn(&redis_url()).await)
         .await
         .unwrap();
