@@ -17,6 +17,10 @@
 --                     claimant may append from then on. The name predates the owner's
 --                     claim; it is kept so that appends of earlier versions honour a claim.
 --   abortRequested    "1" once any replica asked to abort; every append reports it
+--   ttlAt             when an append last refreshed the job's TTLs (ms, the writer's
+--                     clock): a running job's are refreshed once an eighth of the running
+--                     TTL has passed (or the clocks disagree by that much), not on every
+--                     call, so a key never has less than 7/8 of it left
 
 -- Now in ms on the Redis clock, so that claim ages never depend on replicas' clocks.
 local function now_ms()
@@ -67,7 +71,8 @@ end
 --         | {"bad frame"} (an error only when not even the first event could land)
 local function append_batch(keys, args)
   local job, log = keys[1], keys[2]
-  local h = redis.call('HMGET', job, 'len', 'ended', 'reaper', 'bytes', 'abortRequested')
+  local h = redis.call('HMGET', job, 'len', 'ended', 'reaper', 'bytes', 'abortRequested',
+    'ttlAt')
   if not h[1] then return {'missing'} end
   local len = tonumber(h[1])
   local writer = args[8]
@@ -142,15 +147,27 @@ local function append_batch(keys, args)
     if from == 1 then return {'full'} end
     return {'ok', first, from - 1, abort}
   end
+  -- The TTLs: the retention once the terminal event is in; while running, refreshed
+  -- only when an eighth of the running TTL has passed since the last refresh (two
+  -- commands fewer on nearly every call).
+  local refresh = true
   if status then
     redis.call('HSET', job, 'len', seq, 'bytes', bytes, 'ended', '1', 'status', status,
       'finishedAt', args[6])
     ttl = args[4]
   else
-    redis.call('HSET', job, 'len', seq, 'bytes', bytes)
+    local now = tonumber(args[6])
+    refresh = not h[6] or math.abs(now - tonumber(h[6])) * 8 >= tonumber(ttl)
+    if refresh then
+      redis.call('HSET', job, 'len', seq, 'bytes', bytes, 'ttlAt', args[6])
+    else
+      redis.call('HSET', job, 'len', seq, 'bytes', bytes)
+    end
   end
-  redis.call('PEXPIRE', job, ttl)
-  redis.call('PEXPIRE', log, ttl)
+  if refresh then
+    redis.call('PEXPIRE', job, ttl)
+    redis.call('PEXPIRE', log, ttl)
+  end
   -- One message per batch, its frames concatenated: each frame ends with a blank line
   -- and its JSON has no newline, so readers split the message after each "\n\n".
   redis.call('PUBLISH', args[5], table.concat(frames))

@@ -655,3 +655,98 @@ async fn the_owner_mirror_holds_its_own_batch_when_the_append_returns() {
     }
     owner.close();
 }
+
+/// A running job's TTLs are refreshed once an eighth of the running TTL has passed
+/// since the last refresh (`ttlAt`, or clocks that disagree by that much), not on every
+/// append; the terminal event always sets the retention. Time is moved by rewriting
+/// `ttlAt` and the keys' TTLs, so nothing here waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_ttls_are_refreshed_every_eighth_and_the_end_sets_the_retention() {
+    let p = prefix();
+    let store = RedisStore::connect(config(&p)).await.unwrap();
+    let m = meta();
+    store.create_job(&m).await.unwrap();
+    let (job, log) = (
+        store.key("job", &m.stream_id),
+        store.key("log", &m.stream_id),
+    );
+    let mut conn = store.conn();
+    let ttls = |mut conn: crate::conn::Conn| {
+        let (job, log) = (job.clone(), log.clone());
+        async move {
+            let a: i64 = conn.pttl(&job).await.unwrap();
+            let b: i64 = conn.pttl(&log).await.unwrap();
+            (a, b)
+        }
+    };
+    // Sets what the last refresh looks like: `ttlAt` that many ms from now, and both
+    // keys' TTLs to `left` ms.
+    let pretend = |mut conn: crate::conn::Conn, ago_ms: i64, left: i64| {
+        let (job, log) = (job.clone(), log.clone());
+        async move {
+            let at = crate::jobs::now_ms() as i64 - ago_ms;
+            let _: () = conn.hset(&job, "ttlAt", at).await.unwrap();
+            let _: () = conn.pexpire(&job, left).await.unwrap();
+            let _: () = conn.pexpire(&log, left).await.unwrap();
+        }
+    };
+    let full = 120_000;
+    let mut seq = 0;
+    let mut append = |body: EventBody| {
+        let (store, sid) = (store.clone(), m.stream_id.clone());
+        seq += 1;
+        let s = seq - 1;
+        async move { store.append(&sid, &body, Some(s)).await.unwrap() }
+    };
+
+    // The first append has no `ttlAt`: both keys get the full running TTL.
+    append(delta("a")).await;
+    let (a, b) = ttls(store.conn()).await;
+    assert!(
+        a > full - 5_000 && b > full - 5_000,
+        "first append: {a} / {b} ms left"
+    );
+
+    // 1 s after the last refresh: no refresh.
+    pretend(store.conn(), 1_000, 110_000).await;
+    append(delta("b")).await;
+    let (a, b) = ttls(store.conn()).await;
+    assert!(
+        a <= 110_000 && b <= 110_000,
+        "refreshed too early: {a} / {b} ms left"
+    );
+
+    // More than an eighth (15 s) after it: refreshed.
+    pretend(store.conn(), 16_000, 100_000).await;
+    append(delta("c")).await;
+    let (a, b) = ttls(store.conn()).await;
+    assert!(
+        a > 110_000 && b > 110_000,
+        "not refreshed after 16 s: {a} / {b} ms left"
+    );
+
+    // A writer whose clock is 16 s behind the last refresh's: refreshed too.
+    pretend(store.conn(), -16_000, 100_000).await;
+    append(delta("d")).await;
+    let (a, b) = ttls(store.conn()).await;
+    assert!(
+        a > 110_000 && b > 110_000,
+        "not refreshed on a skewed clock: {a} / {b} ms left"
+    );
+
+    // The terminal event sets the retention (60 s), however recent the last refresh.
+    pretend(store.conn(), 0, 110_000).await;
+    append(EventBody::Error(ErrorEvent {
+        code: "upstream_error".into(),
+        message: "end".into(),
+        response_message: None,
+    }))
+    .await;
+    let (a, b) = ttls(store.conn()).await;
+    assert!(
+        a <= 60_000 && a > 55_000 && b <= 60_000 && b > 55_000,
+        "retention: {a} / {b} ms left"
+    );
+    let _: i64 = conn.del(&[&job, &log]).await.unwrap();
+    store.close();
+}
