@@ -294,6 +294,12 @@ impl Subscriber {
                     // Mark the current version seen *before* reading, so an append that
                     // lands after the read still wakes us.
                     rx.borrow_and_update();
+                    // Whether the log had ended *before* the read below: a log never
+                    // grows after its terminal event, so an ended log with nothing
+                    // after the cursor has nothing more to give. (Asked after the read,
+                    // a terminal event landing in between would end this response
+                    // before the frames that came with it.)
+                    let ended = log.terminal().is_some();
                     // Straight from the log: the frame after the cursor, or, when this
                     // subscriber is behind, a run of consecutive whole frames as one
                     // slice of the log's buffer (no copy), so hyper writes one chunk
@@ -305,7 +311,7 @@ impl Subscriber {
                         self.conn.frames(run.frames);
                         return Some((Ok(run.bytes), self));
                     }
-                    if log.terminal().is_some() {
+                    if ended {
                         // Nothing after the cursor in an ended log: the terminal event
                         // is behind us, so waiting could only ever send pings.
                         return None;

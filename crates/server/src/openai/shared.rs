@@ -141,6 +141,10 @@ impl<P: Projector> Subscriber<P> {
         }
         loop {
             self.rx.borrow_and_update();
+            // Asked before the projection reads the log, as in `sse.rs`: a log never
+            // grows after its terminal event, so "ended, nothing new" is then final; asked
+            // after, a terminal event landing in between would cut the stream short.
+            let ended = self.log.terminal().is_some();
             let next = {
                 let mut p = lock(&self.shared);
                 if let Err(e) = advance(&self.log, &mut p) {
@@ -162,7 +166,7 @@ impl<P: Projector> Subscriber<P> {
                 };
                 return Some((Ok(bytes), self));
             }
-            if self.log.terminal().is_some() {
+            if ended {
                 return None;
             }
             tokio::select! {
