@@ -184,7 +184,7 @@ impl EventLog {
 
     /// [`EventLog::insert_frame`] for the writer of the event, which has it at hand:
     /// `body` must be the event `frame` encodes (the Redis owner inserting the frames
-    /// its append returned), and the frame's JSON is not read again. True if inserted;
+    /// it built for its append), and the frame's JSON is not read again. True if inserted;
     /// false (nothing inserted) if `frame` is not the next seq or the log ended.
     pub fn insert_encoded(&self, frame: Frame, body: &EventBody) -> bool {
         let seq = frame.seq;

@@ -41,12 +41,13 @@
 //! flight; `append` is a batch of one): seq, caps, frame and XADD of each event, TTLs
 //! and one PUBLISH (`SPUBLISH` on a Cluster) of the batch's frames together, so there
 //! is never a seq without a log entry or an entry without a publish, and two writers
-//! racing to end a job produce exactly one terminal event. The owner's mirror takes
-//! the frames the call returns with the events it sent (`EventLog::insert_encoded`):
-//! no JSON decode of its own frames; other replicas decode each frame once, for their
-//! mirror's fold.
-//! The frame is built in Lua, so every replica serves the very bytes that were
-//! published. One `FCALL` per batch; if Redis lost the functions
+//! racing to end a job produce exactly one terminal event. The writer sends each
+//! event as the SSE frame it built for the seq it expects (`Frame::encode`; the
+//! function rewrites the seq of one that lands elsewhere), and its own mirror takes
+//! the landed frames with the events it sent (`EventLog::insert_encoded`): no JSON
+//! decode of its own frames; other replicas decode each frame once, for their
+//! mirror's fold. The log stream holds the frames as published, so every replica
+//! serves the very bytes that were published. One `FCALL` per batch; if Redis lost the functions
 //! (a restart without persistence, `FUNCTION FLUSH`, a failover) the call loads them
 //! again and retries once.
 //!
@@ -280,8 +281,8 @@ impl RedisStore {
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}:{kind}:{{{id}}}", self.inner.cfg.key_prefix)
     }
-    /// The job's frame channel: `P:ch:sid`, or on a Cluster the sharded channel
-    /// `P:ch:{sid}`, in the slot of the job's keys (the append function publishes to it).
+    /// The job's frame channel: `P:ch4:sid`, or on a Cluster the sharded channel
+    /// `P:ch4:{sid}`, in the slot of the job's keys (the append function publishes to it).
     fn channel(&self, sid: &str) -> String {
         let prefix = &self.inner.cfg.key_prefix;
         if self.is_cluster() {

@@ -53,8 +53,8 @@ impl RedisStore {
     /// Puts a published (or just appended) frame into the mirror: buffered while the
     /// mirror is being opened, else inserted at its seq; a gap makes the replica read
     /// the missing range, never skip it. `body` is the event the frame encodes when
-    /// the caller has it (the owner, with the frames its append returned): its JSON is
-    /// then not decoded again.
+    /// the caller has it (the owner, with the frames it built for its append): its JSON
+    /// is then not decoded again.
     pub(crate) fn deliver(
         &self,
         sid: &str,

@@ -41,6 +41,32 @@ fn prefix() -> String {
     format!("gstest-{}", uuid::Uuid::now_v7())
 }
 
+/// A store under prefix `p` and a job created in it.
+async fn store_with_job(p: &str) -> (RedisStore, JobMeta) {
+    let store = RedisStore::connect(config(p)).await.unwrap();
+    let m = meta();
+    store.create_job(&m).await.unwrap();
+    (store, m)
+}
+
+/// The `resume=true` snapshot of a log fed `bodies` one by one: what a mirror's fold
+/// of the same events must equal.
+fn folded(bodies: &[EventBody]) -> (Option<u64>, genstream_engine::aggregate::ResumeState) {
+    let local = EventLog::new(genstream_engine::log::LogLimits::default());
+    for b in bodies {
+        local.append(b).unwrap();
+    }
+    local.snapshot()
+}
+
+/// `got` holds `want`'s frames byte for byte, seq by seq.
+fn assert_same_frames(got: &[Frame], want: &[Frame]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((g.seq, &g.bytes), (w.seq, &w.bytes), "seq {}", w.seq);
+    }
+}
+
 impl RedisStore {
     /// Holds the next task that reaches `point`; returns its gate.
     fn gate(&self, point: &'static str) -> Arc<Gate> {
@@ -109,10 +135,8 @@ fn redacts_passwords() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_published_while_a_mirror_opens_is_not_dropped() {
     let p = prefix();
-    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let (owner, m) = store_with_job(&p).await;
     let reader = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    owner.create_job(&m).await.unwrap();
     owner
         .append(&m.stream_id, &delta("a"), Some(0))
         .await
@@ -170,10 +194,8 @@ async fn frame_published_while_a_mirror_opens_is_not_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribing_a_dropped_mirror_does_not_cancel_a_new_one() {
     let p = prefix();
-    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let (owner, m) = store_with_job(&p).await;
     let reader = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    owner.create_job(&m).await.unwrap();
     owner
         .append(&m.stream_id, &delta("a"), Some(0))
         .await
@@ -337,9 +359,7 @@ async fn an_abort_request_reaches_an_owner_that_missed_the_publish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lua_frames_equal_frame_encode() {
     let p = prefix();
-    let store = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    store.create_job(&m).await.unwrap();
+    let (store, m) = store_with_job(&p).await;
     let texts = [
         "plain",
         "line\nbreak\r\ttab",
@@ -493,9 +513,7 @@ fn frames_of(first: u64, bodies: &[EventBody]) -> Vec<Frame> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
     let p = prefix();
-    let store = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    store.create_job(&m).await.unwrap();
+    let (store, m) = store_with_job(&p).await;
     let mut listener = redis::Client::open(redis_url())
         .unwrap()
         .get_async_pubsub()
@@ -559,9 +577,7 @@ async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
             .unwrap(),
     );
     assert_eq!(n, 8);
-    for (s, w) in stored.iter().zip(&want) {
-        assert_eq!(s.bytes, w.bytes, "seq {}", s.seq);
-    }
+    assert_same_frames(&stored[..want.len()], &want);
     store.close();
 }
 
@@ -571,10 +587,8 @@ async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_published_batch_the_mirror_partly_holds_adds_only_the_rest() {
     let p = prefix();
-    let owner = RedisStore::connect(config(&p)).await.unwrap();
+    let (owner, m) = store_with_job(&p).await;
     let reader = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    owner.create_job(&m).await.unwrap();
     let bodies: Vec<EventBody> = (0..8).map(|i| delta(&format!("t{i}\n"))).collect();
     owner
         .append_batch(&m.stream_id, &bodies[..3], Some(0))
@@ -586,32 +600,22 @@ async fn a_published_batch_the_mirror_partly_holds_adds_only_the_rest() {
     let frames = frames_of(1, &bodies[1..6]);
     let payload: Vec<u8> = frames.iter().flat_map(|f| f.bytes.to_vec()).collect();
     reader.on_frames(&m.stream_id, bytes::Bytes::from(payload));
-    let all = log.read_after(None, 100).frames;
-    assert_eq!(
-        all.iter().map(|f| f.seq).collect::<Vec<_>>(),
-        (0..6).collect::<Vec<u64>>()
+    assert_same_frames(
+        &log.read_after(None, 100).frames,
+        &frames_of(0, &bodies[..6]),
     );
-    for (f, want) in all.iter().zip(frames_of(0, &bodies[..6])) {
-        assert_eq!(f.bytes, want.bytes, "seq {}", f.seq);
-    }
     // The fold took each new event once: it equals a log fed the same six events.
-    let local = EventLog::new(genstream_engine::log::LogLimits::default());
-    for b in &bodies[..6] {
-        local.append(b).unwrap();
-    }
-    assert_eq!(log.snapshot(), local.snapshot());
+    assert_eq!(log.snapshot(), folded(&bodies[..6]));
     owner.close();
     reader.close();
 }
 
-/// The owner's mirror takes the frames its own append returned with the events it
+/// The owner's mirror takes the frames it built for its own append with the events it
 /// sent (no JSON decode): it holds them, folded, as soon as the append returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_mirror_holds_its_own_batch_when_the_append_returns() {
     let p = prefix();
-    let owner = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    owner.create_job(&m).await.unwrap();
+    let (owner, m) = store_with_job(&p).await;
     let log = owner.open_log(&m.stream_id).await.unwrap().unwrap();
     // Only the append's reply may bring the frames in: no publish reaches this mirror.
     owner
@@ -640,19 +644,8 @@ async fn the_owner_mirror_holds_its_own_batch_when_the_append_returns() {
         5,
         "the mirror holds the batch when the call returns"
     );
-    let local = EventLog::new(genstream_engine::log::LogLimits::default());
-    for b in &bodies {
-        local.append(b).unwrap();
-    }
-    assert_eq!(log.snapshot(), local.snapshot());
-    for (f, want) in log
-        .read_after(None, 100)
-        .frames
-        .iter()
-        .zip(frames_of(0, &bodies))
-    {
-        assert_eq!(f.bytes, want.bytes, "seq {}", f.seq);
-    }
+    assert_eq!(log.snapshot(), folded(&bodies));
+    assert_same_frames(&log.read_after(None, 100).frames, &frames_of(0, &bodies));
     owner.close();
 }
 
@@ -662,91 +655,82 @@ async fn the_owner_mirror_holds_its_own_batch_when_the_append_returns() {
 /// `ttlAt` and the keys' TTLs, so nothing here waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_ttls_are_refreshed_every_eighth_and_the_end_sets_the_retention() {
+    /// PTTL of the job's hash and of its log stream, in ms.
+    async fn ttls(store: &RedisStore, m: &JobMeta) -> (i64, i64) {
+        let mut conn = store.conn();
+        let a: i64 = conn.pttl(store.key("job", &m.stream_id)).await.unwrap();
+        let b: i64 = conn.pttl(store.key("log", &m.stream_id)).await.unwrap();
+        (a, b)
+    }
+    /// Makes the last refresh look `ago_ms` old (`ttlAt`) with `left` ms left on both
+    /// keys.
+    async fn pretend(store: &RedisStore, m: &JobMeta, ago_ms: i64, left: i64) {
+        let mut conn = store.conn();
+        let (job, log) = (
+            store.key("job", &m.stream_id),
+            store.key("log", &m.stream_id),
+        );
+        let at = crate::jobs::now_ms() as i64 - ago_ms;
+        let _: () = conn.hset(&job, "ttlAt", at).await.unwrap();
+        let _: () = conn.pexpire(&job, left).await.unwrap();
+        let _: () = conn.pexpire(&log, left).await.unwrap();
+    }
     let p = prefix();
-    let store = RedisStore::connect(config(&p)).await.unwrap();
-    let m = meta();
-    store.create_job(&m).await.unwrap();
-    let (job, log) = (
-        store.key("job", &m.stream_id),
-        store.key("log", &m.stream_id),
-    );
-    let mut conn = store.conn();
-    let ttls = |mut conn: crate::conn::Conn| {
-        let (job, log) = (job.clone(), log.clone());
-        async move {
-            let a: i64 = conn.pttl(&job).await.unwrap();
-            let b: i64 = conn.pttl(&log).await.unwrap();
-            (a, b)
-        }
-    };
-    // Sets what the last refresh looks like: `ttlAt` that many ms from now, and both
-    // keys' TTLs to `left` ms.
-    let pretend = |mut conn: crate::conn::Conn, ago_ms: i64, left: i64| {
-        let (job, log) = (job.clone(), log.clone());
-        async move {
-            let at = crate::jobs::now_ms() as i64 - ago_ms;
-            let _: () = conn.hset(&job, "ttlAt", at).await.unwrap();
-            let _: () = conn.pexpire(&job, left).await.unwrap();
-            let _: () = conn.pexpire(&log, left).await.unwrap();
-        }
-    };
-    let full = 120_000;
-    let mut seq = 0;
-    let mut append = |body: EventBody| {
-        let (store, sid) = (store.clone(), m.stream_id.clone());
-        seq += 1;
-        let s = seq - 1;
-        async move { store.append(&sid, &body, Some(s)).await.unwrap() }
-    };
+    let (store, m) = store_with_job(&p).await;
+    let sid = &m.stream_id;
 
-    // The first append has no `ttlAt`: both keys get the full running TTL.
-    append(delta("a")).await;
-    let (a, b) = ttls(store.conn()).await;
+    // The first append has no `ttlAt`: both keys get the full running TTL (120 s).
+    store.append(sid, &delta("a"), Some(0)).await.unwrap();
+    let (a, b) = ttls(&store, &m).await;
     assert!(
-        a > full - 5_000 && b > full - 5_000,
+        a > 115_000 && b > 115_000,
         "first append: {a} / {b} ms left"
     );
 
     // 1 s after the last refresh: no refresh.
-    pretend(store.conn(), 1_000, 110_000).await;
-    append(delta("b")).await;
-    let (a, b) = ttls(store.conn()).await;
+    pretend(&store, &m, 1_000, 110_000).await;
+    store.append(sid, &delta("b"), Some(1)).await.unwrap();
+    let (a, b) = ttls(&store, &m).await;
     assert!(
         a <= 110_000 && b <= 110_000,
         "refreshed too early: {a} / {b} ms left"
     );
 
     // More than an eighth (15 s) after it: refreshed.
-    pretend(store.conn(), 16_000, 100_000).await;
-    append(delta("c")).await;
-    let (a, b) = ttls(store.conn()).await;
+    pretend(&store, &m, 16_000, 100_000).await;
+    store.append(sid, &delta("c"), Some(2)).await.unwrap();
+    let (a, b) = ttls(&store, &m).await;
     assert!(
         a > 110_000 && b > 110_000,
         "not refreshed after 16 s: {a} / {b} ms left"
     );
 
     // A writer whose clock is 16 s behind the last refresh's: refreshed too.
-    pretend(store.conn(), -16_000, 100_000).await;
-    append(delta("d")).await;
-    let (a, b) = ttls(store.conn()).await;
+    pretend(&store, &m, -16_000, 100_000).await;
+    store.append(sid, &delta("d"), Some(3)).await.unwrap();
+    let (a, b) = ttls(&store, &m).await;
     assert!(
         a > 110_000 && b > 110_000,
         "not refreshed on a skewed clock: {a} / {b} ms left"
     );
 
     // The terminal event sets the retention (60 s), however recent the last refresh.
-    pretend(store.conn(), 0, 110_000).await;
-    append(EventBody::Error(ErrorEvent {
+    pretend(&store, &m, 0, 110_000).await;
+    let end = EventBody::Error(ErrorEvent {
         code: "upstream_error".into(),
         message: "end".into(),
         response_message: None,
-    }))
-    .await;
-    let (a, b) = ttls(store.conn()).await;
+    });
+    store.append(sid, &end, Some(4)).await.unwrap();
+    let (a, b) = ttls(&store, &m).await;
     assert!(
         a <= 60_000 && a > 55_000 && b <= 60_000 && b > 55_000,
         "retention: {a} / {b} ms left"
     );
-    let _: i64 = conn.del(&[&job, &log]).await.unwrap();
+    let _: i64 = store
+        .conn()
+        .del(&[store.key("job", sid), store.key("log", sid)])
+        .await
+        .unwrap();
     store.close();
 }
