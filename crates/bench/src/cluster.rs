@@ -98,19 +98,26 @@ pub(crate) fn token(state: &AppState) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn redis_calls() -> u64 {
+/// One section of the bench Redis's `INFO`; empty when Redis cannot be reached.
+async fn redis_info(section: &str) -> String {
     let Ok(client) = redis::Client::open(redis_url()) else {
-        return 0;
+        return String::new();
     };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        return 0;
+        return String::new();
     };
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
+    redis::cmd("INFO")
+        .arg(section)
         .query_async(&mut conn)
         .await
-        .unwrap_or_default();
-    info.lines()
+        .unwrap_or_default()
+}
+
+/// Commands Redis has run so far (`INFO commandstats`, every command's `calls=`).
+async fn redis_calls() -> u64 {
+    redis_info("commandstats")
+        .await
+        .lines()
         .filter_map(|l| {
             l.split("calls=")
                 .nth(1)?
@@ -432,18 +439,9 @@ pub(crate) async fn fanout_run(
 /// Redis's own CPU seconds so far (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`), 0
 /// when it cannot be read. It counts every client of that Redis, not only this run.
 pub(crate) async fn redis_cpu() -> f64 {
-    let Ok(client) = redis::Client::open(redis_url()) else {
-        return 0.0;
-    };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        return 0.0;
-    };
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(&mut conn)
+    redis_info("cpu")
         .await
-        .unwrap_or_default();
-    info.lines()
+        .lines()
         .filter_map(|l| {
             let (k, v) = l.trim().split_once(':')?;
             matches!(k, "used_cpu_user" | "used_cpu_sys")
