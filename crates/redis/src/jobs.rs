@@ -18,6 +18,136 @@ use crate::mirror::{Mirror, stream_frames, xrange};
 use crate::{RedisStore, StoreError, store_err};
 
 impl RedisStore {
+    /// One `FCALL` of `genstream_append_batch_v5` for the whole batch, each event sent
+    /// as the SSE frame [`Frame::encode`] builds for the seq it is expected to get; the
+    /// frames that landed go to this replica's mirror right away from this side (local
+    /// subscribers need not wait for the publish to come back, and the reply carries
+    /// no frames back; a mirror of a job this replica owns is not even subscribed).
+    async fn append_frames(
+        &self,
+        stream_id: &str,
+        bodies: &[EventBody],
+        expected_first_seq: Option<u64>,
+    ) -> Result<Appended, StoreError> {
+        if bodies.is_empty() {
+            return Ok(Appended {
+                first_seq: expected_first_seq.unwrap_or_default(),
+                count: 0,
+            });
+        }
+        let cfg = &self.inner.cfg;
+        // The seq the frames are built for: the expected one, else 0 (the function
+        // rebuilds a frame that lands at another seq).
+        let built = expected_first_seq.unwrap_or_default();
+        let frames = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| Frame::encode(built + i as u64, body))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AppendError::Encode)?;
+        let terminal_at = bodies.iter().position(EventBody::is_terminal);
+        let status = match terminal_at.map(|i| &bodies[i]) {
+            Some(EventBody::Final(f)) => match f.status {
+                FinalStatus::Complete => "complete",
+                FinalStatus::Aborted => "aborted",
+            },
+            Some(_) => "error",
+            None => "",
+        };
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(APPEND_BATCH_FN)
+            .arg(2)
+            .arg(self.key("job", stream_id))
+            .arg(self.key("log", stream_id))
+            .arg(cfg.limits.max_events)
+            .arg(cfg.limits.max_bytes)
+            .arg(cfg.running_ttl.as_millis() as u64)
+            .arg(cfg.retention.as_millis() as u64)
+            .arg(self.channel(stream_id))
+            .arg(now_ms())
+            .arg(
+                expected_first_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(&self.inner.replica_id)
+            .arg(terminal_at.map_or(0, |i| i + 1))
+            .arg(status);
+        for f in &frames {
+            cmd.arg(&f.bytes[..]);
+        }
+        let terminal = terminal_at.is_some();
+        let reply: Vec<Value> = self.fcall(&cmd).await?;
+        match text_of(reply.first()).as_str() {
+            "ok" => {
+                let bad = || store_err("bad append reply");
+                let first_seq = int_of(reply.get(1)).ok_or_else(bad)?;
+                let count = (int_of(reply.get(2)).ok_or_else(bad)? as usize).min(bodies.len());
+                let abort = int_of(reply.get(3)) == Some(1);
+                // The mirror takes the landed events with their frames (built here, or
+                // again for the seq they got): the owner never decodes its own JSON. Those
+                // an earlier try landed are in the mirror or reach it as any other frame.
+                let has_frames = count > 0;
+                let mirror = if has_frames {
+                    self.inner.mirrors.lock().get(stream_id).cloned()
+                } else {
+                    None
+                };
+                if let Some(m) = mirror {
+                    for (i, (f, body)) in frames.into_iter().zip(bodies).take(count).enumerate() {
+                        let seq = first_seq + i as u64;
+                        let f = if f.seq == seq {
+                            f
+                        } else {
+                            Frame::encode(seq, body).map_err(AppendError::Encode)?
+                        };
+                        self.deliver(stream_id, &m, f, Some(body));
+                    }
+                }
+                let landed_terminal = terminal && count == bodies.len();
+                if landed_terminal {
+                    // Nobody appends after the terminal event: the mirror is whole.
+                    self.disown(stream_id);
+                }
+                if abort && !landed_terminal {
+                    // Someone asked to abort; the publish may not have reached us.
+                    self.call_abort_handler(stream_id);
+                }
+                if landed_terminal
+                    && has_frames
+                    && let Some((meta, _)) = self.meta(stream_id).await?
+                {
+                    let freed: Result<Vec<redis::Value>, StoreError> = self
+                        .query_each(vec![
+                            srem(&self.user_running_key(&meta.user_id), stream_id),
+                            srem(&self.running_key(), stream_id),
+                        ])
+                        .await;
+                    // Not an error of the append (it landed): both sets heal themselves,
+                    // dropping ids of ended jobs when they are next read.
+                    if let Err(e) = freed {
+                        tracing::debug!(stream_id, error = %e, "could not free the running slots");
+                    }
+                }
+                Ok(Appended { first_seq, count })
+            }
+            "ended" => Err(AppendError::Ended.into()),
+            "full" => Err(AppendError::Full.into()),
+            "missing" => Err(StoreError::UnknownJob(stream_id.to_string())),
+            "lost" => Err(StoreError::Inconsistent(format!(
+                "the job store lost events of job {stream_id} (its log is shorter than \
+                 what was appended)"
+            ))),
+            "conflict" => Err(StoreError::Inconsistent(format!(
+                "another writer appended to job {stream_id}"
+            ))),
+            "bad frame" => Err(store_err(format!(
+                "the append function could not read a frame of job {stream_id}"
+            ))),
+            other => Err(store_err(format!("unexpected append reply {other:?}"))),
+        }
+    }
+
     /// Registers `steps` of a new job: the job hash, the running slot, the
     /// conversation. Each can fail; the caller undoes them all.
     pub(crate) async fn create_steps(&self, meta: &JobMeta) -> Result<(), StoreError> {
@@ -108,6 +238,9 @@ impl EventLogStore for RedisStore {
         // ends it.
         let job_key = self.key("job", &meta.stream_id);
         let ttl_ms = self.inner.cfg.running_ttl.as_millis() as u64;
+        // Owned before the hash exists, so that no mirror of the job can open here
+        // (it needs the hash) before this replica knows it writes the job alone.
+        self.inner.owned.lock().insert(meta.stream_id.clone());
         let mut hash = redis::pipe();
         hash.atomic()
             .hset_multiple(
@@ -151,6 +284,7 @@ impl EventLogStore for RedisStore {
             Err(e) => Err(store_err(e)),
         };
         if result.is_err() {
+            self.inner.owned.lock().remove(&meta.stream_id);
             let undone: Result<Vec<redis::Value>, StoreError> = self
                 .query_each(vec![
                     srem(&self.user_running_key(&meta.user_id), &meta.stream_id),
@@ -212,130 +346,23 @@ impl EventLogStore for RedisStore {
         Ok(appended.first_seq)
     }
 
-    /// One `FCALL` of `genstream_append_batch_v5` for the whole batch, each event sent
-    /// as the SSE frame [`Frame::encode`] builds for the seq it is expected to get; the
-    /// frames that landed go to this replica's mirror right away from this side (local
-    /// subscribers need not wait for the publish to come back, and the reply carries
-    /// no frames back).
+    /// [`RedisStore::append_frames`]; a failed call ends this replica's sole ownership
+    /// of the job's writes ([`RedisStore::disown`]).
     async fn append_batch(
         &self,
         stream_id: &str,
         bodies: &[EventBody],
         expected_first_seq: Option<u64>,
     ) -> Result<Appended, StoreError> {
-        if bodies.is_empty() {
-            return Ok(Appended {
-                first_seq: expected_first_seq.unwrap_or_default(),
-                count: 0,
-            });
+        let appended = self
+            .append_frames(stream_id, bodies, expected_first_seq)
+            .await;
+        if appended.is_err() {
+            // Another writer may have ended the job, or the frames of a lost reply
+            // may have landed: the mirror no longer relies on this replica's appends.
+            self.disown(stream_id);
         }
-        let cfg = &self.inner.cfg;
-        // The seq the frames are built for: the expected one, else 0 (the function
-        // rebuilds a frame that lands at another seq).
-        let built = expected_first_seq.unwrap_or_default();
-        let frames = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, body)| Frame::encode(built + i as u64, body))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(AppendError::Encode)?;
-        let terminal_at = bodies.iter().position(EventBody::is_terminal);
-        let status = match terminal_at.map(|i| &bodies[i]) {
-            Some(EventBody::Final(f)) => match f.status {
-                FinalStatus::Complete => "complete",
-                FinalStatus::Aborted => "aborted",
-            },
-            Some(_) => "error",
-            None => "",
-        };
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(APPEND_BATCH_FN)
-            .arg(2)
-            .arg(self.key("job", stream_id))
-            .arg(self.key("log", stream_id))
-            .arg(cfg.limits.max_events)
-            .arg(cfg.limits.max_bytes)
-            .arg(cfg.running_ttl.as_millis() as u64)
-            .arg(cfg.retention.as_millis() as u64)
-            .arg(self.channel(stream_id))
-            .arg(now_ms())
-            .arg(
-                expected_first_seq
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(&self.inner.replica_id)
-            .arg(terminal_at.map_or(0, |i| i + 1))
-            .arg(status);
-        for f in &frames {
-            cmd.arg(&f.bytes[..]);
-        }
-        let terminal = terminal_at.is_some();
-        let reply: Vec<Value> = self.fcall(&cmd).await?;
-        match text_of(reply.first()).as_str() {
-            "ok" => {
-                let bad = || store_err("bad append reply");
-                let first_seq = int_of(reply.get(1)).ok_or_else(bad)?;
-                let count = (int_of(reply.get(2)).ok_or_else(bad)? as usize).min(bodies.len());
-                let abort = int_of(reply.get(3)) == Some(1);
-                // The mirror takes the landed events with their frames (built here, or
-                // again for the seq they got): the owner never decodes its own JSON. Those
-                // an earlier try landed are in the mirror or reach it as any other frame.
-                let has_frames = count > 0;
-                let mirror = if has_frames {
-                    self.inner.mirrors.lock().get(stream_id).cloned()
-                } else {
-                    None
-                };
-                if let Some(m) = mirror {
-                    for (i, (f, body)) in frames.into_iter().zip(bodies).take(count).enumerate() {
-                        let seq = first_seq + i as u64;
-                        let f = if f.seq == seq {
-                            f
-                        } else {
-                            Frame::encode(seq, body).map_err(AppendError::Encode)?
-                        };
-                        self.deliver(stream_id, &m, f, Some(body));
-                    }
-                }
-                let landed_terminal = terminal && count == bodies.len();
-                if abort && !landed_terminal {
-                    // Someone asked to abort; the publish may not have reached us.
-                    self.call_abort_handler(stream_id);
-                }
-                if landed_terminal
-                    && has_frames
-                    && let Some((meta, _)) = self.meta(stream_id).await?
-                {
-                    let freed: Result<Vec<redis::Value>, StoreError> = self
-                        .query_each(vec![
-                            srem(&self.user_running_key(&meta.user_id), stream_id),
-                            srem(&self.running_key(), stream_id),
-                        ])
-                        .await;
-                    // Not an error of the append (it landed): both sets heal themselves,
-                    // dropping ids of ended jobs when they are next read.
-                    if let Err(e) = freed {
-                        tracing::debug!(stream_id, error = %e, "could not free the running slots");
-                    }
-                }
-                Ok(Appended { first_seq, count })
-            }
-            "ended" => Err(AppendError::Ended.into()),
-            "full" => Err(AppendError::Full.into()),
-            "missing" => Err(StoreError::UnknownJob(stream_id.to_string())),
-            "lost" => Err(StoreError::Inconsistent(format!(
-                "the job store lost events of job {stream_id} (its log is shorter than \
-                 what was appended)"
-            ))),
-            "conflict" => Err(StoreError::Inconsistent(format!(
-                "another writer appended to job {stream_id}"
-            ))),
-            "bad frame" => Err(store_err(format!(
-                "the append function could not read a frame of job {stream_id}"
-            ))),
-            other => Err(store_err(format!("unexpected append reply {other:?}"))),
-        }
+        appended
     }
 
     async fn open_log(&self, stream_id: &str) -> Result<Option<Arc<EventLog>>, StoreError> {
@@ -364,24 +391,14 @@ impl EventLogStore for RedisStore {
                 // Subscribe first (Redis confirms it), buffering what is published from
                 // then on; then read the stream; then merge the buffer by seq. No event
                 // can fall between the two (docs/lessons.md: Vercel resumable-stream #41), nor
-                // between the read and the switch to live delivery.
-                {
-                    let mut sink = self.inner.sink.lock().await;
-                    match sink.as_mut() {
-                        Some(s) => tokio::time::timeout(
-                            self.inner.cfg.timeout,
-                            s.subscribe_jobs(std::slice::from_ref(&self.channel(stream_id))),
-                        )
-                        .await
-                        .map_err(|_| store_err("pub/sub subscribe timed out"))?
-                        .map_err(store_err)?,
-                        None => return Err(store_err("pub/sub is reconnecting")),
-                    }
-                }
+                // between the read and the switch to live delivery. A job this replica
+                // owns needs no subscription: its appends deliver to the mirror (into
+                // the buffer until the merge), those before the mirror are in the read.
+                self.subscribe_mirror(stream_id, &m).await?;
                 self.catch_up(stream_id).await?;
                 self.pause_point("open.after_range").await;
                 self.settle(stream_id, &m);
-                Ok(())
+                Ok::<(), StoreError>(())
             })
             .await?;
         Ok(Some(m.log.clone()))

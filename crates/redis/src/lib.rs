@@ -80,9 +80,14 @@
 //! what is published meanwhile, read the stream from the mirror's head, then merge the
 //! buffer by seq and apply published frames from then on; a frame whose seq is not the
 //! next one makes the replica read the missing range from the stream. Nothing is
-//! buffered by time and nothing is skipped. A healer compares each live mirror with the
-//! job's `len` every second, so even a lost publish (or a lost terminal event) is
-//! repaired within a second; after a lost connection the replica re-subscribes and
+//! buffered by time and nothing is skipped. The owner of a job (the replica that
+//! created it and writes it alone) does not subscribe its own mirror: each append puts
+//! its frames there as the call returns; it subscribes once an append fails (see
+//! `RedisStore::disown`). A healer compares each live mirror with the job's `len` every
+//! second, so even a lost publish (or a lost terminal event) is repaired within two
+//! seconds (a mirror is read only if it is still short of what Redis had a pass
+//! earlier: one short only of what landed since waits for the publish or reply in
+//! flight, see `mirror::Catch`); after a lost connection the replica re-subscribes and
 //! re-reads every mirror from its head. A mirror whose job vanished from Redis (a
 //! restart without persistence) ends with a local `error` `store_unavailable`.
 //!
@@ -179,6 +184,11 @@ struct Inner {
     conn: RwLock<Conn>,
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
+    /// Jobs this replica created and still writes alone: from `create_job` until their
+    /// terminal event lands through this replica or one of its appends fails. Their
+    /// mirrors are filled by the appends themselves and are not subscribed to the
+    /// job's channel (see `Mirror::subscribed`).
+    owned: Mutex<HashSet<String>>,
     abort_handler: RwLock<Option<AbortHandler>>,
     pubsub_up: AtomicBool,
     /// Tells the dispatcher to drop its pub/sub connection and open a new one (the
@@ -249,6 +259,7 @@ impl RedisStore {
                 conn: RwLock::new(conn),
                 sink: tokio::sync::Mutex::new(None),
                 mirrors: Mutex::new(HashMap::new()),
+                owned: Mutex::new(HashSet::new()),
                 abort_handler: RwLock::new(None),
                 pubsub_up: AtomicBool::new(false),
                 reconnect: Notify::new(),

@@ -3,6 +3,7 @@
 //! `heal_interval`, dropped once nobody reads it (see the crate docs, "Fan-out").
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +33,16 @@ pub(crate) struct Mirror {
     /// Frames published while the mirror is being opened (subscribed, stream not read
     /// yet), merged by seq once the read is done; `None` from then on.
     pub(crate) pending: Mutex<Option<Vec<Frame>>>,
+    /// Whether this replica's pub/sub connection is subscribed to the job's channel.
+    /// Not while this replica owns the job (`Inner::owned`): every frame then comes from
+    /// its own appends, and its own publish would only come back to be dropped. Read
+    /// and written under the sink's lock, so that a reconnect or an unsubscribe never
+    /// misses a subscription nor sends an unsubscribe for one never made.
+    pub(crate) subscribed: AtomicBool,
+    /// The log's length in Redis at the last heal pass (0 before the first): a mirror
+    /// still short of it a pass later missed what a publish or an append's reply was to
+    /// bring, while one short only of what landed since is merely waiting for them.
+    pub(crate) heard: AtomicU64,
 }
 
 impl Mirror {
@@ -45,6 +56,8 @@ impl Mirror {
             })),
             ready: OnceCell::new(),
             pending: Mutex::new(Some(Vec::new())),
+            subscribed: AtomicBool::new(false),
+            heard: AtomicU64::new(0),
         }
     }
 }
@@ -119,12 +132,81 @@ impl RedisStore {
         }
     }
 
+    /// Subscribes this replica's pub/sub connection to the channel of job `sid` for
+    /// its mirror `m`, unless it is subscribed already or this replica owns the job
+    /// (its own appends fill the mirror). Returns once Redis confirmed the subscription.
+    ///
+    /// Errors: unavailable if the pub/sub connection is reconnecting or does not
+    /// confirm within `timeout` (the mirror's opening fails; the next reader retries).
+    pub(crate) async fn subscribe_mirror(&self, sid: &str, m: &Mirror) -> Result<(), StoreError> {
+        let mut sink = self.inner.sink.lock().await;
+        if m.subscribed.load(Ordering::SeqCst) || self.inner.owned.lock().contains(sid) {
+            return Ok(());
+        }
+        match sink.as_mut() {
+            Some(s) => tokio::time::timeout(
+                self.inner.cfg.timeout,
+                s.subscribe_jobs(std::slice::from_ref(&self.channel(sid))),
+            )
+            .await
+            .map_err(|_| store_err("pub/sub subscribe timed out"))?
+            .map_err(store_err)?,
+            None => return Err(store_err("pub/sub is reconnecting")),
+        }
+        m.subscribed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// This replica no longer writes job `sid` alone: its terminal event landed, or
+    /// one of its appends failed (another writer, a reaper that took the end, may have
+    /// appended; a lost reply's frames may have landed). A mirror of the job that is
+    /// not whole yet subscribes to the job's channel and reads what it may have missed;
+    /// should the subscription fail, the pub/sub connection is being replaced, and the
+    /// new one subscribes it (the flag is set either way). The healer repairs anything
+    /// in between within two heal intervals.
+    pub(crate) fn disown(&self, sid: &str) {
+        if !self.inner.owned.lock().remove(sid) {
+            return;
+        }
+        let Some(m) = self.inner.mirrors.lock().get(sid).cloned() else {
+            return;
+        };
+        if m.log.terminal().is_some() {
+            return;
+        }
+        let this = self.clone();
+        let sid = sid.to_string();
+        tokio::spawn(async move {
+            {
+                let mut sink = this.inner.sink.lock().await;
+                if !m.subscribed.swap(true, Ordering::SeqCst)
+                    && let Some(s) = sink.as_mut()
+                {
+                    let channel = this.channel(&sid);
+                    let done = tokio::time::timeout(
+                        this.inner.cfg.timeout,
+                        s.subscribe_jobs(std::slice::from_ref(&channel)),
+                    )
+                    .await;
+                    if !matches!(done, Ok(Ok(()))) {
+                        tracing::debug!(stream_id = %sid, "could not subscribe a disowned mirror");
+                    }
+                }
+            }
+            if let Err(e) = this.catch_up(&sid).await
+                && e.is_unavailable()
+            {
+                tracing::warn!(stream_id = %sid, error = %e, "could not catch a mirror up");
+            }
+        });
+    }
+
     pub(crate) fn spawn_catch_up(&self, sid: &str) {
         let this = self.clone();
         let sid = sid.to_string();
         tokio::spawn(async move {
             match this.catch_up(&sid).await {
-                // The healer compares the mirror with Redis again within a second.
+                // The healer compares the mirror with Redis again within two seconds.
                 Err(e) if e.is_unavailable() => {
                     tracing::warn!(stream_id = %sid, error = %e, "could not catch a mirror up");
                 }
@@ -243,8 +325,8 @@ impl RedisStore {
                 live.push((sid, m));
             }
         }
-        let compared = match self.resync(live).await {
-            Ok(()) => true,
+        let compared = match self.resync(live, Catch::Missed).await {
+            Ok(_) => true,
             Err(e) => {
                 // The next pass, within `heal_interval`, tries again.
                 tracing::warn!(error = %e, "could not compare mirrors with Redis");
@@ -258,11 +340,13 @@ impl RedisStore {
     }
 
     /// Compares the mirrors with their jobs' hashes (one pipelined round trip) and
-    /// catches up those behind; ends those whose log Redis no longer has.
+    /// catches up those behind (as `catch` says); ends those whose log Redis no longer
+    /// has. Returns how many mirrors it started catching up.
     pub(crate) async fn resync(
         &self,
         mirrors: Vec<(String, Arc<Mirror>)>,
-    ) -> Result<(), StoreError> {
+        catch: Catch,
+    ) -> Result<usize, StoreError> {
         // Each mirror's length before Redis is asked: a mirror only ever holds a prefix
         // of the log, so Redis answering less than that (read later) means it lost
         // events, while the mirror growing meanwhile means nothing.
@@ -275,8 +359,9 @@ impl RedisStore {
             })
             .collect();
         if mirrors.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let mut caught = 0;
         let cmds = mirrors
             .iter()
             .map(|(sid, _, _)| {
@@ -295,11 +380,17 @@ impl RedisStore {
                 Some(l) if l < have || (ended && l == have) => {
                     self.end_lost_mirror(&sid, &m, "Redis lost part of this job's log")
                 }
-                Some(l) if l > have => self.spawn_catch_up(&sid),
+                Some(l) if l > have => {
+                    let heard = m.heard.swap(l, Ordering::SeqCst);
+                    if catch == Catch::Behind || have < heard {
+                        self.spawn_catch_up(&sid);
+                        caught += 1;
+                    }
+                }
                 Some(_) => {}
             }
         }
-        Ok(())
+        Ok(caught)
     }
 
     /// Ends a mirror whose log Redis lost (a restart without persistence, a failover to
@@ -343,8 +434,11 @@ impl RedisStore {
                 let still_unused = map
                     .get(sid)
                     .is_some_and(|m| Arc::strong_count(m) == 1 && Arc::strong_count(&m.log) == 1);
-                if still_unused {
-                    map.remove(sid);
+                // A mirror of a job this replica owns was never subscribed.
+                if still_unused
+                    && let Some(m) = map.remove(sid)
+                    && m.subscribed.load(Ordering::SeqCst)
+                {
                     gone.push(self.channel(sid));
                 }
             }
@@ -366,6 +460,20 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// Which mirrors [`RedisStore::resync`] reads the missing range of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Catch {
+    /// Every mirror behind Redis: after a pub/sub reconnect, when publishes were lost.
+    Behind,
+    /// Only a mirror still short of the length Redis had at the previous pass (what
+    /// landed a whole heal interval ago never reached it: a lost publish). One short
+    /// only of what landed since is waiting for a publish or an append's reply in
+    /// flight; reading the range for it would be a wasted `XRANGE` (with 1,000 busy
+    /// jobs, about 1,000 a second per replica, most of them wasted). A lost event is
+    /// thus repaired within two heal intervals.
+    Missed,
 }
 
 /// `XRANGE` of up to `count` entries of a log stream from seq `from` on (entry id

@@ -9,6 +9,7 @@ use genstream_engine::event::Frame;
 
 use crate::RedisStore;
 use crate::conn::{PubSubFeed, Published};
+use crate::mirror::Catch;
 
 impl RedisStore {
     /// A fresh pub/sub connection subscribed to the control channel and to every
@@ -19,14 +20,16 @@ impl RedisStore {
             || redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out"));
         let (mut sink, stream) = self.inner.target.pubsub(timeout).await?;
         // Holding the sink's lock while reading the mirror list: a mirror opened from
-        // now on subscribes through the new sink, one opened before is in the list.
+        // now on subscribes through the new sink, one opened before is in the list
+        // (those of jobs this replica owns were never subscribed; see `Mirror`).
         let mut guard = self.inner.sink.lock().await;
         let channels: Vec<String> = self
             .inner
             .mirrors
             .lock()
-            .keys()
-            .map(|sid| self.channel(sid))
+            .iter()
+            .filter(|(_, m)| m.subscribed.load(Ordering::SeqCst))
+            .map(|(sid, _)| self.channel(sid))
             .collect();
         tokio::time::timeout(timeout, async {
             sink.subscribe_control(&self.ctl_channel()).await?;
@@ -61,7 +64,7 @@ impl RedisStore {
                         let this = self.clone();
                         tokio::spawn(async move {
                             let mirrors = this.mirror_list();
-                            if let Err(e) = this.resync(mirrors).await {
+                            if let Err(e) = this.resync(mirrors, Catch::Behind).await {
                                 tracing::debug!(error = %e, "could not re-read mirrors");
                             }
                         });
@@ -120,8 +123,8 @@ impl RedisStore {
                     tracing::warn!(error = %e, "could not check genstream's Redis functions");
                 }
                 let mirrors = this.mirror_list();
-                if let Err(e) = this.resync(mirrors).await {
-                    // The healer compares them again within `heal_interval`.
+                if let Err(e) = this.resync(mirrors, Catch::Behind).await {
+                    // The healer compares them again within two heal intervals.
                     tracing::warn!(error = %e, "could not re-read mirrors after a reconnect");
                 }
             });

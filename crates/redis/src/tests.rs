@@ -617,17 +617,9 @@ async fn the_owner_mirror_holds_its_own_batch_when_the_append_returns() {
     let p = prefix();
     let (owner, m) = store_with_job(&p).await;
     let log = owner.open_log(&m.stream_id).await.unwrap().unwrap();
-    // Only the append's reply may bring the frames in: no publish reaches this mirror.
-    owner
-        .inner
-        .sink
-        .lock()
-        .await
-        .as_mut()
-        .unwrap()
-        .unsubscribe_jobs(&[owner.channel(&m.stream_id)])
-        .await
-        .unwrap();
+    // Only the append's reply may bring the frames in: the owner's mirror is not
+    // subscribed to its own job's channel.
+    assert_eq!(subscribers(&owner, &m).await, 0);
     let bodies: Vec<EventBody> = (0..5).map(|i| delta(&format!("o{i}"))).collect();
     // A retry whose first try landed two of them: only the other three come back.
     owner
@@ -733,4 +725,122 @@ async fn running_ttls_are_refreshed_every_eighth_and_the_end_sets_the_retention(
         .await
         .unwrap();
     store.close();
+}
+
+/// How many connections are subscribed to the job's frame channel (`PUBSUB NUMSUB`).
+async fn subscribers(store: &RedisStore, m: &JobMeta) -> u64 {
+    let (_, n): (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(store.channel(&m.stream_id))
+        .query_async(&mut store.conn())
+        .await
+        .unwrap();
+    n
+}
+
+/// The owner's mirror is not subscribed to its job's channel (its appends fill it),
+/// another replica's mirror is. When a reaper on a third replica takes the job's end
+/// and appends the terminal event, the owner's next append fails, and its mirror then
+/// subscribes and reads the terminal event at once (the healer is off here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_mirror_skips_its_channel_until_another_writer_ends_the_job() {
+    let p = prefix();
+    let (owner, m) = store_with_job(&p).await;
+    let reader = RedisStore::connect(config(&p)).await.unwrap();
+    let reaper = RedisStore::connect(config(&p)).await.unwrap();
+    let bodies: Vec<EventBody> = (0..2).map(|i| delta(&format!("r{i}"))).collect();
+    owner
+        .append_batch(&m.stream_id, &bodies, Some(0))
+        .await
+        .unwrap();
+    let own = owner.open_log(&m.stream_id).await.unwrap().unwrap();
+    assert_eq!(
+        subscribers(&owner, &m).await,
+        0,
+        "the owner is not subscribed"
+    );
+    let remote = reader.open_log(&m.stream_id).await.unwrap().unwrap();
+    assert_eq!(subscribers(&owner, &m).await, 1, "the other replica is");
+
+    assert!(reaper.claim_end(&m.stream_id).await.unwrap());
+    let end = EventBody::Error(ErrorEvent {
+        code: "owner_lost".into(),
+        message: "reaped".into(),
+        response_message: None,
+    });
+    reaper.append(&m.stream_id, &end, Some(2)).await.unwrap();
+    assert!(
+        has_len(&remote, 3, Duration::from_secs(2)).await,
+        "the subscribed mirror gets the reaper's end"
+    );
+    assert_eq!(own.len(), 2, "the owner's mirror has no way to see it yet");
+    let late = owner.append(&m.stream_id, &delta("late"), Some(2)).await;
+    assert!(late.is_err(), "the owner lost the job: {late:?}");
+    assert!(
+        has_len(&own, 3, Duration::from_secs(2)).await,
+        "the owner's mirror holds {} of 3 events after its append failed",
+        own.len()
+    );
+    assert_same_frames(
+        &own.read_after(None, 10).frames,
+        &remote.read_after(None, 10).frames,
+    );
+    assert_eq!(subscribers(&owner, &m).await, 2, "and it subscribed");
+    owner.close();
+    reader.close();
+    reaper.close();
+}
+
+/// A heal pass reads the missing range only of a mirror still short of what Redis had
+/// at the previous pass: one short of what just landed is waiting for its publish,
+/// and an `XRANGE` for it would be wasted. The second pass repairs a lost publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heal_pass_reads_only_what_a_mirror_missed_a_pass_ago() {
+    let p = prefix();
+    let (owner, m) = store_with_job(&p).await;
+    let reader = RedisStore::connect(config(&p)).await.unwrap();
+    owner
+        .append(&m.stream_id, &delta("a"), Some(0))
+        .await
+        .unwrap();
+    let log = reader.open_log(&m.stream_id).await.unwrap().unwrap();
+    // The reader's publishes get lost from here on.
+    reader
+        .inner
+        .sink
+        .lock()
+        .await
+        .as_mut()
+        .unwrap()
+        .unsubscribe_jobs(&[reader.channel(&m.stream_id)])
+        .await
+        .unwrap();
+    owner
+        .append(&m.stream_id, &delta("b"), Some(1))
+        .await
+        .unwrap();
+    let pass = || reader.resync(reader.mirror_list(), mirror::Catch::Missed);
+    assert_eq!(pass().await.unwrap(), 0, "just landed: no read yet");
+    assert_eq!(log.len(), 1);
+    assert_eq!(pass().await.unwrap(), 1, "still missing a pass later: read");
+    assert!(
+        has_len(&log, 2, Duration::from_secs(2)).await,
+        "the lost publish was not repaired"
+    );
+    assert_eq!(pass().await.unwrap(), 0, "nothing missing");
+    // After a reconnect every mirror behind is read at once.
+    owner
+        .append(&m.stream_id, &delta("c"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        reader
+            .resync(reader.mirror_list(), mirror::Catch::Behind)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(has_len(&log, 3, Duration::from_secs(2)).await);
+    owner.close();
+    reader.close();
 }
