@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use redis::Value;
 use tokio::sync::OnceCell;
 
+use crate::conn::PubSubSink;
 use crate::{RedisStore, StoreError, store_err};
 
 /// Stream entries read per XRANGE when catching a mirror up.
@@ -144,17 +145,23 @@ impl RedisStore {
             return Ok(());
         }
         match sink.as_mut() {
-            Some(s) => tokio::time::timeout(
-                self.inner.cfg.timeout,
-                s.subscribe_jobs(std::slice::from_ref(&self.channel(sid))),
-            )
-            .await
-            .map_err(|_| store_err("pub/sub subscribe timed out"))?
-            .map_err(store_err)?,
+            Some(s) => self.subscribe_channel(s, sid).await?,
             None => return Err(store_err("pub/sub is reconnecting")),
         }
         m.subscribed.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Subscribes `sink` to job `sid`'s channel, waiting up to `timeout` for Redis to
+    /// confirm. The caller holds the sink's lock and sets the mirror's flag.
+    async fn subscribe_channel(&self, sink: &mut PubSubSink, sid: &str) -> Result<(), StoreError> {
+        tokio::time::timeout(
+            self.inner.cfg.timeout,
+            sink.subscribe_jobs(std::slice::from_ref(&self.channel(sid))),
+        )
+        .await
+        .map_err(|_| store_err("pub/sub subscribe timed out"))?
+        .map_err(store_err)
     }
 
     /// This replica no longer writes job `sid` alone: its terminal event landed, or
@@ -181,16 +188,9 @@ impl RedisStore {
                 let mut sink = this.inner.sink.lock().await;
                 if !m.subscribed.swap(true, Ordering::SeqCst)
                     && let Some(s) = sink.as_mut()
+                    && let Err(e) = this.subscribe_channel(s, &sid).await
                 {
-                    let channel = this.channel(&sid);
-                    let done = tokio::time::timeout(
-                        this.inner.cfg.timeout,
-                        s.subscribe_jobs(std::slice::from_ref(&channel)),
-                    )
-                    .await;
-                    if !matches!(done, Ok(Ok(()))) {
-                        tracing::debug!(stream_id = %sid, "could not subscribe a disowned mirror");
-                    }
+                    tracing::debug!(stream_id = %sid, error = %e, "could not subscribe a disowned mirror");
                 }
             }
             if let Err(e) = this.catch_up(&sid).await

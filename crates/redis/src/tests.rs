@@ -49,6 +49,19 @@ async fn store_with_job(p: &str) -> (RedisStore, JobMeta) {
     (store, m)
 }
 
+/// A store with a job holding one event (`delta("a")` at seq 0), and a second store
+/// (another replica) under the same prefix that has not read it yet.
+async fn owner_and_reader_with_one_event() -> (RedisStore, RedisStore, JobMeta) {
+    let p = prefix();
+    let (owner, m) = store_with_job(&p).await;
+    let reader = RedisStore::connect(config(&p)).await.unwrap();
+    owner
+        .append(&m.stream_id, &delta("a"), Some(0))
+        .await
+        .unwrap();
+    (owner, reader, m)
+}
+
 /// The `resume=true` snapshot of a log fed `bodies` one by one: what a mirror's fold
 /// of the same events must equal.
 fn folded(bodies: &[EventBody]) -> (Option<u64>, genstream_engine::aggregate::ResumeState) {
@@ -134,13 +147,7 @@ fn redacts_passwords() {
 /// buffered and merged, not dropped until the next frame or the healer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_published_while_a_mirror_opens_is_not_dropped() {
-    let p = prefix();
-    let (owner, m) = store_with_job(&p).await;
-    let reader = RedisStore::connect(config(&p)).await.unwrap();
-    owner
-        .append(&m.stream_id, &delta("a"), Some(0))
-        .await
-        .unwrap();
+    let (owner, reader, m) = owner_and_reader_with_one_event().await;
 
     let gate = reader.gate("open.after_range");
     let opening = {
@@ -193,13 +200,7 @@ async fn frame_published_while_a_mirror_opens_is_not_dropped() {
 /// (Redis subscriptions are not counted: a late UNSUBSCRIBE cancels the new one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribing_a_dropped_mirror_does_not_cancel_a_new_one() {
-    let p = prefix();
-    let (owner, m) = store_with_job(&p).await;
-    let reader = RedisStore::connect(config(&p)).await.unwrap();
-    owner
-        .append(&m.stream_id, &delta("a"), Some(0))
-        .await
-        .unwrap();
+    let (owner, reader, m) = owner_and_reader_with_one_event().await;
     let first = reader.open_log(&m.stream_id).await.unwrap().unwrap();
     drop(first); // nobody reads it: the healer's to drop
 
@@ -796,13 +797,7 @@ async fn the_owner_mirror_skips_its_channel_until_another_writer_ends_the_job() 
 /// and an `XRANGE` for it would be wasted. The second pass repairs a lost publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heal_pass_reads_only_what_a_mirror_missed_a_pass_ago() {
-    let p = prefix();
-    let (owner, m) = store_with_job(&p).await;
-    let reader = RedisStore::connect(config(&p)).await.unwrap();
-    owner
-        .append(&m.stream_id, &delta("a"), Some(0))
-        .await
-        .unwrap();
+    let (owner, reader, m) = owner_and_reader_with_one_event().await;
     let log = reader.open_log(&m.stream_id).await.unwrap().unwrap();
     // The reader's publishes get lost from here on.
     reader
