@@ -394,11 +394,16 @@ pub async fn read_range_pages_the_log(store: Arc<dyn JobStore>) {
         .unwrap()
         .unwrap();
     assert!(empty.frames.is_empty() && empty.len == 0 && !empty.ended);
-    for i in 0..20u64 {
+    // In batches of several sizes, so that a page may start or end inside a batch (a
+    // Redis log stream holds each batch as one entry).
+    let mut seq = 0u64;
+    for size in [1u64, 3, 7, 9] {
+        let bodies: Vec<EventBody> = (seq..seq + size).map(|i| delta(&format!("t{i}"))).collect();
         store
-            .append(&m.stream_id, &delta(&format!("t{i}")), Some(i))
+            .append_batch(&m.stream_id, &bodies, Some(seq))
             .await
             .unwrap();
+        seq += size;
     }
     let running = store
         .read_range(&m.stream_id, Some(19), 10)

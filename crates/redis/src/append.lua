@@ -1,11 +1,20 @@
-#!lua name=genstream_v5
--- genstream's Redis functions, version 5. The library name and every function name
--- carry the version, so that replicas of two releases can run side by side during a
--- rolling deploy: a new release loads genstream_v6 next to this one. Version 5 takes
--- each event as the SSE frame its writer built (version 4 took a name and a body and
--- built the frame here) and replies without frames; what it publishes is as in
--- version 4 (one message per batch, the frames concatenated), so the channel name
--- keeps version 4's kind (`ch4`) and replicas of both versions read each other's.
+#!lua name=genstream_v6
+-- genstream's Redis functions, version 6. The library name and every function name
+-- carry the version, so that replicas of two releases can load their own next to each
+-- other: a new release loads genstream_v7 next to this one. Version 6 writes each
+-- appended batch as one stream entry (its frames concatenated, the entry id that of
+-- its last seq) where version 5 wrote one entry per event: one XADD per call instead
+-- of one per event, a quarter fewer bytes per event. It takes each event as the SSE
+-- frame its writer built (as version 5) and publishes as versions 4 and 5 (one message
+-- per batch, the frames concatenated), so the channel name keeps version 4's kind
+-- (`ch4`).
+--
+-- The log stream: one entry per landed batch, id 0-(last seq + 1), field f = the
+-- batch's SSE frames concatenated in seq order, field w = the writer's id. Entries are
+-- contiguous, so the entries from id 0-(s+1) on hold seq s (in the first of them) and
+-- everything after it; an entry of one event is exactly version 5's entry, so readers
+-- of version 6 read logs version 5 wrote. Each frame ends with a blank line and holds
+-- none before it (compact JSON), so an entry splits after each "\n\n".
 --
 -- Fields of the job hash these functions read and write (besides the metadata):
 --   len, bytes        the log's length (the next seq) and total frame bytes
@@ -40,13 +49,46 @@ local function reseq(frame, seq)
   return 'id: ' .. seq .. '\nevent: ' .. name .. '\ndata: {"seq":' .. seq .. ',' .. rest
 end
 
+-- Whether the log holds seqs `from`..`last` (a range it has) as this writer's entries
+-- with exactly the frames args[11 + (seq - from)]: the check that an earlier try of a
+-- batch landed, whole or in part. The first entry may begin before `from` (a retry
+-- may overlap what an earlier batch landed); those frames are not compared.
+local function landed_by(log, from, last, writer, args)
+  -- Each entry holds at least one seq, so this many entries cover the range.
+  local entries = redis.call('XRANGE', log, '0-' .. (from + 1), '+', 'COUNT', last - from + 1)
+  local want = from
+  for i = 1, #entries do
+    if want > last then break end
+    local f, w = nil, nil
+    local fields = entries[i][2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'f' then f = fields[j + 1] elseif fields[j] == 'w' then w = fields[j + 1] end
+    end
+    if w ~= writer or not f then return false end
+    local pos = 1
+    while pos <= #f and want <= last do
+      local e = string.find(f, '\n\n', pos, true)
+      if not e then return false end
+      local frame = string.sub(f, pos, e + 1)
+      local id = tonumber(string.match(frame, '^id: (%d+)\n'))
+      if not id then return false end
+      if id >= from then
+        if id ~= want or frame ~= args[11 + want - from] then return false end
+        want = want + 1
+      end
+      pos = e + 2
+    end
+  end
+  return want == last + 1
+end
+
 -- Appends a batch of events to a job's log, atomically:
---   assign each the next seq, check the caps, XADD its SSE frame with stream id
---   0-(seq+1) and the writer's id, then update the job hash, refresh TTLs, PUBLISH
---   the batch's frames (one message, the frames concatenated in seq order). There is
---   never a seq without a log entry, nor an entry without a publish. A batch is the
---   same as its events appended one by one: the events before one that cannot land
---   (the log is full or ended) stay appended.
+--   assign each the next seq and check the caps, then XADD the frames that land as one
+--   entry (id 0-(last seq + 1), the frames concatenated, the writer's id), update the
+--   job hash, refresh TTLs, PUBLISH the same bytes (one message). There is never a
+--   seq without a log entry, nor an entry without a publish. A batch is the same as
+--   its events appended one by one: the events before one that cannot land (the log
+--   is full or ended) stay appended.
 --
 -- KEYS[1] job hash   KEYS[2] log stream   (both with the {streamId} hash tag)
 -- ARGV[1] max events   ARGV[2] max bytes (terminal events are exempt)
@@ -54,8 +96,9 @@ end
 -- ARGV[5] pub/sub channel   ARGV[6] now (ms since epoch)
 -- ARGV[7] expected first seq, or "": the seq the writer believes the batch's first
 --         event gets. Where the log is already past it, an earlier try of this batch
---         landed, whole or in part (its reply was lost): each entry there must be this
---         writer's with these very bytes, and is not appended again; else the writer
+--         landed, whole or in part (its reply was lost): what the log holds from there
+--         must be this writer's, frame for frame these very bytes, and is not
+--         appended again (`landed_by`); else the writer
 --         lost the job. A batch whose first event is not terminal and whose expected
 --         seq is beyond the log means the store lost entries: "lost".
 -- ARGV[8] the writer's id (a replica id); once the end is claimed (`reaper`), only
@@ -90,18 +133,7 @@ local function append_batch(keys, args)
     built = expected
     if len > expected then
       local last = math.min(len - 1, expected + n - 1)
-      local entries = redis.call('XRANGE', log, '0-' .. (expected + 1), '0-' .. (last + 1))
-      local same = #entries == last - expected + 1
-      for i = 1, #entries do
-        if not same then break end
-        local f, w = nil, nil
-        local fields = entries[i][2]
-        for j = 1, #fields, 2 do
-          if fields[j] == 'f' then f = fields[j + 1] elseif fields[j] == 'w' then w = fields[j + 1] end
-        end
-        same = w == writer and f == args[10 + i]
-      end
-      if not same then
+      if not landed_by(log, expected, last, writer, args) then
         if lost_claim then return {'ended'} end
         return {'conflict'}
       end
@@ -134,7 +166,6 @@ local function append_batch(keys, args)
       end
     end
     if not terminal and (seq + 1 > max_events or bytes + #frame > max_bytes) then break end
-    redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame, 'w', writer)
     frames[#frames + 1] = frame
     bytes = bytes + #frame
     seq = seq + 1
@@ -147,6 +178,8 @@ local function append_batch(keys, args)
     if from == 1 then return {'full'} end
     return {'ok', first, from - 1, abort}
   end
+  local all = table.concat(frames)
+  redis.call('XADD', log, '0-' .. seq, 'f', all, 'w', writer)
   -- The TTLs: the retention once the terminal event is in; while running, refreshed
   -- only when an eighth of the running TTL has passed since the last refresh (two
   -- commands fewer on nearly every call).
@@ -168,9 +201,8 @@ local function append_batch(keys, args)
     redis.call('PEXPIRE', job, ttl)
     redis.call('PEXPIRE', log, ttl)
   end
-  -- One message per batch, its frames concatenated: each frame ends with a blank line
-  -- and its JSON has no newline, so readers split the message after each "\n\n".
-  redis.call('PUBLISH', args[5], table.concat(frames))
+  -- One message per batch, the entry's bytes: readers split it as they split entries.
+  redis.call('PUBLISH', args[5], all)
   return {'ok', first, from - 1 + #frames, abort}
 end
 
@@ -251,9 +283,9 @@ local function rate_window(keys, args)
   return oldest + period - now
 end
 
-redis.register_function('genstream_acquire_slot_v5', acquire_slot)
-redis.register_function('genstream_rate_window_v5', rate_window)
-redis.register_function('genstream_append_batch_v5', append_batch)
-redis.register_function('genstream_claim_end_v5', claim_end)
-redis.register_function('genstream_request_abort_v5', request_abort)
-redis.register_function('genstream_claim_v5', claim)
+redis.register_function('genstream_acquire_slot_v6', acquire_slot)
+redis.register_function('genstream_rate_window_v6', rate_window)
+redis.register_function('genstream_append_batch_v6', append_batch)
+redis.register_function('genstream_claim_end_v6', claim_end)
+redis.register_function('genstream_request_abort_v6', request_abort)
+redis.register_function('genstream_claim_v6', claim)

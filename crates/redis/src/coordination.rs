@@ -1,4 +1,4 @@
-//! [`JobCoordination`] for Redis: the end claims (`genstream_claim_end_v5`), orphans
+//! [`JobCoordination`] for Redis: the end claims (`genstream_claim_end_v6`), orphans
 //! (jobs whose owner's lease lapsed, or that no task of ours runs), and abort requests
 //! (a flag in the job hash plus a publish, repeated while the job runs).
 

@@ -9,27 +9,27 @@ use crate::{RedisStore, StoreError, store_err};
 /// The Redis function library; its name carries the version.
 pub(crate) const LIBRARY: &str = include_str!("append.lua");
 
-pub(crate) const LIBRARY_NAME: &str = "genstream_v5";
+pub(crate) const LIBRARY_NAME: &str = "genstream_v6";
 
 /// The kind in a job's channel name (`P:ch4:sid`; `P:ch4:{sid}` on a Cluster). It
-/// carries the version of what is published there: version 4 of the library publishes
-/// one message per batch, the frames concatenated (version 3 published one per frame
-/// on `P:ch:sid`), so
-/// replicas of the two versions, during a rolling deploy, never read each other's
-/// messages (each mirror still fills from the log stream, which both write alike).
+/// carries the version of what is published there: versions 4 to 6 of the library
+/// publish one message per batch, the frames concatenated (version 3 published one per
+/// frame on `P:ch:sid`), so replicas of versions 3 and 4, during a rolling deploy,
+/// never read each other's messages. (Version 6 also writes each batch as one log
+/// stream entry, which version 5 cannot read; see `append.lua`.)
 pub(crate) const CHANNEL_KIND: &str = "ch4";
 
-pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v5";
+pub(crate) const APPEND_BATCH_FN: &str = "genstream_append_batch_v6";
 
-pub(crate) const CLAIM_FN: &str = "genstream_claim_v5";
+pub(crate) const CLAIM_FN: &str = "genstream_claim_v6";
 
-pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v5";
+pub(crate) const CLAIM_END_FN: &str = "genstream_claim_end_v6";
 
-pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v5";
+pub(crate) const REQUEST_ABORT_FN: &str = "genstream_request_abort_v6";
 
-pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v5";
+pub(crate) const ACQUIRE_SLOT_FN: &str = "genstream_acquire_slot_v6";
 
-pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v5";
+pub(crate) const RATE_WINDOW_FN: &str = "genstream_rate_window_v6";
 
 impl RedisStore {
     /// Runs an `FCALL`; if Redis no longer has the function (it restarted without

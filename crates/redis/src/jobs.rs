@@ -1,6 +1,6 @@
 //! [`EventLogStore`] for Redis: registering a job (its hash, the user's running slot,
 //! the conversation's lock), reading its metadata, appending through
-//! `genstream_append_batch_v5`, and opening its log (a mirror).
+//! `genstream_append_batch_v6`, and opening its log (a mirror).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::mirror::{Mirror, stream_frames, xrange};
 use crate::{RedisStore, StoreError, store_err};
 
 impl RedisStore {
-    /// One `FCALL` of `genstream_append_batch_v5` for the whole batch, each event sent
+    /// One `FCALL` of `genstream_append_batch_v6` for the whole batch, each event sent
     /// as the SSE frame [`Frame::encode`] builds for the seq it is expected to get; the
     /// frames that landed go to this replica's mirror right away from this side (local
     /// subscribers need not wait for the publish to come back, and the reply carries
@@ -451,7 +451,7 @@ impl EventLogStore for RedisStore {
         let (Some(len), ended) = head else {
             return Ok(None);
         };
-        let (mut frames, _) = stream_frames(reply);
+        let (mut frames, _) = stream_frames(reply, from);
         // Consecutive from the cursor on, or nothing past the first that is not: the
         // caller must never skip a seq (the log has no holes, so this is defence).
         if let Some(bad) = frames
@@ -461,6 +461,8 @@ impl EventLogStore for RedisStore {
         {
             frames.truncate(bad);
         }
+        // An entry holds a whole batch, so `max` entries may hold more than `max` frames.
+        frames.truncate(max.max(1));
         Ok(Some(RangePage {
             frames,
             len,

@@ -22,7 +22,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:job:{sid}` | hash | the job's metadata, `owner` replica, `len` and `bytes` of its log, `ended`, `status`, the end claim (`reaper`, `reaperAt`), `abortRequested` |
-//! | `P:log:{sid}` | stream | one entry per event, id `0-(seq+1)`, field `f` = the SSE frame bytes, `w` = the writer's replica id |
+//! | `P:log:{sid}` | stream | one entry per appended batch, id `0-(last seq + 1)`, field `f` = the batch's SSE frames concatenated in seq order, `w` = the writer's replica id; the entries from id `0-(s+1)` on hold seq `s` (in the first) and all after it |
 //! | `P:conv:{cid}` | string | the conversation's latest job (doubles as its one-running-job lock) |
 //! | `P:user:{uid}:running` | set | the user's running jobs (self-healing: stale ids dropped when read) |
 //! | `P:running` | set | every running job (the lease reaper's list; self-healing too) |
@@ -36,10 +36,11 @@
 //! carries abort requests (a stream id) to whichever replica owns the job.
 //!
 //! # Appending
-//! One server-side step, the Redis Function `genstream_append_batch_v5` (`append.lua`),
+//! One server-side step, the Redis Function `genstream_append_batch_v6` (`append.lua`),
 //! for a batch of events (a job's appender sends what queued behind the call in
-//! flight; `append` is a batch of one): seq, caps, frame and XADD of each event, TTLs
-//! and one PUBLISH (`SPUBLISH` on a Cluster) of the batch's frames together, so there
+//! flight; `append` is a batch of one): seq, caps and frame of each event, one XADD of
+//! the batch's frames as one entry, TTLs and one PUBLISH (`SPUBLISH` on a Cluster) of
+//! the same bytes, so there
 //! is never a seq without a log entry or an entry without a publish, and two writers
 //! racing to end a job produce exactly one terminal event. The writer sends each
 //! event as the SSE frame it built for the seq it expects (`Frame::encode`; the
@@ -69,7 +70,7 @@
 //!
 //! # Ending a job
 //! Whoever ends a job — its owner, or a reaper of an orphan — first takes the job's
-//! *end claim* (`genstream_claim_end_v5`), then saves the response message, then
+//! *end claim* (`genstream_claim_end_v6`), then saves the response message, then
 //! appends the terminal event. Only the claimant may append after the claim, so there
 //! is one writer per response message even when an owner presumed dead is alive.
 //!

@@ -250,7 +250,7 @@ impl RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(store_err)?;
-            let (frames, n) = stream_frames(reply);
+            let (frames, n) = stream_frames(reply, m.log.len());
             for f in frames {
                 self.insert(sid, &m, f)?;
             }
@@ -476,8 +476,10 @@ pub(crate) enum Catch {
     Missed,
 }
 
-/// `XRANGE` of up to `count` entries of a log stream from seq `from` on (entry id
-/// `0-(seq+1)`, see the crate docs, "Layout").
+/// `XRANGE` of up to `count` entries of a log stream from the entry holding seq `from`
+/// on (an entry's id is `0-(its last seq + 1)`, see the crate docs, "Layout"; each
+/// holds at least one seq, so `count` entries hold at least `count` seqs when the log
+/// has them).
 pub(crate) fn xrange(key: &str, from: u64, count: usize) -> redis::Cmd {
     let mut cmd = redis::cmd("XRANGE");
     cmd.arg(key)
@@ -488,10 +490,12 @@ pub(crate) fn xrange(key: &str, from: u64, count: usize) -> redis::Cmd {
     cmd
 }
 
-/// The frames (field `f`) of an `XRANGE` reply, in stream order, taking the reply's
-/// buffers without copying them and reading only each frame's header (no JSON), and
-/// the number of entries the reply held.
-pub(crate) fn stream_frames(reply: Value) -> (Vec<Frame>, usize) {
+/// The frames from seq `from` on of an `XRANGE` reply ([`xrange`]), in stream order,
+/// and the number of entries the reply held. Each entry's field `f` holds one appended
+/// batch's frames concatenated ([`split_frames`]); the frames before `from` in the
+/// first entry are left out. The frames share the reply's buffers (no copy) and only
+/// each frame's header is read (no JSON).
+pub(crate) fn stream_frames(reply: Value, from: u64) -> (Vec<Frame>, usize) {
     let Value::Array(entries) = reply else {
         return (Vec::new(), 0);
     };
@@ -509,14 +513,36 @@ pub(crate) fn stream_frames(reply: Value) -> (Vec<Frame>, usize) {
         let mut it = fields.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             if matches!(&k, Value::BulkString(b) if b == b"f") {
-                if let Value::BulkString(b) = v
-                    && let Some(f) = Frame::parse(Bytes::from(b))
-                {
-                    frames.push(f);
+                if let Value::BulkString(b) = v {
+                    frames.extend(
+                        split_frames(Bytes::from(b))
+                            .into_iter()
+                            .filter(|f| f.seq >= from),
+                    );
                 }
                 break;
             }
         }
     }
     (frames, n)
+}
+
+/// The frames of one appended batch, as a log stream entry holds them and as one
+/// message of the job's channel carries them (`genstream_append_batch_v6` writes and
+/// publishes the same bytes): the frames concatenated, in seq order. Each frame ends
+/// with a blank line (`\n\n`) and none holds one before its end (its JSON is compact,
+/// newlines escaped), so the bytes are cut after each `\n\n`. The frames share the
+/// buffer. A piece that is not a frame is left out: a mirror then sees a gap at the
+/// next frame and reads the missing range from the stream.
+pub(crate) fn split_frames(payload: Bytes) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while let Some(at) = payload[start..].windows(2).position(|w| w == b"\n\n") {
+        let end = start + at + 2;
+        if let Some(f) = Frame::parse(payload.slice(start..end)) {
+            frames.push(f);
+        }
+        start = end;
+    }
+    frames
 }

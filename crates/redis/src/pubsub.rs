@@ -5,11 +5,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genstream_engine::event::Frame;
 
 use crate::RedisStore;
 use crate::conn::{PubSubFeed, Published};
-use crate::mirror::Catch;
+use crate::mirror::{Catch, split_frames};
 
 impl RedisStore {
     /// A fresh pub/sub connection subscribed to the control channel and to every
@@ -181,23 +180,4 @@ impl RedisStore {
             self.deliver(sid, &m, frame, None);
         }
     }
-}
-
-/// The frames of one message of a job's channel: `genstream_append_batch_v5` publishes
-/// a batch's frames concatenated, in seq order. Each frame ends with a blank line
-/// (`\n\n`) and none holds one before its end (its JSON is compact, newlines escaped),
-/// so the message is cut after each `\n\n`. The frames share the message's buffer. A
-/// piece that is not a frame is left out: the mirror then sees a gap at the next
-/// frame and reads the missing range from the stream.
-pub(crate) fn split_frames(payload: Bytes) -> Vec<Frame> {
-    let mut frames = Vec::new();
-    let mut start = 0;
-    while let Some(at) = payload[start..].windows(2).position(|w| w == b"\n\n") {
-        let end = start + at + 2;
-        if let Some(f) = Frame::parse(payload.slice(start..end)) {
-            frames.push(f);
-        }
-        start = end;
-    }
-    frames
 }

@@ -4,7 +4,6 @@
 //! that once lost events.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -425,16 +424,17 @@ async fn lua_frames_equal_frame_encode() {
         (&batched.stream_id, &bodies),
         (&shifted.stream_id, &shifted_bodies),
     ] {
-        let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-            .arg(store.key("log", sid))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut store.conn())
-            .await
-            .unwrap();
-        assert_eq!(entries.len(), bodies.len());
-        for (seq, ((_, fields), body)) in entries.iter().zip(bodies).enumerate() {
-            let lua = fields["f"].as_slice();
+        let (stored, _) = mirror::stream_frames(
+            mirror::xrange(&store.key("log", sid), 0, 1000)
+                .query_async(&mut store.conn())
+                .await
+                .unwrap(),
+            0,
+        );
+        assert_eq!(stored.len(), bodies.len());
+        for (seq, (frame, body)) in stored.iter().zip(bodies).enumerate() {
+            assert_eq!(frame.seq, seq as u64);
+            let lua = &frame.bytes[..];
             let rust = Frame::encode(seq as u64, body).unwrap().bytes;
             assert_eq!(
                 lua,
@@ -550,7 +550,7 @@ async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
     }
     let (batch, alone) = (payloads[0].clone(), payloads[1].clone());
     let want = frames_of(0, &bodies);
-    let got = pubsub::split_frames(batch.clone());
+    let got = mirror::split_frames(batch.clone());
     assert_eq!(
         got.iter()
             .map(|f| (f.seq, f.bytes.clone()))
@@ -567,7 +567,7 @@ async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
         &joined[..],
         "the message is the frames concatenated"
     );
-    let alone_frames = pubsub::split_frames(alone);
+    let alone_frames = mirror::split_frames(alone);
     assert_eq!(alone_frames.len(), 1);
     assert_eq!(alone_frames[0].bytes, frames_of(7, &[last])[0].bytes);
     // And they are the very bytes of the log stream.
@@ -576,9 +576,80 @@ async fn a_batch_is_published_once_and_split_into_exactly_its_frames() {
             .query_async(&mut store.conn())
             .await
             .unwrap(),
+        0,
     );
-    assert_eq!(n, 8);
+    assert_eq!(n, 2, "one stream entry per appended batch");
     assert_same_frames(&stored[..want.len()], &want);
+    assert_eq!(stored.len(), 8);
+    // A read from inside the batch gets its entry and leaves out the frames before.
+    let (from_five, _) = mirror::stream_frames(
+        mirror::xrange(&store.key("log", &m.stream_id), 5, 1)
+            .query_async(&mut store.conn())
+            .await
+            .unwrap(),
+        5,
+    );
+    assert_same_frames(&from_five, &want[5..]);
+    store.close();
+}
+
+/// Range reads cut each log entry into its frames from the requested seq on, whatever
+/// the entries' sizes: entries of one frame (all that version 5 of the library wrote,
+/// so a log it wrote reads the same) and of many, the read starting inside one. A
+/// read through the store (`read_range`, `open_log`) serves the same frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_reads_cut_entries_of_one_and_of_many_frames() {
+    let p = prefix();
+    let (store, m) = store_with_job(&p).await;
+    let bodies: Vec<EventBody> = (0..9).map(|i| delta(&format!("e{i}"))).collect();
+    let want = frames_of(0, &bodies);
+    let log = store.key("log", &m.stream_id);
+    let mut conn = store.conn();
+    // Seqs 0..=2 one entry each (version 5's layout), 3..=7 as one, 8 alone.
+    for (id, range) in [(1, 0..1), (2, 1..2), (3, 2..3), (8, 3..8), (9, 8..9)] {
+        let bytes: Vec<u8> = want[range].iter().flat_map(|f| f.bytes.to_vec()).collect();
+        let _: String = redis::cmd("XADD")
+            .arg(&log)
+            .arg(format!("0-{id}"))
+            .arg("f")
+            .arg(bytes)
+            .arg("w")
+            .arg("writer")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = conn
+        .hset(store.key("job", &m.stream_id), "len", 9)
+        .await
+        .unwrap();
+    for from in 0..=9u64 {
+        for count in [1, 2, 100] {
+            let (got, _) = mirror::stream_frames(
+                mirror::xrange(&log, from, count)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap(),
+                from,
+            );
+            // `count` entries hold at least `count` frames when the log has them.
+            let n = got.len().min(9 - from as usize);
+            assert!(
+                n >= count.min(9 - from as usize),
+                "from {from} count {count}"
+            );
+            assert_same_frames(&got, &want[from as usize..from as usize + n]);
+        }
+        let page = store
+            .read_range(&m.stream_id, from.checked_sub(1), 3)
+            .await
+            .unwrap()
+            .unwrap();
+        let end = (from as usize + 3).min(9);
+        assert_same_frames(&page.frames, &want[from as usize..end]);
+    }
+    let opened = store.open_log(&m.stream_id).await.unwrap().unwrap();
+    assert_same_frames(&opened.read_after(None, 100).frames, &want);
     store.close();
 }
 

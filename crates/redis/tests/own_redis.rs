@@ -15,7 +15,7 @@ async fn function_loaded(url: &str) -> bool {
     let libs: redis::Value = redis::cmd("FUNCTION")
         .arg("LIST")
         .arg("LIBRARYNAME")
-        .arg("genstream_v5")
+        .arg("genstream_v6")
         .query_async(&mut conn(url).await)
         .await
         .unwrap();

@@ -217,13 +217,20 @@ impl Setup {
                 .query_async(&mut conn(&redis_url()).await)
                 .await
                 .unwrap();
-        entries
-            .into_iter()
-            .map(|(_, f)| {
-                let frame = genstream_engine::event::Frame::parse(f["f"].clone().into()).unwrap();
-                serde_json::from_slice(frame.data_json()).unwrap()
-            })
-            .collect()
+        // An entry holds one appended batch, its frames concatenated (each ends with
+        // a blank line).
+        let mut events = Vec::new();
+        for (_, f) in entries {
+            let batch = &f["f"];
+            let mut start = 0;
+            while let Some(at) = batch[start..].windows(2).position(|w| w == b"\n\n") {
+                let piece = batch[start..start + at + 2].to_vec();
+                let frame = genstream_engine::event::Frame::parse(piece.into()).unwrap();
+                events.push(serde_json::from_slice(frame.data_json()).unwrap());
+                start += at + 2;
+            }
+        }
+        events
     }
 }
 
@@ -350,7 +357,7 @@ async fn a_failed_reap_is_retried_and_does_not_stop_the_sweep() {
 /// on a channel nobody hears: Redis has the event, no mirror got it.
 async fn append_unpublished(s: &Setup, m: &JobMeta, body: &EventBody, seq: u64) {
     let reply: redis::Value = redis::cmd("FCALL")
-        .arg("genstream_append_batch_v5")
+        .arg("genstream_append_batch_v6")
         .arg(2)
         .arg(format!("{}:job:{{{}}}", s.prefix, m.stream_id))
         .arg(format!("{}:log:{{{}}}", s.prefix, m.stream_id))

@@ -79,8 +79,10 @@ impl KeyPrefix {
         }
     }
 
-    /// The job's log as Redis holds it (`P:log:{sid}`): each entry's frame bytes, in
-    /// order. Asserts that entry ids are `0-(seq+1)`.
+    /// The job's log as Redis holds it (`P:log:{sid}`): each event's frame bytes, in
+    /// seq order. An entry holds one appended batch (its frames concatenated, each
+    /// ending with a blank line); asserts that the frames' ids run 0, 1, 2, ... and
+    /// that each entry's id is `0-(its last seq + 1)`.
     pub async fn log(&self, sid: &str) -> Vec<Vec<u8>> {
         let entries: Vec<(String, HashMap<String, Vec<u8>>)> = self
             .query(
@@ -90,14 +92,34 @@ impl KeyPrefix {
                     .arg("+"),
             )
             .await;
-        entries
-            .into_iter()
-            .enumerate()
-            .map(|(i, (id, mut f))| {
-                assert_eq!(id, format!("0-{}", i + 1), "stream ids are 0-(seq+1)");
-                f.remove("f").expect("field f")
-            })
-            .collect()
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        for (id, mut fields) in entries {
+            let batch = fields.remove("f").expect("field f");
+            let mut rest = &batch[..];
+            while !rest.is_empty() {
+                let end = rest
+                    .windows(2)
+                    .position(|w| w == b"\n\n")
+                    .expect("each frame ends with a blank line")
+                    + 2;
+                let frame = &rest[..end];
+                let want = format!("id: {}\n", frames.len());
+                assert!(
+                    frame.starts_with(want.as_bytes()),
+                    "frame {} of the log is {:?}",
+                    frames.len(),
+                    String::from_utf8_lossy(frame)
+                );
+                frames.push(frame.to_vec());
+                rest = &rest[end..];
+            }
+            assert_eq!(
+                id,
+                format!("0-{}", frames.len()),
+                "an entry's id is 0-(its last seq + 1)"
+            );
+        }
+        frames
     }
 
     /// Whether the key `P:{rest}` exists, e.g. `replica:{rid}` (a replica's lease).
