@@ -506,8 +506,18 @@ pub fn redis_fanout(
     tokens: u32,
     delay_ms: u64,
     many_jobs_only: bool,
+    server_runtime: bool,
 ) -> Result<(), String> {
     let rt = runtime()?;
+    let server_rt = if server_runtime {
+        Some(crate::saturation::server_runtime("server")?)
+    } else {
+        None
+    };
+    let opts = RunOptions {
+        server: server_rt.as_ref().map(|r| r.handle().clone()),
+        ..RunOptions::default()
+    };
     let mut rows = Vec::new();
     let shapes: &[(usize, usize)] = if many_jobs_only {
         &[(subscribers, 1)]
@@ -524,20 +534,19 @@ pub fn redis_fanout(
             };
             rows.push(
                 rt.block_on(fanout_run(
-                    &store,
-                    replicas,
-                    jobs,
-                    per_job,
-                    tokens,
-                    delay_ms,
-                    &RunOptions::default(),
+                    &store, replicas, jobs, per_job, tokens, delay_ms, &opts,
                 ))?
                 .row,
             );
         }
     }
+    let runtimes = if server_runtime {
+        "in-process replicas on a 2-worker runtime of their own, the subscribers on another"
+    } else {
+        "in-process replicas on one 2-worker runtime with the subscribers"
+    };
     println!(
-        "\n### redis-fanout\n\nsubscribers spread evenly over the replicas, every job on the first; in-process replicas on one 2-worker runtime; every job's first token waits 2 s + 4 ms per job, so that all jobs are started and subscribed to before any streams (setup s: how long that took)\n"
+        "\n### redis-fanout\n\nsubscribers spread evenly over the replicas, every job on the first; {runtimes}; every job's first token waits 2 s + 4 ms per job, so that all jobs are started and subscribed to before any streams (setup s: how long that took)\n"
     );
     table(
         &[
@@ -557,6 +566,9 @@ pub fn redis_fanout(
         ],
         &rows,
     );
+    if let Some(r) = server_rt {
+        r.shutdown_timeout(Duration::from_secs(2));
+    }
     Ok(())
 }
 

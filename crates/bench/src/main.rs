@@ -75,6 +75,11 @@ enum Cmd {
         /// Only the N jobs × 1 rows (skip 1 job × N).
         #[arg(long)]
         many_jobs_only: bool,
+        /// Run the replicas on a 2-worker runtime of their own (threads `server-N`),
+        /// apart from the subscribers' runtime, as a server process apart from its
+        /// clients would be (default: one runtime for both).
+        #[arg(long)]
+        server_runtime: bool,
     },
     /// Reconnect → first byte for a job of 10,000 events, on the owner and another replica.
     ResumeLatency {
@@ -166,7 +171,14 @@ fn run(cmd: Cmd) -> Result<(), String> {
             tokens,
             delay_ms,
             many_jobs_only,
-        } => cluster::redis_fanout(subscribers, tokens, delay_ms, many_jobs_only)?,
+            server_runtime,
+        } => cluster::redis_fanout(
+            subscribers,
+            tokens,
+            delay_ms,
+            many_jobs_only,
+            server_runtime,
+        )?,
         Cmd::ResumeLatency { jobs } => cluster::resume_latency(jobs)?,
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
         Cmd::Ledger { spends } => cluster::ledger(spends)?,

@@ -279,7 +279,7 @@ fn measure(
 }
 
 /// A 2-worker runtime whose threads are named `{name}-N`.
-fn server_runtime(name: &'static str) -> Result<Runtime, String> {
+pub(crate) fn server_runtime(name: &'static str) -> Result<Runtime, String> {
     let n = AtomicUsize::new(0);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
