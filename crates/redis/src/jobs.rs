@@ -429,29 +429,64 @@ impl EventLogStore for RedisStore {
         m.ready.get().map(|_| m.log.clone())
     }
 
-    /// One pipelined round trip: the job's `len` and `ended` (one `HMGET`), then the
-    /// entries from the cursor on (`XRANGE`). Nothing of this replica's mirror is
-    /// touched, and no frame's JSON is parsed.
+    /// The job's `len` and `ended` (one `HMGET`) with the first entries from the
+    /// cursor on (`XRANGE`), in one pipelined round trip; then more entries only if
+    /// those held fewer than `max` frames and the log has more. An entry holds a whole
+    /// appended batch, so the first read asks for as many entries as `max` frames fill
+    /// if every entry is a full batch ([`FULL_BATCH`]), and each next one for as many
+    /// as the entries read so far say the missing frames fill (a log of one event per
+    /// entry, a job slower than its store: `max` entries in two reads). A page is
+    /// short only at the log's head as of that `len`. Nothing of this replica's mirror
+    /// is touched, and no frame's JSON is parsed.
     async fn read_range(
         &self,
         stream_id: &str,
         cursor: Option<u64>,
         max: usize,
     ) -> Result<Option<RangePage>, StoreError> {
+        let max = max.max(1);
         let from = cursor.map_or(0, |c| c.saturating_add(1));
+        let key = self.key("log", stream_id);
+        let mut count = max.div_ceil(FULL_BATCH);
         let (head, reply): ((Option<u64>, Option<String>), Value) = redis::pipe()
             .cmd("HMGET")
             .arg(self.key("job", stream_id))
             .arg("len")
             .arg("ended")
-            .add_command(xrange(&self.key("log", stream_id), from, max))
+            .add_command(xrange(&key, from, count))
             .query_async(&mut self.conn())
             .await
             .map_err(store_err)?;
         let (Some(len), ended) = head else {
             return Ok(None);
         };
-        let (mut frames, _) = stream_frames(reply, from);
+        let want = max.min(len.saturating_sub(from) as usize);
+        let (mut frames, mut entries) = stream_frames(reply, from);
+        let mut reads = 1;
+        while frames.len() < want && entries == count && consecutive(&frames, from) {
+            let missing = want - frames.len();
+            // Entries of the size seen so far; after two guesses, one entry per frame
+            // (each holds at least one), which always completes the page.
+            count = if reads < 3 {
+                (missing * entries)
+                    .div_ceil(frames.len().max(1))
+                    .clamp(1, missing)
+            } else {
+                missing
+            };
+            let next = from + frames.len() as u64;
+            let reply: Value = xrange(&key, next, count)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_err)?;
+            let (more, n) = stream_frames(reply, next);
+            if more.is_empty() {
+                break; // nothing readable there (defence: the log has no holes)
+            }
+            frames.extend(more);
+            entries = n;
+            reads += 1;
+        }
         // Consecutive from the cursor on, or nothing past the first that is not: the
         // caller must never skip a seq (the log has no holes, so this is defence).
         if let Some(bad) = frames
@@ -461,14 +496,27 @@ impl EventLogStore for RedisStore {
         {
             frames.truncate(bad);
         }
-        // An entry holds a whole batch, so `max` entries may hold more than `max` frames.
-        frames.truncate(max.max(1));
+        frames.truncate(want);
         Ok(Some(RangePage {
             frames,
             len,
             ended: ended.as_deref() == Some("1"),
         }))
     }
+}
+
+/// The most events one append carries (the engine's appender sends at most 64 per
+/// call), so the most frames one log entry holds: what a range read's first request
+/// assumes, so that it never asks Redis for more than `max` frames' worth of full
+/// entries.
+const FULL_BATCH: usize = 64;
+
+/// Whether `frames` run from seq `from` on without a gap.
+fn consecutive(frames: &[Frame], from: u64) -> bool {
+    frames
+        .iter()
+        .enumerate()
+        .all(|(i, f)| f.seq == from + i as u64)
 }
 
 pub(crate) fn meta_of(h: &HashMap<String, String>) -> Option<JobMeta> {

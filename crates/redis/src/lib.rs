@@ -94,8 +94,9 @@
 //!
 //! A reader that comes to a replica with no mirror of its job yet is not made to wait
 //! for one: `read_range` pages the stream itself from the reader's cursor (with the
-//! job's `len` and `ended`, one pipelined round trip) while the mirror opens, and the
-//! reader moves to the mirror at the seq it reached.
+//! job's `len` and `ended`, one pipelined round trip; a second `XRANGE` when the
+//! entries asked for first held fewer frames than the page wants) while the mirror
+//! opens, and the reader moves to the mirror at the seq it reached.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

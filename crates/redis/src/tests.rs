@@ -640,13 +640,16 @@ async fn range_reads_cut_entries_of_one_and_of_many_frames() {
             );
             assert_same_frames(&got, &want[from as usize..from as usize + n]);
         }
-        let page = store
-            .read_range(&m.stream_id, from.checked_sub(1), 3)
-            .await
-            .unwrap()
-            .unwrap();
-        let end = (from as usize + 3).min(9);
-        assert_same_frames(&page.frames, &want[from as usize..end]);
+        // Pages of every size, each read in as many requests as it takes.
+        for max in [1, 2, 3, 5, 100] {
+            let page = store
+                .read_range(&m.stream_id, from.checked_sub(1), max)
+                .await
+                .unwrap()
+                .unwrap();
+            let end = (from as usize + max).min(9);
+            assert_same_frames(&page.frames, &want[from as usize..end]);
+        }
     }
     let opened = store.open_log(&m.stream_id).await.unwrap().unwrap();
     assert_same_frames(&opened.read_after(None, 100).frames, &want);
