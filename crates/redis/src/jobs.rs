@@ -10,7 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use genstream_engine::event::{EventBody, FinalStatus, Frame};
 use genstream_engine::log::{AppendError, EventLog};
-use genstream_engine::store::{Appended, EventLogStore, JobMeta, JobStatus, RangePage};
+use genstream_engine::store::{
+    Appended, EventLogStore, JobMeta, JobStatus, MAX_APPEND_BATCH, RangePage,
+};
 use redis::{AsyncCommands, Value};
 
 use crate::functions::{ACQUIRE_SLOT_FN, APPEND_BATCH_FN, CLAIM_FN};
@@ -433,7 +435,7 @@ impl EventLogStore for RedisStore {
     /// cursor on (`XRANGE`), in one pipelined round trip; then more entries only if
     /// those held fewer than `max` frames and the log has more. An entry holds a whole
     /// appended batch, so the first read asks for as many entries as `max` frames fill
-    /// if every entry is a full batch ([`FULL_BATCH`]), and each next one for as many
+    /// if every entry is a full batch ([`MAX_APPEND_BATCH`] events), and each next one for as many
     /// as the entries read so far say the missing frames fill (a log of one event per
     /// entry, a job slower than its store: `max` entries in two reads). A page is
     /// short only at the log's head as of that `len`. Nothing of this replica's mirror
@@ -447,7 +449,7 @@ impl EventLogStore for RedisStore {
         let max = max.max(1);
         let from = cursor.map_or(0, |c| c.saturating_add(1));
         let key = self.key("log", stream_id);
-        let mut count = max.div_ceil(FULL_BATCH);
+        let mut count = max.div_ceil(MAX_APPEND_BATCH);
         let (head, reply): ((Option<u64>, Option<String>), Value) = redis::pipe()
             .cmd("HMGET")
             .arg(self.key("job", stream_id))
@@ -504,12 +506,6 @@ impl EventLogStore for RedisStore {
         }))
     }
 }
-
-/// The most events one append carries (the engine's appender sends at most 64 per
-/// call), so the most frames one log entry holds: what a range read's first request
-/// assumes, so that it never asks Redis for more than `max` frames' worth of full
-/// entries.
-const FULL_BATCH: usize = 64;
 
 /// Whether `frames` run from seq `from` on without a gap.
 fn consecutive(frames: &[Frame], from: u64) -> bool {

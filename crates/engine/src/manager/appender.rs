@@ -1,7 +1,7 @@
 //! A job's appender: the job's events go to the store in order, but the job does not
 //! wait for each one to land before it goes on. While one store call is in flight,
 //! the job's later events queue; the next call sends everything queued (at most
-//! [`MAX_BATCH`] events) as one [`EventLogStore::append_batch`] with the seq it
+//! [`MAX_APPEND_BATCH`] events) as one [`EventLogStore::append_batch`] with the seq it
 //! expects first, so a retry after a lost reply stays exactly-once. An event waits at
 //! most for the call in flight (one store round trip) before its own call is sent.
 //!
@@ -22,9 +22,7 @@
 use tokio::sync::mpsc;
 
 use super::*;
-
-/// Most events one store call carries.
-pub(super) const MAX_BATCH: usize = 64;
+use crate::store::MAX_APPEND_BATCH;
 
 /// Events that may queue behind the call in flight before an emit waits for room
 /// (backpressure on a job whose store is slower than its model).
@@ -215,12 +213,12 @@ async fn run(
     mut rx: mpsc::Receiver<Queued>,
     acks: mpsc::UnboundedSender<Ack>,
 ) {
-    let mut bodies = Vec::with_capacity(MAX_BATCH);
-    let mut queued_at = Vec::with_capacity(MAX_BATCH);
+    let mut bodies = Vec::with_capacity(MAX_APPEND_BATCH);
+    let mut queued_at = Vec::with_capacity(MAX_APPEND_BATCH);
     while let Some(q) = rx.recv().await {
         bodies.push(q.body);
         queued_at.push(q.at);
-        while bodies.len() < MAX_BATCH
+        while bodies.len() < MAX_APPEND_BATCH
             && let Ok(q) = rx.try_recv()
         {
             bodies.push(q.body);

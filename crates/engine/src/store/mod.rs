@@ -111,6 +111,11 @@ pub struct RangePage {
     pub ended: bool,
 }
 
+/// Most events one [`EventLogStore::append_batch`] call carries from a job's appender
+/// (the events queued behind the call in flight, up to this many). A store may size
+/// its reads by it: a Redis log entry holds one call's batch.
+pub const MAX_APPEND_BATCH: usize = 64;
+
 /// What [`EventLogStore::append_batch`] appended: `count` events (at least 1 unless
 /// the batch was empty), the first at seq `first_seq`, the rest right after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
