@@ -434,12 +434,12 @@ impl EventLogStore for RedisStore {
     /// The job's `len` and `ended` (one `HMGET`) with the first entries from the
     /// cursor on (`XRANGE`), in one pipelined round trip; then more entries only if
     /// those held fewer than `max` frames and the log has more. An entry holds a whole
-    /// appended batch, so the first read asks for as many entries as `max` frames fill
-    /// if every entry is a full batch ([`MAX_APPEND_BATCH`] events), and each next one for as many
-    /// as the entries read so far say the missing frames fill (a log of one event per
-    /// entry, a job slower than its store: `max` entries in two reads). A page is
-    /// short only at the log's head as of that `len`. Nothing of this replica's mirror
-    /// is touched, and no frame's JSON is parsed.
+    /// appended batch, so the first read asks for as many entries as `max` frames
+    /// fill if every entry is a full batch ([`MAX_APPEND_BATCH`] events), and each
+    /// next one for as many as the entries read so far say the missing frames fill
+    /// (a log of one event per entry, a job slower than its store: `max` entries in
+    /// two reads). A page is short only at the log's head as of that `len`. Nothing
+    /// of this replica's mirror is touched, and no frame's JSON is parsed.
     async fn read_range(
         &self,
         stream_id: &str,
