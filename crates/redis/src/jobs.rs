@@ -464,8 +464,9 @@ impl EventLogStore for RedisStore {
         };
         let want = max.min(len.saturating_sub(from) as usize);
         let (mut frames, mut entries) = stream_frames(reply, from);
+        let mut whole = keep_consecutive(&mut frames, from);
         let mut reads = 1;
-        while frames.len() < want && entries == count && consecutive(&frames, from) {
+        while whole && frames.len() < want && entries == count {
             let missing = want - frames.len();
             // Entries of the size seen so far; after two guesses, one entry per frame
             // (each holds at least one), which always completes the page.
@@ -486,17 +487,9 @@ impl EventLogStore for RedisStore {
                 break; // nothing readable there (defence: the log has no holes)
             }
             frames.extend(more);
+            whole = keep_consecutive(&mut frames, from);
             entries = n;
             reads += 1;
-        }
-        // Consecutive from the cursor on, or nothing past the first that is not: the
-        // caller must never skip a seq (the log has no holes, so this is defence).
-        if let Some(bad) = frames
-            .iter()
-            .enumerate()
-            .position(|(i, f)| f.seq != from + i as u64)
-        {
-            frames.truncate(bad);
         }
         frames.truncate(want);
         Ok(Some(RangePage {
@@ -507,12 +500,21 @@ impl EventLogStore for RedisStore {
     }
 }
 
-/// Whether `frames` run from seq `from` on without a gap.
-fn consecutive(frames: &[Frame], from: u64) -> bool {
-    frames
+/// Keeps `frames` consecutive from seq `from` on: cuts them at the first that is not
+/// (the caller must never skip a seq; the log has no holes, so this is defence).
+/// Returns whether nothing was cut.
+fn keep_consecutive(frames: &mut Vec<Frame>, from: u64) -> bool {
+    match frames
         .iter()
         .enumerate()
-        .all(|(i, f)| f.seq == from + i as u64)
+        .position(|(i, f)| f.seq != from + i as u64)
+    {
+        Some(bad) => {
+            frames.truncate(bad);
+            false
+        }
+        None => true,
+    }
 }
 
 pub(crate) fn meta_of(h: &HashMap<String, String>) -> Option<JobMeta> {

@@ -33,6 +33,7 @@ use genstream_engine::persist::{
 use genstream_engine::store::{EventLogStore, JobCoordination, JobMeta, JobStore};
 use genstream_engine::usage::{UsageRecord, count_tokens};
 use genstream_redis::RedisStore;
+use genstream_test_support::KeyPrefix;
 
 const LEASE: Duration = Duration::from_millis(400);
 
@@ -135,7 +136,7 @@ impl Persistence for FlakyDb {
 }
 
 struct Setup {
-    prefix: String,
+    prefix: KeyPrefix,
     dead: RedisStore,
     store: RedisStore,
     db: Arc<FlakyDb>,
@@ -143,10 +144,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let prefix = prefix();
+    let prefix = KeyPrefix::new();
     let url = redis_url();
-    let dead = store(&url, &prefix, Duration::from_millis(300)).await;
-    let store = store(&url, &prefix, LEASE).await;
+    let dead = store(&url, prefix.name(), Duration::from_millis(300)).await;
+    let store = store(&url, prefix.name(), LEASE).await;
     let db = Arc::new(FlakyDb::default());
     let manager = JobManager::new(
         Arc::new(store.clone()) as Arc<dyn JobStore>,
@@ -208,29 +209,17 @@ impl Setup {
         .await;
     }
 
+    /// The job's events as Redis's log holds them.
     async fn events(&self, sid: &str) -> Vec<Event> {
-        let entries: Vec<(String, std::collections::HashMap<String, Vec<u8>>)> =
-            redis::cmd("XRANGE")
-                .arg(format!("{}:log:{{{sid}}}", self.prefix))
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn(&redis_url()).await)
-                .await
-                .unwrap();
-        // An entry holds one appended batch, its frames concatenated (each ends with
-        // a blank line).
-        let mut events = Vec::new();
-        for (_, f) in entries {
-            let batch = &f["f"];
-            let mut start = 0;
-            while let Some(at) = batch[start..].windows(2).position(|w| w == b"\n\n") {
-                let piece = batch[start..start + at + 2].to_vec();
-                let frame = genstream_engine::event::Frame::parse(piece.into()).unwrap();
-                events.push(serde_json::from_slice(frame.data_json()).unwrap());
-                start += at + 2;
-            }
-        }
-        events
+        self.prefix
+            .log(sid)
+            .await
+            .into_iter()
+            .map(|f| {
+                let frame = genstream_engine::event::Frame::parse(f.into()).unwrap();
+                serde_json::from_slice(frame.data_json()).unwrap()
+            })
+            .collect()
     }
 }
 
@@ -359,13 +348,13 @@ async fn append_unpublished(s: &Setup, m: &JobMeta, body: &EventBody, seq: u64) 
     let reply: redis::Value = redis::cmd("FCALL")
         .arg("genstream_append_batch_v6")
         .arg(2)
-        .arg(format!("{}:job:{{{}}}", s.prefix, m.stream_id))
-        .arg(format!("{}:log:{{{}}}", s.prefix, m.stream_id))
+        .arg(format!("{}:job:{{{}}}", s.prefix.name(), m.stream_id))
+        .arg(format!("{}:log:{{{}}}", s.prefix.name(), m.stream_id))
         .arg(10_000)
         .arg(1 << 20)
         .arg(120_000)
         .arg(60_000)
-        .arg(format!("{}:nowhere", s.prefix))
+        .arg(format!("{}:nowhere", s.prefix.name()))
         .arg(0)
         .arg(seq)
         .arg(s.dead.replica_id())
