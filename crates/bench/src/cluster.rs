@@ -114,7 +114,7 @@ async fn redis_info(section: &str) -> String {
 }
 
 /// Commands Redis has run so far (`INFO commandstats`, every command's `calls=`).
-async fn redis_calls() -> u64 {
+pub(crate) async fn redis_calls() -> u64 {
     redis_info("commandstats")
         .await
         .lines()
@@ -355,32 +355,7 @@ pub(crate) async fn fanout_run(
         }
     }
     delays.sort_unstable();
-    // How late each event landed behind the demo's fixed-rate token clock: per job,
-    // stamp(seq) − seq × token delay, less the least of that over the job's tokens
-    // (the job's clock origin, as its most punctual token shows it). The first two
-    // seqs (created, the step) and the last three (usage, final and the like) are
-    // not on the clock.
-    let mut behind: Vec<u64> = Vec::new();
-    for s in &stamps {
-        if s.len() < 6 {
-            continue;
-        }
-        let tick = Duration::from_millis(delay_ms);
-        let on_clock = &s[2..s.len() - 3];
-        let offsets: Vec<Instant> = on_clock
-            .iter()
-            .enumerate()
-            .map(|(k, at)| at.checked_sub(tick * k as u32).unwrap_or(*at))
-            .collect();
-        if let Some(origin) = offsets.iter().min() {
-            behind.extend(
-                offsets
-                    .iter()
-                    .map(|o| o.duration_since(*origin).as_micros() as u64),
-            );
-        }
-    }
-    behind.sort_unstable();
+    let behind = behind_clock(&stamps, delay_ms);
     let secs = match (first, last) {
         (Some(f), Some(l)) => l.duration_since(f).as_secs_f64().max(1e-3),
         _ => 1.0,
@@ -434,6 +409,37 @@ pub(crate) async fn fanout_run(
         p50_us: quantile(&delays, 0.5),
         p99_us: quantile(&delays, 0.99),
     })
+}
+
+/// How late each event came behind the demo's fixed-rate token clock, in µs, sorted:
+/// for each of `streams` (one job's instants by seq: when its owner's log got each,
+/// or when a subscriber received each), instant(seq) − seq × `delay_ms`, less the
+/// least of that over the stream (the job's clock origin, as its most punctual token
+/// shows it). The first two seqs (created, the step) and the last three (usage, final
+/// and the like) are not on the clock; a stream of fewer than 6 is skipped.
+pub(crate) fn behind_clock(streams: &[Vec<Instant>], delay_ms: u64) -> Vec<u64> {
+    let tick = Duration::from_millis(delay_ms);
+    let mut behind: Vec<u64> = Vec::new();
+    for s in streams {
+        if s.len() < 6 {
+            continue;
+        }
+        let on_clock = &s[2..s.len() - 3];
+        let offsets: Vec<Instant> = on_clock
+            .iter()
+            .enumerate()
+            .map(|(k, at)| at.checked_sub(tick * k as u32).unwrap_or(*at))
+            .collect();
+        if let Some(origin) = offsets.iter().min() {
+            behind.extend(
+                offsets
+                    .iter()
+                    .map(|o| o.duration_since(*origin).as_micros() as u64),
+            );
+        }
+    }
+    behind.sort_unstable();
+    behind
 }
 
 /// Redis's own CPU seconds so far (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`), 0
@@ -501,14 +507,44 @@ fn append_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Strin
 
 /// `redis-fanout`: 1 job × `subscribers` and `subscribers` jobs × 1 (only the latter
 /// with `many_jobs_only`), each on the memory store and on Redis with 1 and 3 replicas.
+/// With `processes`, each replica is a `genstream serve` child process
+/// ([`crate::processes`]); else in-process, on this process's runtime or, with
+/// `server_runtime`, on a runtime of their own.
 pub fn redis_fanout(
     subscribers: usize,
     tokens: u32,
     delay_ms: u64,
     many_jobs_only: bool,
     server_runtime: bool,
+    processes: Option<&crate::memory::ServerArgs>,
 ) -> Result<(), String> {
     let rt = runtime()?;
+    let shapes: &[(usize, usize)] = if many_jobs_only {
+        &[(subscribers, 1)]
+    } else {
+        &[(1, subscribers), (subscribers, 1)]
+    };
+    if let Some(server) = processes {
+        let mut rows = Vec::new();
+        for &(jobs, per_job) in shapes {
+            for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
+                eprintln!("redis-fanout --processes: {jobs} × {per_job}, {store} × {replicas}");
+                let store = if store == "redis" {
+                    redis_url()
+                } else {
+                    "memory".into()
+                };
+                rows.push(rt.block_on(crate::processes::fanout_run(
+                    &store, replicas, jobs, per_job, tokens, delay_ms, server,
+                ))?);
+            }
+        }
+        println!(
+            "\n### redis-fanout --processes\n\nevery replica a `genstream serve` process, the subscribers in the bench process, Redis its own; subscribers spread evenly over the processes, every job started on the first; every job's first token waits 3 s + 4 ms per job; lateness taken at the subscriber (receipt − seq × token delay, against the job's most punctual token); CPU s from the end of the setup to the last receipt\n"
+        );
+        table(crate::processes::HEADERS, &rows);
+        return Ok(());
+    }
     let server_rt = if server_runtime {
         Some(crate::saturation::server_runtime("server")?)
     } else {
@@ -519,11 +555,6 @@ pub fn redis_fanout(
         ..RunOptions::default()
     };
     let mut rows = Vec::new();
-    let shapes: &[(usize, usize)] = if many_jobs_only {
-        &[(subscribers, 1)]
-    } else {
-        &[(1, subscribers), (subscribers, 1)]
-    };
     for &(jobs, per_job) in shapes {
         for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
             eprintln!("redis-fanout: {jobs} × {per_job}, {store} × {replicas}");
@@ -725,4 +756,41 @@ pub fn ledger(n: usize) -> Result<(), String> {
         table(&["database", "call", "spends", "p50 ms", "p99 ms"], &rows);
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream of `n` seqs, seq k received at `origin + k × 10 ms + late(k)`.
+    fn stream(origin: Instant, n: usize, late: impl Fn(usize) -> u64) -> Vec<Instant> {
+        (0..n)
+            .map(|k| origin + Duration::from_millis(10 * k as u64 + late(k)))
+            .collect()
+    }
+
+    #[test]
+    fn behind_clock_measures_each_token_against_the_most_punctual() {
+        let t0 = Instant::now();
+        // On the clock throughout: nothing is behind, whatever the origin.
+        let on_time = stream(t0 + Duration::from_secs(1), 20, |_| 0);
+        assert_eq!(behind_clock(&[on_time], 10), vec![0; 15]);
+        // Seq 7 arrives 25 ms late, seqs 2..=4 are 3 ms late (the origin is the most
+        // punctual token, seq 5 on), the created / step seqs and the last three are
+        // off the clock and may be anything.
+        let late = stream(t0, 20, |k| match k {
+            0 | 1 => 500,
+            2..=4 => 3,
+            7 => 25,
+            17.. => 900,
+            _ => 0,
+        });
+        let behind = behind_clock(&[late], 10);
+        assert_eq!(behind.len(), 15);
+        assert_eq!(behind.iter().filter(|&&b| b == 3_000).count(), 3);
+        assert_eq!(behind.last(), Some(&25_000));
+        assert_eq!(behind.iter().filter(|&&b| b == 0).count(), 11);
+        // Streams too short to have a clock are skipped.
+        assert!(behind_clock(&[stream(t0, 5, |_| 0)], 10).is_empty());
+    }
 }

@@ -18,6 +18,7 @@ mod fanout;
 mod http;
 mod logmem;
 mod memory;
+mod processes;
 mod projection;
 mod projection_fanout;
 mod report;
@@ -78,8 +79,15 @@ enum Cmd {
         /// Run the replicas on a 2-worker runtime of their own (threads `server-N`),
         /// apart from the subscribers' runtime, as a server process apart from its
         /// clients would be (default: one runtime for both).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "processes")]
         server_runtime: bool,
+        /// Run every replica as a `genstream serve` child process (see `--server-bin`),
+        /// the bench process holding only the subscribers: server, Redis and clients
+        /// in separate processes. Lateness is then taken at the subscriber.
+        #[arg(long)]
+        processes: bool,
+        #[command(flatten)]
+        server: memory::ServerArgs,
     },
     /// Reconnect → first byte for a job of 10,000 events, on the owner and another replica.
     ResumeLatency {
@@ -172,12 +180,15 @@ fn run(cmd: Cmd) -> Result<(), String> {
             delay_ms,
             many_jobs_only,
             server_runtime,
+            processes,
+            server,
         } => cluster::redis_fanout(
             subscribers,
             tokens,
             delay_ms,
             many_jobs_only,
             server_runtime,
+            processes.then_some(&server),
         )?,
         Cmd::ResumeLatency { jobs } => cluster::resume_latency(jobs)?,
         Cmd::AbortLatency { aborts } => cluster::abort_latency(aborts)?,
