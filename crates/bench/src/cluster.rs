@@ -4,7 +4,8 @@
 //!   replicas sharing the real Redis at 127.0.0.1:6379, next to the memory store with
 //!   the same load: delivered events/s, append→receipt delay, and Redis commands per
 //!   event appended (from `INFO commandstats`, so it counts everything the replicas
-//!   sent: appends, mirror reads, the heal checks).
+//!   sent: appends, mirror reads, the heal checks). With `--processes` the replicas
+//!   are `genstream serve` child processes instead ([`crate::processes`]).
 //! - `resume-latency`: reconnect → first byte for a job of 10,000 events, on a replica
 //!   whose mirror is cold (no subscriber of that job has read it there yet) and warm.
 //! - `abort-latency`: abort round trip across replicas (request on B, job on A) and
