@@ -32,9 +32,8 @@ use genstream_server::{AppState, app};
 use serde_json::json;
 
 use crate::http;
+use crate::memory::SECRET;
 use crate::report::{ms, quantile, table, thousands};
-
-const SECRET: &str = "genstream-bench-secret-0123456789abcdef";
 
 pub(crate) fn redis_url() -> String {
     std::env::var("GENSTREAM_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

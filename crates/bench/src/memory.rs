@@ -21,7 +21,9 @@ use crate::http::{IdScanner, open_stream, start_chat};
 use crate::report::{table, thousands};
 use crate::sys;
 
-const SECRET: &str = "genstream-bench-secret-0123456789abcdef";
+/// The JWT secret of every server the bench runs, in process or as a child process
+/// (its config file gets it, and the bench mints its tokens with it).
+pub(crate) const SECRET: &str = "genstream-bench-secret-0123456789abcdef";
 
 /// The server config of every scenario: 127.0.0.1 on a free port, the memory job
 /// store, `database`, a fixed JWT secret, every per-user and per-IP limit off (one
