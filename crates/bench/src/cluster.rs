@@ -524,27 +524,6 @@ pub fn redis_fanout(
     } else {
         &[(1, subscribers), (subscribers, 1)]
     };
-    if let Some(server) = processes {
-        let mut rows = Vec::new();
-        for &(jobs, per_job) in shapes {
-            for (store, replicas) in [("memory", 1), ("redis", 1), ("redis", 3)] {
-                eprintln!("redis-fanout --processes: {jobs} × {per_job}, {store} × {replicas}");
-                let store = if store == "redis" {
-                    redis_url()
-                } else {
-                    "memory".into()
-                };
-                rows.push(rt.block_on(crate::processes::fanout_run(
-                    &store, replicas, jobs, per_job, tokens, delay_ms, server,
-                ))?);
-            }
-        }
-        println!(
-            "\n### redis-fanout --processes\n\nevery replica a `genstream serve` process, the subscribers in the bench process, Redis its own; subscribers spread evenly over the processes, every job started on the first; every job's first token waits 3 s + 4 ms per job; lateness taken at the subscriber (receipt − seq × token delay, against the job's most punctual token); CPU s from the end of the setup to the last receipt\n"
-        );
-        table(crate::processes::HEADERS, &rows);
-        return Ok(());
-    }
     let server_rt = if server_runtime {
         Some(crate::saturation::server_runtime("server")?)
     } else {
@@ -563,13 +542,27 @@ pub fn redis_fanout(
             } else {
                 "memory".into()
             };
-            rows.push(
-                rt.block_on(fanout_run(
-                    &store, replicas, jobs, per_job, tokens, delay_ms, &opts,
-                ))?
-                .row,
-            );
+            rows.push(rt.block_on(async {
+                match processes {
+                    Some(server) => {
+                        crate::processes::fanout_run(
+                            &store, replicas, jobs, per_job, tokens, delay_ms, server,
+                        )
+                        .await
+                    }
+                    None => fanout_run(&store, replicas, jobs, per_job, tokens, delay_ms, &opts)
+                        .await
+                        .map(|f| f.row),
+                }
+            })?);
         }
+    }
+    if processes.is_some() {
+        println!(
+            "\n### redis-fanout --processes\n\nevery replica a `genstream serve` process, the subscribers in the bench process, Redis its own; subscribers spread evenly over the processes, every job started on the first; every job's first token waits 3 s + 4 ms per job; lateness taken at the subscriber (receipt − seq × token delay, against the job's most punctual token); CPU s from the end of the setup to the last receipt\n"
+        );
+        table(crate::processes::HEADERS, &rows);
+        return Ok(());
     }
     let runtimes = if server_runtime {
         "in-process replicas on a 2-worker runtime of their own, the subscribers on another"
